@@ -1,0 +1,1 @@
+"""Triton kernels of igds_fast (import name `igds_fast.kernels`)."""

@@ -1,0 +1,1 @@
+"""Profiling helpers of igds_fast (import name `igds_fast.profiling`)."""

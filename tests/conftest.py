@@ -1,0 +1,20 @@
+import os
+
+# Triton kernels run on CPU through the interpreter; this must be set before any kernel module
+# (or triton itself) is imported, so it lives at the very top of the test session.
+if os.environ.get("IGDS_TEST_GPU", "0") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def rng_seed(request):
+    """A fresh seed per test run (printed on failure) so tests never rely on one fixed input."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    request.node.user_properties.append(("seed", seed))
+    torch.manual_seed(seed)
+    return seed
