@@ -1,0 +1,272 @@
+"""The DDPM noise schedule, timestep respacing and the reverse-step coefficients (ADM conventions).
+
+Everything here follows guided-diffusion's `gaussian_diffusion.py` / `respace.py` numerically:
+coefficients are computed once in float64 with numpy and cast to the table dtype, exactly as
+guided-diffusion's `_extract_into_tensor` does per call. The tables then live on the target device so
+that a reverse step indexes them with an integer or a device-side index tensor: no host-to-device
+copy and no `.item()` inside the 250-step loop (the compiled sampler captures the step in a CUDA
+graph).
+
+Notation (respaced process with N kept steps, index i = 0 .. N-1, i = N-1 is pure noise):
+
+    beta_i            kept betas, recomputed from the kept alpha-bars: 1 - abar_i / abar_{i-1}
+    abar_i            cumulative product of (1 - beta), equal to the original abar at t = timestep_map[i]
+    x0_hat            = sqrt(1/abar_i) * x_t - sqrt(1/abar_i - 1) * eps            [B, C, H, W]
+    mu                = coef1_i * x0_hat + coef2_i * x_t                            [B, C, H, W]
+    log sigma^2       = frac * log beta_i + (1 - frac) * log beta~_i, frac = (v + 1) / 2  (learned range)
+    beta~_i           = beta_i (1 - abar_{i-1}) / (1 - abar_i), its log clipped at i = 0 to beta~_1
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import IGDSInputError
+
+NOISE_SCHEDULES = ("linear", "cosine")
+FIXED_VARIANCES = ("small", "large")
+
+
+def linear_betas(num_steps: int) -> np.ndarray:
+    """Ho et al.'s linear schedule, scaled so any step count spans the same range as 1000 steps.
+
+    Returns float64 [num_steps].
+    """
+    scale = 1000.0 / num_steps
+    return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
+
+
+def cosine_betas(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal's cosine schedule: abar(t) = cos^2(((t + 0.008) / 1.008) * pi / 2).
+
+    beta_i = min(1 - abar((i + 1) / n) / abar(i / n), max_beta); float64 [num_steps].
+    """
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1.0 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
+        for i in range(num_steps)
+    ]
+    return np.array(betas, dtype=np.float64)
+
+
+def named_betas(name: str, num_steps: int) -> np.ndarray:
+    if name == "linear":
+        return linear_betas(num_steps)
+    if name == "cosine":
+        return cosine_betas(num_steps)
+    raise IGDSInputError(f"unknown noise schedule {name!r}; expected one of {NOISE_SCHEDULES}")
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -> list[int]:
+    """The original timesteps kept when respacing, exactly as guided-diffusion's `space_timesteps`.
+
+    `section_counts` is an int, a list of ints, a comma-separated string ("250", "10,15,20") or
+    "ddimN" (a fixed stride). The process is cut into len(section_counts) equal parts and each part is
+    sampled evenly with Python's round() (banker's rounding — kept for bit-exact step sets).
+    Returns the sorted kept timesteps.
+    """
+    if isinstance(section_counts, str):
+        spec = section_counts.strip()
+        if spec.startswith("ddim"):
+            desired = _parse_positive_int(spec[len("ddim"):], "ddim step count")
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return list(range(0, num_timesteps, stride))
+            raise IGDSInputError(f"cannot create exactly {desired} steps with an integer stride")
+        counts = [_parse_positive_int(part, "step count") for part in spec.split(",")]
+    elif isinstance(section_counts, int):
+        counts = [section_counts]
+    else:
+        counts = [int(c) for c in section_counts]
+    if not counts or any(c <= 0 for c in counts):
+        raise IGDSInputError(f"step counts must be positive integers, got {section_counts!r}")
+
+    size_per, extra = divmod(num_timesteps, len(counts))
+    start, kept = 0, []
+    for section, count in enumerate(counts):
+        size = size_per + (1 if section < extra else 0)
+        if size < count:
+            raise IGDSInputError(f"cannot take {count} steps from a section of {size} timesteps")
+        stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
+        start += size
+    return sorted(set(kept))
+
+
+def _parse_positive_int(text: str, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise IGDSInputError(f"{what} must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise IGDSInputError(f"{what} must be a positive integer, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How the diffusion process of the prior was trained and how many steps to sample with.
+
+    noise_schedule: "linear" (ADM 128/256) or "cosine" (ADM 64).
+    diffusion_steps: training steps T (1000 for every public ADM checkpoint).
+    sampling_steps: kept steps, guided-diffusion's `timestep_respacing` ("250", "ddim25", "10,20").
+    fixed_variance: variance for priors without learned sigma: "large" = beta (guided-diffusion's
+        default FIXED_LARGE, first entry beta~_1) or "small" = beta~ (posterior variance).
+    """
+
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+    sampling_steps: str = "250"
+    fixed_variance: str = "large"
+
+    def __post_init__(self):
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise IGDSInputError(
+                f"unknown noise schedule {self.noise_schedule!r}; expected one of {NOISE_SCHEDULES}"
+            )
+        if not isinstance(self.diffusion_steps, int) or self.diffusion_steps <= 1:
+            raise IGDSInputError(f"diffusion_steps must be an integer > 1, got {self.diffusion_steps!r}")
+        if self.fixed_variance not in FIXED_VARIANCES:
+            raise IGDSInputError(
+                f"fixed_variance must be one of {FIXED_VARIANCES}, got {self.fixed_variance!r}"
+            )
+        object.__setattr__(self, "sampling_steps", str(self.sampling_steps))
+        space_timesteps(self.diffusion_steps, self.sampling_steps)  # validates the spec early
+
+
+class DiffusionSchedule:
+    """Respaced DDPM coefficient tables on one device, indexed by the respaced step i.
+
+    All tables are 1-D tensors of length `num_steps` (float32 by default, computed in float64);
+    `timestep_map[i]` is the original training timestep the UNet must be called with.
+    """
+
+    TABLES = (
+        "betas",
+        "log_betas",
+        "alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "fixed_variance",
+        "fixed_log_variance",
+    )
+
+    def __init__(self, config: ScheduleConfig = ScheduleConfig(), device="cpu", dtype=torch.float32):
+        self.config = config
+        base_betas = named_betas(config.noise_schedule, config.diffusion_steps)
+        kept = space_timesteps(config.diffusion_steps, config.sampling_steps)
+        base_abar = np.cumprod(1.0 - base_betas)
+        # Respacing: betas recomputed from the kept alpha-bars (guided-diffusion's SpacedDiffusion).
+        kept_abar = base_abar[kept]
+        previous = np.append(1.0, kept_abar[:-1])
+        betas = 1.0 - kept_abar / previous
+        self.num_steps = len(kept)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        for name, values in self._coefficients(betas, config.fixed_variance).items():
+            setattr(self, name, torch.tensor(values, dtype=dtype, device=self.device))
+        self.timestep_map = torch.tensor(kept, dtype=torch.long, device=self.device)
+        self.kept_timesteps = tuple(int(t) for t in kept)
+
+    @staticmethod
+    def _coefficients(betas: np.ndarray, fixed_variance: str) -> dict[str, np.ndarray]:
+        alphas = 1.0 - betas
+        abar = np.cumprod(alphas)
+        abar_prev = np.append(1.0, abar[:-1])
+        posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+        # beta~_0 is 0; its log is clipped to beta~_1 (guided-diffusion), as is FIXED_LARGE's first entry.
+        clipped_log_posterior = np.log(np.append(posterior_variance[1], posterior_variance[1:]))
+        if fixed_variance == "large":
+            fixed = np.append(posterior_variance[1], betas[1:])
+            fixed_log = np.log(fixed)
+        else:
+            fixed, fixed_log = posterior_variance, clipped_log_posterior
+        return {
+            "betas": betas,
+            "log_betas": np.log(betas),
+            "alphas_cumprod": abar,
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / abar),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / abar - 1.0),
+            "posterior_variance": posterior_variance,
+            "posterior_log_variance_clipped": clipped_log_posterior,
+            "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1.0 - abar),
+            "posterior_mean_coef2": (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
+            "fixed_variance": fixed,
+            "fixed_log_variance": fixed_log,
+        }
+
+    def to(self, device) -> "DiffusionSchedule":
+        """A copy of the tables on another device (built once, never per step)."""
+        return DiffusionSchedule(self.config, device=device, dtype=self.dtype)
+
+    # ---- per-step coefficient gathers --------------------------------------------------------
+    @staticmethod
+    def gather(table: torch.Tensor, i, ndim: int) -> torch.Tensor:
+        """table[i] shaped to broadcast against a [B, ...] tensor of `ndim` dims.
+
+        `i` is a Python int (eager loop) or an integer tensor on the table's device (0-d or [B]);
+        neither path copies from the host nor synchronises.
+        """
+        value = table[i]
+        if value.dim() == 0:
+            return value
+        return value.reshape(-1, *([1] * (ndim - 1)))
+
+    def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, i, clip: bool = True) -> torch.Tensor:
+        """x0_hat = sqrt(1/abar_i) x_t - sqrt(1/abar_i - 1) eps, clipped to [-1, 1]. Shapes [B, C, H, W]."""
+        x0 = (
+            self.gather(self.sqrt_recip_alphas_cumprod, i, x_t.dim()) * x_t
+            - self.gather(self.sqrt_recipm1_alphas_cumprod, i, x_t.dim()) * eps
+        )
+        return x0.clamp(-1.0, 1.0) if clip else x0
+
+    def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, i) -> torch.Tensor:
+        """mu = coef1_i x0 + coef2_i x_t, the mean of q(x_{i-1} | x_i, x0). Shapes [B, C, H, W]."""
+        return (
+            self.gather(self.posterior_mean_coef1, i, x_t.dim()) * x0
+            + self.gather(self.posterior_mean_coef2, i, x_t.dim()) * x_t
+        )
+
+    def log_variance(self, x_t: torch.Tensor, i, variance_output: torch.Tensor | None) -> torch.Tensor:
+        """log sigma^2_i: learned-range interpolation when the model outputs v, else the fixed table.
+
+        variance_output v: [B, C, H, W] in [-1, 1] (the second half of a learned-sigma UNet output).
+        Returns a tensor broadcastable to x_t.
+        """
+        if variance_output is None:
+            return self.gather(self.fixed_log_variance, i, x_t.dim())
+        min_log = self.gather(self.posterior_log_variance_clipped, i, x_t.dim())
+        max_log = self.gather(self.log_betas, i, x_t.dim())
+        frac = (variance_output + 1.0) / 2.0
+        return frac * max_log + (1.0 - frac) * min_log
+
+    def split_model_output(self, model_output: torch.Tensor, channels: int, learn_sigma: bool):
+        """(eps, v) from a UNet output [B, 2C or C, H, W]; v is None without learned sigma."""
+        if learn_sigma:
+            if model_output.shape[1] != 2 * channels:
+                raise IGDSInputError(
+                    f"learned-sigma model must output {2 * channels} channels, got {model_output.shape[1]}"
+                )
+            eps, v = torch.split(model_output, channels, dim=1)
+            return eps, v
+        if model_output.shape[1] != channels:
+            raise IGDSInputError(f"model must output {channels} channels, got {model_output.shape[1]}")
+        return model_output, None
+
+    def q_sample(self, x0: torch.Tensor, t_index, noise: torch.Tensor) -> torch.Tensor:
+        """Forward process at respaced step i: sqrt(abar_i) x0 + sqrt(1 - abar_i) noise (for training)."""
+        abar = self.gather(self.alphas_cumprod, t_index, x0.dim())
+        return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise

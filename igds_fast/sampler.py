@@ -1,0 +1,193 @@
+"""The IGDS sampler: one reverse loop for every backend; a backend swaps the step, never the loop.
+
+One guided reverse step at respaced index i (IGDS_SPEC section 3), shapes [B, C, H, W]:
+
+    eps, v   = UNet(x_t, timestep_map[i], y)            (v only for learned-sigma priors)
+    x0_hat   = clip(sqrt(1/abar_i) x_t - sqrt(1/abar_i - 1) eps, -1, 1)
+    mu       = coef1_i x0_hat + coef2_i x_t
+    log s2   = learned-range interpolation of (log beta_i, log beta~_i) by (v + 1) / 2
+    g        = dJ(x0_hat, y) / d x0_hat          (mode "x0")   or   dJ / d x_t through the UNet ("xt")
+    mu~      = mu + s * exp(log s2) * g           (only inside the guidance window)
+    x_{i-1}  = mu~ + [i > 0] exp(log s2 / 2) * n,   n ~ N(0, I) keyed by (image seed, i)
+
+`Sampler.sample(labels, seeds)` runs i = N-1 .. 0 from x_T keyed by each image's seed, so an image
+depends only on (seed, label) — never on its batch neighbours — as long as gamma = 0 (the
+diversity term deliberately couples the images of one group).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .config import GuidanceConfig
+from .diffusion import DiffusionSchedule
+from .errors import IGDSInputError
+from .guidance import image_guidance, resolve_head
+from .profiling import nvtx_range
+from .seeding import INITIAL_NOISE_STREAM, seeded_normal
+
+BACKENDS = ("eager",)
+
+
+class EagerStep:
+    """The float32 reference step: plain torch, no compile, no graphs, one host sync per step at most.
+
+    Every other backend must reproduce `EagerStep.__call__` within the fidelity tolerances.
+    """
+
+    def __init__(self, sampler: "Sampler"):
+        self.sampler = sampler
+        self.head = resolve_head(sampler.guidance.head)
+
+    def __call__(self, x, i: int, labels, noise=None, group_ids=None):
+        s = self.sampler
+        schedule, cfg = s.schedule, s.guidance
+        step = schedule.num_steps - 1 - i
+        guided = cfg.guides_step(step)
+        timesteps = schedule.timestep_map[i].expand(x.shape[0])
+        prior_labels = s.prior_labels(labels)
+
+        if guided and cfg.mode == "xt":
+            # Gradient through the UNet: autograd over the whole chain x_t -> eps -> x0_hat -> J.
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                with nvtx_range("igds/unet"):
+                    model_output = s.unet(x_in, timesteps, prior_labels)
+                eps, v = schedule.split_model_output(model_output, s.channels, s.learn_sigma)
+                x0 = schedule.predict_x0(x_in, eps, i, clip=cfg.clip_x0)
+                with nvtx_range("igds/guidance"):
+                    _, grad = image_guidance(
+                        x0, labels, s.ve, cfg.beta, s.tau, cfg.gamma, group_ids, self.head, wrt=x_in
+                    )
+            x0, v = x0.detach(), (None if v is None else v.detach())
+        else:
+            with torch.no_grad(), nvtx_range("igds/unet"):
+                model_output = s.unet(x, timesteps, prior_labels)
+            eps, v = schedule.split_model_output(model_output, s.channels, s.learn_sigma)
+            x0 = schedule.predict_x0(x, eps, i, clip=cfg.clip_x0)
+            if guided:
+                with nvtx_range("igds/guidance"):
+                    _, grad = image_guidance(
+                        x0, labels, s.ve, cfg.beta, s.tau, cfg.gamma, group_ids, self.head
+                    )
+
+        with torch.no_grad(), nvtx_range("igds/update"):
+            if guided and cfg.check_finite:
+                s.check_finite_gradient(grad, step, labels)
+            mean = schedule.posterior_mean(x0, x, i)
+            log_variance = schedule.log_variance(x, i, v)
+            if guided:
+                mean = mean + cfg.scale * torch.exp(log_variance) * grad
+            if i == 0 or noise is None:
+                return mean
+            return mean + torch.exp(0.5 * log_variance) * noise
+
+
+class Sampler:
+    """Guided DDPM sampling with a diffusion prior and a variational estimator.
+
+    unet: callable (x [B,C,H,W], original timesteps [B], y [B] or None) -> [B, C or 2C, H, W], with
+        attributes image_size, in_channels, learn_sigma, num_classes (None = unconditional).
+    schedule: DiffusionSchedule on the sampling device.
+    ve: VariationalEstimator (features(x), weight, bias, log_centroids, tau, num_classes).
+    guidance: GuidanceConfig.
+    prior_class_map: VE class index -> prior class index, when the VE covers a subset of the prior's
+        classes (e.g. ImageWoof's 10 classes of an ImageNet-1K ADM). None = identical class indices.
+    """
+
+    def __init__(
+        self,
+        unet,
+        schedule: DiffusionSchedule,
+        ve,
+        guidance: GuidanceConfig = GuidanceConfig(),
+        backend: str = "eager",
+        prior_class_map: Sequence[int] | None = None,
+    ):
+        if backend not in BACKENDS:
+            raise IGDSInputError(f"unknown backend {backend!r}; available: {BACKENDS}")
+        if not isinstance(guidance, GuidanceConfig):
+            raise IGDSInputError(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
+        self.unet, self.schedule, self.ve, self.guidance = unet, schedule, ve, guidance
+        self.backend = backend
+        self.channels = int(unet.in_channels)
+        self.image_size = int(unet.image_size)
+        self.learn_sigma = bool(unet.learn_sigma)
+        self.num_classes = int(ve.num_classes)
+        self.tau = float(guidance.tau if guidance.tau is not None else ve.tau)
+        self.device = schedule.device
+        self._class_map = self._build_class_map(prior_class_map)
+        encoder_channels = len(ve.preprocess.mean)
+        if encoder_channels != self.channels:
+            raise IGDSInputError(
+                f"the VE encoder reads {encoder_channels}-channel images but the prior makes {self.channels}"
+            )
+        self._step = EagerStep(self)
+
+    def _build_class_map(self, prior_class_map):
+        prior_classes = getattr(self.unet, "num_classes", None)
+        if prior_class_map is None:
+            if prior_classes is not None and prior_classes != self.num_classes:
+                raise IGDSInputError(
+                    f"the VE has {self.num_classes} classes but the prior has {prior_classes}; "
+                    "pass prior_class_map (VE class -> prior class)"
+                )
+            return None
+        mapping = [int(c) for c in prior_class_map]
+        if len(mapping) != self.num_classes:
+            raise IGDSInputError(
+                f"prior_class_map has {len(mapping)} entries but the VE has {self.num_classes} classes"
+            )
+        if prior_classes is not None and any(not 0 <= c < prior_classes for c in mapping):
+            raise IGDSInputError(f"prior_class_map has entries outside [0, {prior_classes})")
+        return torch.tensor(mapping, dtype=torch.long, device=self.device)
+
+    def prior_labels(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """The labels the UNet is conditioned on (None for an unconditional prior)."""
+        if getattr(self.unet, "num_classes", None) is None:
+            return None
+        return labels if self._class_map is None else self._class_map[labels]
+
+    # ---- the seam every backend implements ------------------------------------------------------
+    def step(self, x, i: int, labels, noise=None, group_ids=None) -> torch.Tensor:
+        """One reverse step x_i -> x_{i-1} at respaced index i (N-1 .. 0); noise [B,C,H,W] or None."""
+        return self._step(x, i, labels, noise, group_ids)
+
+    def sample(self, labels, seeds, group_ids=None) -> torch.Tensor:
+        """Images [B, C, H, W] in [-1, 1] for VE class `labels` [B], each keyed by its seed [B]."""
+        labels, seeds, group_ids = self._validate_batch(labels, seeds, group_ids)
+        shape = (self.channels, self.image_size, self.image_size)
+        x = seeded_normal(seeds, INITIAL_NOISE_STREAM, shape, self.device)
+        for i in reversed(range(self.schedule.num_steps)):
+            noise = seeded_normal(seeds, i, shape, self.device) if i > 0 else None
+            x = self.step(x, i, labels, noise, group_ids)
+        return x.clamp(-1.0, 1.0)
+
+    # ---- validation ---------------------------------------------------------------------------
+    def _validate_batch(self, labels, seeds, group_ids):
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        seeds = [int(s) for s in (seeds.tolist() if torch.is_tensor(seeds) else seeds)]
+        if labels.numel() == 0:
+            raise IGDSInputError("no labels to sample")
+        if len(seeds) != labels.numel():
+            raise IGDSInputError(f"got {labels.numel()} labels but {len(seeds)} seeds")
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if bad.numel():
+            raise IGDSInputError(
+                f"labels outside [0, {self.num_classes}): {sorted(set(bad.tolist()))[:10]}"
+            )
+        if group_ids is not None:
+            group_ids = torch.as_tensor(group_ids, dtype=torch.long, device=self.device).reshape(-1)
+            if group_ids.numel() != labels.numel():
+                raise IGDSInputError(f"got {labels.numel()} labels but {group_ids.numel()} group ids")
+        return labels.to(self.device), seeds, group_ids
+
+    def check_finite_gradient(self, grad: torch.Tensor, step: int, labels: torch.Tensor) -> None:
+        finite = torch.isfinite(grad).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = sorted(set(labels[~finite].tolist()))
+            raise IGDSInputError(
+                f"non-finite guidance gradient at sampling step {step} "
+                f"(respaced index {self.schedule.num_steps - 1 - step}) for labels {bad[:10]}"
+            )
