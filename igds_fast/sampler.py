@@ -28,6 +28,23 @@ from .profiling import nvtx_range
 from .seeding import INITIAL_NOISE_STREAM, seeded_normal
 
 BACKENDS = ("eager",)
+NOISE_SOURCES = ("torch", "philox")
+
+
+def resolve_noise_source(name: str):
+    """noise(seeds [B], stream, shape, device) -> [B, *shape] standard normal, keyed per image.
+
+    "torch": torch generators seeded per (image seed, stream) — the eager default.
+    "philox": the counter-based Philox stream the fused Triton update draws in-kernel, so the eager
+        path can be given exactly the noise of the fused path.
+    """
+    if name == "torch":
+        return seeded_normal
+    if name == "philox":
+        from .kernels import philox_normal  # lazily: triton only on this path
+
+        return philox_normal
+    raise IGDSInputError(f"unknown noise source {name!r}; expected one of {NOISE_SOURCES}")
 
 
 class EagerStep:
@@ -40,8 +57,10 @@ class EagerStep:
         self.sampler = sampler
         self.head = resolve_head(sampler.guidance.head)
 
-    def __call__(self, x, i: int, labels, noise=None, group_ids=None):
+    def __call__(self, x, i: int, labels, noise=None, group_ids=None, seeds=None):
         s = self.sampler
+        if noise is None and seeds is not None and i > 0:
+            noise = s.noise_source(seeds, i, x.shape[1:], x.device)
         schedule, cfg = s.schedule, s.guidance
         step = schedule.num_steps - 1 - i
         guided = cfg.guides_step(step)
@@ -94,6 +113,9 @@ class Sampler:
     guidance: GuidanceConfig.
     prior_class_map: VE class index -> prior class index, when the VE covers a subset of the prior's
         classes (e.g. ImageWoof's 10 classes of an ImageNet-1K ADM). None = identical class indices.
+    noise: "torch" or "philox" (see `resolve_noise_source`); x_T and every step's noise.
+    use_kernels: run the guidance head and the DDPM update through the fused Triton kernels
+        (`igds_fast.fused_step.FusedStep`); the loop and the result stay those of the eager step.
     """
 
     def __init__(
@@ -104,6 +126,8 @@ class Sampler:
         guidance: GuidanceConfig = GuidanceConfig(),
         backend: str = "eager",
         prior_class_map: Sequence[int] | None = None,
+        noise: str = "torch",
+        use_kernels: bool = False,
     ):
         if backend not in BACKENDS:
             raise IGDSInputError(f"unknown backend {backend!r}; available: {BACKENDS}")
@@ -123,7 +147,13 @@ class Sampler:
             raise IGDSInputError(
                 f"the VE encoder reads {encoder_channels}-channel images but the prior makes {self.channels}"
             )
-        self._step = EagerStep(self)
+        self.noise_source = resolve_noise_source(noise)
+        if use_kernels:
+            from .fused_step import FusedStep
+
+            self._step = FusedStep(self)
+        else:
+            self._step = EagerStep(self)
 
     def _build_class_map(self, prior_class_map):
         prior_classes = getattr(self.unet, "num_classes", None)
@@ -150,18 +180,21 @@ class Sampler:
         return labels if self._class_map is None else self._class_map[labels]
 
     # ---- the seam every backend implements ------------------------------------------------------
-    def step(self, x, i: int, labels, noise=None, group_ids=None) -> torch.Tensor:
-        """One reverse step x_i -> x_{i-1} at respaced index i (N-1 .. 0); noise [B,C,H,W] or None."""
-        return self._step(x, i, labels, noise, group_ids)
+    def step(self, x, i: int, labels, noise=None, group_ids=None, seeds=None) -> torch.Tensor:
+        """One reverse step x_i -> x_{i-1} at respaced index i (N-1 .. 0).
+
+        noise: [B, C, H, W] to add (None with seeds = draw it from the noise source keyed by
+        (seeds[b], i); None without seeds = no noise, the posterior mean).
+        """
+        return self._step(x, i, labels, noise, group_ids, seeds)
 
     def sample(self, labels, seeds, group_ids=None) -> torch.Tensor:
         """Images [B, C, H, W] in [-1, 1] for VE class `labels` [B], each keyed by its seed [B]."""
         labels, seeds, group_ids = self._validate_batch(labels, seeds, group_ids)
         shape = (self.channels, self.image_size, self.image_size)
-        x = seeded_normal(seeds, INITIAL_NOISE_STREAM, shape, self.device)
+        x = self.noise_source(seeds, INITIAL_NOISE_STREAM, shape, self.device)
         for i in reversed(range(self.schedule.num_steps)):
-            noise = seeded_normal(seeds, i, shape, self.device) if i > 0 else None
-            x = self.step(x, i, labels, noise, group_ids)
+            x = self.step(x, i, labels, None, group_ids, seeds)
         return x.clamp(-1.0, 1.0)
 
     # ---- validation ---------------------------------------------------------------------------
