@@ -1,1 +1,32 @@
-"""Triton kernels of igds_fast (import name `igds_fast.kernels`)."""
+"""Triton kernels of igds_fast (import name `igds_fast.kernels`).
+
+One file per kernel, each with its thin wrapper and the eager reference it must match named in
+its docstring:
+
+    guidance_head      kernels/guidance_head.py   igds_fast.objective.igds_objective_and_grad
+    philox_normal      kernels/philox.py          interface of igds_fast.seeding.seeded_normal
+    predict_x0         kernels/ddpm_update.py     DiffusionSchedule.predict_x0
+    fused_ddpm_update  kernels/ddpm_update.py     the update block of sampler.EagerStep
+    encoder_preprocess kernels/preprocess.py      igds_fast.preprocess.EncoderPreprocess
+
+On a machine without a GPU they run under TRITON_INTERPRET=1 (set it before importing triton).
+"""
+from ._common import poisoned_scratch, seeds_to_tensor
+from .ddpm_update import StepTables, fused_ddpm_update, predict_x0
+from .guidance_head import guidance_head
+from .philox import philox_normal
+from .preprocess import EncoderPreprocessFunction, encoder_preprocess, preprocess_backward, preprocess_forward
+
+__all__ = [
+    "EncoderPreprocessFunction",
+    "StepTables",
+    "encoder_preprocess",
+    "fused_ddpm_update",
+    "guidance_head",
+    "philox_normal",
+    "poisoned_scratch",
+    "predict_x0",
+    "preprocess_backward",
+    "preprocess_forward",
+    "seeds_to_tensor",
+]
