@@ -1,0 +1,209 @@
+"""FusedStep (Triton x0 / head / update kernels) against EagerStep, one step and whole short runs.
+
+The diffusion prior is a minimal stand-in (`TinyUNet`: a callable with image_size, in_channels,
+learn_sigma, num_classes — the ADM UNet of igds_fast.models is not in the tree yet). The VE is a
+stand-in with the real `EncoderPreprocess` and a random projection encoder (`TinyVE`), plus one
+test with a real `VariationalEstimator` around a ResNet-18 trunk.
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import igds_fast.fused_step as fused_step_module
+import igds_fast.sampler as sampler_module
+from igds_fast.config import GuidanceConfig
+from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
+from igds_fast.fused_step import FusedStep
+from igds_fast.kernels import philox_normal
+from igds_fast.preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
+from igds_fast.sampler import EagerStep, Sampler
+
+from tolerances import tolerance
+
+
+class TinyUNet(nn.Module):
+    """UNet-shaped callable: (x [B,C,H,W], timesteps [B], y [B] or None) -> [B, 2C or C, H, W]."""
+
+    def __init__(self, channels=3, image_size=8, learn_sigma=True, num_classes=4):
+        super().__init__()
+        self.in_channels, self.image_size = channels, image_size
+        self.learn_sigma, self.num_classes = learn_sigma, num_classes
+        out = 2 * channels if learn_sigma else channels
+        self.conv = nn.Conv2d(channels, out, 3, padding=1)
+        self.time = nn.Linear(1, out)
+        self.embed = nn.Embedding(num_classes, out) if num_classes else None
+
+    def forward(self, x, timesteps, y=None):
+        h = self.conv(x) * 0.5 + self.time(timesteps.float()[:, None] / 1000.0)[:, :, None, None]
+        if self.embed is not None:
+            h = h + self.embed(y)[:, :, None, None]
+        if self.learn_sigma:
+            eps, v = h.chunk(2, dim=1)
+            return torch.cat([eps, torch.tanh(v)], dim=1)
+        return h
+
+
+class TinyVE:
+    """VE-shaped object: features(x) through the real EncoderPreprocess and a softplus projection."""
+
+    def __init__(self, channels=3, classes=4, dim=24, resolution=6, tau=0.8):
+        self.preprocess = EncoderPreprocess(resolution, IMAGENET_MEAN[:channels], IMAGENET_STD[:channels])
+        self.projection = torch.randn(channels * resolution * resolution, dim) / resolution
+        self.weight = torch.randn(classes, dim) * 2 / math.sqrt(dim)
+        self.bias = torch.randn(classes)
+        self.log_centroids = torch.log_softmax(torch.randn(classes, dim) * 2, dim=1)
+        self.tau, self.num_classes = tau, classes
+
+    def features(self, x):
+        return F.softplus(self.preprocess(x).flatten(1) @ self.projection, beta=3.0)
+
+
+def make_samplers(unet, ve, steps="6", **guidance):
+    schedule = DiffusionSchedule(ScheduleConfig(sampling_steps=steps))
+    config = GuidanceConfig(**{"scale": 4.0, "beta": 0.5, **guidance})
+    eager = Sampler(unet, schedule, ve, config, noise="philox")
+    fused = Sampler(unet, schedule, ve, config, noise="philox", use_kernels=True)
+    assert isinstance(fused._step, FusedStep) and isinstance(eager._step, EagerStep)
+    return eager, fused
+
+
+def random_seeds(count):
+    return [int.from_bytes(os.urandom(8), "little") >> 1 for _ in range(count)]
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+@pytest.mark.parametrize("gamma, groups", [(0.0, None), (0.7, "labels"), (0.7, [0, 1, 1, 2, 2])])
+def test_one_step_matches_eager(rng_seed, learn_sigma, gamma, groups):
+    unet, ve = TinyUNet(learn_sigma=learn_sigma), TinyVE()
+    eager, fused = make_samplers(unet, ve, gamma=gamma)
+    labels = torch.tensor([0, 3, 3, 1, 2])
+    group_ids = None if groups in (None, "labels") else torch.tensor(groups)
+    seeds = random_seeds(5)
+    plain = Sampler(unet, eager.schedule, ve, GuidanceConfig(scale=0.0), noise="philox")
+    x = torch.randn(5, 3, 8, 8)
+    for i in (5, 2, 0):
+        expected = eager.step(x, i, labels, None, group_ids, seeds)
+        got = fused.step(x, i, labels, None, group_ids, seeds)
+        torch.testing.assert_close(got, expected, **tolerance(torch.float32, "reduction"))
+        if i > 0:  # the guidance moves this step (sigma^2 is tiny at i = 0), so the guided path is checked
+            assert (plain.step(x, i, labels, None, group_ids, seeds) - expected).abs().max() > 1e-3
+
+
+def test_given_noise_and_no_noise(rng_seed):
+    eager, fused = make_samplers(TinyUNet(), TinyVE())
+    labels = torch.tensor([1, 2, 0])
+    x = torch.randn(3, 3, 8, 8)
+    noise = torch.randn_like(x)
+    for i in (4, 0):
+        torch.testing.assert_close(
+            fused.step(x, i, labels, noise), eager.step(x, i, labels, noise), **tolerance(torch.float32, "reduction")
+        )
+        torch.testing.assert_close(
+            fused.step(x, i, labels), eager.step(x, i, labels), **tolerance(torch.float32, "reduction")
+        )
+    assert (fused.step(x, 4, labels, noise) - fused.step(x, 4, labels)).abs().max() > 1e-2
+
+
+def test_unguided_steps_skip_guidance_and_match(rng_seed, monkeypatch):
+    eager, fused = make_samplers(TinyUNet(), TinyVE(), guide_from_step=2, guide_until_step=3)
+
+    def no_guidance(*args, **kwargs):
+        raise AssertionError("guidance ran on a step outside the guidance window")
+
+    monkeypatch.setattr(fused_step_module, "image_guidance", no_guidance)
+    labels = torch.tensor([1, 2])
+    seeds = random_seeds(2)
+    x = torch.randn(2, 3, 8, 8)
+    for i in (5, 4, 1, 0):  # sampling steps 0, 1, 4, 5: outside the window [2, 3]
+        torch.testing.assert_close(
+            fused.step(x, i, labels, None, None, seeds),
+            eager.step(x, i, labels, None, None, seeds),
+            **tolerance(torch.float32, "reduction"),
+        )
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_full_sampling_run_matches_eager_philox(rng_seed, learn_sigma):
+    unet, ve = TinyUNet(learn_sigma=learn_sigma), TinyVE()
+    eager, fused = make_samplers(unet, ve, steps="6", gamma=0.3)
+    labels = [0, 1, 3, 3]
+    seeds = random_seeds(4)
+    expected = eager.sample(labels, seeds)
+    got = fused.sample(labels, seeds)
+    torch.testing.assert_close(got, expected, **tolerance(torch.float32, "trajectory"))
+    plain = Sampler(unet, eager.schedule, ve, GuidanceConfig(scale=0.0), noise="philox").sample(labels, seeds)
+    assert (plain - expected).abs().max() > 1e-2  # the guidance changed the images
+
+
+def test_xt_mode_delegates_to_eager_with_philox_noise(rng_seed):
+    eager, fused = make_samplers(TinyUNet(), TinyVE(), mode="xt")
+    assert fused._step.eager is not None
+    labels = torch.tensor([2, 0])
+    seeds = random_seeds(2)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(
+        fused.step(x, 3, labels, None, None, seeds),
+        eager.step(x, 3, labels, None, None, seeds),
+        **tolerance(torch.float32, "reduction"),
+    )
+
+
+def test_seed_tensor_built_once_per_batch():
+    _, fused = make_samplers(TinyUNet(), TinyVE())
+    step = fused._step
+    seeds = random_seeds(3)
+    first = step.seed_tensor(seeds)
+    assert step.seed_tensor(list(seeds)) is first  # same seeds, no new host-to-device copy
+    assert step.seed_tensor(random_seeds(3)) is not first
+    assert torch.equal(step.step_index(4), torch.tensor(4)) and step.step_index(4).dim() == 0
+    noise = philox_normal(first, 2, (3, 8, 8), "cpu")
+    assert torch.equal(noise, philox_normal(seeds, 2, (3, 8, 8), "cpu"))
+
+
+def test_same_nvtx_ranges_as_eager(rng_seed, monkeypatch):
+    import contextlib
+
+    ranges = []
+
+    @contextlib.contextmanager
+    def record(name):
+        ranges.append(name)
+        yield
+
+    monkeypatch.setattr(sampler_module, "nvtx_range", record)
+    monkeypatch.setattr(fused_step_module, "nvtx_range", record)
+    eager, fused = make_samplers(TinyUNet(), TinyVE())
+    x, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    eager.step(x, 3, labels)
+    eager_ranges, ranges[:] = list(ranges), []
+    fused.step(x, 3, labels)
+    assert ranges == eager_ranges == ["igds/unet", "igds/guidance", "igds/update"]
+
+
+def test_one_step_with_real_variational_estimator(rng_seed):
+    ve_module = pytest.importorskip("igds_fast.ve")
+    resnet = pytest.importorskip("igds_fast.models.resnet")
+    encoder = resnet.build_resnet("resnet18", num_classes=None, softplus_beta=3.0, norm="batch")
+    classes, dim = 4, encoder.feature_dim
+    ve = ve_module.VariationalEstimator(
+        encoder,
+        torch.randn(classes, dim) / math.sqrt(dim),
+        torch.randn(classes),
+        torch.log_softmax(torch.randn(classes, dim), dim=1),
+        1.0,
+        EncoderPreprocess(32, IMAGENET_MEAN, IMAGENET_STD),
+        [f"class{k}" for k in range(classes)],
+    )
+    eager, fused = make_samplers(TinyUNet(image_size=16), ve, gamma=0.2)
+    labels = torch.tensor([0, 3, 3])
+    seeds = random_seeds(3)
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(
+        fused.step(x, 4, labels, None, None, seeds),
+        eager.step(x, 4, labels, None, None, seeds),
+        **tolerance(torch.float32, "reduction"),
+    )
