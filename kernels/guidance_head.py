@@ -278,7 +278,8 @@ def _scalar(value, name: str) -> float:
 def head_block_sizes(batch: int, classes: int, dim: int) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_C, BLOCK_D): fixed shape heuristics (no autotuning: it would run
     benchmarks inside a CUDA-graph capture). tl.dot needs every block >= 16."""
-    block_b = min(32, max(16, next_pow2(batch)))
+    # 16-row tiles up to B = 64 give the logits GEMM enough programs to fill the GPU at C = 1000.
+    block_b = 16 if batch <= 64 else 32
     block_c = min(64, max(16, next_pow2(classes)))
     block_d = min(64, max(16, next_pow2(dim)))
     return block_b, block_c, block_d

@@ -24,6 +24,11 @@ from igds_fast.sampler import EagerStep, Sampler
 
 from tolerances import tolerance
 
+gpu_only = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs a CUDA GPU with compiled Triton (IGDS_TEST_GPU=1)",
+)
+
 
 class TinyUNet(nn.Module):
     """UNet-shaped callable: (x [B,C,H,W], timesteps [B], y [B] or None) -> [B, 2C or C, H, W]."""
@@ -50,20 +55,20 @@ class TinyUNet(nn.Module):
 class TinyVE:
     """VE-shaped object: features(x) through the real EncoderPreprocess and a softplus projection."""
 
-    def __init__(self, channels=3, classes=4, dim=24, resolution=6, tau=0.8):
-        self.preprocess = EncoderPreprocess(resolution, IMAGENET_MEAN[:channels], IMAGENET_STD[:channels])
-        self.projection = torch.randn(channels * resolution * resolution, dim) / resolution
-        self.weight = torch.randn(classes, dim) * 2 / math.sqrt(dim)
-        self.bias = torch.randn(classes)
-        self.log_centroids = torch.log_softmax(torch.randn(classes, dim) * 2, dim=1)
+    def __init__(self, channels=3, classes=4, dim=24, resolution=6, tau=0.8, device="cpu"):
+        self.preprocess = EncoderPreprocess(resolution, IMAGENET_MEAN[:channels], IMAGENET_STD[:channels]).to(device)
+        self.projection = torch.randn(channels * resolution * resolution, dim, device=device) / resolution
+        self.weight = torch.randn(classes, dim, device=device) * 2 / math.sqrt(dim)
+        self.bias = torch.randn(classes, device=device)
+        self.log_centroids = torch.log_softmax(torch.randn(classes, dim, device=device) * 2, dim=1)
         self.tau, self.num_classes = tau, classes
 
     def features(self, x):
         return F.softplus(self.preprocess(x).flatten(1) @ self.projection, beta=3.0)
 
 
-def make_samplers(unet, ve, steps="6", **guidance):
-    schedule = DiffusionSchedule(ScheduleConfig(sampling_steps=steps))
+def make_samplers(unet, ve, steps="6", device="cpu", **guidance):
+    schedule = DiffusionSchedule(ScheduleConfig(sampling_steps=steps), device=device)
     config = GuidanceConfig(**{"scale": 4.0, "beta": 0.5, **guidance})
     eager = Sampler(unet, schedule, ve, config, noise="philox")
     fused = Sampler(unet, schedule, ve, config, noise="philox", use_kernels=True)
@@ -206,4 +211,14 @@ def test_one_step_with_real_variational_estimator(rng_seed):
         fused.step(x, 4, labels, None, None, seeds),
         eager.step(x, 4, labels, None, None, seeds),
         **tolerance(torch.float32, "reduction"),
+    )
+
+
+@gpu_only
+def test_full_sampling_run_on_gpu(rng_seed):
+    unet, ve = TinyUNet(image_size=32).cuda(), TinyVE(resolution=24, dim=64, device="cuda")
+    eager, fused = make_samplers(unet, ve, steps="25", device="cuda", gamma=0.3)
+    labels, seeds = [0, 1, 2, 3, 3, 1], random_seeds(6)
+    torch.testing.assert_close(
+        fused.sample(labels, seeds), eager.sample(labels, seeds), **tolerance(torch.float32, "trajectory")
     )
