@@ -186,6 +186,9 @@ class Sampler:
         noise: [B, C, H, W] to add (None with seeds = draw it from the noise source keyed by
         (seeds[b], i); None without seeds = no noise, the posterior mean).
         """
+        expected = (self.channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise IGDSInputError(f"images must be [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
         return self._step(x, i, labels, noise, group_ids, seeds)
 
     def sample(self, labels, seeds, group_ids=None) -> torch.Tensor:

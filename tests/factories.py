@@ -1,0 +1,62 @@
+"""Small random-weight instances of the real architectures, shared by the tests."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from igds_fast.models.resnet import resnet18
+from igds_fast.preprocess import EncoderPreprocess
+from igds_fast.ve import VariationalEstimator
+
+
+def randomize_(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """Fill every parameter with fresh random values: zero-initialised layers make tests vacuous."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.normal_(0.0, scale)
+    return module
+
+
+def tiny_adm(image_size=16, channels=3, class_cond=True, learn_sigma=True, new_order=False, **overrides):
+    from igds_fast.models.adm import ADMUNet
+
+    flags = dict(
+        image_size=image_size,
+        num_channels=16,
+        num_res_blocks=1,
+        channel_mult=(1, 2),
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        attention_resolutions=str(image_size // 2),
+        num_head_channels=8,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        use_new_attention_order=new_order,
+        dropout=0.0,
+    )
+    flags.update(overrides)
+    unet = ADMUNet.from_flags(**flags)
+    if channels != 3:
+        raise ValueError("tiny_adm builds 3-channel priors (guided-diffusion's create_model fixes in_channels=3)")
+    randomize_(unet, 0.05)
+    return unet.eval()
+
+
+def tiny_ve(num_classes=4, channels=3, resolution=16, tau=1.0, softplus_beta=3.0) -> VariationalEstimator:
+    encoder = resnet18(num_classes=None, softplus_beta=softplus_beta, in_channels=channels)
+    # Running statistics drawn at random too: the encoder runs in eval mode.
+    with torch.no_grad():
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+    dim = encoder.feature_dim
+    weight = torch.randn(num_classes, dim) / math.sqrt(dim) * 4
+    bias = torch.randn(num_classes) * 0.1
+    log_centroids = torch.log_softmax(torch.randn(num_classes, dim), dim=1)
+    preprocess = EncoderPreprocess(resolution, (0.5,) * channels, (0.25,) * channels)
+    names = [f"class{c}" for c in range(num_classes)]
+    return VariationalEstimator(encoder, weight, bias, log_centroids, tau, preprocess, names).eval()
