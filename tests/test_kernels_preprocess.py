@@ -48,7 +48,9 @@ def test_forward_and_backward_match_torch(rng_seed, batch, channels, height, wid
     grad_x = torch.full_like(x, float("nan"))
     preprocess_backward(grad_y, std, (height, width), out=grad_x)
     assert not torch.isnan(y).any() and not torch.isnan(grad_x).any()
-    torch.testing.assert_close(y, expected.detach(), **tolerance(torch.float32, "elementwise"))
+    # "reduction": a 4-tap weighted sum summed in another order than PyTorch's, then divided by
+    # std ~ 0.15 (x6.7), where the mean subtraction can cancel the value to ~0: a few 1e-6 absolute.
+    torch.testing.assert_close(y, expected.detach(), **tolerance(torch.float32, "reduction"))
     torch.testing.assert_close(grad_x, expected_grad, **tolerance(torch.float32, "reduction"))
 
 
@@ -71,7 +73,7 @@ def test_autograd_function_matches_encoder_preprocess_module(rng_seed):
     x = (torch.rand(3, 3, 16, 16) * 2 - 1).requires_grad_(True)
     expected = module(x)
     got = encoder_preprocess(x, module.mean_buffer, module.std_buffer, module.resolution)
-    torch.testing.assert_close(got, expected, **tolerance(torch.float32, "elementwise"))
+    torch.testing.assert_close(got, expected, **tolerance(torch.float32, "reduction"))
     weights = torch.randn_like(expected)
     (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
     (got_grad,) = torch.autograd.grad((got * weights).sum(), x)

@@ -2,19 +2,21 @@
 
 Kinds (rtol, atol), for `torch.testing.assert_close(actual, expected, **tolerance(dtype, kind))`:
 
-    elementwise  a handful of fp32 operations per element (x0 prediction, DDPM update, preprocess):
-                 a few ulp of the result, plus exp/log rounding on the learned variance.
-    reduction    dot products / softmax sums over d (<= 2048) or C (<= 1000) terms (guidance head);
-                 the reference is evaluated in float64, the kernel accumulates in fp32.
+    elementwise  a handful of fp32 operations per element (x0 prediction, DDPM update): a few ulp
+                 of the result, plus exp/log rounding on the learned variance.
+    reduction    sums in another order than the reference: dot products / softmax sums over d
+                 (<= 2048) or C (<= 1000) terms (guidance head, reference in float64), and the
+                 preprocess's 4-tap bilinear sums and their transposes (then divided by std).
     trajectory   a whole short sampling run: per-step rounding differences pass through the UNet,
                  the encoder and the guidance again at every step.
-    noise        Philox normals against the numpy re-implementation: the bits are identical, the
-                 difference is only log/sqrt/cos/sin rounding between numpy and Triton.
+    noise        Philox normals against an independent implementation (numpy, or torch ops fed
+                 with philox_normal): the bits are identical, only log/sqrt/cos/sin/exp rounding
+                 differs (the GPU's exp/log are approximate to a few ulp; |n| reaches ~6).
 
-bfloat16 entries are for inputs stored in bf16 (z of the guidance head); outputs stay fp32 but the
-inputs' 8-bit mantissa limits agreement with the fp32 reference computed from the same bf16 values
-to accumulation-order effects — still looser than fp32 because GPU runs may pick tf32-like paths.
-They are exercised on the GPU only (the interpreter cannot run bf16 dots).
+bfloat16 entries apply when an INPUT is stored in bf16 (the head's z, the preprocess image): the
+reference is computed in fp32 from the same bf16 values, so what remains is accumulation order and,
+for bf16 outputs, one bf16 rounding (2^-8 relative). They are checked on the GPU only: the Triton
+interpreter cannot run bf16 paths.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ TOLERANCES: dict[torch.dtype, dict[str, tuple[float, float]]] = {
         "elementwise": (1e-5, 1e-6),
         "reduction": (1e-4, 1e-5),
         "trajectory": (1e-4, 1e-4),
-        "noise": (1e-5, 1e-5),
+        "noise": (1e-5, 5e-5),
     },
     torch.bfloat16: {
         "elementwise": (1.6e-2, 1e-2),
