@@ -56,12 +56,15 @@ def is_image_file(name: str) -> bool:
 
 
 def scan_image_folder(
-    root: str | os.PathLike, class_names: Sequence[str] | None = None
+    root: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+    ignore_unlisted: bool = False,
 ) -> tuple[list[str], list[list[str]]]:
     """List an ImageFolder tree without decoding anything: (class names, image paths per class).
 
-    Classes are sorted folder names, or exactly ``class_names`` in that order when given (every
-    folder must then be listed, and every listed class must have a folder). Raises a one-line
+    Classes are sorted folder names, or exactly ``class_names`` in that order when given: every
+    listed class must have a folder, and every folder must be listed unless ``ignore_unlisted``
+    (e.g. a full ImageNet validation tree evaluated on a 10-class subset). Raises a one-line
     IGDSInputError for a missing root, no class folders, an empty class folder (named), or a
     class-order mismatch.
     """
@@ -83,7 +86,7 @@ def scan_image_folder(
             raise IGDSInputError("the given class order lists a class twice")
         listed = set(ordered)
         for folder in folders:
-            if folder not in listed:
+            if folder not in listed and not ignore_unlisted:
                 raise IGDSInputError(f"class folder {folder!r} in {root!r} is not in the given class list")
         present = set(folders)
         for name in ordered:
@@ -155,6 +158,7 @@ def load_image_folder(
     class_names: Sequence[str] | None = None,
     as_uint8: bool = False,
     num_workers: int | None = None,
+    ignore_unlisted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], LoadReport]:
     """Load a whole ImageFolder tree into memory.
 
@@ -166,6 +170,8 @@ def load_image_folder(
     IGDSInputError naming the first unreadable file. Structural problems (missing root, no classes,
     an empty class folder, a class-order mismatch, bad arguments) are raised before any image is
     decoded. A class whose every image is unreadable is an error in both modes.
+    ``class_names`` fixes the class order (labels); with ``ignore_unlisted`` folders it does not
+    list are skipped instead of being an error.
     ``num_workers`` threads decode in parallel (PIL releases the GIL); default min(8, CPUs).
     """
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
@@ -174,7 +180,7 @@ def load_image_folder(
         raise IGDSInputError(f"channels must be 1 or 3, got {channels!r}")
     if on_corrupt not in ("skip", "fail"):
         raise IGDSInputError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
-    names, paths_per_class = scan_image_folder(root, class_names)
+    names, paths_per_class = scan_image_folder(root, class_names, ignore_unlisted)
 
     all_paths = [path for paths in paths_per_class for path in paths]
     all_labels = [label for label, paths in enumerate(paths_per_class) for _ in paths]

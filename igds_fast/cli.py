@@ -1,0 +1,176 @@
+"""The ``igds-fast`` command line.
+
+One subcommand = one pair of functions: ``_add_<cmd>_parser(subparsers)`` declares its arguments
+and sets ``handler=_run_<cmd>``; ``_run_<cmd>(args) -> int`` does the work and returns the exit
+code. To add a command, write the pair and append the ``_add_...`` function to ``SUBCOMMANDS``.
+
+Errors: an IGDSInputError anywhere prints ``igds-fast: error: <message>`` to stderr and exits 2
+(argparse's own usage errors exit 2 the same way).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+from igds_fast.errors import IGDSInputError
+
+PROG = "igds-fast"
+
+
+# ---------------------------------------------------------------------------------------- eval
+def _add_eval_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="train networks on a distilled image folder, test on a real validation folder",
+        description=(
+            "Evaluation protocol of IGDS (Appendix F): train NETWORK on the distilled ImageFolder "
+            "with Adam (lr 0.01), random-resized-crop, flip and CutMix for the IPC's epochs, test "
+            "on the real validation ImageFolder of the same classes; report mean +- std over seeds. "
+            "Class order (labels) is the distilled folder's; every class must exist in both."
+        ),
+    )
+    parser.add_argument("--train", required=True, metavar="DISTILLED_DIR", help="distilled set: DIR/<class>/<images>")
+    parser.add_argument("--val", required=True, metavar="REAL_VAL_DIR", help="real validation set: DIR/<class>/<images>")
+    parser.add_argument("--network", default="convnet6",
+                        help="convnet3..convnet6, resnet_ap10, resnet18_in (default: convnet6)")
+    parser.add_argument("--seeds", type=int, default=3, help="networks trained, seeds 0..N-1 (default: 3)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: by IPC (1/10 -> 2000, 20/50 -> 1500, 100 -> 1000)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="side both sets are resized/cropped to (default: the first distilled image's shorter side)")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = grayscale, 3 = RGB (default: 3)")
+    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default: 0.01)")
+    parser.add_argument("--schedule", choices=("constant", "step", "cosine"), default="constant",
+                        help="learning-rate schedule (default: constant, as the paper)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: full set up to 256 images, else 64")
+    parser.add_argument("--width", type=int, default=128, help="ConvNet channels (default: 128, the protocol)")
+    parser.add_argument("--no-flip", action="store_true", help="disable horizontal flips (e.g. digits, text)")
+    parser.add_argument("--cutmix-prob", type=float, default=1.0, help="probability a batch is CutMixed (default: 1.0)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--on-corrupt", choices=("skip", "fail"), default="skip",
+                        help="unreadable images: skip and count them, or stop (default: skip)")
+    parser.add_argument("--out", default=None, metavar="RESULTS_JSON", help="write the results here (atomically)")
+    parser.add_argument("--quiet", action="store_true", help="no per-seed progress on stderr")
+    parser.set_defaults(handler=_run_eval)
+
+
+def _first_image_side(root: str, class_name: str) -> int:
+    """Shorter side of the first image of a class (header only, nothing decoded)."""
+    from PIL import Image
+
+    from igds_fast.data import is_image_file
+
+    folder = os.path.join(root, class_name)
+    first = sorted(name for name in os.listdir(folder) if is_image_file(name))[0]
+    path = os.path.join(folder, first)
+    try:
+        with Image.open(path) as image:
+            return min(image.size)
+    except OSError as exc:
+        raise IGDSInputError(f"cannot read image size of {path!r}: {exc}")
+
+
+def format_results_table(results: Sequence[dict]) -> str:
+    """A plain-text table: network, IPC, classes, epochs, seeds, accuracy mean +- std."""
+    header = ("network", "IPC", "classes", "epochs", "seeds", "accuracy (%)")
+    rows = [
+        (
+            str(r["network"]), str(r["ipc"]), str(r["num_classes"]), str(r["epochs"]),
+            str(len(r["seeds"])), f"{r['mean']:.2f} \u00b1 {r['std']:.2f}",
+        )
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from igds_fast.data import load_image_folder, scan_image_folder
+    from igds_fast.evaluate.augment import AugmentConfig
+    from igds_fast.evaluate.networks import build_eval_network
+    from igds_fast.evaluate.train import evaluate_distilled
+    from igds_fast.imageio import write_json_atomic
+
+    if args.seeds < 1:
+        raise IGDSInputError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.epochs is not None and args.epochs < 1:
+        raise IGDSInputError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.out is not None:
+        out_folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_folder):
+            raise IGDSInputError(f"output folder {out_folder!r} does not exist")
+
+    # Check both trees (structure, class correspondence) before decoding a single image. Extra
+    # validation classes (a full ImageNet val tree for a 10-class subset) are not evaluated.
+    class_names, _ = scan_image_folder(args.train)
+    scan_image_folder(args.val, class_names, ignore_unlisted=True)
+    image_size = args.image_size if args.image_size is not None else _first_image_side(args.train, class_names[0])
+    build_eval_network(args.network, args.channels, len(class_names), image_size, width=args.width)
+    augment = AugmentConfig(horizontal_flip=not args.no_flip, cutmix_prob=args.cutmix_prob)
+
+    train_x, train_y, _, train_report = load_image_folder(
+        args.train, image_size, channels=args.channels, on_corrupt=args.on_corrupt, class_names=class_names
+    )
+    val_x, val_y, _, val_report = load_image_folder(
+        args.val, image_size, channels=args.channels, on_corrupt=args.on_corrupt,
+        class_names=class_names, ignore_unlisted=True,
+    )
+
+    progress = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    results = evaluate_distilled(
+        train_x, train_y, val_x, val_y, network=args.network, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, seeds=args.seeds, device=args.device, schedule=args.schedule,
+        augment=augment, num_classes=len(class_names), width=args.width, progress=progress,
+    )
+    results["classes"] = class_names
+    results["train_dir"] = os.path.abspath(args.train)
+    results["val_dir"] = os.path.abspath(args.val)
+    results["train_load"] = {k: v for k, v in train_report.to_dict().items() if k != "skipped_paths"}
+    results["val_load"] = {k: v for k, v in val_report.to_dict().items() if k != "skipped_paths"}
+    for name, report in (("train", train_report), ("val", val_report)):
+        if report.num_skipped_corrupt:
+            print(f"{PROG}: warning: skipped {report.num_skipped_corrupt} unreadable {name} image(s)", file=sys.stderr)
+    if args.out is not None:
+        write_json_atomic(args.out, results)
+    print(format_results_table([results]))
+    if args.out is not None:
+        print(f"results written to {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ plumbing
+SUBCOMMANDS: list[Callable] = [_add_eval_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every registered subcommand."""
+    from igds_fast import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Fast Information-Guided Diffusion Sampling (IGDS) for dataset distillation."
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for add_parser in SUBCOMMANDS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: parse ``argv`` (default sys.argv[1:]), run the subcommand, return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except IGDSInputError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
