@@ -55,6 +55,14 @@ def is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _list_folder(folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as exc:
+        raise IGDSInputError(f"cannot list folder {folder!r}: {exc.strerror or exc}")
+
+
 def scan_image_folder(
     root: str | os.PathLike,
     class_names: Sequence[str] | None = None,
@@ -73,8 +81,7 @@ def scan_image_folder(
         raise IGDSInputError(f"image folder {root!r} does not exist")
     if not os.path.isdir(root):
         raise IGDSInputError(f"image folder {root!r} is not a directory")
-    with os.scandir(root) as entries:
-        folders = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    folders = sorted(e.name for e in _list_folder(root) if e.is_dir() and not e.name.startswith("."))
     if not folders:
         raise IGDSInputError(f"image folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
 
@@ -96,8 +103,7 @@ def scan_image_folder(
     paths_per_class = []
     for name in ordered:
         folder = os.path.join(root, name)
-        with os.scandir(folder) as entries:
-            files = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
+        files = sorted(e.name for e in _list_folder(folder) if e.is_file() and is_image_file(e.name))
         if not files:
             raise IGDSInputError(
                 f"class folder {folder!r} contains no images ({', '.join(IMAGE_EXTENSIONS)})"

@@ -34,9 +34,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     1 -> 255, 0 -> 128, and values outside [-1, 1] saturate. ``torch.round`` breaks exact .5 ties
     to even (127.5 -> 128, 0.5 -> 0); this differs from guided-diffusion's truncating
     ``.to(uint8)`` by design (rounding is unbiased) and is identical on every device. Non-finite
-    values raise IGDSInputError (they mean a diverged sampler, never a picture).
+    values raise IGDSInputError (they mean a diverged sampler, never a picture). uint8 input is
+    taken as already converted and only transposed to HWC.
     """
     tensor = torch.as_tensor(images)
+    if tensor.dtype == torch.uint8:
+        if tensor.dim() not in (3, 4) or tensor.shape[-3] not in (1, 3):
+            raise IGDSInputError(f"to_uint8 expects [C,H,W] or [N,C,H,W] images, got shape {tuple(tensor.shape)}")
+        return tensor.detach().cpu().movedim(-3, -1).contiguous().numpy()
     if tensor.dim() not in (3, 4):
         raise IGDSInputError(f"to_uint8 expects [C,H,W] or [N,C,H,W] images, got shape {tuple(tensor.shape)}")
     if tensor.shape[-3] not in (1, 3):
@@ -49,12 +54,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def _as_hwc_uint8(image) -> np.ndarray:
-    """A PNG-ready uint8 [H, W, C] array from a uint8 HWC/HW array or a [-1, 1] float [C, H, W] tensor."""
+    """A PNG-ready uint8 [H, W, C] array.
+
+    Torch tensors are [C, H, W] (float in [-1, 1], or uint8); numpy arrays are uint8 [H, W, C] or
+    [H, W] (the file-space layout).
+    """
     if isinstance(image, torch.Tensor):
-        if image.dtype == torch.uint8:
-            image = image.cpu().numpy()
-        else:
-            return to_uint8(image)
+        if image.dim() != 3:
+            raise IGDSInputError(f"expected one [C,H,W] image tensor, got shape {tuple(image.shape)}")
+        return to_uint8(image)
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise IGDSInputError(
@@ -124,8 +132,8 @@ def _fsync_folder(folder: str) -> None:
 def save_png_atomic(path: str | os.PathLike, image) -> None:
     """Save one image as PNG atomically and deterministically (identical pixels -> identical bytes).
 
-    ``image``: uint8 [H, W, C] / [H, W] numpy array or torch uint8 tensor, or a float [C, H, W]
-    tensor in [-1, 1] (converted with :func:`to_uint8`).
+    ``image``: a uint8 [H, W, C] / [H, W] numpy array, or a [C, H, W] torch tensor (float in
+    [-1, 1], converted with :func:`to_uint8`, or uint8).
     """
     write_bytes_atomic(path, encode_png(image))
 

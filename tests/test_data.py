@@ -54,6 +54,12 @@ def test_load_folder_grayscale_and_class_order(folder):
     assert labels.tolist() == [0, 1, 1, 1, 2]
 
 
+def test_ignore_unlisted_folders(folder):
+    images, labels, names, report = load_image_folder(folder, 8, class_names=["eel", "cat"], ignore_unlisted=True)
+    assert names == ["eel", "cat"] and labels.tolist() == [0, 1, 1, 1]
+    assert report.images_per_class == {"eel": 1, "cat": 3}
+
+
 def test_class_order_mismatch_errors(folder):
     with pytest.raises(IGDSInputError, match="'eel'"):
         load_image_folder(folder, 8, class_names=["cat", "dog"])

@@ -160,8 +160,11 @@ def test_evaluate_distilled_learns_and_is_deterministic(rng_seed):
     test_x, test_y = _blobs(20, 8, generator)
     settings = dict(network="convnet3", epochs=25, seeds=2, width=16, device="cpu",
                     augment=AugmentConfig(horizontal_flip=False))
+    threads_before = torch.get_num_threads()
     first = evaluate_distilled(train_x, train_y, test_x, test_y, **settings)
     second = evaluate_distilled(train_x, train_y, test_x, test_y, **settings)
+    assert torch.get_num_threads() == threads_before  # the small-work thread policy is undone
+    assert first["threads"] == 1
     assert first["accuracies"] == second["accuracies"]
     assert first["ipc"] == 2 and first["epochs"] == 25 and first["seeds"] == [0, 1]
     assert first["mean"] > 60.0  # chance is 33%
@@ -254,3 +257,21 @@ def test_cli_requires_subcommand(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_augment_and_training_on_cuda_are_deterministic(rng_seed):
+    images = torch.rand(8, 3, 16, 16, device="cuda") * 2 - 1
+    labels = torch.arange(8, device="cuda") % 2
+    gen = lambda: torch.Generator(device="cuda").manual_seed(rng_seed)  # noqa: E731
+    first = crop_and_flip(images, gen())
+    assert first.device.type == "cuda" and torch.equal(first, crop_and_flip(images, gen()))
+    mixed, _, partner, kept = cutmix(images, labels, gen())
+    again = cutmix(images, labels, gen())
+    assert torch.equal(mixed, again[0]) and torch.equal(partner, again[2]) and kept.device.type == "cuda"
+    generator = torch.Generator().manual_seed(rng_seed)
+    train_x, train_y = _blobs(2, 8, generator)
+    test_x, test_y = _blobs(10, 8, generator)
+    result = evaluate_distilled(train_x, train_y, test_x, test_y, network="convnet3", epochs=20,
+                                seeds=1, width=16, device="cuda", augment=AugmentConfig(horizontal_flip=False))
+    assert result["device"].startswith("cuda") and result["mean"] > 50.0

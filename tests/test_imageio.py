@@ -150,3 +150,11 @@ def test_preview_grid_max_rows(rng_seed):
     assert make_preview_grid(rows, max_rows=20, padding=0).shape == (1, 40, 2)
     with pytest.raises(IGDSInputError, match="shape"):
         make_preview_grid([[torch.rand(1, 2, 2)], [torch.rand(1, 3, 3)]])
+
+
+def test_uint8_tensor_inputs_are_chw(tmp_path, rng_seed):
+    generator = torch.Generator().manual_seed(rng_seed)
+    chw = torch.randint(0, 256, (3, 5, 4), dtype=torch.uint8, generator=generator)
+    assert np.array_equal(to_uint8(chw), chw.permute(1, 2, 0).numpy())
+    save_png_atomic(tmp_path / "u.png", chw)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "u.png")), chw.permute(1, 2, 0).numpy())
