@@ -157,7 +157,10 @@ def train_one_seed(
             labels = train_y if batch_index is None else train_y[batch_index]
             images, labels_a, labels_b, kept = augment_batch(images, labels, generator, augment)
             logits = model(images)
-            loss = kept * F.cross_entropy(logits, labels_a) + (1.0 - kept) * F.cross_entropy(logits, labels_b)
+            if augment.cutmix_prob > 0.0:
+                loss = kept * F.cross_entropy(logits, labels_a) + (1.0 - kept) * F.cross_entropy(logits, labels_b)
+            else:
+                loss = F.cross_entropy(logits, labels_a)
             if schedule != "constant":
                 for group in optimizer.param_groups:
                     group["lr"] = lr * _lr_factor(schedule, step, total_steps)
