@@ -27,7 +27,7 @@ from .guidance import image_guidance, resolve_head
 from .profiling import nvtx_range
 from .seeding import INITIAL_NOISE_STREAM, seeded_normal
 
-BACKENDS = ("eager",)
+BACKENDS = ("eager", "compiled")
 NOISE_SOURCES = ("torch", "philox")
 
 
@@ -116,6 +116,9 @@ class Sampler:
     noise: "torch" or "philox" (see `resolve_noise_source`); x_T and every step's noise.
     use_kernels: run the guidance head and the DDPM update through the fused Triton kernels
         (`igds_fast.fused_step.FusedStep`); the loop and the result stay those of the eager step.
+    backend: "eager" (float32 reference: no compile, no graphs) or "compiled"
+        (`igds_fast.compiled.CompiledStep`: low-precision compiled UNet, CUDA-graph-captured step),
+        configured by `backend_options` (a `igds_fast.compiled.CompileConfig` or its fields as a dict).
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class Sampler:
         prior_class_map: Sequence[int] | None = None,
         noise: str = "torch",
         use_kernels: bool = False,
+        backend_options=None,
     ):
         if backend not in BACKENDS:
             raise IGDSInputError(f"unknown backend {backend!r}; available: {BACKENDS}")
@@ -148,7 +152,13 @@ class Sampler:
                 f"the VE encoder reads {encoder_channels}-channel images but the prior makes {self.channels}"
             )
         self.noise_source = resolve_noise_source(noise)
-        if use_kernels:
+        if backend == "compiled":
+            from .compiled import CompiledStep  # lazily: compile machinery only on this path
+
+            self._step = CompiledStep(self, backend_options)
+        elif backend_options is not None:
+            raise IGDSInputError("backend_options apply to the 'compiled' backend only")
+        elif use_kernels:
             from .fused_step import FusedStep
 
             self._step = FusedStep(self)
@@ -196,6 +206,9 @@ class Sampler:
         labels, seeds, group_ids = self._validate_batch(labels, seeds, group_ids)
         shape = (self.channels, self.image_size, self.image_size)
         x = self.noise_source(seeds, INITIAL_NOISE_STREAM, shape, self.device)
+        begin_batch = getattr(self._step, "begin_batch", None)
+        if begin_batch is not None:  # backends with static buffers set the batch up once, not per step
+            x = begin_batch(x, labels, seeds, group_ids)
         for i in reversed(range(self.schedule.num_steps)):
             x = self.step(x, i, labels, None, group_ids, seeds)
         return x.clamp(-1.0, 1.0)
