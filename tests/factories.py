@@ -23,13 +23,13 @@ def tiny_adm(image_size=16, channels=3, class_cond=True, learn_sigma=True, new_o
 
     flags = dict(
         image_size=image_size,
-        num_channels=16,
+        num_channels=32,
         num_res_blocks=1,
         channel_mult=(1, 2),
         learn_sigma=learn_sigma,
         class_cond=class_cond,
         attention_resolutions=str(image_size // 2),
-        num_head_channels=8,
+        num_head_channels=16,
         use_scale_shift_norm=True,
         resblock_updown=True,
         use_new_attention_order=new_order,

@@ -1,0 +1,483 @@
+"""The ADM UNet (Dhariwal & Nichol 2021): guided-diffusion's `UNetModel`, loadable key for key.
+
+The module tree mirrors guided-diffusion's so that `state_dict()` keys and shapes are identical and
+the public OpenAI checkpoints (256x256_diffusion.pt, 256x256_diffusion_uncond.pt, 128x128_diffusion.pt,
+64x64_diffusion.pt) load with `load_state_dict(strict=True)`:
+
+    time_embed.{0,2}                   Linear(C, 4C), SiLU, Linear(4C, 4C)       C = num_channels
+    label_emb                          Embedding(num_classes, 4C)                (class-conditional)
+    input_blocks.K.L                   conv stem, ResBlocks (+ AttentionBlocks), down-sampling
+    middle_block.{0,1,2}               ResBlock, AttentionBlock, ResBlock
+    output_blocks.K.L                  ResBlocks on [h, skip] (+ AttentionBlocks), up-sampling
+    out.{0,2}                          GroupNorm, SiLU, conv to out_channels (2x for learned sigma)
+
+forward(x [B, in, H, W], timesteps [B] (original training t), y [B] or None) -> [B, out, H, W].
+
+Differences from the original that do not change results: attention runs through
+`F.scaled_dot_product_attention` (see `_attention`); no gradient checkpointing is ever forced (the
+original's checkpoint makes input-gradients fail when the weights are frozen); the compute dtype is
+that of the parameters (the float32 reference by default; `use_fp16` is recorded, not applied).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import IGDSInputError
+
+NUM_IMAGENET_CLASSES = 1000
+
+# guided-diffusion README MODEL_FLAGS of the four public ImageNet checkpoints.
+ADM_PRESETS: dict[str, dict] = {
+    "adm256-cond": dict(
+        image_size=256, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
+        class_cond=True, learn_sigma=True, num_head_channels=64, resblock_updown=True,
+        use_fp16=True, use_scale_shift_norm=True,
+    ),
+    "adm256-uncond": dict(
+        image_size=256, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
+        class_cond=False, learn_sigma=True, num_head_channels=64, resblock_updown=True,
+        use_fp16=True, use_scale_shift_norm=True,
+    ),
+    "adm128-cond": dict(
+        image_size=128, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
+        class_cond=True, learn_sigma=True, num_heads=4, resblock_updown=True,
+        use_fp16=True, use_scale_shift_norm=True,
+    ),
+    "adm64-cond": dict(
+        image_size=64, num_channels=192, num_res_blocks=3, attention_resolutions="32,16,8",
+        class_cond=True, learn_sigma=True, num_head_channels=64, resblock_updown=True,
+        use_new_attention_order=True, use_fp16=True, use_scale_shift_norm=True, dropout=0.1,
+    ),
+}
+
+# The diffusion each checkpoint was trained with (igds_fast.diffusion.ScheduleConfig fields).
+ADM_DIFFUSION_FLAGS: dict[str, dict] = {
+    "adm256-cond": dict(noise_schedule="linear", diffusion_steps=1000),
+    "adm256-uncond": dict(noise_schedule="linear", diffusion_steps=1000),
+    "adm128-cond": dict(noise_schedule="linear", diffusion_steps=1000),
+    "adm64-cond": dict(noise_schedule="cosine", diffusion_steps=1000),
+}
+
+_DEFAULT_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+}
+
+# create_model's keyword flags and defaults, plus in_channels / num_classes (fixed to 3 / 1000 there).
+_FLAG_DEFAULTS = dict(
+    image_size=None,
+    num_channels=None,
+    num_res_blocks=None,
+    channel_mult="",
+    learn_sigma=False,
+    class_cond=False,
+    use_checkpoint=False,
+    attention_resolutions="16",
+    num_heads=1,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=False,
+    dropout=0.0,
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
+    in_channels=3,
+    num_classes=NUM_IMAGENET_CLASSES,
+)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] of (possibly fractional) timesteps [B]: [cos(t f), sin(t f)]."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32) whose statistics are always computed in float32 (as the original)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int) -> nn.Module:
+    return GroupNorm32(32, channels)
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes the timestep embedding as a second argument."""
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then an optional 3x3 conv (key `conv`)."""
+
+    def __init__(self, channels, use_conv, out_channels=None):
+        super().__init__()
+        self.channels, self.out_channels = channels, out_channels or channels
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(self.channels, self.out_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """A stride-2 3x3 conv (key `op`), or a 2x2 average pool without the conv."""
+
+    def __init__(self, channels, use_conv, out_channels=None):
+        super().__init__()
+        self.channels, self.out_channels = channels, out_channels or channels
+        if use_conv:
+            self.op = nn.Conv2d(self.channels, self.out_channels, 3, stride=2, padding=1)
+        else:
+            if self.channels != self.out_channels:
+                raise ValueError("average-pool downsampling cannot change the channel count")
+            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """GroupNorm-SiLU-conv, timestep (scale, shift) modulation, GroupNorm-SiLU-dropout-conv, skip.
+
+    With up/down the resampling happens between the first norm-activation and the first conv, on
+    both the residual branch and the skip path.
+    """
+
+    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_scale_shift_norm=False,
+                 up=False, down=False):
+        super().__init__()
+        self.out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1),
+        )
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        else:
+            self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
+
+    def forward(self, x, emb):
+        if self.updown:
+            h = self.in_layers[:-1](x)
+            h = self.in_layers[-1](self.h_upd(h))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = torch.chunk(emb_out, 2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the spatial positions: GroupNorm, 1x1 conv to qkv, attention, 1x1 conv out.
+
+    `legacy_order` selects how the qkv channels are split (QKVAttentionLegacy: per head [q, k, v];
+    QKVAttention, the "new order": [all q, all k, all v], then heads).
+    """
+
+    def __init__(self, channels, num_heads=1, num_head_channels=-1, use_new_attention_order=False):
+        super().__init__()
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise IGDSInputError(
+                    f"attention channels {channels} not divisible by num_head_channels {num_head_channels}"
+                )
+            self.num_heads = channels // num_head_channels
+        if channels % self.num_heads:
+            raise IGDSInputError(f"attention channels {channels} not divisible by {self.num_heads} heads")
+        self.legacy_order = not use_new_attention_order
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x):
+        batch, channels, *spatial = x.shape
+        x = x.reshape(batch, channels, -1)
+        qkv = self.qkv(self.norm(x))
+        h = self.proj_out(self._attention(qkv))
+        return (x + h).reshape(batch, channels, *spatial)
+
+    def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [B, 3*H*c, T] -> attention output [B, H*c, T] (H heads of c channels).
+
+        The original scales q and k each by c^(-1/4) and takes softmax((q s)^T (k s)) = softmax(q^T k /
+        sqrt(c)) — exactly SDPA's default scale 1/sqrt(c), so SDPA with its default scale computes the
+        same attention in both channel orders; only the split of qkv into heads differs.
+        """
+        batch, width, length = qkv.shape
+        head_channels = width // (3 * self.num_heads)
+        if self.legacy_order:
+            q, k, v = qkv.reshape(batch * self.num_heads, 3 * head_channels, length).split(head_channels, dim=1)
+        else:
+            q, k, v = (t.reshape(batch * self.num_heads, head_channels, length) for t in qkv.chunk(3, dim=1))
+        # SDPA wants [..., T, c]; the transposes are views.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).reshape(batch, -1, length)
+
+
+class ADMUNet(nn.Module):
+    """guided-diffusion's UNetModel (2-D), built from the same arguments."""
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[float] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        num_classes: int | None = None,
+        use_fp16: bool = False,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+        learn_sigma: bool | None = None,
+    ):
+        super().__init__()
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        self.image_size = int(image_size)
+        self.in_channels = int(in_channels)
+        self.model_channels = int(model_channels)
+        self.out_channels = int(out_channels)
+        self.learn_sigma = bool(out_channels == 2 * in_channels) if learn_sigma is None else bool(learn_sigma)
+        self.num_classes = num_classes
+        self.use_fp16 = bool(use_fp16)
+        self.channel_mult = tuple(channel_mult)
+        attention_resolutions = set(int(r) for r in attention_resolutions)
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+        )
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+
+        def res_block(channels, out, **kw):
+            return ResBlock(channels, time_embed_dim, dropout, out, use_scale_shift_norm, **kw)
+
+        def attention(channels, heads):
+            return AttentionBlock(channels, heads, num_head_channels, use_new_attention_order)
+
+        ch = input_ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skip_channels, ds = [ch], 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res_block(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if ds in attention_resolutions:
+                    layers.append(attention(ch, num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(res_block(ch, ch), attention(ch, num_heads), res_block(ch, ch))
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [res_block(ch + skip_channels.pop(), int(model_channels * mult))]
+                ch = int(model_channels * mult)
+                if ds in attention_resolutions:
+                    layers.append(attention(ch, num_heads_upsample))
+                if level and i == num_res_blocks:
+                    layers.append(res_block(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(input_ch, out_channels, 3, padding=1))
+
+    # ---- construction from guided-diffusion flags -----------------------------------------------
+    @classmethod
+    def from_flags(cls, **flags) -> "ADMUNet":
+        """Build from guided-diffusion `create_model` keyword flags (same defaults and meaning).
+
+        Two extra flags the original hard-codes: in_channels (3) and num_classes (1000, used when
+        class_cond). `use_checkpoint` is accepted and ignored (no checkpointing is ever forced).
+        """
+        unknown = sorted(set(flags) - set(_FLAG_DEFAULTS))
+        if unknown:
+            raise IGDSInputError(f"unknown ADM flags {unknown}; known: {sorted(_FLAG_DEFAULTS)}")
+        f = {**_FLAG_DEFAULTS, **flags}
+        for required in ("image_size", "num_channels", "num_res_blocks"):
+            if f[required] is None:
+                raise IGDSInputError(f"ADM flag {required} is required")
+        image_size = int(f["image_size"])
+        channel_mult = f["channel_mult"]
+        if channel_mult in ("", None):
+            if image_size not in _DEFAULT_CHANNEL_MULT:
+                raise IGDSInputError(
+                    f"no default channel_mult for image_size {image_size}; pass channel_mult (e.g. '1,2,4')"
+                )
+            channel_mult = _DEFAULT_CHANNEL_MULT[image_size]
+        elif isinstance(channel_mult, str):
+            channel_mult = tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
+        attention = f["attention_resolutions"]
+        resolutions = attention.split(",") if isinstance(attention, str) else list(attention)
+        attention_ds = [image_size // int(r) for r in resolutions if str(r).strip()]
+        in_channels = int(f["in_channels"])
+        return cls(
+            image_size=image_size,
+            in_channels=in_channels,
+            model_channels=int(f["num_channels"]),
+            out_channels=2 * in_channels if f["learn_sigma"] else in_channels,
+            num_res_blocks=int(f["num_res_blocks"]),
+            attention_resolutions=attention_ds,
+            dropout=float(f["dropout"]),
+            channel_mult=channel_mult,
+            num_classes=int(f["num_classes"]) if f["class_cond"] else None,
+            use_fp16=bool(f["use_fp16"]),
+            num_heads=int(f["num_heads"]),
+            num_head_channels=int(f["num_head_channels"]),
+            num_heads_upsample=int(f["num_heads_upsample"]),
+            use_scale_shift_norm=bool(f["use_scale_shift_norm"]),
+            resblock_updown=bool(f["resblock_updown"]),
+            use_new_attention_order=bool(f["use_new_attention_order"]),
+            learn_sigma=bool(f["learn_sigma"]),
+        )
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, in, H, W], timesteps [B] (original training steps), y [B] -> [B, out, H, W]."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2:] != (self.image_size, self.image_size):
+            raise IGDSInputError(
+                f"ADM UNet expects [B, {self.in_channels}, {self.image_size}, {self.image_size}] images, "
+                f"got {tuple(x.shape)}"
+            )
+        if (y is None) != (self.num_classes is None):
+            raise IGDSInputError(
+                "class labels are required by a class-conditional UNet"
+                if y is None
+                else "labels given to an unconditional UNet"
+            )
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        dtype = self.input_blocks[0][0].weight.dtype
+        h = x.type(dtype)
+        emb = emb.type(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h).type(x.dtype)
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def build_adm(preset: str, **overrides) -> ADMUNet:
+    """An ADMUNet with a preset's flags (random weights), flags overridable."""
+    if preset not in ADM_PRESETS:
+        raise IGDSInputError(f"unknown ADM preset {preset!r}; available: {sorted(ADM_PRESETS)}")
+    return ADMUNet.from_flags(**{**ADM_PRESETS[preset], **overrides})
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors from a guided-diffusion .pt (weights_only: no code runs) or a .safetensors file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise IGDSInputError(f"checkpoint not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 — any unreadable file is one input error
+        raise IGDSInputError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise IGDSInputError(f"{path} does not hold a state dict of tensors")
+    return dict(state)
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """One-line error naming missing / unexpected keys or shape mismatches."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        raise IGDSInputError(f"{source} does not fit the model: {'; '.join(parts)}")
+    mismatched = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if mismatched:
+        shown = ", ".join(
+            f"{k} expected {tuple(expected[k].shape)} got {tuple(state[k].shape)}" for k in mismatched[:3]
+        )
+        raise IGDSInputError(f"{source} does not fit the model: {len(mismatched)} shape mismatches ({shown})")
+
+
+def load_adm(path: str | os.PathLike, preset: str, device="cpu", **flag_overrides) -> ADMUNet:
+    """Build the preset's ADMUNet and load a checkpoint into it (float32, eval mode) in one call."""
+    model = build_adm(preset, **flag_overrides)
+    state = read_state_dict(path)
+    check_state_dict(model, state, f"checkpoint {os.fspath(path)} (preset {preset})")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.to(device).eval()
