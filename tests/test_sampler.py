@@ -1,0 +1,213 @@
+"""The eager sampler: one guided step against guided-diffusion + autograd, batch independence, bad input."""
+import math
+
+import pytest
+import torch
+
+from factories import tiny_adm, tiny_ve
+from igds_fast.config import GuidanceConfig
+from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
+from igds_fast.errors import IGDSInputError
+from igds_fast.objective import igds_objective
+from igds_fast.sampler import Sampler
+
+gd = pytest.importorskip("guided_diffusion.gaussian_diffusion")
+respace = pytest.importorskip("guided_diffusion.respace")
+
+STEPS = "20"
+NUM_CLASSES = 4
+PRIOR_MAP = [3, 17, 250, 999]  # VE classes are a subset of the 1000-class prior
+
+
+def reference_diffusion(learn_sigma=True):
+    return respace.SpacedDiffusion(
+        use_timesteps=respace.space_timesteps(1000, STEPS),
+        betas=gd.get_named_beta_schedule("linear", 1000),
+        model_mean_type=gd.ModelMeanType.EPSILON,
+        model_var_type=gd.ModelVarType.LEARNED_RANGE if learn_sigma else gd.ModelVarType.FIXED_LARGE,
+        loss_type=gd.LossType.MSE,
+        rescale_timesteps=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def parts():
+    unet = tiny_adm(image_size=16)
+    ve = tiny_ve(num_classes=NUM_CLASSES, resolution=24)  # a different resolution: the resize is on the path
+    schedule = DiffusionSchedule(ScheduleConfig("linear", 1000, STEPS))
+    return unet, ve, schedule
+
+
+def make_sampler(parts, **guidance):
+    unet, ve, schedule = parts
+    return Sampler(unet, schedule, ve, GuidanceConfig(**guidance), prior_class_map=PRIOR_MAP)
+
+
+def objective_fn(ve, labels, beta, tau, gamma=0.0):
+    def fn(image):
+        z = ve.features(image)
+        return igds_objective(z, labels, ve.weight, ve.bias, ve.log_centroids, beta, tau, gamma)
+
+    return fn
+
+
+def patched_noise(monkeypatch, noise):
+    monkeypatch.setattr(gd.th, "randn_like", lambda x: noise.clone())
+
+
+@pytest.mark.parametrize("i", [0, 7, 19])
+def test_unguided_step_equals_guided_diffusion_p_sample(parts, monkeypatch, i):
+    unet, ve, schedule = parts
+    sampler = make_sampler(parts, scale=0.0)
+    x = torch.randn(3, 3, 16, 16)
+    labels = torch.tensor([0, 3, 1])
+    noise = torch.randn_like(x)
+    ours = sampler.step(x, i, labels, noise)
+    patched_noise(monkeypatch, noise)
+    t = torch.full((3,), i)
+    with torch.no_grad():
+        ref = reference_diffusion().p_sample(unet, x, t, model_kwargs={"y": torch.tensor(PRIOR_MAP)[labels]})
+    torch.testing.assert_close(ours, ref["sample"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["autograd", "analytic"])
+@pytest.mark.parametrize("i", [1, 12])
+def test_guided_x0_step_equals_reference(parts, monkeypatch, head, i):
+    """mu~ = mu + s sigma^2 dJ/dx0 at the clipped x0 prediction (IGDS_SPEC section 3, mode x0)."""
+    unet, ve, schedule = parts
+    scale, beta, tau = 3.0, 0.7, 0.8
+    sampler = make_sampler(parts, scale=scale, beta=beta, tau=tau, head=head)
+    x = torch.randn(4, 3, 16, 16)
+    labels = torch.tensor([2, 0, 1, 2])
+    noise = torch.randn_like(x)
+    ours = sampler.step(x, i, labels, noise)
+
+    diffusion = reference_diffusion()
+    t = torch.full((4,), i)
+    y = torch.tensor(PRIOR_MAP)[labels]
+    with torch.no_grad():
+        out = diffusion.p_mean_variance(unet, x, t, clip_denoised=True, model_kwargs={"y": y})
+    x0 = out["pred_xstart"].detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective_fn(ve, labels, beta, tau)(x0).sum(), x0)
+    assert grad.abs().max() > 0
+    expected = out["mean"] + scale * out["variance"] * grad
+    expected = expected + (i != 0) * torch.exp(0.5 * out["log_variance"]) * noise
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    # guidance moved the sample: the test would notice a dropped gradient
+    unguided = make_sampler(parts, scale=0.0).step(x, i, labels, noise)
+    assert (ours - unguided).abs().max() > 1e-4
+
+
+def test_guided_xt_step_equals_autograd_through_unet(parts, monkeypatch):
+    """Mode xt: guided-diffusion's p_sample with cond_fn = s * d J(x0_hat(UNet(x_t))) / d x_t."""
+    unet, ve, schedule = parts
+    scale, beta, tau, i = 2.0, 0.5, 1.0, 9
+    sampler = make_sampler(parts, scale=scale, beta=beta, tau=tau, mode="xt")
+    x = torch.randn(2, 3, 16, 16)
+    labels = torch.tensor([1, 3])
+    y = torch.tensor(PRIOR_MAP)[labels]
+    noise = torch.randn_like(x)
+    ours = sampler.step(x, i, labels, noise)
+
+    diffusion = reference_diffusion()
+    objective = objective_fn(ve, labels, beta, tau)
+
+    def cond_fn(x_t, t, y=None):
+        with torch.enable_grad():
+            leaf = x_t.detach().requires_grad_(True)
+            out = diffusion.p_mean_variance(unet, leaf, torch.full((2,), i), clip_denoised=True, model_kwargs={"y": y})
+            (grad,) = torch.autograd.grad(objective(out["pred_xstart"]).sum(), leaf)
+        return scale * grad
+
+    patched_noise(monkeypatch, noise)
+    with torch.no_grad():
+        ref = diffusion.p_sample(unet, x, torch.full((2,), i), cond_fn=cond_fn, model_kwargs={"y": y})
+    torch.testing.assert_close(ours, ref["sample"], rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_window(parts):
+    x = torch.randn(1, 3, 16, 16)
+    labels = torch.tensor([1])
+    windowed = make_sampler(parts, scale=2.0, beta=0.3, guide_from_step=5, guide_until_step=10)
+    unguided = make_sampler(parts, scale=0.0)
+    guided = make_sampler(parts, scale=2.0, beta=0.3)
+    # respaced index i = 19 - step
+    for step, inside in [(4, False), (5, True), (10, True), (11, False)]:
+        i = 19 - step
+        out = windowed.step(x, i, labels)
+        reference = (guided if inside else unguided).step(x, i, labels)
+        torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+def test_sample_depends_only_on_seed_and_label(parts):
+    sampler = make_sampler(parts, scale=2.0, beta=0.5)
+    full = sampler.sample([0, 1, 2, 1], [101, 202, 303, 404])
+    assert full.shape == (4, 3, 16, 16) and full.abs().max() <= 1.0
+    assert torch.isfinite(full).all() and full.std() > 0.05
+    subset = sampler.sample([2, 0], [303, 101])  # other batch size, other order
+    single = sampler.sample([1], [404])
+    torch.testing.assert_close(subset[0], full[2], rtol=0, atol=2e-5)
+    torch.testing.assert_close(subset[1], full[0], rtol=0, atol=2e-5)
+    torch.testing.assert_close(single[0], full[3], rtol=0, atol=2e-5)
+    # a different seed or label gives a different image
+    assert (full[1] - full[3]).abs().max() > 1e-2
+    other_label = sampler.sample([3], [404])
+    assert (other_label[0] - full[3]).abs().max() > 1e-3
+
+
+def test_bad_batches_fail_before_sampling(parts):
+    sampler = make_sampler(parts, scale=1.0)
+    for labels, seeds, message in [
+        ([0, 4], [1, 2], r"labels outside \[0, 4\): \[4\]"),
+        ([-1], [1], "labels outside"),
+        ([0, 1], [1], "2 labels but 1 seeds"),
+        ([], [], "no labels"),
+    ]:
+        with pytest.raises(IGDSInputError, match=message) as info:
+            sampler.sample(labels, seeds)
+        assert "\n" not in str(info.value)
+
+
+def test_mismatched_parts_are_rejected(parts):
+    unet, ve, schedule = parts
+    with pytest.raises(IGDSInputError, match="VE has 4 classes but the prior has 1000"):
+        Sampler(unet, schedule, ve, GuidanceConfig())
+    with pytest.raises(IGDSInputError, match="prior_class_map has 3 entries"):
+        Sampler(unet, schedule, ve, GuidanceConfig(), prior_class_map=[1, 2, 3])
+    gray_ve = tiny_ve(num_classes=NUM_CLASSES, channels=1)
+    with pytest.raises(IGDSInputError, match="1-channel images but the prior makes 3"):
+        Sampler(unet, schedule, gray_ve, GuidanceConfig(), prior_class_map=PRIOR_MAP)
+    with pytest.raises(IGDSInputError, match="unknown backend"):
+        Sampler(unet, schedule, ve, GuidanceConfig(), backend="warp", prior_class_map=PRIOR_MAP)
+    sampler = make_sampler(parts)
+    with pytest.raises(IGDSInputError, match="resolution|size|16"):
+        sampler.step(torch.randn(1, 3, 8, 8), 3, torch.tensor([0]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(tau=0.0), "tau must be positive"),
+        (dict(tau=-1.0), "tau must be positive"),
+        (dict(scale=-1.0), "scale must be >= 0"),
+        (dict(beta=float("nan")), "beta must be a finite number"),
+        (dict(mode="x1"), "mode"),
+        (dict(head="cuda"), "head"),
+        (dict(guide_from_step=5, guide_until_step=4), "guide_until_step"),
+    ],
+)
+def test_bad_guidance_config(kwargs, message):
+    with pytest.raises(IGDSInputError, match=message) as info:
+        GuidanceConfig(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_non_finite_gradient_names_step_and_labels(parts):
+    unet, ve, schedule = parts
+    broken = tiny_ve(num_classes=NUM_CLASSES, resolution=24)
+    with torch.no_grad():
+        broken.log_centroids[2, 0] = float("-inf")  # KL to class 2's centroid becomes inf - inf
+    sampler = Sampler(unet, schedule, broken, GuidanceConfig(scale=1.0, beta=0.5), prior_class_map=PRIOR_MAP)
+    with pytest.raises(IGDSInputError, match=r"non-finite guidance gradient at sampling step 0 .*labels \[2\]") as info:
+        sampler.sample([0, 2, 1], [1, 2, 3])
+    assert "\n" not in str(info.value)
