@@ -137,3 +137,17 @@ def test_extra_flags_for_other_channel_counts():
                                learn_sigma=False)
     out = model(torch.randn(2, 1, 16, 16), torch.tensor([3, 4]), torch.tensor([0, 9]))
     assert out.shape == (2, 1, 16, 16) and model.num_classes == 10 and not model.learn_sigma
+
+
+def test_adm256_forward_flops_per_image():
+    """2.24 TFLOP per image per forward (bench/model_stats.py records the table in bench/RESULTS.md)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "model_stats.py"
+    spec = importlib.util.spec_from_file_location("model_stats", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stats = module.preset_stats("adm256-cond")
+    assert round(stats["flops"] / 1e12, 2) == 2.24
+    assert stats["by_op"]["bmm"] > 0  # attention is counted
