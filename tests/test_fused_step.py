@@ -67,11 +67,11 @@ class TinyVE:
         return F.softplus(self.preprocess(x).flatten(1) @ self.projection, beta=3.0)
 
 
-def make_samplers(unet, ve, steps="6", device="cpu", **guidance):
+def make_samplers(unet, ve, steps="6", device="cpu", prior_class_map=None, **guidance):
     schedule = DiffusionSchedule(ScheduleConfig(sampling_steps=steps), device=device)
     config = GuidanceConfig(**{"scale": 4.0, "beta": 0.5, **guidance})
-    eager = Sampler(unet, schedule, ve, config, noise="philox")
-    fused = Sampler(unet, schedule, ve, config, noise="philox", use_kernels=True)
+    eager = Sampler(unet, schedule, ve, config, noise="philox", prior_class_map=prior_class_map)
+    fused = Sampler(unet, schedule, ve, config, noise="philox", use_kernels=True, prior_class_map=prior_class_map)
     assert isinstance(fused._step, FusedStep) and isinstance(eager._step, EagerStep)
     return eager, fused
 
@@ -225,3 +225,20 @@ def test_full_sampling_run_on_gpu(rng_seed):
     torch.testing.assert_close(
         fused.sample(labels, seeds), eager.sample(labels, seeds), **tolerance(torch.float32, "trajectory")
     )
+
+
+def test_full_sampling_run_with_real_adm_unet_and_ve(rng_seed):
+    # The real architectures, tiny: guided-diffusion's UNet (learned sigma, class-conditional) and
+    # a ResNet-18 VariationalEstimator, from the shared test factories.
+    factories = pytest.importorskip("factories")
+    pytest.importorskip("igds_fast.models.adm")
+    unet, ve = factories.tiny_adm(image_size=16), factories.tiny_ve(num_classes=4, resolution=16)
+    class_map = [7, 100, 3, 999]  # the VE's 4 classes inside the prior's 1000
+    eager, fused = make_samplers(unet, ve, steps="4", prior_class_map=class_map, scale=1.0, beta=0.3)
+    labels, seeds = [0, 2, 3], random_seeds(3)
+    with torch.no_grad():
+        expected = eager.sample(labels, seeds)
+        got = fused.sample(labels, seeds)
+    torch.testing.assert_close(got, expected, **tolerance(torch.float32, "trajectory"))
+    plain = Sampler(unet, eager.schedule, ve, GuidanceConfig(scale=0.0), noise="philox", prior_class_map=class_map)
+    assert (plain.sample(labels, seeds) - expected).abs().max() > 1e-3  # the guidance changed the images
