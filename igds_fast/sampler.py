@@ -113,7 +113,8 @@ class Sampler:
     guidance: GuidanceConfig.
     prior_class_map: VE class index -> prior class index, when the VE covers a subset of the prior's
         classes (e.g. ImageWoof's 10 classes of an ImageNet-1K ADM). None = identical class indices.
-    noise: "torch" or "philox" (see `resolve_noise_source`); x_T and every step's noise.
+    noise: "torch" or "philox" (see `resolve_noise_source`): x_T and every step's noise. None =
+        "philox" when the step draws its noise in-kernel (use_kernels, compiled), else "torch".
     use_kernels: run the guidance head and the DDPM update through the fused Triton kernels
         (`igds_fast.fused_step.FusedStep`); the loop and the result stay those of the eager step.
     backend: "eager" (float32 reference: no compile, no graphs) or "compiled"
@@ -129,7 +130,7 @@ class Sampler:
         guidance: GuidanceConfig = GuidanceConfig(),
         backend: str = "eager",
         prior_class_map: Sequence[int] | None = None,
-        noise: str = "torch",
+        noise: str | None = None,
         use_kernels: bool = False,
         backend_options=None,
     ):
@@ -151,6 +152,11 @@ class Sampler:
             raise IGDSInputError(
                 f"the VE encoder reads {encoder_channels}-channel images but the prior makes {self.channels}"
             )
+        in_kernel_noise = use_kernels or backend == "compiled"
+        if noise is None:
+            noise = "philox" if in_kernel_noise else "torch"
+        elif in_kernel_noise and noise != "philox":
+            raise IGDSInputError(f"noise={noise!r} cannot be used with fused kernels: they draw Philox noise in-kernel")
         self.noise_source = resolve_noise_source(noise)
         if backend == "compiled":
             from .compiled import CompiledStep  # lazily: compile machinery only on this path

@@ -18,3 +18,7 @@ def rng_seed(request):
     request.node.user_properties.append(("seed", seed))
     torch.manual_seed(seed)
     return seed
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with IGDS_TEST_GPU=1 on a GPU machine)")
