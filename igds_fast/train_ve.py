@@ -1,0 +1,986 @@
+"""Train the variational estimator (VE): MoCo v2 instance discrimination + CMI term, then a linear probe.
+
+IGDS_SPEC section 2 ("Training the VE", paper section 4.1.3, eq. 24, Algorithm 1):
+
+    L_VE(theta) = L_InfoNCE(theta) - lambda * E_{x,y}[ KL(P_x || Q_y) ]        (minimised)
+
+    P_x = softmax(f_theta(x) / tau)   over the d trunk-feature coordinates        [B, d]
+    Q_y = E[P_X | Y = y]              class centroids, re-estimated while theta trains, detached
+
+lambda = 0 is plain MoCo v2. Stages:
+
+1. Contrastive training of the query encoder f_theta (a torchvision-compatible ResNet trunk, ReLU
+   replaced by Softplus(beta_sp)) with an MLP projection head, a momentum key encoder + head, and
+   a queue of K negative keys (He et al. 2020; Chen et al. 2020, MoCo v2):
+
+       q = normalize(g_q(f_q(view1)))   k = normalize(g_k(f_k(view2)))      [B, moco_dim]
+       L_InfoNCE = -mean log( exp(q.k / tau_c) / (exp(q.k / tau_c) + sum_j exp(q.queue_j / tau_c)) )
+
+   Two random views per image: random-resized crop (+ optional flip) and a small brightness /
+   contrast (/ saturation for RGB) jitter, all batched tensor ops drawn from one seeded generator.
+   Queue entries remember which image they came from; entries of the query's own image are masked
+   out of its negatives (on small data sets the queue would otherwise hold the query's own image
+   from an earlier epoch as a "negative"). "Shuffle BN" is emulated on one device: queries run
+   through BatchNorm in `bn_splits` groups in batch order, keys in `bn_splits` groups of a shuffled
+   order, so a query and its positive key never share batch statistics (MoCo's guard against the
+   batch-statistics shortcut).
+   The CMI term uses the query's trunk features z = f_q(view1) (what guidance differentiates),
+   with Q as an EMA of per-batch class means of P (`centroid_update="ema"`, default) or re-estimated
+   over the whole (un-augmented) training set at the start of every epoch (`"epoch"`).
+2. Freeze f_theta; recompute its BatchNorm running statistics on the un-augmented training images
+   (the VE sees clean images; the statistics gathered during training describe augmented views).
+3. Linear classifier (W, b) on the frozen features: full-batch multinomial logistic regression
+   (L-BFGS by default) on standardised features, folded back so logits = z W^T + b exactly.
+4. log Q over the training images with the frozen encoder (`compute_log_centroids`), then the
+   `VariationalEstimator` bundle.
+
+Report (nats): prototype information I(X;Y) ~ H(Y) - CE and contextual information
+H(X|Y) ~ E KL(P_x || Q_y), on the training data and on held-out data if given.
+
+Memory: the frozen features of the whole training set ([N, d] float32) are held once for the
+full-batch classifier (13k ImageNette images x 2048 = 107 MB).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import math
+import numbers
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import IGDSInputError
+from .evaluate.augment import crop_and_flip
+from .models.resnet import ARCHS, NORMS, ResNet, build_resnet, load_moco_encoder
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
+from .ve import VariationalEstimator, compute_log_centroids
+
+CENTROID_UPDATES = ("ema", "epoch")
+OPTIMIZERS = ("sgd", "adam")
+CLASSIFIER_OPTIMIZERS = ("lbfgs", "adam")
+INIT_SCHEMES = ("none", "moco")
+# Largest resolution at which a ResNet's last stage is 1x1 (stem /4, then /2 three times,
+# ceil-rounded): instance norm of a 1x1 map is a constant, so such a trunk outputs constants.
+_LAST_STAGE_1X1_MAX_RESOLUTION = 32
+_FEATURE_BATCH = 256  # images per no-grad forward when extracting features / BN statistics
+# Auto thread policy on CPU (as the evaluation harness): below this many "pixel-channels" per
+# batch (batch x resolution^2 x 64 stem channels) every op is so small that OpenMP fork/join costs
+# more than a second thread gains, and on a shared machine a descheduled worker stalls every
+# barrier. Measured for the digits VE (ResNet-18, 16x16, batch 256) on 2 busy cores: forward +
+# backward 0.65 s with one thread, 1.7-9.4 s with two.
+SMALL_WORK_LIMIT = 1 << 23
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def parse_init(init: str) -> tuple[str, str | None]:
+    """'none' -> ('none', None); 'moco:PATH' -> ('moco', PATH). Anything else: IGDSInputError."""
+    if not isinstance(init, str):
+        raise IGDSInputError(f"init must be a string ('none' or 'moco:PATH'), got {init!r}")
+    if init == "none":
+        return "none", None
+    scheme, sep, path = init.partition(":")
+    if not sep or scheme not in INIT_SCHEMES or scheme == "none":
+        raise IGDSInputError(f"unknown init scheme {init!r}; use 'none' or 'moco:PATH'")
+    if not path:
+        raise IGDSInputError("init 'moco:' needs a checkpoint path after the colon (moco:PATH)")
+    return scheme, path
+
+
+@dataclass
+class VETrainConfig:
+    """Every knob of VE training; validated on construction (one-line IGDSInputError).
+
+    Encoder: arch ("resnet18" | "resnet50"), in_channels (1 or 3 for image folders), softplus_beta
+    (None = ReLU), norm ("batch" | "instance"), resolution (encoder input side), mean / std (per
+    channel, [0, 1] units; None = ImageNet statistics with a MoCo init, else the training images'
+    own statistics). tau: temperature of P_x = softmax(z / tau).
+    MoCo: moco_dim (projection size), mlp_hidden (None = feature dim), queue_size (clipped to the
+    training-set size), moco_momentum (key encoder EMA), moco_temperature (tau_c), bn_splits
+    (shuffle-BN groups; 1 = off).
+    CMI term: lambda_cmi (0 = plain MoCo), centroid_update ("ema" per batch | "epoch"),
+    centroid_momentum (EMA weight of the old Q; 0 = Q is the current batch's class means).
+    Optimisation: epochs (0 = keep the initial encoder, train only the classifier), batch_size,
+    optimizer ("sgd" with momentum 0.9, MoCo's | "adam"), lr (cosine-decayed per step),
+    weight_decay. Views: crop_scale (random-resized-crop area range), horizontal_flip, jitter
+    (brightness/contrast/saturation strength; 0 = off).
+    Classifier: classifier_optimizer ("lbfgs" | "adam"), classifier_epochs (full-batch iterations),
+    classifier_lr, classifier_weight_decay (L2 on the standardised-feature weights).
+    recompute_bn_stats: re-estimate BatchNorm statistics on clean training images after training.
+    seed, device (None = cuda if available), init ("none" | "moco:PATH").
+    num_threads (CPU only): torch intra-op threads while training; None = 1 thread for small work
+    (see `SMALL_WORK_LIMIT`), else the process setting. Restored afterwards.
+    """
+
+    arch: str = "resnet18"
+    in_channels: int = 3
+    softplus_beta: float | None = 3.0
+    norm: str = "batch"
+    resolution: int = 32
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    tau: float = 1.0
+    moco_dim: int = 128
+    mlp_hidden: int | None = None
+    queue_size: int = 4096
+    moco_momentum: float = 0.999
+    moco_temperature: float = 0.2
+    bn_splits: int = 4
+    lambda_cmi: float = 0.0
+    centroid_update: str = "ema"
+    centroid_momentum: float = 0.9
+    epochs: int = 20
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    lr: float = 0.06
+    weight_decay: float = 1e-4
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    horizontal_flip: bool = True
+    jitter: float = 0.2
+    classifier_optimizer: str = "lbfgs"
+    classifier_epochs: int = 100
+    classifier_lr: float = 1.0
+    classifier_weight_decay: float = 1e-3
+    recompute_bn_stats: bool = True
+    seed: int = 0
+    device: str | None = None
+    init: str = "none"
+    num_threads: int | None = None
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise IGDSInputError(f"unknown arch {self.arch!r}; available: {', '.join(ARCHS)}")
+        if self.norm not in NORMS:
+            raise IGDSInputError(f"unknown norm {self.norm!r}; available: {', '.join(NORMS)}")
+        for name in ("in_channels", "resolution", "moco_dim", "queue_size", "batch_size", "bn_splits"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise IGDSInputError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("epochs", "classifier_epochs", "seed"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise IGDSInputError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.classifier_epochs < 1:
+            raise IGDSInputError("classifier_epochs must be >= 1 (the classifier must be trained)")
+        if self.batch_size < 2:
+            raise IGDSInputError(f"batch_size must be >= 2 (BatchNorm and InfoNCE need pairs), got {self.batch_size}")
+        if self.num_threads is not None and (not _is_int(self.num_threads) or self.num_threads < 1):
+            raise IGDSInputError(f"num_threads must be a positive integer or None, got {self.num_threads!r}")
+        if self.mlp_hidden is not None and (not _is_int(self.mlp_hidden) or self.mlp_hidden < 1):
+            raise IGDSInputError(f"mlp_hidden must be a positive integer or None, got {self.mlp_hidden!r}")
+        if self.softplus_beta is not None and (not _is_real(self.softplus_beta) or self.softplus_beta <= 0):
+            raise IGDSInputError(f"softplus_beta must be a positive finite number or None, got {self.softplus_beta!r}")
+        for name in ("tau", "moco_temperature", "lr", "classifier_lr"):
+            value = getattr(self, name)
+            if not _is_real(value) or value <= 0:
+                raise IGDSInputError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("lambda_cmi", "weight_decay", "classifier_weight_decay", "jitter"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0:
+                raise IGDSInputError(f"{name} must be a non-negative finite number, got {value!r}")
+        if self.jitter >= 1:
+            raise IGDSInputError(f"jitter must be < 1 (a contrast factor 1 - jitter must stay positive), got {self.jitter}")
+        for name in ("moco_momentum", "centroid_momentum"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 <= value < 1:
+                raise IGDSInputError(f"{name} must be in [0, 1), got {value!r}")
+        if self.centroid_update not in CENTROID_UPDATES:
+            raise IGDSInputError(f"centroid_update must be one of {CENTROID_UPDATES}, got {self.centroid_update!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise IGDSInputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.classifier_optimizer not in CLASSIFIER_OPTIMIZERS:
+            raise IGDSInputError(
+                f"classifier_optimizer must be one of {CLASSIFIER_OPTIMIZERS}, got {self.classifier_optimizer!r}"
+            )
+        try:
+            low, high = (float(v) for v in self.crop_scale)
+        except (TypeError, ValueError) as exc:
+            raise IGDSInputError(f"crop_scale must be two numbers (low, high), got {self.crop_scale!r}") from exc
+        if not 0 < low <= high <= 1:
+            raise IGDSInputError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale!r}")
+        self.crop_scale = (low, high)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                value = tuple(float(v) for v in value)
+            except (TypeError, ValueError) as exc:
+                raise IGDSInputError(f"{name} must be a sequence of numbers, got {value!r}") from exc
+            if len(value) != self.in_channels:
+                raise IGDSInputError(f"{name} has {len(value)} values for {self.in_channels} channel(s)")
+            if not all(math.isfinite(v) for v in value) or (name == "std" and min(value) <= 0):
+                raise IGDSInputError(f"{name} must be finite{' and positive' if name == 'std' else ''}, got {value}")
+            setattr(self, name, value)
+        if (self.mean is None) != (self.std is None):
+            raise IGDSInputError("give both mean and std, or neither (then they are chosen automatically)")
+        if self.norm == "instance" and self.resolution <= _LAST_STAGE_1X1_MAX_RESOLUTION:
+            raise IGDSInputError(
+                f"norm 'instance' needs resolution > {_LAST_STAGE_1X1_MAX_RESOLUTION}: at {self.resolution} the "
+                "last ResNet stage is 1x1 and instance norm would make every feature constant"
+            )
+        scheme, path = parse_init(self.init)
+        if scheme == "moco":
+            if self.in_channels != 3:
+                raise IGDSInputError(f"a MoCo init is an RGB encoder; in_channels must be 3, got {self.in_channels}")
+            if not os.path.isfile(path):
+                raise IGDSInputError(f"MoCo checkpoint not found: {path}")
+
+    @classmethod
+    def digits(cls, **overrides) -> "VETrainConfig":
+        """The built-in small VE: ResNet-18 on 16x16 grayscale digits, ~1 min on 2 CPU cores.
+
+        Short run, so the key encoder must follow the query faster than MoCo's 0.999 (which over
+        ~50 steps would leave it at its random initialisation); no flips (digits are not mirror
+        symmetric); a queue of 1024 of the 1257 training images.
+        """
+        settings = dict(
+            arch="resnet18", in_channels=1, resolution=16, epochs=12, batch_size=256, queue_size=1024,
+            moco_momentum=0.99, horizontal_flip=False, crop_scale=(0.5, 1.0), lr=0.06, bn_splits=4,
+        )
+        settings.update(overrides)
+        return cls(**settings)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable copy (tuples become lists)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+# ---- pieces of the objective ----------------------------------------------------------------------
+
+
+def label_entropy(labels: torch.Tensor, num_classes: int) -> float:
+    """H(Y) in nats of the empirical label distribution: -sum_c p_c log p_c, p_c = count_c / N."""
+    counts = torch.bincount(labels.to(torch.long).cpu(), minlength=num_classes).to(torch.float64)
+    probabilities = counts[counts > 0] / counts.sum()
+    return float(-(probabilities * probabilities.log()).sum())
+
+
+def feature_log_softmax(features: torch.Tensor, tau: float) -> torch.Tensor:
+    """log P_x = log softmax(z / tau) over the d coordinates; z [B, d] -> [B, d]."""
+    return torch.log_softmax(features / tau, dim=1)
+
+
+def kl_to_centroids(log_p: torch.Tensor, log_q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(P_i || Q_{y_i}) = sum_j P_ij (log P_ij - log Q_{y_i, j}); log_p [B, d], log_q [C, d] -> [B]."""
+    return (log_p.exp() * (log_p - log_q[labels])).sum(dim=1)
+
+
+def cmi_term(features: torch.Tensor, labels: torch.Tensor, log_q: torch.Tensor, tau: float) -> torch.Tensor:
+    """E[KL(P_x || Q_y)] over a batch (0-dim, differentiable in `features`; log_q is a constant).
+
+    The VE loss subtracts lambda times this, so gradient descent on the loss moves the features
+    *up* this term: each sample's feature softmax moves away from its class centroid.
+    """
+    return kl_to_centroids(feature_log_softmax(features, tau), log_q.detach(), labels).mean()
+
+
+@torch.no_grad()
+def update_log_centroids(
+    log_q: torch.Tensor, seen: torch.Tensor, log_p: torch.Tensor, labels: torch.Tensor, momentum: float
+) -> None:
+    """EMA of the class centroids in log space, in place: for every class c present in the batch,
+
+        Q_c <- momentum * Q_c + (1 - momentum) * mean_{i: y_i = c} P_i      (Q_c <- batch mean if c unseen)
+
+    log_q [C, d] float, seen [C] bool, log_p [B, d] (detached here), labels [B]. Log space
+    (logsumexp) so that small tau, where P underflows, keeps finite centroids.
+    """
+    num_classes = log_q.shape[0]
+    log_p = log_p.detach().to(log_q.dtype)
+    counts = torch.bincount(labels, minlength=num_classes)
+    present = counts > 0
+    # Per-class logsumexp of log P: max-shifted scatter sum.
+    index = labels[:, None].expand_as(log_p)
+    class_max = torch.full_like(log_q, -math.inf).scatter_reduce(0, index, log_p, reduce="amax", include_self=True)
+    shift = torch.where(present[:, None], class_max, torch.zeros_like(class_max))
+    sums = torch.zeros_like(log_q).index_add_(0, labels, torch.exp(log_p - shift[labels]))
+    batch_log_mean = shift + torch.log(sums) - torch.log(counts.clamp_min(1).to(log_q.dtype))[:, None]
+    if momentum > 0:
+        blended = torch.logaddexp(log_q + math.log(momentum), batch_log_mean + math.log1p(-momentum))
+    else:
+        blended = batch_log_mean
+    fresh = present & ~seen  # first sighting: the batch mean, whatever the momentum
+    updated = torch.where(fresh[:, None], batch_log_mean, blended)
+    log_q.copy_(torch.where(present[:, None], updated, log_q))
+    seen |= present
+
+
+def info_nce_loss(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    queue: torch.Tensor,
+    temperature: float,
+    query_ids: torch.Tensor | None = None,
+    queue_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MoCo's InfoNCE: queries, keys [B, D] (L2-normalised), queue [K, D] (normalised negatives).
+
+    logits_i = [q_i.k_i, q_i.queue_1, ..., q_i.queue_K] / temperature; loss = CE(logits, 0).
+    Queue entries with queue_ids == query_ids[i] (the query's own image) are excluded from row i.
+    """
+    positive = (queries * keys).sum(dim=1, keepdim=True)
+    negative = queries @ queue.t()
+    if query_ids is not None and queue_ids is not None:
+        negative = negative.masked_fill(query_ids[:, None] == queue_ids[None, :], -math.inf)
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device))
+
+
+def prototype_information(logits: torch.Tensor, labels: torch.Tensor, entropy: float) -> tuple[float, float]:
+    """(H(Y) - CE, CE): the prototype information estimate and the mean cross-entropy (nats).
+
+    logits [N, C], labels [N]; CE = mean_i -log softmax(logits_i)_{y_i}.
+    """
+    cross_entropy = float(F.cross_entropy(logits.to(torch.float64), labels.to(torch.long)))
+    return entropy - cross_entropy, cross_entropy
+
+
+# ---- views ----------------------------------------------------------------------------------------
+
+
+def random_view(images: torch.Tensor, generator: torch.Generator, config: VETrainConfig) -> torch.Tensor:
+    """One random view of each image: crop (+ flip) then jitter; [B, C, H, W] in [-1, 1] -> same shape.
+
+    Jitter (strength j, per image): contrast c ~ U(1-j, 1+j) about the image mean, brightness
+    b ~ U(-j, j) (in [-1, 1] units, i.e. +-j/2 of the [0, 1] range), and for RGB a saturation
+    s ~ U(1-j, 1+j) (blend with the luma image). Clamped back to [-1, 1].
+    """
+    views = crop_and_flip(images, generator, scale=config.crop_scale, crop=True, flip=config.horizontal_flip)
+    strength = config.jitter
+    if strength <= 0:
+        return views
+    batch = images.shape[0]
+    device = generator.device
+
+    def uniform(low, high):
+        return (torch.rand(batch, generator=generator, device=device) * (high - low) + low).view(-1, 1, 1, 1)
+
+    contrast, brightness = uniform(1 - strength, 1 + strength), uniform(-strength, strength)
+    if images.shape[1] == 3:
+        saturation = uniform(1 - strength, 1 + strength).to(views.device)
+        luma = (0.299 * views[:, 0:1] + 0.587 * views[:, 1:2] + 0.114 * views[:, 2:3])
+        views = luma + saturation * (views - luma)
+    image_mean = views.mean(dim=(1, 2, 3), keepdim=True)
+    views = (views - image_mean) * contrast.to(views.device) + image_mean + brightness.to(views.device)
+    return views.clamp(-1.0, 1.0)
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+class ProjectionHead(nn.Sequential):
+    """MoCo v2's MLP head: Linear(d, hidden) -> ReLU -> Linear(hidden, moco_dim). [B, d] -> [B, moco_dim]."""
+
+    def __init__(self, feature_dim: int, hidden: int, out_dim: int):
+        super().__init__(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
+@contextlib.contextmanager
+def _frozen_bn_statistics(module: nn.Module):
+    """Train-mode BatchNorm (batch statistics) that leaves the running statistics untouched.
+
+    running = (1 - momentum) * running + momentum * batch, so momentum 0 keeps them as they are.
+    """
+    saved = [(m, m.momentum) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m, _ in saved:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+
+
+@torch.no_grad()
+def recompute_batchnorm_statistics(encoder: ResNet, preprocess: EncoderPreprocess, images: torch.Tensor, device) -> None:
+    """Replace the BatchNorm running statistics by their exact average over `images` (clean, in [-1, 1]).
+
+    Cumulative averaging (momentum None) over batches of `_FEATURE_BATCH`; a last batch of one image
+    is merged into the previous one (BatchNorm needs two values per channel at 1x1 maps).
+    """
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    encoder.train()
+    try:
+        for chunk in _even_chunks(images.shape[0], _FEATURE_BATCH):
+            encoder.forward_features(preprocess(images[chunk].to(device)))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        encoder.eval()
+
+
+def _even_chunks(count: int, batch_size: int) -> list[slice]:
+    """Contiguous slices of about `batch_size` covering 0..count, none smaller than min(2, count)."""
+    number = max(1, math.ceil(count / batch_size))
+    bounds = [round(i * count / number) for i in range(number + 1)]
+    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if len(slices) > 1 and slices[-1].stop - slices[-1].start < 2:
+        slices[-2:] = [slice(slices[-2].start, slices[-1].stop)]
+    return slices
+
+
+@torch.no_grad()
+def extract_features(encoder: ResNet, preprocess: EncoderPreprocess, images: torch.Tensor, device) -> torch.Tensor:
+    """Frozen-encoder features z [N, d] (float32, on `device`) of images [N, C, H, W] in [-1, 1]."""
+    encoder.eval()
+    parts = [encoder.forward_features(preprocess(images[chunk].to(device))).float()
+             for chunk in _even_chunks(images.shape[0], _FEATURE_BATCH)]
+    return torch.cat(parts)
+
+
+def fit_linear_classifier(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    iterations: int = 100,
+    lr: float = 1.0,
+    weight_decay: float = 1e-3,
+    optimizer: str = "lbfgs",
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on frozen features: (W [C, d], b [C]) with logits = z W^T + b.
+
+    Trained full batch on standardised features u = (z - mu) / sigma (per coordinate; a constant
+    coordinate keeps sigma 1) for a well-conditioned problem, minimising
+    mean CE(u V^T + c, y) + weight_decay / 2 * ||V||^2, then folded back exactly:
+    W = V / sigma, b = c - W mu. L-BFGS (strong Wolfe line search, step `lr`) or Adam (`lr`),
+    `iterations` steps; V starts at zero (the optimum is unique, so the start only affects speed).
+    """
+    features = features.to(torch.float32)
+    labels = labels.to(device=features.device, dtype=torch.long)
+    mean = features.mean(dim=0)
+    std = features.std(dim=0, unbiased=False)
+    std = torch.where(std > 1e-6 * std.max().clamp_min(1e-12), std, torch.ones_like(std))
+    standardised = (features - mean) / std
+    weight = torch.zeros(num_classes, features.shape[1], device=features.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=features.device, requires_grad=True)
+
+    def objective():
+        loss = F.cross_entropy(F.linear(standardised, weight, bias), labels)
+        return loss + 0.5 * weight_decay * weight.square().sum()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if optimizer == "lbfgs":
+            solver = torch.optim.LBFGS(
+                [weight, bias], lr=lr, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe",
+                tolerance_grad=1e-9, tolerance_change=1e-12,
+            )
+
+            def closure():
+                solver.zero_grad()
+                loss = objective()
+                loss.backward()
+                return loss
+
+            solver.step(closure)
+        elif optimizer == "adam":
+            solver = torch.optim.Adam([weight, bias], lr=lr)
+            for _ in range(iterations):
+                solver.zero_grad()
+                objective().backward()
+                solver.step()
+        else:
+            raise IGDSInputError(f"classifier optimizer must be one of {CLASSIFIER_OPTIMIZERS}, got {optimizer!r}")
+    with torch.no_grad():
+        folded_weight = weight / std
+        folded_bias = bias - folded_weight @ mean
+    return folded_weight.detach(), folded_bias.detach()
+
+
+# ---- input checks ---------------------------------------------------------------------------------
+
+
+def _check_data(images, labels, class_names, in_channels: int, what: str, require_every_class: bool) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise IGDSInputError(f"{what} images must be a float [N, C, H, W] tensor in [-1, 1], got {getattr(images, 'shape', type(images).__name__)}")
+    if images.shape[0] == 0:
+        raise IGDSInputError(f"no {what} images given")
+    if images.shape[1] != in_channels:
+        raise IGDSInputError(f"{what} images have {images.shape[1]} channel(s), the config says in_channels={in_channels}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (images.shape[0],):
+        raise IGDSInputError(f"{what} labels must be a [{images.shape[0]}] tensor, got {getattr(labels, 'shape', type(labels).__name__)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise IGDSInputError(f"{what} labels must be integers, got {labels.dtype}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= len(class_names):
+        raise IGDSInputError(f"{what} labels span [{low}, {high}] but there are {len(class_names)} class names (labels must be in [0, {len(class_names) - 1}])")
+    if not bool(torch.isfinite(images).all()):
+        raise IGDSInputError(f"{what} images contain non-finite values")
+    if require_every_class:
+        counts = torch.bincount(labels.to(torch.long).cpu(), minlength=len(class_names))
+        empty = [class_names[c] for c in range(len(class_names)) if int(counts[c]) == 0]
+        if empty:
+            raise IGDSInputError(f"{what} data has no images of class(es) {empty[:5]} (every class needs a centroid)")
+
+
+def _check_class_names(class_names) -> list[str]:
+    if isinstance(class_names, str) or not isinstance(class_names, Sequence) or not all(isinstance(n, str) for n in class_names):
+        raise IGDSInputError("class_names must be a sequence of strings")
+    if len(class_names) < 2:
+        raise IGDSInputError(f"need at least 2 classes, got {len(class_names)} class name(s)")
+    return list(class_names)
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise IGDSInputError(f"unknown device {device!r}") from exc
+
+
+def image_statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units of images [N, C, H, W] in [-1, 1] (float64 sums)."""
+    unit = (images.to(torch.float64) + 1.0) * 0.5
+    mean = unit.mean(dim=(0, 2, 3))
+    std = unit.std(dim=(0, 2, 3), unbiased=False)
+    if bool((std <= 1e-6).any()):
+        raise IGDSInputError("the training images have a constant channel (std 0): give mean/std explicitly")
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _thread_policy(config: VETrainConfig, device: torch.device, batch_size: int):
+    """torch intra-op threads for the run (CPU only): config.num_threads, or 1 for small work."""
+    previous = torch.get_num_threads()
+    threads = previous
+    if device.type == "cpu":
+        if config.num_threads is not None:
+            threads = config.num_threads
+        elif batch_size * config.resolution ** 2 * 64 <= SMALL_WORK_LIMIT:
+            threads = 1
+    if threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        if threads != previous:
+            torch.set_num_threads(previous)
+
+
+def _build_encoder(config: VETrainConfig) -> ResNet:
+    scheme, path = parse_init(config.init)
+    if scheme == "moco":
+        encoder = load_moco_encoder(path, arch=config.arch, softplus_beta=config.softplus_beta, norm=config.norm)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            encoder = build_resnet(config.arch, num_classes=None, softplus_beta=config.softplus_beta,
+                                   norm=config.norm, in_channels=config.in_channels)
+    return encoder
+
+
+class _MoCoTrainer:
+    """The contrastive stage (state: encoders, heads, queue, centroids, optimiser)."""
+
+    def __init__(self, encoder: ResNet, preprocess: EncoderPreprocess, config: VETrainConfig, num_classes: int,
+                 num_images: int, device: torch.device, log: Callable[[str], None]):
+        self.config = config
+        self.device = device
+        self.preprocess = preprocess
+        self.encoder_q = encoder.to(device).train()
+        dim = encoder.feature_dim
+        hidden = config.mlp_hidden or dim
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + 1)
+            self.head_q = ProjectionHead(dim, hidden, config.moco_dim).to(device)
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        self.head_k = copy.deepcopy(self.head_q).requires_grad_(False)
+        self.query_params = list(self.encoder_q.parameters()) + list(self.head_q.parameters())
+        self.key_params = list(self.encoder_k.parameters()) + list(self.head_k.parameters())
+
+        self.batch_size = min(config.batch_size, num_images)
+        # More queue entries than images would only repeat images among the negatives.
+        self.queue_size = min(config.queue_size, num_images)
+        if self.queue_size < config.queue_size:
+            log(f"train-ve: queue clipped from {config.queue_size} to {self.queue_size} (the training-set size)")
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(config.seed)
+        # Random unit vectors until real keys arrive (as MoCo), id -1 = no image.
+        self.queue = F.normalize(torch.randn(self.queue_size, config.moco_dim, generator=self.generator, device=device), dim=1)
+        self.queue_ids = torch.full((self.queue_size,), -1, dtype=torch.long, device=device)
+        self.queue_pointer = 0
+
+        self.log_q = torch.zeros(num_classes, dim, device=device)
+        self.seen = torch.zeros(num_classes, dtype=torch.bool, device=device)
+
+        if config.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.query_params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(self.query_params, lr=config.lr, weight_decay=config.weight_decay)
+
+    def _groups(self, batch: int) -> int:
+        # BatchNorm needs >= 2 samples per group (layer4 maps can be 1x1); instance norm needs no split.
+        if self.encoder_q.norm != "batch":
+            return 1
+        return max(1, min(self.config.bn_splits, batch // 2))
+
+    def _encode_query(self, views: torch.Tensor, groups: int) -> torch.Tensor:
+        chunks = views.tensor_split(groups)
+        return torch.cat([self.encoder_q.forward_features(self.preprocess(chunk)) for chunk in chunks])
+
+    @torch.no_grad()
+    def _encode_keys(self, views: torch.Tensor, groups: int) -> torch.Tensor:
+        shuffle = torch.randperm(views.shape[0], generator=self.generator, device=self.device)
+        shuffled = views[shuffle]
+        keys = torch.cat([self.head_k(self.encoder_k.forward_features(self.preprocess(chunk)))
+                          for chunk in shuffled.tensor_split(groups)])
+        return F.normalize(keys[torch.argsort(shuffle)], dim=1)
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        torch._foreach_lerp_(self.key_params, self.query_params, 1.0 - self.config.moco_momentum)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
+        count = min(keys.shape[0], self.queue_size)
+        keys, ids = keys[-count:], ids[-count:]
+        positions = (self.queue_pointer + torch.arange(count, device=self.device)) % self.queue_size
+        self.queue[positions] = keys
+        self.queue_ids[positions] = ids
+        self.queue_pointer = (self.queue_pointer + count) % self.queue_size
+
+    @torch.no_grad()
+    def estimate_centroids_over(self, images: torch.Tensor) -> None:
+        """Q over the whole (un-augmented) set with the current query encoder ("epoch" mode)."""
+        from .ve import LogCentroidAccumulator
+
+        accumulator = LogCentroidAccumulator(self.log_q.shape[0], self.config.tau)
+        with _frozen_bn_statistics(self.encoder_q):
+            for chunk in _even_chunks(images.shape[0], _FEATURE_BATCH):
+                features = self.encoder_q.forward_features(self.preprocess(images[chunk]))
+                accumulator.update(features.float(), self.labels[chunk])
+        self.log_q.copy_(accumulator.compute(torch.float32))
+        self.seen.fill_(True)
+
+    def train(self, images: torch.Tensor, labels: torch.Tensor, log: Callable[[str], None]) -> list[dict]:
+        config = self.config
+        images = images.to(self.device)
+        self.labels = labels.to(self.device, torch.long)
+        count = images.shape[0]
+        steps_per_epoch = count // self.batch_size  # batches of batch_size .. 2*batch_size-1, none tiny
+        total_steps = config.epochs * steps_per_epoch
+        history = []
+        step = 0
+        for epoch in range(config.epochs):
+            started = time.perf_counter()
+            if config.centroid_update == "epoch":
+                self.estimate_centroids_over(images)
+            order = torch.randperm(count, generator=self.generator, device=self.device)
+            sums = {"infonce": 0.0, "kl": 0.0, "loss": 0.0}
+            for batch_ids in order.tensor_split(steps_per_epoch):
+                lr = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                terms = self._step(images[batch_ids], self.labels[batch_ids], batch_ids)
+                for key in sums:
+                    sums[key] += terms[key]
+                step += 1
+            record = {k: v / steps_per_epoch for k, v in sums.items()}
+            record.update(epoch=epoch + 1, seconds=round(time.perf_counter() - started, 3))
+            history.append(record)
+            log(f"train-ve: epoch {epoch + 1}/{config.epochs} InfoNCE {record['infonce']:.4f} "
+                f"KL(P||Q_y) {record['kl']:.4f} loss {record['loss']:.4f} ({record['seconds']:.1f}s)")
+        return history
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> dict:
+        config = self.config
+        view_q = random_view(images, self.generator, config)
+        view_k = random_view(images, self.generator, config)
+        groups = self._groups(images.shape[0])
+        features = self._encode_query(view_q, groups)
+        queries = F.normalize(self.head_q(features), dim=1)
+        self._momentum_update()
+        keys = self._encode_keys(view_k, groups)
+        infonce = info_nce_loss(queries, keys, self.queue, config.moco_temperature, ids, self.queue_ids)
+        log_p = feature_log_softmax(features, config.tau)
+        if config.centroid_update == "ema":
+            # Update first, then use: every class in the batch has a centroid, and with momentum 0
+            # Q_y is exactly this batch's class mean.
+            update_log_centroids(self.log_q, self.seen, log_p, labels, config.centroid_momentum)
+        kl = kl_to_centroids(log_p, self.log_q.detach(), labels).mean()
+        loss = infonce - config.lambda_cmi * kl if config.lambda_cmi > 0 else infonce
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self._enqueue(keys, ids)
+        return {"infonce": float(infonce.detach()), "kl": float(kl.detach()), "loss": float(loss.detach())}
+
+
+def _split_report(ve_parts, features, labels, entropy) -> dict:
+    weight, bias, log_q, tau = ve_parts
+    logits = F.linear(features, weight, bias)
+    information, cross_entropy = prototype_information(logits, labels, entropy)
+    kl = kl_to_centroids(feature_log_softmax(features.double(), tau), log_q.double(), labels.long())
+    return {
+        "images": int(features.shape[0]),
+        "accuracy": float((logits.argmax(dim=1) == labels).double().mean() * 100.0),
+        "cross_entropy": cross_entropy,
+        "prototype_information": information,
+        "contextual_information": float(kl.mean()),
+    }
+
+
+def _train_stages(train_images, train_labels, val_images, val_labels, class_names, config, encoder, preprocess,
+                  mean, std, device, log) -> tuple[VariationalEstimator, dict]:
+    """Contrastive stage, BN statistics, features, classifier, centroids, report (see `train_ve`)."""
+    num_classes = len(class_names)
+    history: list[dict] = []
+    effective = {"batch_size": None, "queue_size": None}
+    contrastive_seconds = 0.0
+    if config.epochs > 0:
+        stage = time.perf_counter()
+        trainer = _MoCoTrainer(encoder, preprocess, config, num_classes, train_images.shape[0], device, log)
+        effective = {"batch_size": trainer.batch_size, "queue_size": trainer.queue_size}
+        history = trainer.train(train_images, train_labels, log)
+        encoder = trainer.encoder_q
+        del trainer
+        contrastive_seconds = time.perf_counter() - stage
+    encoder = encoder.to(device).eval().requires_grad_(False)
+
+    stage = time.perf_counter()
+    if config.recompute_bn_stats and config.epochs > 0:
+        recompute_batchnorm_statistics(encoder, preprocess, train_images, device)
+    train_features = extract_features(encoder, preprocess, train_images, device)
+    weight, bias = fit_linear_classifier(
+        train_features, train_labels.to(device), num_classes, config.classifier_epochs, config.classifier_lr,
+        config.classifier_weight_decay, config.classifier_optimizer, config.seed,
+    )
+    log_q = compute_log_centroids(train_features, train_labels.to(device), num_classes, config.tau)
+    classifier_seconds = time.perf_counter() - stage
+
+    ve = VariationalEstimator(encoder.cpu(), weight.cpu(), bias.cpu(), log_q.cpu(), config.tau,
+                              EncoderPreprocess(config.resolution, mean, std), class_names)
+    entropy = label_entropy(train_labels, num_classes)
+    parts = (weight, bias, log_q, config.tau)
+    report = {
+        "config": config.to_dict(),
+        "class_names": class_names,
+        "mean": list(mean),
+        "std": list(std),
+        "device": str(device),
+        "effective": effective,
+        "history": history,
+        "units": "nats",
+        "label_entropy": entropy,
+        "train": _split_report(parts, train_features, train_labels.to(device), entropy),
+        "seconds": {"contrastive": round(contrastive_seconds, 3), "classifier_and_centroids": round(classifier_seconds, 3)},
+    }
+    if val_images is not None:
+        val_features = extract_features(ve.encoder.to(device), preprocess, val_images, device)
+        ve.encoder.cpu()
+        report["val"] = _split_report(parts, val_features, val_labels.to(device, torch.long), entropy)
+    return ve, report
+
+
+def train_ve(
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    class_names: Sequence[str],
+    config: VETrainConfig | None = None,
+    val_images: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[VariationalEstimator, dict]:
+    """Train a VE (contrastive + CMI encoder, linear classifier, centroids) and report its estimates.
+
+    train_images [N, C, H, W] float in [-1, 1], train_labels [N] int in [0, len(class_names));
+    every class needs a training image. val_images / val_labels: optional held-out data of the same
+    classes, only evaluated. Returns (VariationalEstimator on CPU, report) where report holds the
+    config, the effective mean/std / batch / queue sizes, the per-epoch history, H(Y) (nats) and for
+    "train" (and "val") accuracy (%), cross-entropy, prototype_information = H(Y) - CE and
+    contextual_information = E KL(P_x || Q_y) (nats), and the wall time per stage.
+    All input defects raise a one-line IGDSInputError before any training.
+    """
+    started = time.perf_counter()
+    config = config if config is not None else VETrainConfig()
+    if not isinstance(config, VETrainConfig):
+        raise IGDSInputError(f"config must be a VETrainConfig, got {type(config).__name__}")
+    class_names = _check_class_names(class_names)
+    _check_data(train_images, train_labels, class_names, config.in_channels, "training", require_every_class=True)
+    if (val_images is None) != (val_labels is None):
+        raise IGDSInputError("give both val_images and val_labels, or neither")
+    if val_images is not None:
+        _check_data(val_images, val_labels, class_names, config.in_channels, "validation", require_every_class=False)
+    if train_images.shape[0] < 2:
+        raise IGDSInputError(f"need at least 2 training images, got {train_images.shape[0]}")
+    device = _resolve_device(config.device)
+    scheme, _ = parse_init(config.init)
+    if config.mean is not None:
+        mean, std = config.mean, config.std
+    elif scheme == "moco":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD  # what MoCo's ImageNet training normalised with
+    else:
+        mean, std = image_statistics(train_images)
+    preprocess = EncoderPreprocess(config.resolution, mean, std).to(device)
+    encoder = _build_encoder(config)  # a bad MoCo checkpoint fails here, before training
+    train_labels = train_labels.to(torch.long)
+
+    with _thread_policy(config, device, min(config.batch_size, train_images.shape[0])) as threads:
+        ve, report = _train_stages(train_images, train_labels, val_images, val_labels, class_names, config,
+                                   encoder, preprocess, mean, std, device, log)
+    report["threads"] = threads if device.type == "cpu" else None
+    report["seconds"]["total"] = round(time.perf_counter() - started, 3)
+    entropy = report["label_entropy"]
+    for split in ("train", "val"):
+        if split in report:
+            r = report[split]
+            log(f"train-ve: {split}: accuracy {r['accuracy']:.2f}%  I(X;Y) ~ H(Y) - CE = {entropy:.4f} - "
+                f"{r['cross_entropy']:.4f} = {r['prototype_information']:.4f} nats  "
+                f"H(X|Y) ~ E KL(P||Q_y) = {r['contextual_information']:.4f} nats")
+    log(f"train-ve: done in {report['seconds']['total']:.1f}s")
+    return ve, report
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def add_train_ve_parser(subparsers) -> None:
+    """Declare `igds-fast train-ve` (handler: `run_train_ve`)."""
+    defaults = VETrainConfig()
+    parser = subparsers.add_parser(
+        "train-ve",
+        help="train the variational estimator (MoCo + CMI encoder, linear classifier, centroids)",
+        description=(
+            "Train the IGDS variational estimator on an ImageFolder (IGDS_SPEC section 2): MoCo v2 "
+            "instance discrimination minus lambda * E KL(P_x || Q_y), then a linear classifier on the "
+            "frozen features and the class centroids log Q. Writes the VE bundle (safetensors) and "
+            "<out>.report.json with the prototype / contextual information estimates."
+        ),
+    )
+    parser.add_argument("--data", required=True, metavar="DIR", help="training set: DIR/<class>/<images>")
+    parser.add_argument("--val", default=None, metavar="DIR", help="held-out set of the same classes (report only)")
+    parser.add_argument("--out", required=True, metavar="VE_SAFETENSORS", help="where to write the VE bundle")
+    parser.add_argument("--arch", choices=ARCHS, default=defaults.arch)
+    parser.add_argument("--resolution", type=int, default=defaults.resolution, help="encoder input side")
+    parser.add_argument("--image-size", type=int, default=None, help="side images are loaded at (default: --resolution)")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = grayscale, 3 = RGB (default 3)")
+    parser.add_argument("--softplus-beta", type=float, default=defaults.softplus_beta, help="0 = ReLU (default 3.0)")
+    parser.add_argument("--norm", choices=NORMS, default=defaults.norm)
+    parser.add_argument("--mean", type=_float_list, default=None, help="per-channel mean, [0,1] units (default: auto)")
+    parser.add_argument("--std", type=_float_list, default=None, help="per-channel std, [0,1] units (default: auto)")
+    parser.add_argument("--tau", type=float, default=defaults.tau, help="temperature of P = softmax(z/tau)")
+    parser.add_argument("--lambda", dest="lambda_cmi", type=float, default=defaults.lambda_cmi,
+                        help="weight of the CMI term (0 = plain MoCo)")
+    parser.add_argument("--centroid-update", choices=CENTROID_UPDATES, default=defaults.centroid_update)
+    parser.add_argument("--centroid-momentum", type=float, default=defaults.centroid_momentum)
+    parser.add_argument("--moco-dim", type=int, default=defaults.moco_dim)
+    parser.add_argument("--queue-size", type=int, default=defaults.queue_size)
+    parser.add_argument("--moco-momentum", type=float, default=defaults.moco_momentum)
+    parser.add_argument("--moco-temperature", type=float, default=defaults.moco_temperature)
+    parser.add_argument("--bn-splits", type=int, default=defaults.bn_splits, help="shuffle-BN groups (1 = off)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="0 = keep the initial encoder")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--crop-scale", type=_float_list, default=defaults.crop_scale, help="low,high area fraction")
+    parser.add_argument("--no-flip", action="store_true", help="no horizontal flips in the views")
+    parser.add_argument("--jitter", type=float, default=defaults.jitter)
+    parser.add_argument("--classifier-optimizer", choices=CLASSIFIER_OPTIMIZERS, default=defaults.classifier_optimizer)
+    parser.add_argument("--classifier-epochs", type=int, default=defaults.classifier_epochs)
+    parser.add_argument("--classifier-lr", type=float, default=defaults.classifier_lr)
+    parser.add_argument("--classifier-weight-decay", type=float, default=defaults.classifier_weight_decay)
+    parser.add_argument("--keep-bn-stats", action="store_true", help="do not recompute BN statistics on clean images")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--init", default="none", help="'none' or 'moco:PATH' (a MoCo v1/v2 checkpoint)")
+    parser.add_argument("--on-corrupt", choices=("skip", "fail"), default="skip")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.set_defaults(handler=run_train_ve)
+
+
+def run_train_ve(args: argparse.Namespace) -> int:
+    """`igds-fast train-ve`: load the folders, train, write the bundle and its report atomically."""
+    from .data import load_image_folder, scan_image_folder
+    from .imageio import write_json_atomic
+
+    out_folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_folder):
+        raise IGDSInputError(f"output folder {out_folder!r} does not exist")
+    config = VETrainConfig(
+        arch=args.arch, in_channels=args.channels,
+        softplus_beta=None if args.softplus_beta == 0 else args.softplus_beta, norm=args.norm,
+        resolution=args.resolution, mean=args.mean, std=args.std, tau=args.tau, moco_dim=args.moco_dim,
+        queue_size=args.queue_size, moco_momentum=args.moco_momentum, moco_temperature=args.moco_temperature,
+        bn_splits=args.bn_splits, lambda_cmi=args.lambda_cmi, centroid_update=args.centroid_update,
+        centroid_momentum=args.centroid_momentum, epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, crop_scale=args.crop_scale,
+        horizontal_flip=not args.no_flip, jitter=args.jitter, classifier_optimizer=args.classifier_optimizer,
+        classifier_epochs=args.classifier_epochs, classifier_lr=args.classifier_lr,
+        classifier_weight_decay=args.classifier_weight_decay, recompute_bn_stats=not args.keep_bn_stats,
+        seed=args.seed, device=args.device, init=args.init,
+    )
+    image_size = args.image_size if args.image_size is not None else args.resolution
+    # Structure of both trees first (cheap), then decode.
+    class_names, _ = scan_image_folder(args.data)
+    if args.val is not None:
+        scan_image_folder(args.val, class_names, ignore_unlisted=True)
+    train_x, train_y, class_names, _ = load_image_folder(
+        args.data, image_size, channels=args.channels, on_corrupt=args.on_corrupt, class_names=class_names)
+    val_x = val_y = None
+    if args.val is not None:
+        val_x, val_y, _, _ = load_image_folder(args.val, image_size, channels=args.channels,
+                                               on_corrupt=args.on_corrupt, class_names=class_names,
+                                               ignore_unlisted=True)
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    ve, report = train_ve(train_x, train_y, class_names, config, val_x, val_y, log=log)
+    ve.save(args.out)
+    report["data_dir"] = os.path.abspath(args.data)
+    report["val_dir"] = None if args.val is None else os.path.abspath(args.val)
+    report["bundle"] = os.path.abspath(args.out)
+    write_json_atomic(args.out + ".report.json", report)
+    print(f"VE written to {args.out} (report: {args.out}.report.json)")
+    return 0
+
+
+__all__ = [
+    "VETrainConfig",
+    "add_train_ve_parser",
+    "cmi_term",
+    "extract_features",
+    "fit_linear_classifier",
+    "info_nce_loss",
+    "kl_to_centroids",
+    "label_entropy",
+    "parse_init",
+    "prototype_information",
+    "random_view",
+    "run_train_ve",
+    "train_ve",
+    "update_log_centroids",
+]
