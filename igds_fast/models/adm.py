@@ -13,10 +13,15 @@ the public OpenAI checkpoints (256x256_diffusion.pt, 256x256_diffusion_uncond.pt
 
 forward(x [B, in, H, W], timesteps [B] (original training t), y [B] or None) -> [B, out, H, W].
 
-Differences from the original that do not change results: attention runs through
-`F.scaled_dot_product_attention` (see `_attention`); no gradient checkpointing is ever forced (the
-original's checkpoint makes input-gradients fail when the weights are frozen); the compute dtype is
-that of the parameters (the float32 reference by default; `use_fp16` is recorded, not applied).
+Differences from the original that do not change float32 results: attention runs through
+`F.scaled_dot_product_attention` (see `AttentionBlock._attention`); no gradient checkpointing is ever
+forced (the original's checkpoint makes input-gradients fail when the weights are frozen).
+
+Precision: everything is computed in the dtype of the parameters, GroupNorm always in float32.
+`use_fp16` is recorded, not applied: the loaders give the float32 reference, and a backend that
+wants half precision calls `model.to(torch.float16 or torch.bfloat16)`. Unlike the original's
+`convert_to_fp16` (convolutions only) that also converts the small time-embedding MLP and the output
+conv — a negligible share of the FLOPs — so no separate conversion method is provided.
 """
 from __future__ import annotations
 
@@ -108,13 +113,20 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32) whose statistics are always computed in float32 (as the original)."""
+    """GroupNorm(32) computed in float32 whatever the dtype of x and of its own weights.
+
+    The original keeps these weights in float32 even in its fp16 mode; after `model.to(half)` they
+    are half, so they are promoted here to keep the float32 statistics and affine of the original.
+    """
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels: int) -> nn.Module:
+    """The original's normalisation layer: 32 groups, float32 statistics."""
     return GroupNorm32(32, channels)
 
 
@@ -123,6 +135,8 @@ class TimestepBlock(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """nn.Sequential that hands the timestep embedding emb [B, 4C] to the TimestepBlocks in it."""
+
     def forward(self, x, emb):
         for layer in self:
             x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
@@ -130,7 +144,7 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then an optional 3x3 conv (key `conv`)."""
+    """[B, C, H, W] -> [B, C', 2H, 2W]: nearest-neighbour x2, then an optional 3x3 conv (key `conv`)."""
 
     def __init__(self, channels, use_conv, out_channels=None):
         super().__init__()
@@ -145,7 +159,7 @@ class Upsample(nn.Module):
 
 
 class Downsample(nn.Module):
-    """A stride-2 3x3 conv (key `op`), or a 2x2 average pool without the conv."""
+    """[B, C, H, W] -> [B, C', H/2, W/2]: a stride-2 3x3 conv (key `op`), or a 2x2 average pool."""
 
     def __init__(self, channels, use_conv, out_channels=None):
         super().__init__()
@@ -162,7 +176,10 @@ class Downsample(nn.Module):
 
 
 class ResBlock(TimestepBlock):
-    """GroupNorm-SiLU-conv, timestep (scale, shift) modulation, GroupNorm-SiLU-dropout-conv, skip.
+    """x [B, C, H, W], emb [B, E] -> [B, C', H', W'] (H' = 2H with up, H/2 with down, else H).
+
+    GroupNorm-SiLU-conv, timestep modulation (h + emb, or with use_scale_shift_norm
+    norm(h) * (1 + scale) + shift), SiLU-dropout-conv, plus the (1x1-conv when C' != C) skip.
 
     With up/down the resampling happens between the first norm-activation and the first conv, on
     both the residual branch and the skip path.
@@ -240,6 +257,7 @@ class AttentionBlock(nn.Module):
         self.proj_out = nn.Conv1d(channels, channels, 1)
 
     def forward(self, x):
+        """x [B, C, H, W] -> x + attention(x), same shape."""
         batch, channels, *spatial = x.shape
         x = x.reshape(batch, channels, -1)
         qkv = self.qkv(self.norm(x))
@@ -249,9 +267,14 @@ class AttentionBlock(nn.Module):
     def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv [B, 3*H*c, T] -> attention output [B, H*c, T] (H heads of c channels).
 
-        The original scales q and k each by c^(-1/4) and takes softmax((q s)^T (k s)) = softmax(q^T k /
-        sqrt(c)) — exactly SDPA's default scale 1/sqrt(c), so SDPA with its default scale computes the
-        same attention in both channel orders; only the split of qkv into heads differs.
+        Scale: the original multiplies q and k each by s = 1/sqrt(sqrt(c)) = c^(-1/4), so its logits
+        are (q s)^T (k s) = q^T k * s^2 = q^T k / sqrt(c) — exactly SDPA's default scale 1/sqrt(c).
+        Splitting the scale over q and k only guards fp16 against overflow in q^T k; SDPA does the
+        same (its math path scales q and k by sqrt(scale) each; the fused kernels accumulate in
+        float32). So SDPA with its default scale is the same attention in both channel orders; only
+        the split of qkv into heads differs:
+            legacy (QKVAttentionLegacy): channels per head are [q_h, k_h, v_h] -> reshape to heads, split;
+            new (QKVAttention): channels are [q (all heads), k, v] -> chunk into q, k, v, then heads.
         """
         batch, width, length = qkv.shape
         head_channels = width // (3 * self.num_heads)
@@ -397,24 +420,20 @@ class ADMUNet(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, in, H, W], timesteps [B] (original training steps), y [B] -> [B, out, H, W]."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2:] != (self.image_size, self.image_size):
-            raise IGDSInputError(
-                f"ADM UNet expects [B, {self.in_channels}, {self.image_size}, {self.image_size}] images, "
-                f"got {tuple(x.shape)}"
-            )
-        if (y is None) != (self.num_classes is None):
-            raise IGDSInputError(
-                "class labels are required by a class-conditional UNet"
-                if y is None
-                else "labels given to an unconditional UNet"
-            )
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        """Predict the noise (and the variance interpolation v when learn_sigma) for a noisy batch.
+
+        :param x: [B, in_channels, image_size, image_size] noisy images x_t.
+        :param timesteps: [B] ORIGINAL training timesteps in [0, 1000) (long or float).
+        :param y: [B] class labels (long), required iff the model is class-conditional.
+        :return: [B, out_channels, image_size, image_size] in the dtype of x; computed in the dtype
+            of the parameters (GroupNorm in float32).
+        """
+        self._check_inputs(x, timesteps, y)
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).type(dtype))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
-        dtype = self.input_blocks[0][0].weight.dtype
         h = x.type(dtype)
-        emb = emb.type(dtype)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb)
@@ -424,13 +443,38 @@ class ADMUNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h).type(x.dtype)
 
+    def _check_inputs(self, x, timesteps, y) -> None:
+        """Shape checks only: nothing here reads tensor values (no host-device synchronisation)."""
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise IGDSInputError(
+                f"ADM UNet expects [B, {self.in_channels}, {self.image_size}, {self.image_size}] images, "
+                f"got {tuple(x.shape)}"
+            )
+        batch = x.shape[0]
+        if tuple(timesteps.shape) != (batch,):
+            raise IGDSInputError(f"ADM UNet expects timesteps of shape ({batch},), got {tuple(timesteps.shape)}")
+        if (y is None) != (self.num_classes is None):
+            raise IGDSInputError(
+                "class labels y are required by a class-conditional UNet"
+                if y is None
+                else "labels y given to an unconditional UNet"
+            )
+        if y is not None and tuple(y.shape) != (batch,):
+            raise IGDSInputError(f"ADM UNet expects labels y of shape ({batch},), got {tuple(y.shape)}")
+
 
 # ---- loading ------------------------------------------------------------------------------------
-def build_adm(preset: str, **overrides) -> ADMUNet:
-    """An ADMUNet with a preset's flags (random weights), flags overridable."""
+def preset_flags(preset: str, **overrides) -> dict:
+    """The `create_model` flags of a preset with overrides applied (unknown preset: input error)."""
     if preset not in ADM_PRESETS:
         raise IGDSInputError(f"unknown ADM preset {preset!r}; available: {sorted(ADM_PRESETS)}")
-    return ADMUNet.from_flags(**{**ADM_PRESETS[preset], **overrides})
+    return {**ADM_PRESETS[preset], **overrides}
+
+
+def build_adm(preset: str, **overrides) -> ADMUNet:
+    """An ADMUNet with a preset's flags (randomly initialised), any flag overridable."""
+    return ADMUNet.from_flags(**preset_flags(preset, **overrides))
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -455,7 +499,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """One-line error naming missing / unexpected keys or shape mismatches."""
+    """One-line error naming missing / unexpected keys (first 3 + counts) or shape mismatches."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -474,10 +518,32 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
         raise IGDSInputError(f"{source} does not fit the model: {len(mismatched)} shape mismatches ({shown})")
 
 
+def adm_from_state_dict(
+    state: Mapping[str, torch.Tensor], device="cpu", source: str = "state dict", **flags
+) -> ADMUNet:
+    """An ADMUNet built from `create_model` flags holding `state` (copied, as float32), in eval mode.
+
+    The module is built on the meta device and given uninitialised storage, so no time goes into a
+    random initialisation that the checkpoint overwrites (seconds for the 554M-parameter model).
+    """
+    with torch.device("meta"):
+        model = ADMUNet.from_flags(**flags)
+    check_state_dict(model, state, source)
+    model = model.to_empty(device=device)
+    model.load_state_dict(state, strict=True)  # copy_ converts any stored dtype to float32
+    return model.eval()
+
+
 def load_adm(path: str | os.PathLike, preset: str, device="cpu", **flag_overrides) -> ADMUNet:
-    """Build the preset's ADMUNet and load a checkpoint into it (float32, eval mode) in one call."""
-    model = build_adm(preset, **flag_overrides)
+    """Build the preset's ADMUNet and load a checkpoint into it (float32, eval mode) in one call.
+
+    :param path: a guided-diffusion checkpoint (.pt, read with weights_only) or a .safetensors file.
+    :param preset: a key of ADM_PRESETS; `flag_overrides` change any of its `create_model` flags.
+    :raises IGDSInputError: (one line) unknown preset or flag, unreadable file, or a file that does
+        not fit the preset (missing / unexpected keys, shape mismatches, named).
+    """
+    flags = preset_flags(preset, **flag_overrides)
+    with torch.device("meta"):
+        ADMUNet.from_flags(**flags)  # bad flags fail before the (large) file is read
     state = read_state_dict(path)
-    check_state_dict(model, state, f"checkpoint {os.fspath(path)} (preset {preset})")
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.to(device).eval()
+    return adm_from_state_dict(state, device, f"checkpoint {os.fspath(path)} (preset {preset})", **flags)

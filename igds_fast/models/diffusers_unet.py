@@ -24,7 +24,11 @@ class DiffusersUNetPrior(nn.Module):
         self.model = model
         config = model.config
         size = config.sample_size
-        self.image_size = int(size if isinstance(size, int) else size[0])
+        sizes = [size] if isinstance(size, int) else list(size or [])
+        if not sizes or any(s != sizes[0] for s in sizes):
+            # The sampler draws square noise of image_size; nothing else can be inferred safely.
+            raise IGDSInputError(f"diffusers UNet config needs a square sample_size, got {size!r}")
+        self.image_size = int(sizes[0])
         self.in_channels = int(config.in_channels)
         self.out_channels = int(config.out_channels)
         self.learn_sigma = self.out_channels == 2 * self.in_channels
@@ -32,6 +36,7 @@ class DiffusersUNetPrior(nn.Module):
         self.num_classes = int(classes) if classes else None
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, in, H, W], timesteps [B] (original training steps), y [B] or None -> [B, out, H, W]."""
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2:] != (self.image_size, self.image_size):
             raise IGDSInputError(
                 f"diffusers UNet expects [B, {self.in_channels}, {self.image_size}, {self.image_size}] images, "
@@ -46,7 +51,11 @@ class DiffusersUNetPrior(nn.Module):
 
 
 def load_diffusers_unet(directory: str | os.PathLike, device="cpu") -> DiffusersUNetPrior:
-    """Load a UNet2DModel from a local directory (config.json + weights); nothing is downloaded."""
+    """Load a UNet2DModel from a local save_pretrained() directory (eval mode); nothing is downloaded.
+
+    diffusers is imported here, so it is only needed by users of this loader.
+    :raises IGDSInputError: (one line) diffusers missing, no config.json, or an unloadable folder.
+    """
     directory = os.fspath(directory)
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise IGDSInputError(f"not a diffusers model folder (no config.json): {directory}")
