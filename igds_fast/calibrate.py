@@ -1,0 +1,539 @@
+"""Choose beta per IPC by training on real subsets of controlled contextual information.
+
+IGDS_SPEC section 6 / the paper's Appendix A. beta weighs the contextual term H(X|Y) against the
+prototype term during sampling, and the right weight grows with IPC. It is calibrated on real data:
+
+1. Score every real training image with the VE: drop the images its classifier misclassifies
+   (their contextual information is not captured by the encoder), and give image i of class y the
+   score  s_i = KL(P_i || Q_y),  P_i = softmax(f(x_i) / tau), Q_y the VE's class centroid.
+2. For every IPC and beta, draw IPC images per class *without replacement* with probabilities
+   p_i = exp(beta * s_i) / sum_{j in class y} exp(beta * s_j)                  (spec's [choice])
+   i.e. successive sampling: each draw picks among the images not yet drawn with probability
+   proportional to exp(beta * s). Implemented with the Gumbel-top-k trick: the IPC largest of
+   beta * s_i + G_i (G_i iid standard Gumbel) within a class are exactly such a draw. beta = 0
+   is a uniform random subset; beta -> +inf takes the IPC highest-score images (beta < 0 favours
+   images close to their centroid).
+3. Train a small network on each subset (`igds_fast.evaluate.evaluate_distilled`), test it on
+   held-out real data; table accuracy(IPC, beta); per IPC the beta with the best mean accuracy
+   (ties -> the smaller beta).
+
+Scores are used as they are by default (`score_normalization="none"`, the spec's formula). That
+keeps beta in the units the sampler uses it in: guidance maximises J = log p(y|x) + beta * KL, and
+on correctly (confidently) classified real images log p(y|x) ~ 0, so p_i ∝ exp(beta * s_i) is the
+Gibbs distribution exp(J) restricted to the real data, with the same beta. The KL spread depends on
+the encoder and tau by orders of magnitude (~1e-4 nats for a random ResNet trunk, ~0.1-1 for a
+trained one), so the beta grid must be chosen for the VE at hand. `"standardize"` z-scores the
+scores within each class first (mean 0, std 1 over the kept images): the grid then transfers
+between encoders, but the chosen beta no longer has the sampler's units (use it to explore, not
+to feed `distill`). The choice is recorded in the table's settings.
+
+Randomness: repeat r (of `seeds`) of IPC k draws one Gumbel vector from a generator seeded by
+(seed, k, r) and uses it for *every* beta (common random numbers: the subsets of neighbouring
+betas differ only where beta changes the ranking, so the accuracy differences measure beta, not
+sampling luck); the network of repeat r is initialised and trained with seed `seed + r`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import numbers
+import os
+import sys
+import time
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from .errors import IGDSInputError
+from .seeding import stream_seed
+from .ve import VariationalEstimator
+
+SCORE_NORMALIZATIONS = ("none", "standardize")
+_SCORE_BATCH = 256  # images per VE forward when scoring
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- grids ----------------------------------------------------------------------------------------
+
+
+def parse_ipcs(ipcs: Iterable | str) -> list[int]:
+    """Distinct positive IPCs, ascending, from ints or a comma-separated string ('1,10,50')."""
+    if isinstance(ipcs, str):
+        parts = [p.strip() for p in ipcs.split(",") if p.strip()]
+        try:
+            ipcs = [int(p) for p in parts]
+        except ValueError as exc:
+            raise IGDSInputError(f"IPCs must be comma-separated integers, got {','.join(parts)!r}") from exc
+    values = list(ipcs)
+    if not values:
+        raise IGDSInputError("no IPC given")
+    for value in values:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise IGDSInputError(f"IPC must be a positive integer, got {value!r}")
+    return sorted({int(v) for v in values})
+
+
+def parse_betas(betas: Iterable | str) -> list[float]:
+    """Distinct finite betas, ascending, from numbers or a comma-separated string ('0,0.01,0.1')."""
+    if isinstance(betas, str):
+        parts = [p.strip() for p in betas.split(",") if p.strip()]
+        try:
+            betas = [float(p) for p in parts]
+        except ValueError as exc:
+            raise IGDSInputError(f"betas must be comma-separated numbers, got {','.join(parts)!r}") from exc
+    values = list(betas)
+    if not values:
+        raise IGDSInputError("the beta grid is empty")
+    for value in values:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            raise IGDSInputError(f"beta must be a finite number, got {value!r}")
+    return sorted({float(v) for v in values})
+
+
+# ---- scoring and sampling -------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def score_samples(
+    ve: VariationalEstimator, images: torch.Tensor, labels: torch.Tensor, device: str | torch.device | None = None
+) -> dict[str, torch.Tensor]:
+    """VE predictions and contextual scores of real images (CPU tensors).
+
+    images [N, C, H, W] in [-1, 1], labels [N] -> {"predictions": [N] long, "correct": [N] bool,
+    "scores": [N] float64 with scores_i = KL(P_i || Q_{y_i}) = sum_j P_ij (log P_ij - log Q_{y_i j})}.
+    """
+    from .train_ve import SMALL_WORK_LIMIT
+
+    home = ve.log_centroids.device
+    device = torch.device(device) if device is not None else home
+    previous_threads = torch.get_num_threads()
+    # Same policy as training: tiny forwards (digits-sized) run faster on one CPU thread.
+    small = device.type == "cpu" and _SCORE_BATCH * ve.resolution ** 2 * 64 <= SMALL_WORK_LIMIT
+    if small:
+        torch.set_num_threads(1)
+    ve.to(device)  # Module.to moves in place: moved back below, the caller's VE stays where it was
+    try:
+        log_q = ve.log_centroids.to(torch.float64)
+        predictions, scores = [], []
+        for start in range(0, images.shape[0], _SCORE_BATCH):
+            batch = images[start:start + _SCORE_BATCH].to(device, torch.float32)
+            batch_labels = labels[start:start + _SCORE_BATCH].to(device, torch.long)
+            features = ve.features(batch)
+            predictions.append(ve.logits(features).argmax(dim=1).cpu())
+            log_p = torch.log_softmax(features.to(torch.float64) / ve.tau, dim=1)
+            scores.append((log_p.exp() * (log_p - log_q[batch_labels])).sum(dim=1).cpu())
+    finally:
+        ve.to(home)
+        if small:
+            torch.set_num_threads(previous_threads)
+    predictions_t = torch.cat(predictions)
+    return {
+        "predictions": predictions_t,
+        "correct": predictions_t == labels.to(torch.long).cpu(),
+        "scores": torch.cat(scores),
+    }
+
+
+def normalize_scores(scores: torch.Tensor, labels: torch.Tensor, mode: str) -> torch.Tensor:
+    """Scores as given ("none") or z-scored within each class ("standardize"; a class whose scores
+    are all equal gets zeros). scores [N] float, labels [N] -> [N] float64."""
+    if mode not in SCORE_NORMALIZATIONS:
+        raise IGDSInputError(f"score_normalization must be one of {SCORE_NORMALIZATIONS}, got {mode!r}")
+    scores = scores.to(torch.float64)
+    if mode == "none":
+        return scores
+    normalized = torch.zeros_like(scores)
+    for label in labels.unique():
+        members = labels == label
+        values = scores[members]
+        spread = values.std(unbiased=False)
+        normalized[members] = (values - values.mean()) / spread if float(spread) > 0 else 0.0
+    return normalized
+
+
+def selection_probabilities(scores: torch.Tensor, beta: float) -> torch.Tensor:
+    """The first-draw probabilities within one class: p_i = exp(beta s_i) / sum_j exp(beta s_j). [n] -> [n]."""
+    return torch.softmax(beta * scores.to(torch.float64), dim=0)
+
+
+def gumbel_noise(count: int, generator: torch.Generator) -> torch.Tensor:
+    """[count] iid standard Gumbel draws, -log(-log U), float64, from `generator` (CPU)."""
+    uniform = torch.rand(count, generator=generator, dtype=torch.float64)
+    # U in [0, 1): U = 0 would give -inf; the smallest positive double keeps every key finite.
+    uniform = uniform.clamp_min(torch.finfo(torch.float64).tiny)
+    return -torch.log(-torch.log(uniform))
+
+
+def draw_subset(
+    scores: torch.Tensor, labels: torch.Tensor, ipc: int, beta: float, gumbel: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Indices (into scores/labels) of IPC images per class, drawn without replacement with p ∝ exp(beta s).
+
+    scores [n] float (candidates only), labels [n], gumbel [n] standard Gumbel noise. Within each
+    class the IPC largest keys beta * s_i + G_i are taken (Gumbel-top-k = successive sampling with
+    probabilities proportional to exp(beta s) among the images not yet drawn). Returned grouped by
+    class (class 0 first), each class in decreasing key order. Every class needs >= IPC candidates.
+    """
+    keys = beta * scores.to(torch.float64) + gumbel
+    chosen = []
+    for label in range(num_classes):
+        members = torch.nonzero(labels == label).flatten()
+        if members.numel() < ipc:
+            raise IGDSInputError(f"class {label} has {members.numel()} candidate images, IPC {ipc} needs {ipc}")
+        top = torch.topk(keys[members], ipc).indices
+        chosen.append(members[top])
+    return torch.cat(chosen)
+
+
+# ---- calibration ----------------------------------------------------------------------------------
+
+
+def _check_split(images, labels, what: str, num_classes: int, channels: int) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise IGDSInputError(f"{what} images must be a float [N, C, H, W] tensor in [-1, 1]")
+    if images.shape[0] == 0:
+        raise IGDSInputError(f"no {what} images given")
+    if images.shape[1] != channels:
+        raise IGDSInputError(f"{what} images have {images.shape[1]} channel(s), the VE reads {channels}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (images.shape[0],):
+        raise IGDSInputError(f"{what} labels must be a [{images.shape[0]}] tensor matching the images")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise IGDSInputError(f"{what} labels must be integers, got {labels.dtype}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise IGDSInputError(f"{what} labels span [{low}, {high}] but the VE has {num_classes} classes")
+
+
+def best_beta(rows: Sequence[Mapping], ipc: int) -> float:
+    """The beta with the highest mean accuracy among `rows` of this IPC; ties -> the smaller beta."""
+    candidates = sorted((float(r["beta"]), float(r["mean"])) for r in rows if int(r["ipc"]) == ipc)
+    if not candidates:
+        raise IGDSInputError(f"the table has no row for IPC {ipc}")
+    best, best_accuracy = candidates[0]
+    for beta, accuracy in candidates[1:]:
+        if accuracy > best_accuracy:  # strictly better: an equal accuracy keeps the smaller beta
+            best, best_accuracy = beta, accuracy
+    return best
+
+
+def calibrate_beta(
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_images: torch.Tensor,
+    val_labels: torch.Tensor,
+    ve: VariationalEstimator,
+    ipcs: Iterable[int] | str,
+    betas: Iterable[float] | str,
+    network: str | Callable[[], torch.nn.Module] = "convnet3",
+    epochs: int | None = None,
+    seeds: int = 1,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    score_normalization: str = "none",
+    device: str | torch.device | None = None,
+    augment=None,
+    width: int = 128,
+    lr: float = 0.01,
+) -> dict:
+    """Calibrate beta per IPC on real data (see the module docstring for the method).
+
+    train_images [N, C, H, W] / val_images [M, C, H', W'] float in [-1, 1] (train and val at the same
+    side: the network trains on one and tests on the other), labels int in [0, ve.num_classes).
+    ipcs / betas: the grid (lists or comma-separated strings). network, epochs (None = the protocol's
+    epochs for the IPC), augment (None = the protocol's), width, lr: passed to `evaluate_distilled`.
+    seeds: subsets (and networks) per grid cell. Every defect, including an IPC larger than some
+    class's number of correctly classified images, raises a one-line IGDSInputError before training.
+
+    Returns {"table": [{"ipc", "beta", "mean", "std", "accuracies", "mean_score", "seconds"}, ...],
+    "chosen": {ipc: beta}, "settings": {...}, "subsets": {ipc: {beta: [[train indices] per seed]}}}
+    with accuracies in percent and mean_score the mean (unnormalised) KL score of the drawn images.
+    """
+    from .evaluate.train import evaluate_distilled
+
+    started = time.perf_counter()
+    if not isinstance(ve, VariationalEstimator):
+        raise IGDSInputError(f"ve must be a VariationalEstimator, got {type(ve).__name__}")
+    ipc_list = parse_ipcs(ipcs)
+    beta_list = parse_betas(betas)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise IGDSInputError(f"seeds must be a positive integer, got {seeds!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise IGDSInputError(f"seed must be a non-negative integer, got {seed!r}")
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+        raise IGDSInputError(f"epochs must be a positive integer or None, got {epochs!r}")
+    if score_normalization not in SCORE_NORMALIZATIONS:
+        raise IGDSInputError(f"score_normalization must be one of {SCORE_NORMALIZATIONS}, got {score_normalization!r}")
+    num_classes = ve.num_classes
+    channels = ve.encoder.in_channels
+    _check_split(train_images, train_labels, "training", num_classes, channels)
+    _check_split(val_images, val_labels, "validation", num_classes, channels)
+    if train_images.shape[1:] != val_images.shape[1:]:
+        raise IGDSInputError(
+            f"training images {tuple(train_images.shape[1:])} and validation images {tuple(val_images.shape[1:])} differ in shape"
+        )
+    train_labels = train_labels.to(torch.long).cpu()
+    class_names = list(ve.class_names)
+
+    scored = score_samples(ve, train_images, train_labels, device)
+    kept = torch.nonzero(scored["correct"]).flatten()
+    kept_labels = train_labels[kept]
+    kept_counts = torch.bincount(kept_labels, minlength=num_classes)
+    all_counts = torch.bincount(train_labels, minlength=num_classes)
+    largest = ipc_list[-1]
+    short = [c for c in range(num_classes) if int(kept_counts[c]) < largest]
+    if short:
+        c = min(short, key=lambda k: int(kept_counts[k]))
+        raise IGDSInputError(
+            f"IPC {largest} needs {largest} correctly classified training images per class, but class "
+            f"{class_names[c]!r} has only {int(kept_counts[c])} (of {int(all_counts[c])}; the VE misclassifies "
+            f"{int(all_counts[c] - kept_counts[c])}); {len(short)} class(es) fall short"
+        )
+    raw_scores = scored["scores"][kept]
+    scores = normalize_scores(raw_scores, kept_labels, score_normalization)
+    dropped = int(train_labels.numel() - kept.numel())
+    log(f"calibrate-beta: kept {kept.numel()} of {train_labels.numel()} training images "
+        f"(dropped {dropped} the VE misclassifies); grid IPC {ipc_list} x beta {beta_list}, {seeds} seed(s)")
+
+    rows, chosen, subsets = [], {}, {}
+    for ipc in ipc_list:
+        subsets[ipc] = {beta: [] for beta in beta_list}
+        # One Gumbel vector per repeat, shared by every beta (common random numbers).
+        noises = []
+        for repeat in range(seeds):
+            generator = torch.Generator().manual_seed(stream_seed(seed, ipc * 1_000_003 + repeat))
+            noises.append(gumbel_noise(kept.numel(), generator))
+        for beta in beta_list:
+            cell_started = time.perf_counter()
+            accuracies, mean_scores = [], []
+            for repeat, noise in enumerate(noises):
+                picked = draw_subset(scores, kept_labels, ipc, beta, noise, num_classes)
+                indices = kept[picked]
+                subsets[ipc][beta].append(indices.tolist())
+                mean_scores.append(float(raw_scores[picked].mean()))
+                result = evaluate_distilled(
+                    train_images[indices], train_labels[indices], val_images, val_labels.to(torch.long),
+                    network=network, epochs=epochs, ipc=ipc, lr=lr, seeds=1, device=device, augment=augment,
+                    num_classes=num_classes, width=width, base_seed=seed + repeat,
+                )
+                accuracies.append(float(result["accuracies"][0]))
+                epochs_used = result["epochs"]
+            accuracy_tensor = torch.tensor(accuracies, dtype=torch.float64)
+            row = {
+                "ipc": ipc,
+                "beta": beta,
+                "mean": float(accuracy_tensor.mean()),
+                "std": float(accuracy_tensor.std(unbiased=False)),
+                "accuracies": accuracies,
+                "mean_score": sum(mean_scores) / len(mean_scores),
+                "epochs": int(epochs_used),
+                "seconds": round(time.perf_counter() - cell_started, 3),
+            }
+            rows.append(row)
+            log(f"calibrate-beta: IPC {ipc} beta {beta:g}: accuracy {row['mean']:.2f} +- {row['std']:.2f}% "
+                f"(mean KL score of the subset {row['mean_score']:.4f})")
+        chosen[ipc] = best_beta(rows, ipc)
+        log(f"calibrate-beta: IPC {ipc}: chose beta {chosen[ipc]:g}")
+
+    settings = {
+        "network": network if isinstance(network, str) else getattr(network, "__name__", type(network).__name__),
+        "epochs": epochs,
+        "seeds": seeds,
+        "seed": seed,
+        "lr": lr,
+        "width": width,
+        "score_normalization": score_normalization,
+        "sampling": "without replacement, p_i ∝ exp(beta * score_i) within the class (Gumbel-top-k)",
+        "score": "KL(P_x || Q_y), P_x = softmax(f(x)/tau), misclassified images dropped",
+        "ipcs": ipc_list,
+        "betas": beta_list,
+        "tau": ve.tau,
+        "class_names": class_names,
+        "train_images": int(train_labels.numel()),
+        "kept_images": int(kept.numel()),
+        "kept_per_class": {class_names[c]: int(kept_counts[c]) for c in range(num_classes)},
+        "val_images": int(val_labels.numel()),
+        "image_size": int(train_images.shape[-1]),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return {"table": rows, "chosen": chosen, "settings": settings, "subsets": subsets}
+
+
+# ---- the beta table file --------------------------------------------------------------------------
+
+
+def write_beta_table(path: str | os.PathLike, result: Mapping) -> None:
+    """Write {"beta_per_ipc": {"1": beta, ...}, "table": [...], "settings": {...}} atomically (JSON).
+
+    `result` is what `calibrate_beta` returns (the chosen betas, table rows and settings; the
+    subset indices are not written). The distill command reads it back with `read_beta_table`.
+    """
+    from .imageio import write_json_atomic
+
+    if not isinstance(result, Mapping) or "chosen" not in result:
+        raise IGDSInputError("write_beta_table needs the dict calibrate_beta returns (with 'chosen')")
+    chosen = result["chosen"]
+    checked = _check_beta_map({str(k): v for k, v in chosen.items()}, "result['chosen']")
+    document = {
+        "beta_per_ipc": {str(ipc): beta for ipc, beta in sorted(checked.items())},
+        "table": list(result.get("table", [])),
+        "settings": dict(result.get("settings", {})),
+    }
+    write_json_atomic(path, document)
+
+
+def _check_beta_map(mapping, source: str) -> dict[int, float]:
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise IGDSInputError(f"{source}: beta_per_ipc must be a non-empty mapping of IPC -> beta")
+    table = {}
+    for key, value in mapping.items():
+        try:
+            ipc = int(str(key))
+        except ValueError:
+            raise IGDSInputError(f"{source}: IPC key {key!r} is not an integer") from None
+        if ipc < 1 or str(ipc) != str(key).strip():
+            raise IGDSInputError(f"{source}: IPC key {key!r} is not a positive integer")
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            raise IGDSInputError(f"{source}: beta for IPC {ipc} must be a finite number, got {value!r}")
+        table[ipc] = float(value)
+    return table
+
+
+def read_beta_table(path: str | os.PathLike) -> dict[int, float]:
+    """{ipc: beta} from a file written by `write_beta_table`; any defect is a one-line IGDSInputError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise IGDSInputError(f"beta table not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise IGDSInputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IGDSInputError(f"cannot read beta table {path}: {exc}") from exc
+    if not isinstance(document, dict) or "beta_per_ipc" not in document:
+        raise IGDSInputError(f"{path} is not a beta table (no 'beta_per_ipc')")
+    return _check_beta_map(document["beta_per_ipc"], path)
+
+
+def beta_for_ipc(table: Mapping[int, float], ipc: int, log: Callable[[str], None] | None = _stderr) -> float:
+    """beta for `ipc`: the exact entry, else the nearest smaller IPC's (with a note to `log`).
+
+    An IPC smaller than every entry raises a one-line IGDSInputError (betas grow with IPC, so a
+    larger IPC's beta would overweight the contextual term).
+    """
+    if not isinstance(ipc, numbers.Integral) or isinstance(ipc, bool) or ipc < 1:
+        raise IGDSInputError(f"IPC must be a positive integer, got {ipc!r}")
+    if not table:
+        raise IGDSInputError("the beta table is empty")
+    if ipc in table:
+        return float(table[ipc])
+    smaller = [k for k in table if k < ipc]
+    if not smaller:
+        raise IGDSInputError(
+            f"the beta table has no entry for IPC {ipc} nor for any smaller IPC (it covers {sorted(table)})"
+        )
+    nearest = max(smaller)
+    if log is not None:
+        log(f"note: the beta table has no IPC {ipc}; using beta {table[nearest]:g} of IPC {nearest} (nearest smaller)")
+    return float(table[nearest])
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def add_calibrate_parser(subparsers) -> None:
+    """Declare `igds-fast calibrate-beta` (handler: `run_calibrate`)."""
+    parser = subparsers.add_parser(
+        "calibrate-beta",
+        help="choose beta per IPC by training on real subsets drawn with p ∝ exp(beta * KL score)",
+        description=(
+            "IGDS beta calibration (spec section 6, paper Appendix A): drop training images the VE "
+            "misclassifies, score each by KL(P_x || Q_y), draw IPC images per class without "
+            "replacement with p ∝ exp(beta * score), train NETWORK on each subset, test on --val, "
+            "keep the best beta per IPC (ties -> smaller). Class order is the VE's."
+        ),
+    )
+    parser.add_argument("--data", required=True, metavar="DIR", help="real training set: DIR/<class>/<images>")
+    parser.add_argument("--val", required=True, metavar="DIR", help="real held-out set of the same classes")
+    parser.add_argument("--ve", required=True, metavar="VE_SAFETENSORS", help="the VE bundle (igds-fast train-ve)")
+    parser.add_argument("--ipc", required=True, help="comma-separated IPCs, e.g. 1,10,50")
+    parser.add_argument("--betas", required=True, help="comma-separated beta grid, e.g. 0,0.01,0.1,1")
+    parser.add_argument("--out", required=True, metavar="BETA_JSON", help="where to write the beta table")
+    parser.add_argument("--network", default="convnet3", help="evaluation network (default: convnet3)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: by IPC (the evaluation protocol)")
+    parser.add_argument("--seeds", type=int, default=1, help="subsets (and networks) per grid cell (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=None, help="side images are loaded at (default: the VE's resolution)")
+    parser.add_argument("--width", type=int, default=128, help="ConvNet channels (default 128)")
+    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
+    parser.add_argument("--no-flip", action="store_true", help="no horizontal flips when training (e.g. digits)")
+    parser.add_argument("--cutmix-prob", type=float, default=1.0)
+    parser.add_argument("--score-normalization", choices=SCORE_NORMALIZATIONS, default="none")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--on-corrupt", choices=("skip", "fail"), default="skip")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.set_defaults(handler=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """`igds-fast calibrate-beta`: validate, load, calibrate, write the beta table atomically."""
+    from .data import load_image_folder, scan_image_folder
+    from .evaluate.augment import AugmentConfig
+
+    out_folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_folder):
+        raise IGDSInputError(f"output folder {out_folder!r} does not exist")
+    ipcs = parse_ipcs(args.ipc)
+    betas = parse_betas(args.betas)
+    if args.seeds < 1:
+        raise IGDSInputError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.epochs is not None and args.epochs < 1:
+        raise IGDSInputError(f"--epochs must be >= 1, got {args.epochs}")
+    ve = VariationalEstimator.load(args.ve)
+    augment = AugmentConfig(horizontal_flip=not args.no_flip, cutmix_prob=args.cutmix_prob)
+    class_names = list(ve.class_names)
+    # Structure first (cheap): the VE's classes must all be there; extra folders are not used.
+    scan_image_folder(args.data, class_names, ignore_unlisted=True)
+    scan_image_folder(args.val, class_names, ignore_unlisted=True)
+    image_size = args.image_size if args.image_size is not None else ve.resolution
+    channels = ve.encoder.in_channels
+    train_x, train_y, _, _ = load_image_folder(args.data, image_size, channels=channels, on_corrupt=args.on_corrupt,
+                                               class_names=class_names, ignore_unlisted=True)
+    val_x, val_y, _, _ = load_image_folder(args.val, image_size, channels=channels, on_corrupt=args.on_corrupt,
+                                           class_names=class_names, ignore_unlisted=True)
+    log = (lambda message: None) if args.quiet else _stderr
+    result = calibrate_beta(
+        train_x, train_y, val_x, val_y, ve, ipcs, betas, network=args.network, epochs=args.epochs,
+        seeds=args.seeds, seed=args.seed, log=log, score_normalization=args.score_normalization,
+        device=args.device, augment=augment, width=args.width, lr=args.lr,
+    )
+    result["settings"].update(data_dir=os.path.abspath(args.data), val_dir=os.path.abspath(args.val),
+                              ve=os.path.abspath(args.ve))
+    write_beta_table(args.out, result)
+    for ipc, beta in result["chosen"].items():
+        print(f"IPC {ipc}: beta {beta:g}")
+    print(f"beta table written to {args.out}")
+    return 0
+
+
+__all__ = [
+    "SCORE_NORMALIZATIONS",
+    "add_calibrate_parser",
+    "best_beta",
+    "beta_for_ipc",
+    "calibrate_beta",
+    "draw_subset",
+    "gumbel_noise",
+    "normalize_scores",
+    "parse_betas",
+    "parse_ipcs",
+    "read_beta_table",
+    "run_calibrate",
+    "score_samples",
+    "selection_probabilities",
+    "write_beta_table",
+]
