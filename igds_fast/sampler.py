@@ -61,6 +61,27 @@ class EagerStep:
         s = self.sampler
         if noise is None and seeds is not None and i > 0:
             noise = s.noise_source(seeds, i, x.shape[1:], x.device)
+        if not s.batch_invariant or x.shape[0] == 1:
+            return self._step(x, i, labels, noise, group_ids)
+        # Batch-invariant mode: batched convolutions and GEMMs may pick other algorithms (and so
+        # other roundings) for other batch sizes; stepping each image — or each diversity group,
+        # which is coupled on purpose — alone makes an image's bytes independent of its batch.
+        if s.guidance.gamma != 0.0:
+            keys = labels if group_ids is None else group_ids
+            members = [(keys == key).nonzero().flatten() for key in torch.unique(keys)]
+        else:
+            members = [torch.tensor([b], device=x.device) for b in range(x.shape[0])]
+        out = torch.empty_like(x)
+        for index in members:
+            part = self._step(
+                x[index], i, labels[index], None if noise is None else noise[index],
+                None if group_ids is None else group_ids[index],
+            )
+            out[index] = part
+        return out
+
+    def _step(self, x, i: int, labels, noise, group_ids):
+        s = self.sampler
         schedule, cfg = s.schedule, s.guidance
         step = schedule.num_steps - 1 - i
         guided = cfg.guides_step(step)
@@ -113,6 +134,9 @@ class Sampler:
     guidance: GuidanceConfig.
     prior_class_map: VE class index -> prior class index, when the VE covers a subset of the prior's
         classes (e.g. ImageWoof's 10 classes of an ImageNet-1K ADM). None = identical class indices.
+    batch_invariant: (eager) step each image — each diversity group when gamma != 0 — on its own,
+        so an image's bytes do not depend on its batch (batched kernels may round differently for
+        other batch sizes). Slower; what byte-identical outputs across world and batch sizes need.
     noise: "torch" or "philox" (see `resolve_noise_source`): x_T and every step's noise. None =
         "philox" when the step draws its noise in-kernel (use_kernels, compiled), else "torch".
     use_kernels: run the guidance head and the DDPM update through the fused Triton kernels
@@ -133,6 +157,7 @@ class Sampler:
         noise: str | None = None,
         use_kernels: bool = False,
         backend_options=None,
+        batch_invariant: bool = False,
     ):
         if backend not in BACKENDS:
             raise IGDSInputError(f"unknown backend {backend!r}; available: {BACKENDS}")
@@ -140,6 +165,9 @@ class Sampler:
             raise IGDSInputError(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
         self.unet, self.schedule, self.ve, self.guidance = unet, schedule, ve, guidance
         self.backend = backend
+        self.batch_invariant = bool(batch_invariant)
+        if self.batch_invariant and (backend != "eager" or use_kernels):
+            raise IGDSInputError("batch_invariant applies to the eager backend without kernels only")
         self.channels = int(unet.in_channels)
         self.image_size = int(unet.image_size)
         self.learn_sigma = bool(unet.learn_sigma)

@@ -140,15 +140,18 @@ def test_guidance_window(parts):
 
 
 def test_sample_depends_only_on_seed_and_label(parts):
-    sampler = make_sampler(parts, scale=2.0, beta=0.5)
+    unet, ve, _ = parts
+    short = DiffusionSchedule(ScheduleConfig("linear", 1000, "6"))  # the full loop, kept short for CI
+    sampler = Sampler(unet, short, ve, GuidanceConfig(scale=2.0, beta=0.5), prior_class_map=PRIOR_MAP)
     full = sampler.sample([0, 1, 2, 1], [101, 202, 303, 404])
     assert full.shape == (4, 3, 16, 16) and full.abs().max() <= 1.0
     assert torch.isfinite(full).all() and full.std() > 0.05
     subset = sampler.sample([2, 0], [303, 101])  # other batch size, other order
     single = sampler.sample([1], [404])
-    torch.testing.assert_close(subset[0], full[2], rtol=0, atol=2e-5)
-    torch.testing.assert_close(subset[1], full[0], rtol=0, atol=2e-5)
-    torch.testing.assert_close(single[0], full[3], rtol=0, atol=2e-5)
+    # batched kernels may round differently for another batch size: equal up to float rounding
+    torch.testing.assert_close(subset[0], full[2], rtol=0, atol=1e-4)
+    torch.testing.assert_close(subset[1], full[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(single[0], full[3], rtol=0, atol=1e-4)
     # a different seed or label gives a different image
     assert (full[1] - full[3]).abs().max() > 1e-2
     other_label = sampler.sample([3], [404])
@@ -211,3 +214,17 @@ def test_non_finite_gradient_names_step_and_labels(parts):
     with pytest.raises(IGDSInputError, match=r"non-finite guidance gradient at sampling step 0 .*labels \[2\]") as info:
         sampler.sample([0, 2, 1], [1, 2, 3])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_batch_invariant_mode_is_bitwise_independent_of_the_batch(parts, gamma):
+    unet, ve, _ = parts
+    short = DiffusionSchedule(ScheduleConfig("linear", 1000, "4"))
+    sampler = Sampler(unet, short, ve, GuidanceConfig(scale=2.0, beta=0.5, gamma=gamma),
+                      prior_class_map=PRIOR_MAP, batch_invariant=True)
+    full = sampler.sample([0, 1, 2, 1], [101, 202, 303, 404], group_ids=[7, 8, 9, 8])
+    part = sampler.sample([2, 1, 1], [303, 404, 202], group_ids=[9, 8, 8])
+    assert torch.equal(part[0], full[2])
+    assert torch.equal(part[1], full[3]) and torch.equal(part[2], full[1])
+    if gamma == 0.0:
+        assert torch.equal(sampler.sample([1], [404])[0], full[3])
