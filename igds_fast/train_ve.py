@@ -116,8 +116,8 @@ class VETrainConfig:
     CMI term: lambda_cmi (0 = plain MoCo), centroid_update ("ema" per batch | "epoch"),
     centroid_momentum (EMA weight of the old Q; 0 = Q is the current batch's class means).
     Optimisation: epochs (0 = keep the initial encoder, train only the classifier), batch_size,
-    optimizer ("sgd" with momentum 0.9, MoCo's | "adam"), lr (cosine-decayed per step),
-    weight_decay. Views: crop_scale (random-resized-crop area range), horizontal_flip, jitter
+    optimizer ("sgd" with momentum 0.9 | "adam"), lr (cosine-decayed per step; default 0.03, MoCo
+    v2's SGD rate for batch 256), weight_decay. Views: crop_scale (random-resized-crop area range), horizontal_flip, jitter
     (brightness/contrast/saturation strength; 0 = off).
     Classifier: classifier_optimizer ("lbfgs" | "adam"), classifier_epochs (full-batch iterations),
     classifier_lr, classifier_weight_decay (L2 on the standardised-feature weights).
@@ -147,7 +147,7 @@ class VETrainConfig:
     epochs: int = 20
     batch_size: int = 256
     optimizer: str = "sgd"
-    lr: float = 0.06
+    lr: float = 0.03
     weight_decay: float = 1e-4
     crop_scale: tuple[float, float] = (0.3, 1.0)
     horizontal_flip: bool = True
@@ -243,15 +243,25 @@ class VETrainConfig:
 
     @classmethod
     def digits(cls, **overrides) -> "VETrainConfig":
-        """The built-in small VE: ResNet-18 on 16x16 grayscale digits, ~1 min on 2 CPU cores.
+        """The built-in small VE: ResNet-18 on 16x16 grayscale digits, ~70 s on 2 busy CPU cores.
 
-        Short run, so the key encoder must follow the query faster than MoCo's 0.999 (which over
-        ~50 steps would leave it at its random initialisation); no flips (digits are not mirror
-        symmetric); a queue of 1024 of the 1257 training images.
+        Choices, measured on sklearn digits (1257 train / 540 held-out images):
+        * Adam 2e-3, batch 128 (9 steps per epoch), 15 epochs: SGD at MoCo's 0.03-0.06 barely
+          moves InfoNCE from chance (log 1025) in this few steps; Adam reaches ~4.6.
+        * Key-encoder momentum 0.99: MoCo's 0.999 would leave the key encoder at its random
+          initialisation over ~135 steps.
+        * Mild views (crop area 0.6-1, jitter 0.1, no flips: digits are not mirror symmetric): on
+          16x16 images MoCo v2's 0.2-1 crops erase the digit; the mild views gave the best
+          held-out linear-probe accuracy (94.1% vs 91.5% with 0.3-1 crops and jitter 0.2).
+        * lambda_cmi 0.01: the CMI term on, as IGDS trains its VE; it doubles E KL(P || Q_y)
+          (0.46 -> 0.90 nats) at no accuracy cost, while lambda 0.1 inflates the feature scale
+          (E KL 2.7 nats) and costs ~5 points of held-out accuracy.
+        * Queue 1024 of the 1257 images; bn_splits 2 (shuffle BN at ~15% extra time).
         """
         settings = dict(
-            arch="resnet18", in_channels=1, resolution=16, epochs=12, batch_size=256, queue_size=1024,
-            moco_momentum=0.99, horizontal_flip=False, crop_scale=(0.5, 1.0), lr=0.06, bn_splits=4,
+            arch="resnet18", in_channels=1, resolution=16, epochs=15, batch_size=128, queue_size=1024,
+            moco_momentum=0.99, horizontal_flip=False, crop_scale=(0.6, 1.0), jitter=0.1, optimizer="adam",
+            lr=2e-3, bn_splits=2, lambda_cmi=0.01,
         )
         settings.update(overrides)
         return cls(**settings)
@@ -548,9 +558,12 @@ def _resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise IGDSInputError(f"unknown device {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise IGDSInputError(f"device {device!r} requested but CUDA is not available")
+    return resolved
 
 
 def image_statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -90,6 +90,23 @@ def test_centroid_ema_is_finite_where_p_underflows():
     torch.testing.assert_close(log_q[0], torch.logsumexp(log_p, dim=0) - math.log(2))
 
 
+def test_frozen_bn_statistics_uses_batch_statistics_and_keeps_running_ones(rng_seed):
+    norm = torch.nn.BatchNorm2d(3).train()
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+    saved = (norm.running_mean.clone(), norm.running_var.clone())
+    x = torch.randn(4, 3, 2, 2) * 3 + 1
+    with train_ve_module._frozen_bn_statistics(norm):
+        out = norm(x)
+    assert torch.equal(norm.running_mean, saved[0]) and torch.equal(norm.running_var, saved[1])
+    expected = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True) + norm.eps)
+    torch.testing.assert_close(out, expected)
+    assert norm.momentum == 0.1  # restored
+    norm(x)
+    assert not torch.equal(norm.running_mean, saved[0])
+
+
 def test_cmi_term_gradient_ascends_kl(rng_seed):
     """L = InfoNCE - lambda * E KL: the CMI part's gradient is -lambda * dKL/dz with
     dKL/dz_j = P_j (log P_j - log Q_j - KL) / tau, and a descent step on L raises E KL."""
@@ -177,7 +194,8 @@ def test_train_ve_lambda_zero_and_positive(digits_small, tmp_path, rng_seed):
     plain, plain_report = train_ve(train_x, train_y, CLASS_NAMES, small_config(seed=seed), val_x, val_y, **QUIET)
     cmi, cmi_report = train_ve(train_x, train_y, CLASS_NAMES, small_config(seed=seed, lambda_cmi=10.0), **QUIET)
     # lambda = 0: the centroids never reach the gradient, so re-estimating them per epoch instead of
-    # per batch (a no-grad pass that must leave BatchNorm's running statistics alone) changes nothing.
+    # per batch (an extra no-grad pass over the data) must change nothing: no parameter, no draw of
+    # the seeded generator.
     epoch_mode, _ = train_ve(train_x, train_y, CLASS_NAMES, small_config(seed=seed, centroid_update="epoch"), **QUIET)
     plain_tensors, epoch_tensors = plain.bundle_tensors(), epoch_mode.bundle_tensors()
     assert plain_tensors.keys() == epoch_tensors.keys()
@@ -300,6 +318,13 @@ def test_bad_data_is_refused_before_training(digits_small, no_training, case, me
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_device_without_cuda_is_refused(digits_small, no_training):
+    train_x, train_y, _, _ = digits_small
+    with pytest.raises(IGDSInputError, match="CUDA is not available"):
+        train_ve(train_x, train_y, CLASS_NAMES, small_config(device="cuda"), **QUIET)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -332,7 +357,7 @@ def test_bad_config_is_refused(overrides, message):
 def test_digits_preset_is_valid():
     config = VETrainConfig.digits()
     assert (config.arch, config.in_channels, config.resolution) == ("resnet18", 1, 16)
-    assert not config.horizontal_flip
+    assert not config.horizontal_flip and config.lambda_cmi > 0
     assert VETrainConfig.digits(epochs=3).epochs == 3
 
 
