@@ -1,0 +1,139 @@
+"""Scale-out under torchrun: process groups, job sharding, rank-0-first validation, result merging.
+
+    torchrun --nproc_per_node N [--nnodes M --node_rank R --master_addr HOST --master_port P] \\
+        -m igds_fast distill ...
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them (a plain
+`igds-fast distill`) everything here is a single-process no-op. NCCL on GPUs (each rank on
+cuda:LOCAL_RANK), gloo on CPU. Every collective is bounded by the process-group timeout, so a rank
+that dies makes the others fail promptly instead of hanging.
+
+Sharding: the pending (unfinished) jobs — a deterministic list — are dealt round-robin, so the ranks
+get equal shares of the work still to do after a resume. Which rank makes an image never changes
+its pixels: an image is keyed by (global seed, class, index), and the eager backend steps
+batch-invariantly, so the output folder is the same whatever the world size.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import IGDSInputError
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: rank r of world_size (1 and 0 when not launched by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+    """Join the process group torchrun describes (env:// rendezvous); a no-op for a single process.
+
+    device: "cuda", "cpu" or None (cuda when available). Returns the context; on CUDA the current
+    device becomes cuda:LOCAL_RANK.
+    """
+    if not launched_by_torchrun():
+        return DistContext()
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
+
+
+def rank_device(ctx: DistContext, device: str | None) -> str:
+    """The device this rank samples on: cuda:LOCAL_RANK under torchrun with CUDA, else `device`."""
+    if ctx.enabled and ctx.backend == "nccl":
+        return f"cuda:{ctx.local_rank}"
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def shard(items: Sequence[T], ctx: DistContext) -> list[T]:
+    """This rank's share of a deterministic list: items r, r + W, r + 2W, ... (balanced counts)."""
+    return list(items[ctx.rank :: ctx.world_size])
+
+
+def main_first(ctx: DistContext, validate: Callable[[], T]) -> T:
+    """Run `validate` on rank 0 first; the other ranks wait, then run it themselves if it passed.
+
+    A bad input thus fails once, on rank 0, with one message (IGDSInputError re-raised there); the
+    other ranks get an IGDSInputError marked `quiet` (their CLI exits non-zero without printing).
+    """
+    if not ctx.enabled:
+        return validate()
+    error: str | None = None
+    result = None
+    if ctx.is_main:
+        try:
+            result = validate()
+        except IGDSInputError as exc:
+            error = str(exc)
+    message = [error]
+    dist.broadcast_object_list(message, src=0)
+    if ctx.is_main:
+        if error is not None:
+            raise IGDSInputError(error)
+        return result
+    if message[0] is not None:
+        raise QuietRankError(message[0])
+    return validate()
+
+
+class QuietRankError(IGDSInputError):
+    """The input error rank 0 already reported: other ranks exit non-zero without repeating it."""
+
+    quiet = True
+
+
+def gather_to_main(ctx: DistContext, obj: Any) -> list[Any] | None:
+    """Every rank's `obj` on rank 0 (in rank order); None on the other ranks."""
+    if not ctx.enabled:
+        return [obj]
+    gathered = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
