@@ -1,0 +1,733 @@
+"""The compiled backend: a low-precision, torch.compile'd reverse step, captured once in a CUDA graph.
+
+`Sampler(..., backend="compiled", backend_options=CompileConfig(...) or a dict of its fields)` runs
+`CompiledStep`. One guided reverse step (x0 mode), shapes [B, C, H, W] unless noted:
+
+    model_output = UNet_lp(x_t, timestep_map[i], y)    compiled, dtype bf16/fp16, channels_last,
+                                                       GroupNorm statistics in fp32 (ADM's GroupNorm32),
+                                                       attention softmax in fp32 (SDPA kernels
+                                                       accumulate in fp32)            [B, 2C or C, H, W] fp32
+    x0_hat       = predict_x0 Triton kernel (x_t, eps)                                 fp32
+    z            = f_lp(preprocess(x0_hat))            compiled encoder forward        [B, d] fp32 out
+    dJ/dz        = guidance_head Triton kernel         (fp32)                          [B, d]
+    g            = dJ/dx0_hat by autograd through f_lp (compiled AOTAutograd backward) fp32
+    x_{i-1}      = fused_ddpm_update Triton kernel, Philox noise in-kernel, written in place into x_t
+
+Guidance mode "xt" differentiates through the UNet instead (x0 then comes from torch ops so autograd
+sees it); everything else is the same.
+
+Static buffers and graphs. Each batch shape owns device buffers: x (x_t in, x_{t-1} out, in place),
+labels, seeds (per-image Philox keys), group ids, the step index (0-d int64) and a per-image
+non-finite tracker. `begin_batch` copies a batch into them once; each step copies the step index
+device-to-device from a table built once (`FusedStep.step_indices`) and replays the CUDA graph of
+(guided or not, noise kind), captured the first time that pair is met for this batch shape (after a
+warm-up on a side stream — torch.cuda.graphs' recipe; the warm-up also triggers torch.compile and
+its AOTAutograd backward, and restores x_t so it never advances the batch). Graphs are reused by
+every later batch of the same shape. Inside the 250-step loop nothing synchronises with the host:
+`GuidanceConfig.check_finite` is honoured by recording, on the device, the latest respaced index at
+which each image's guidance gradient was non-finite, read ONCE after the last step (i = 0), which
+then raises the same IGDSInputError as the eager step, naming the earliest bad sampling step.
+
+The returned x_{t-1} IS the static buffer: it stays valid until the next step of this backend
+(`Sampler.sample` clamps it into a fresh tensor at the end; clone it to keep an intermediate).
+
+Precision. The user's float32 UNet and VE are never modified: the backend runs on low-precision
+deep copies (parameters cast while copying, so no second float32 copy is ever made). `eager` stays
+the float32 reference. dtype "fp32" is allowed too (CPU testing and debugging: the compile machinery
+without the bf16 rounding; bf16 convolutions on CPU are slow).
+
+Without CUDA: no graphs (forced off); torch.compile still runs (inductor's C++ backend, mode
+"default", or backend="aot_eager" — dynamo + AOTAutograd without code generation, the cheap mode
+the CPU tests use); the Triton kernels run in Triton's interpreter, which must be selected before
+`igds_fast.kernels` is first imported (this module sets TRITON_INTERPRET=1 on a machine without CUDA
+when triton is not imported yet, and otherwise fails with an IGDSInputError that says so).
+
+The guidance head is always the Triton `guidance_head` (GuidanceConfig.head is ignored), as in
+`igds_fast.fused_step.FusedStep`, whose coefficient tables, device step indices and seed handling
+this backend reuses.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import types
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    # Triton compiles its kernels only for a GPU; on a CPU machine its interpreter is the only way to
+    # run them, and it is chosen when a kernel is decorated, i.e. at import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .errors import IGDSInputError  # noqa: E402
+from .fused_step import FusedStep  # noqa: E402
+from .kernels import fused_ddpm_update, guidance_head, predict_x0, seeds_to_tensor  # noqa: E402
+from .profiling import nvtx_range  # noqa: E402
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ATTENTION_BACKENDS = ("sdpa", "xformers", "auto")
+COMPILE_BACKENDS = ("inductor", "aot_eager")
+# "reduce-overhead" / "max-autotune" are refused: they make inductor capture CUDA graphs of its own,
+# which cannot nest inside the whole-step graph this backend captures.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+# Inductor flags for convolutional diffusion UNets (PyTorch's "diffusion-fast" / SDXL recipe):
+# 1x1 convolutions (ADM's attention qkv / proj_out are Conv1d k=1, skip convs) as matmuls, so they can
+# fuse with neighbouring pointwise ops and use the GEMM autotuner; coordinate-descent tuning of the
+# generated pointwise/reduction kernels (GroupNorm + SiLU + residual fusions dominate the non-conv time);
+# no epilogue fusion into autotuned GEMM templates (it measured slower in that recipe). bench/sampler.py
+# --inductor-options times alternatives on the device at hand.
+CONV_UNET_INDUCTOR_OPTIONS: dict[str, Any] = {
+    "conv_1x1_as_mm": True,
+    "coordinate_descent_tuning": True,
+    "coordinate_descent_check_all_directions": True,
+    "epilogue_fusion": False,
+}
+CPU_BATCH_SIZE = 8  # on CPU the batch is bounded by time, never by memory
+
+
+# ---- configuration --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CompileConfig:
+    """How the compiled backend builds its step. Every field is validated (one-line IGDSInputError).
+
+    dtype: compute dtype of the UNet copy, "bf16" (default), "fp16", or "fp32" (CPU testing /
+        debugging). GroupNorm statistics and the attention softmax stay fp32 whatever the dtype.
+    encoder_dtype: compute dtype of the VE encoder copy; None = `dtype`. The guidance head, the x0
+        prediction and the update always compute in fp32.
+    channels_last: NHWC memory format for both copies (tensor-core convolutions want it).
+    compile: torch.compile the UNet (and the encoder, see `compile_encoder`); False = run the
+        low-precision copies eagerly (still graph-captured on CUDA).
+    compile_encoder: also compile the encoder forward (its input-gradient backward is then compiled by
+        AOTAutograd).
+    backend: torch.compile backend, "inductor" (default) or "aot_eager" (dynamo + AOTAutograd, no
+        code generation: the cheap CPU test mode).
+    mode: inductor mode, "default" or "max-autotune-no-cudagraphs"; None = the latter on CUDA,
+        "default" on CPU (max-autotune on CPU only costs compile time).
+    inductor_options: inductor config overrides (merged over the mode's); None = CONV_UNET_INDUCTOR_OPTIONS
+        on CUDA, none on CPU.
+    cuda_graphs: capture the whole step in a CUDA graph per batch shape (forced False without CUDA).
+    attention: "sdpa" (default), "xformers" (must be importable), or "auto" (xformers only when
+        importable AND its UNet forward measures faster on this device; else sdpa).
+    batch_size: images per batch; None = `choose_batch_size` from free device memory (see
+        `CompiledStep.batch_size`).
+    memory_fraction: share of the free device memory a chosen batch may use.
+    warmup_iterations: step bodies run on a side stream before a graph capture (>= 1; compiles,
+        autotunes and initialises cuBLAS/cuDNN workspaces outside the capture).
+    cudnn_benchmark: set torch.backends.cudnn.benchmark (process-wide) on CUDA: the convolution
+        algorithms are then chosen by measurement during the warm-up, before capture.
+    """
+
+    dtype: str = "bf16"
+    encoder_dtype: str | None = None
+    channels_last: bool = True
+    compile: bool = True
+    compile_encoder: bool = True
+    backend: str = "inductor"
+    mode: str | None = None
+    inductor_options: Mapping[str, Any] | None = field(default=None, hash=False)
+    cuda_graphs: bool = True
+    attention: str = "sdpa"
+    batch_size: int | None = None
+    memory_fraction: float = 0.8
+    warmup_iterations: int = 2
+    cudnn_benchmark: bool = True
+
+    def __post_init__(self):
+        for name in ("dtype", "encoder_dtype"):
+            value = getattr(self, name)
+            if not (value is None and name == "encoder_dtype") and value not in DTYPES:
+                raise IGDSInputError(f"compile {name} must be one of {tuple(DTYPES)}, got {value!r}")
+        for name in ("channels_last", "compile", "compile_encoder", "cuda_graphs", "cudnn_benchmark"):
+            if not isinstance(getattr(self, name), bool):
+                raise IGDSInputError(f"compile option {name} must be True or False, got {getattr(self, name)!r}")
+        if self.backend not in COMPILE_BACKENDS:
+            raise IGDSInputError(f"compile backend must be one of {COMPILE_BACKENDS}, got {self.backend!r}")
+        if self.mode is not None and self.mode not in COMPILE_MODES:
+            raise IGDSInputError(
+                f"compile mode must be one of {COMPILE_MODES} (modes with inductor CUDA graphs cannot nest "
+                f"in the step's own graph), got {self.mode!r}"
+            )
+        if self.inductor_options is not None:
+            if not isinstance(self.inductor_options, Mapping) or not all(
+                isinstance(k, str) for k in self.inductor_options
+            ):
+                raise IGDSInputError("inductor_options must be a mapping of inductor config names to values")
+            if self.backend != "inductor" and self.inductor_options:
+                raise IGDSInputError("inductor_options apply to backend='inductor' only")
+            object.__setattr__(self, "inductor_options", dict(self.inductor_options))
+        if self.attention not in ATTENTION_BACKENDS:
+            raise IGDSInputError(f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
+            raise IGDSInputError(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
+        if not isinstance(self.memory_fraction, (int, float)) or not 0 < self.memory_fraction <= 1:
+            raise IGDSInputError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
+        if isinstance(self.warmup_iterations, bool) or not isinstance(self.warmup_iterations, int) or (
+            self.warmup_iterations < 1
+        ):
+            raise IGDSInputError(f"warmup_iterations must be an integer >= 1, got {self.warmup_iterations!r}")
+
+    @classmethod
+    def from_options(cls, options) -> "CompileConfig":
+        """A CompileConfig from None (defaults), a CompileConfig, or a dict of its fields."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if isinstance(options, Mapping):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise IGDSInputError(f"unknown compile options {unknown}; known: {sorted(known)}")
+            return cls(**options)
+        raise IGDSInputError(f"backend_options must be a CompileConfig or a dict, got {type(options).__name__}")
+
+    def for_device(self, device) -> "CompileConfig":
+        """The configuration with the device-dependent defaults filled in (graphs off without CUDA)."""
+        cuda = torch.device(device).type == "cuda"
+        mode = self.mode or ("max-autotune-no-cudagraphs" if cuda else "default")
+        options = self.inductor_options
+        if options is None:
+            options = dict(CONV_UNET_INDUCTOR_OPTIONS) if cuda and self.backend == "inductor" else {}
+        return replace(
+            self,
+            mode=mode,
+            inductor_options=options,
+            cuda_graphs=self.cuda_graphs and cuda,
+            encoder_dtype=self.encoder_dtype or self.dtype,
+        )
+
+    def compile_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of torch.compile (mode folded into inductor options: both cannot be given)."""
+        kwargs: dict[str, Any] = dict(backend=self.backend, fullgraph=True, dynamic=False)
+        if self.backend == "inductor":
+            import torch._inductor
+
+            options = dict(torch._inductor.list_mode_options(self.mode or "default"))
+            options.update(self.inductor_options or {})
+            options["triton.cudagraphs"] = False  # the step's own graph captures everything
+            kwargs["options"] = options
+        return kwargs
+
+
+# ---- low-precision copies ---------------------------------------------------------------------------
+def low_precision_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+    """A frozen eval-mode deep copy of `module` with floating parameters/buffers in `dtype`.
+
+    The original is untouched. Tensors are cast while copying (deepcopy memo), so peak memory is the
+    original plus the low-precision copy, never two full-precision copies. Modules that must keep
+    float32 statistics do so by themselves (ADM's GroupNorm32 promotes its input and weights).
+    """
+    memo: dict[int, Any] = {}
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if id(tensor) in memo:
+            continue
+        cast = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach().clone()
+        if channels_last and cast.dim() == 4:
+            cast = cast.contiguous(memory_format=torch.channels_last)
+        memo[id(tensor)] = nn.Parameter(cast, requires_grad=False) if isinstance(tensor, nn.Parameter) else cast
+    duplicate = copy.deepcopy(module, memo)
+    return duplicate.requires_grad_(False).eval()
+
+
+class LowPrecisionUNet(nn.Module):
+    """(x_t [B, C, H, W] fp32, timesteps [B], y [B] or None) -> UNet output [B, 2C or C, H, W] fp32.
+
+    The input is cast to the copy's dtype (and NHWC) inside the compiled region, so the casts fuse
+    with the first and last convolutions; the output comes back fp32 and contiguous NCHW, the layout
+    the Triton kernels read.
+    """
+
+    def __init__(self, unet: nn.Module, dtype: torch.dtype, channels_last: bool):
+        super().__init__()
+        self.unet, self.dtype, self.channels_last = unet, dtype, channels_last
+
+    def forward(self, x, timesteps, y=None):
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = self.unet(x.to(self.dtype, memory_format=fmt), timesteps, y)
+        return out.to(torch.float32, memory_format=torch.contiguous_format)
+
+
+class LowPrecisionFeatures(nn.Module):
+    """x0_hat [B, C, H, W] fp32 in [-1, 1] -> encoder features z [B, d] fp32, differentiable in x0_hat.
+
+    The preprocess (resize + normalise) runs in fp32 on the shared, unmodified `preprocess` module;
+    the encoder runs in its copy's dtype.
+    """
+
+    def __init__(self, preprocess: nn.Module, encoder: nn.Module, dtype: torch.dtype, channels_last: bool):
+        super().__init__()
+        self.preprocess, self.encoder = preprocess, encoder
+        self.dtype, self.channels_last = dtype, channels_last
+
+    def forward(self, image):
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        pixels = self.preprocess(image).to(self.dtype, memory_format=fmt)
+        return self.encoder.forward_features(pixels).float()
+
+
+# ---- attention ----------------------------------------------------------------------------------
+def xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # ImportError, or a broken build that fails at import
+        return False
+    return True
+
+
+def _attention_blocks(unet: nn.Module) -> list[nn.Module]:
+    """ADM attention blocks (they expose `_attention(qkv)`, `num_heads` and `legacy_order`)."""
+    return [
+        m for m in unet.modules()
+        if hasattr(m, "_attention") and hasattr(m, "num_heads") and hasattr(m, "legacy_order")
+    ]
+
+
+def _xformers_attention(block: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    """ADM's `AttentionBlock._attention` on xformers' memory-efficient kernel: qkv [B, 3*H*c, T] -> [B, H*c, T]."""
+    import xformers.ops as xops
+
+    batch, width, length = qkv.shape
+    heads = block.num_heads
+    head_channels = width // (3 * heads)
+    if block.legacy_order:
+        q, k, v = qkv.reshape(batch * heads, 3 * head_channels, length).split(head_channels, dim=1)
+    else:
+        q, k, v = (t.reshape(batch * heads, head_channels, length) for t in qkv.chunk(3, dim=1))
+    # xformers layout [batch, tokens, heads, channels]: one "head" per (image, head) pair.
+    q, k, v = (t.transpose(1, 2).unsqueeze(2).contiguous() for t in (q, k, v))
+    out = xops.memory_efficient_attention(q, k, v)  # default scale 1/sqrt(c), as SDPA and ADM
+    return out.squeeze(2).transpose(1, 2).reshape(batch, -1, length)
+
+
+def use_xformers_attention(unet: nn.Module) -> int:
+    """Route every ADM attention block of `unet` (a copy: this rebinds methods) through xformers.
+
+    Returns the number of blocks switched.
+    """
+    blocks = _attention_blocks(unet)
+    for block in blocks:
+        block._attention = types.MethodType(_xformers_attention, block)
+    return len(blocks)
+
+
+def _median_forward_ms(unet: nn.Module, x, timesteps, y, repeats: int = 5) -> float:
+    with torch.no_grad():
+        unet(x, timesteps, y)
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            unet(x, timesteps, y)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def resolve_attention(choice: str, unet_lp: LowPrecisionUNet, sampler) -> str:
+    """The attention implementation to use: "sdpa" or "xformers" (installed into `unet_lp` if chosen)."""
+    blocks = _attention_blocks(unet_lp.unet)
+    if choice == "sdpa":
+        return "sdpa"
+    if choice == "xformers":
+        if not xformers_available():
+            raise IGDSInputError("attention='xformers' but xformers is not importable; use 'sdpa' or 'auto'")
+        if not blocks:
+            raise IGDSInputError("attention='xformers' needs an ADM UNet (no ADM attention blocks found)")
+        use_xformers_attention(unet_lp.unet)
+        return "xformers"
+    # auto: xformers only where it exists, there is attention to route, and it measures faster.
+    if not (blocks and xformers_available() and sampler.device.type == "cuda"):
+        return "sdpa"
+    size, channels = sampler.image_size, sampler.channels
+    x = torch.randn(2, channels, size, size, device=sampler.device)
+    timesteps = torch.full((2,), 500, dtype=torch.long, device=sampler.device)
+    y = torch.zeros(2, dtype=torch.long, device=sampler.device) if sampler.prior_labels(
+        torch.zeros(1, dtype=torch.long, device=sampler.device)) is not None else None
+    sdpa_ms = _median_forward_ms(unet_lp, x, timesteps, y)
+    originals = {block: block.__dict__.get("_attention") for block in blocks}
+    use_xformers_attention(unet_lp.unet)
+    xformers_ms = _median_forward_ms(unet_lp, x, timesteps, y)
+    if xformers_ms < sdpa_ms:
+        return "xformers"
+    for block, original in originals.items():  # back to the class's SDPA method
+        if original is None:
+            del block._attention
+        else:
+            block._attention = original
+    return "sdpa"
+
+
+# ---- batch size -----------------------------------------------------------------------------------
+def choose_batch_size(
+    per_image_bytes: int,
+    free_bytes: int,
+    fixed_bytes: int = 0,
+    fraction: float = 0.8,
+    max_batch: int = 256,
+    multiple: int = 8,
+) -> int:
+    """The largest batch whose step fits in `fraction` of the free memory.
+
+    per_image_bytes: peak memory one more image adds to a step; fixed_bytes: the batch-independent
+    part (workspaces, scratch). The result is capped at max_batch and, when >= multiple, rounded down
+    to a multiple of `multiple` (tensor-core friendly GEMM M dimensions in the guidance head / attention).
+    Raises IGDSInputError when not even one image fits.
+    """
+    if per_image_bytes <= 0:
+        raise IGDSInputError(f"per_image_bytes must be positive, got {per_image_bytes}")
+    budget = free_bytes * fraction - fixed_bytes
+    batch = int(budget // per_image_bytes)
+    if batch < 1:
+        raise IGDSInputError(
+            f"not enough free memory for one image: a step needs {per_image_bytes / 2**30:.2f} GiB per image "
+            f"+ {fixed_bytes / 2**30:.2f} GiB, {free_bytes / 2**30:.2f} GiB free (x{fraction} usable)"
+        )
+    batch = min(batch, max_batch)
+    if batch >= multiple:
+        batch -= batch % multiple
+    return batch
+
+
+# ---- the step -------------------------------------------------------------------------------------
+class _BatchBuffers:
+    """Static device buffers of one batch shape; every graph of that shape reads/writes only these.
+
+    x [B, C, H, W] fp32 (x_t in, x_{t-1} out), noise [B, C, H, W] (only for explicitly given noise),
+    labels [B] int64, seeds [B] int64 (Philox keys), group_ids [B] int64 or None, index 0-d int64
+    (respaced step i), first_bad [B] int64 (latest respaced index with a non-finite gradient, -1 = none).
+    """
+
+    def __init__(self, batch: int, image_shape, device, with_groups: bool):
+        self.x = torch.zeros(batch, *image_shape, device=device)
+        self.noise: torch.Tensor | None = None
+        self.labels = torch.zeros(batch, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(batch, dtype=torch.long, device=device)
+        self.group_ids = torch.zeros(batch, dtype=torch.long, device=device) if with_groups else None
+        self.index = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.bound: tuple = (None, None, None)  # the (labels, seeds, group_ids) objects copied in
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+
+class CompiledStep:
+    """The step seam of `Sampler(backend="compiled")`: `CompiledStep(sampler, backend_options)`.
+
+    begin_batch(x [B,C,H,W], labels [B], seeds, group_ids) -> the static x buffer holding x_T.
+    __call__(x, i, labels, noise=None, group_ids=None, seeds=None) -> x_{i-1} (the static buffer).
+    Attributes: config (CompileConfig resolved for the device), attention ("sdpa"/"xformers"),
+    use_graphs (bool; the bench flips it to time one compilation with and without graphs),
+    unet_lp / features_lp (the low-precision modules), last_model_output (fp32 UNet output of the
+    latest step, [B, 2C or C, H, W], a static buffer in graph mode).
+    """
+
+    def __init__(self, sampler, backend_options=None):
+        self.sampler = sampler
+        self.device = sampler.device
+        self.config = CompileConfig.from_options(backend_options).for_device(self.device)
+        cfg = self.config
+        _check_triton_runs_here(self.device)
+        if self.device.type == "cuda" and cfg.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+
+        fused = FusedStep(sampler)  # fp32 coefficient tables + device step indices, built once
+        self.tables, self.step_indices = fused.tables, fused.step_indices
+        self.dtype, self.encoder_dtype = DTYPES[cfg.dtype], DTYPES[cfg.encoder_dtype]
+
+        unet = sampler.unet
+        if not isinstance(unet, nn.Module):
+            raise IGDSInputError(f"the compiled backend needs an nn.Module UNet, got {type(unet).__name__}")
+        self.unet_lp = LowPrecisionUNet(low_precision_copy(unet, self.dtype, cfg.channels_last), self.dtype,
+                                        cfg.channels_last)
+        self.attention = resolve_attention(cfg.attention, self.unet_lp, sampler)
+
+        ve = sampler.ve
+        encoder = getattr(ve, "encoder", None)
+        if isinstance(encoder, nn.Module) and hasattr(encoder, "forward_features"):
+            self.features_lp: Callable = LowPrecisionFeatures(
+                ve.preprocess, low_precision_copy(encoder, self.encoder_dtype, cfg.channels_last),
+                self.encoder_dtype, cfg.channels_last,
+            )
+        else:  # a duck-typed VE without a ResNet trunk: its own features(), as given
+            self.features_lp = ve.features
+
+        self._unet, self._features = self.unet_lp, self.features_lp
+        if cfg.compile:
+            kwargs = cfg.compile_kwargs()
+            self._unet = torch.compile(self.unet_lp, **kwargs)
+            if cfg.compile_encoder:
+                self._features = torch.compile(self.features_lp, **kwargs)
+        self.use_graphs = cfg.cuda_graphs
+        self._buffers: dict[tuple[int, bool], _BatchBuffers] = {}
+        self._chosen_batch_size: int | None = None
+        self.last_model_output: torch.Tensor | None = None
+
+    # ---- the seam -------------------------------------------------------------------------------
+    def begin_batch(self, x, labels, seeds, group_ids=None) -> torch.Tensor:
+        """Copy a new batch (x_T, labels, seeds, group ids) into its static buffers; returns its static x."""
+        buffers = self._bind(x, labels, seeds, group_ids, new_batch=True)
+        return buffers.x
+
+    def __call__(self, x, i: int, labels, noise=None, group_ids=None, seeds=None) -> torch.Tensor:
+        """x_{i-1} from x_i = x [B, C, H, W] at respaced index i (module docstring)."""
+        s = self.sampler
+        buffers = self._bind(x, labels, seeds, group_ids, new_batch=False)
+        if noise is not None:
+            if tuple(noise.shape) != tuple(buffers.x.shape):
+                raise IGDSInputError(f"noise must have shape {tuple(buffers.x.shape)}, got {tuple(noise.shape)}")
+            if buffers.noise is None:
+                buffers.noise = torch.empty_like(buffers.x)
+            buffers.noise.copy_(noise)
+            noise_kind = "tensor"
+        else:
+            noise_kind = "philox" if seeds is not None else "none"
+        step = s.schedule.num_steps - 1 - i
+        guided = s.guidance.guides_step(step)
+        buffers.index.copy_(self.step_indices[i])  # device-to-device: no host value enters the graph
+        if self.use_graphs:
+            self.last_model_output = self._replay(buffers, guided, noise_kind)
+        else:
+            with nvtx_range("igds/compiled/step"):
+                self.last_model_output = self._body(buffers, guided, noise_kind)
+        if i == 0 and s.guidance.check_finite:
+            self.raise_if_nonfinite(buffers)  # the one host synchronisation of a batch, after its last step
+        return buffers.x
+
+    def raise_if_nonfinite(self, buffers: _BatchBuffers | None = None) -> None:
+        """Raise the eager step's IGDSInputError if a guidance gradient of the batch was non-finite.
+
+        Reads the device tracker (one host synchronisation). Names the earliest bad sampling step.
+        """
+        buffers = buffers or self._current
+        latest_bad_index = buffers.first_bad.max().item()
+        if latest_bad_index >= 0:
+            bad = buffers.first_bad >= 0
+            labels = sorted(set(buffers.labels[bad].tolist()))
+            step = self.sampler.schedule.num_steps - 1 - latest_bad_index
+            raise IGDSInputError(
+                f"non-finite guidance gradient at sampling step {step} "
+                f"(respaced index {latest_bad_index}) for labels {labels[:10]}"
+            )
+
+    # ---- batch binding --------------------------------------------------------------------------
+    def _bind(self, x, labels, seeds, group_ids, new_batch: bool) -> _BatchBuffers:
+        """The static buffers of x's batch shape, holding this batch (copies only what changed)."""
+        batch = x.shape[0]
+        key = (batch, group_ids is not None)
+        buffers = self._buffers.get(key)
+        if buffers is None:
+            buffers = self._buffers[key] = _BatchBuffers(batch, x.shape[1:], self.device, group_ids is not None)
+        self._current = buffers
+        same = all(a is b for a, b in zip(buffers.bound, (labels, seeds, group_ids)))
+        if new_batch or not same:
+            label_tensor = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+            if label_tensor.numel() != batch:
+                raise IGDSInputError(f"got {label_tensor.numel()} labels for a batch of {batch}")
+            buffers.labels.copy_(label_tensor)
+            if seeds is not None:
+                seed_tensor = seeds_to_tensor(seeds, self.device)  # one host-to-device copy per batch
+                if seed_tensor.shape != (batch,):
+                    raise IGDSInputError(f"got {seed_tensor.shape[0]} seeds for a batch of {batch}")
+                buffers.seeds.copy_(seed_tensor)
+            if group_ids is not None:
+                buffers.group_ids.copy_(torch.as_tensor(group_ids, dtype=torch.long).reshape(-1))
+            buffers.first_bad.fill_(-1)
+            # The caller's own objects: the sampler passes the same ones every step, so the identity
+            # test above skips every copy until the next batch.
+            buffers.bound = (labels, seeds, group_ids)
+        if x is not buffers.x:
+            buffers.x.copy_(x)
+        return buffers
+
+    # ---- the step body (captured or run directly) ---------------------------------------------------
+    def _body(self, b: _BatchBuffers, guided: bool, noise_kind: str) -> torch.Tensor:
+        """One reverse step from the static buffers into b.x (in place); returns the UNet output."""
+        s = self.sampler
+        cfg = s.guidance
+        batch = b.x.shape[0]
+        timesteps = s.schedule.timestep_map.index_select(0, b.index.reshape(1)).expand(batch)
+        prior_labels = s.prior_labels(b.labels)
+        grad = None
+        if guided and cfg.mode == "xt":
+            with nvtx_range("igds/unet+guidance"):
+                model_output, grad = self._xt_guidance(b, timesteps, prior_labels)
+        else:
+            with torch.no_grad(), nvtx_range("igds/unet"):
+                model_output = self._unet(b.x, timesteps, prior_labels)
+            if guided:
+                with torch.no_grad():
+                    x0 = predict_x0(b.x, model_output, b.index, self.tables, s.learn_sigma, clip=cfg.clip_x0)
+                with nvtx_range("igds/guidance"):
+                    grad = self._x0_guidance(x0, b)
+        with torch.no_grad(), nvtx_range("igds/update"):
+            if guided and cfg.check_finite:
+                # Device-side bookkeeping instead of the eager per-step host check (read after i = 0).
+                finite = torch.isfinite(grad).flatten(1).all(dim=1)
+                torch.maximum(b.first_bad, torch.where(finite, -1, b.index), out=b.first_bad)
+            fused_ddpm_update(
+                b.x,
+                model_output,
+                b.index,
+                self.tables,
+                s.learn_sigma,
+                grad=grad,
+                scale=cfg.scale,
+                noise=b.noise if noise_kind == "tensor" else None,
+                seeds=b.seeds if noise_kind == "philox" else None,
+                clip=cfg.clip_x0,
+                out=b.x,  # elementwise and same-index: each element is read before it is overwritten
+            )
+        return model_output
+
+    def _head(self, features, b: _BatchBuffers):
+        s = self.sampler
+        cfg = s.guidance
+        ve = s.ve
+        _, grad_features = guidance_head(
+            features.detach(), b.labels, ve.weight, ve.bias, ve.log_centroids, cfg.beta, s.tau, cfg.gamma,
+            b.group_ids,
+        )
+        return grad_features
+
+    def _x0_guidance(self, x0, b: _BatchBuffers) -> torch.Tensor:
+        """dJ/dx0_hat [B, C, H, W] fp32 for the detached x0 prediction (guidance mode x0)."""
+        with torch.enable_grad():
+            image = x0.detach().requires_grad_(True)
+            features = self._features(image)
+            grad_features = self._head(features, b)
+            (grad,) = torch.autograd.grad(features, image, grad_outputs=grad_features.to(features.dtype))
+        return grad
+
+    def _xt_guidance(self, b: _BatchBuffers, timesteps, prior_labels):
+        """(UNet output, dJ/dx_t) with autograd through the low-precision UNet (guidance mode xt)."""
+        s = self.sampler
+        with torch.enable_grad():
+            x_in = b.x.detach().requires_grad_(True)
+            model_output = self._unet(x_in, timesteps, prior_labels)
+            eps, _ = s.schedule.split_model_output(model_output, s.channels, s.learn_sigma)
+            x0 = s.schedule.predict_x0(x_in, eps, b.index, clip=s.guidance.clip_x0)
+            features = self._features(x0)
+            grad_features = self._head(features, b)
+            (grad,) = torch.autograd.grad(features, x_in, grad_outputs=grad_features.to(features.dtype))
+        return model_output.detach(), grad
+
+    # ---- CUDA graphs --------------------------------------------------------------------------------
+    def _replay(self, b: _BatchBuffers, guided: bool, noise_kind: str) -> torch.Tensor:
+        entry = b.graphs.get((guided, noise_kind))
+        if entry is None:
+            entry = b.graphs[(guided, noise_kind)] = self._capture(b, guided, noise_kind)
+        graph, model_output = entry
+        with nvtx_range("igds/graph/replay"):
+            graph.replay()
+        return model_output
+
+    def _capture(self, b: _BatchBuffers, guided: bool, noise_kind: str):
+        """Warm up on a side stream (compiles, autotunes), then capture the step body in a CUDA graph.
+
+        Warm-up runs really execute the step; x_t and the non-finite tracker are restored afterwards
+        so the batch is exactly where it was. All graphs of one batch shape share a memory pool: they
+        never run concurrently and keep no value alive between replays outside the static buffers.
+        """
+        saved_x, saved_bad = b.x.clone(), b.first_bad.clone()
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), nvtx_range("igds/graph/warmup"):
+            for _ in range(self.config.warmup_iterations):
+                self._body(b, guided, noise_kind)
+                b.x.copy_(saved_x)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        b.first_bad.copy_(saved_bad)
+        if b.pool is None:
+            b.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with nvtx_range("igds/graph/capture"), torch.cuda.graph(graph, pool=b.pool):
+            model_output = self._body(b, guided, noise_kind)
+        return graph, model_output
+
+    def release_graphs(self) -> None:
+        """Drop every captured graph and static buffer (their memory returns to the caching allocator)."""
+        self._buffers.clear()
+        self.last_model_output = None
+
+    # ---- batch size -----------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """Images per batch: CompileConfig.batch_size, else chosen from free device memory.
+
+        CUDA: one eager step of the low-precision copies is probed at B = 1 and B = 2 (peak memory
+        above the baseline); the difference is the per-image cost, the rest the fixed cost, and
+        `choose_batch_size` fits them into memory_fraction of `torch.cuda.mem_get_info()`'s free
+        memory. The captured graph's pool holds one step's intermediates, so this peak is what a
+        batch keeps. CPU: CPU_BATCH_SIZE.
+        """
+        if self.config.batch_size is not None:
+            return self.config.batch_size
+        if self._chosen_batch_size is None:
+            if self.device.type != "cuda":
+                self._chosen_batch_size = CPU_BATCH_SIZE
+            else:
+                one, two = (self._probe_step_bytes(n) for n in (1, 2))
+                per_image = max(two - one, 1)
+                free, _ = torch.cuda.mem_get_info(self.device)
+                self._chosen_batch_size = choose_batch_size(
+                    per_image, free, max(one - per_image, 0), self.config.memory_fraction
+                )
+        return self._chosen_batch_size
+
+    def _probe_step_bytes(self, batch: int) -> int:
+        """Peak bytes above the current allocation of one guided step at `batch`, uncompiled."""
+        s = self.sampler
+        x = torch.randn(batch, s.channels, s.image_size, s.image_size, device=self.device)
+        labels = torch.zeros(batch, dtype=torch.long, device=self.device)
+        probe = _BatchBuffers(batch, x.shape[1:], self.device, with_groups=False)
+        probe.x.copy_(x)
+        probe.labels.copy_(labels)
+        probe.index.fill_(s.schedule.num_steps - 1)
+        compiled = (self._unet, self._features)
+        self._unet, self._features = self.unet_lp, self.features_lp
+        try:
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._body(probe, s.guidance.scale > 0, "philox")
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
+        finally:
+            self._unet, self._features = compiled
+
+
+def _check_triton_runs_here(device: torch.device) -> None:
+    """Fail early (IGDSInputError) when the Triton kernels cannot run on `device`."""
+    if device.type == "cuda":
+        return
+    from .kernels import ddpm_update
+
+    if os.environ.get("TRITON_INTERPRET") != "1" or type(ddpm_update._ddpm_update_kernel).__name__ != (
+        "InterpretedFunction"
+    ):
+        raise IGDSInputError(
+            "the compiled backend on CPU runs its Triton kernels in the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before igds_fast.kernels (or triton) is first imported"
+        )
+
+
+__all__ = [
+    "CONV_UNET_INDUCTOR_OPTIONS",
+    "CompileConfig",
+    "CompiledStep",
+    "LowPrecisionFeatures",
+    "LowPrecisionUNet",
+    "choose_batch_size",
+    "low_precision_copy",
+    "use_xformers_attention",
+    "xformers_available",
+]
