@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one script, bounded in time, results in one folder.
+#
+#   bash bench/gpu_check.sh [--dry-run] [--parts LIST] [--budget SECONDS]
+#
+# Output: $OUT if set (the device runner's return folder), else ./gpu_results — one log per part,
+# JSON from the benches, a copy of bench/RESULTS.md with the appended GPU entries, and SUMMARY.md
+# (part, exit status, seconds, log) written after every part, so a cut-short run still has one.
+#
+# Parts, in this order (LIST is a comma-separated subset; default: all):
+#   env        nvidia-smi, versions, free memory, nsys/ncu presence
+#   tests      every GPU test of the suite (IGDS_TEST_GPU=1; selection: gpu marker or a CUDA/GPU
+#              skipif reason, igds_fast.profiling.pytest_gpu_select), fidelity included
+#   adm256     bench/sampler.py adm256, batch 32: eager fp32, eager fp16, compiled, compiled+graphs
+#              with mode "default" (bounded compile) and the fidelity check
+#   adm256-ma  the same compiled/graphs rows with the CompileConfig defaults (max-autotune-no-cudagraphs)
+#   adm64      bench/sampler.py adm64, batch 64, all variants, mode "default" (the graphs >= 2x
+#              compiled target; graphs remove launch overhead whatever the mode)
+#   kernels    bench/kernels.py at the real sizes
+#   nsys       profiling/nsys.sh on adm256 compiled+graphs (only if nsys exists)
+#   flags      adm64 compiled/graphs, mode "default", inductor options off: against the adm64 part,
+#              what CONV_UNET_INDUCTOR_OPTIONS buy
+#
+# Every part has its own timeout and the whole run a budget (default 1440 s = 24 min; a part starts
+# only with >= 60 s left and is cut at the budget). The device runner limits ONE command to 600 s,
+# so there run it as several calls, each with --budget 570, e.g.:
+#   bash bench/gpu_check.sh --parts env,tests,kernels --budget 570
+#   bash bench/gpu_check.sh --parts adm256,adm64 --budget 570
+#   bash bench/gpu_check.sh --parts adm256-ma,nsys,flags --budget 570
+# torch.compile's caches go to $TORCHINDUCTOR_CACHE_DIR (default /tmp/igds_inductor_cache), shared by
+# all parts: a later part recompiling the same graph hits the FX-graph and autotuning caches.
+#
+# --dry-run (any machine, no GPU needed): syntax-checks the scripts, prints the plan with the exact
+# commands and timeouts, and writes the SUMMARY.md skeleton — nothing heavy runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DRY_RUN=0
+PARTS="env,tests,adm256,adm256-ma,adm64,kernels,nsys,flags"
+BUDGET_S=1440
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --parts) PARTS="$2"; shift ;;
+    --budget) BUDGET_S="$2"; shift ;;
+    *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+RESULTS_DIR="${OUT:-./gpu_results}"
+mkdir -p "$RESULTS_DIR"
+RESULTS_DIR="$(cd "$RESULTS_DIR" && pwd)"
+SUMMARY="$RESULTS_DIR/SUMMARY.md"
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/igds_inductor_cache}"
+export PYTHONUNBUFFERED=1
+START_S=$(date +%s)
+STATUS_ROWS=()
+
+{
+  echo "# GPU check — $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "- host: $(hostname), parts: $PARTS, budget: ${BUDGET_S} s, dry run: $DRY_RUN"
+  echo "- git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l | tr -d ' ') changed files"
+} > "$SUMMARY.head"
+
+write_summary() {
+  {
+    cat "$SUMMARY.head"
+    echo
+    echo "| part | status | exit | seconds | log |"
+    echo "|---|---|---:|---:|---|"
+    printf '%s\n' "${STATUS_ROWS[@]}"
+  } > "$SUMMARY"
+}
+
+wanted() { [[ ",$PARTS," == *",$1,"* ]]; }
+
+# run_part NAME TIMEOUT_S COMMAND... : run with a timeout bounded by the remaining budget, log to NAME.log.
+run_part() {
+  local name="$1" limit="$2"; shift 2
+  local log="$RESULTS_DIR/$name.log"
+  local elapsed=$(( $(date +%s) - START_S ))
+  local left=$(( BUDGET_S - elapsed - 10 ))
+  if (( DRY_RUN )); then
+    echo "[plan] $name (timeout ${limit} s): $*"
+    STATUS_ROWS+=("| $name | planned (dry run) | - | - | $name.log |")
+    write_summary
+    return 0
+  fi
+  if (( left < 60 )); then
+    echo "[skip] $name: ${left} s of the budget left"
+    STATUS_ROWS+=("| $name | skipped: budget | - | - | - |")
+    write_summary
+    return 0
+  fi
+  (( limit > left )) && limit=$left
+  echo "[run ] $name (timeout ${limit} s): $*"
+  local t0=$(date +%s)
+  { echo "\$ $*"; echo; } > "$log"
+  timeout --signal=TERM --kill-after=15 "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  local seconds=$(( $(date +%s) - t0 ))
+  local status="ok"
+  if (( rc == 124 || rc == 137 )); then status="TIMEOUT"; elif (( rc != 0 )); then status="FAILED"; fi
+  echo "[done] $name: $status (exit $rc, ${seconds} s)"
+  tail -n 5 "$log" | sed 's/^/       /'
+  STATUS_ROWS+=("| $name | $status | $rc | $seconds | $name.log |")
+  write_summary
+}
+
+if (( DRY_RUN )); then
+  for script in bench/gpu_check.sh profiling/nsys.sh profiling/ncu.sh; do
+    bash -n "$script" || { echo "syntax error in $script" >&2; exit 1; }
+  done
+  python -m py_compile bench/sampler.py bench/kernels.py profiling/torch_trace.py || exit 1
+  echo "[dry ] scripts parse"
+fi
+
+SAMPLER=(python bench/sampler.py --warmup 3 --steps 5)
+
+wanted env && run_part env 60 bash -c '
+  nvidia-smi || true
+  python -c "import torch, triton, platform; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"python\", platform.python_version()); print(torch.cuda.get_device_name(), torch.cuda.mem_get_info())"
+  python -c "import xformers; print(\"xformers\", xformers.__version__)" 2>/dev/null || echo "xformers: not installed"
+  command -v nsys && nsys --version || echo "nsys: not found"
+  command -v ncu && ncu --version || echo "ncu: not found"
+  nproc; free -g'
+
+wanted tests && run_part tests 420 env IGDS_TEST_GPU=1 python -m pytest -q -rs \
+  -p igds_fast.profiling.pytest_gpu_select --junitxml="$RESULTS_DIR/gpu_tests.xml" tests
+
+wanted adm256 && run_part adm256 480 "${SAMPLER[@]}" --presets adm256 --batch-sizes 32 \
+  --compile-options '{"mode": "default"}' --check-fidelity \
+  --json "$RESULTS_DIR/sampler_adm256_default.json" --append-results
+
+wanted adm256-ma && run_part adm256-ma 540 "${SAMPLER[@]}" --presets adm256 --batch-sizes 32 \
+  --variants compiled,graphs --check-fidelity \
+  --json "$RESULTS_DIR/sampler_adm256_max_autotune.json" --append-results
+
+wanted adm64 && run_part adm64 360 "${SAMPLER[@]}" --presets adm64 --batch-sizes 64 \
+  --compile-options '{"mode": "default"}' --check-fidelity --json "$RESULTS_DIR/sampler_adm64.json" --append-results
+
+wanted kernels && run_part kernels 240 python bench/kernels.py --append-results
+
+if wanted nsys; then
+  if command -v nsys >/dev/null 2>&1 || (( DRY_RUN )); then
+    run_part nsys 300 bash profiling/nsys.sh "$RESULTS_DIR/nsys_adm256_graphs" -- \
+      python bench/sampler.py --presets adm256 --batch-sizes 32 --variants graphs --profile graphs \
+      --compile-options '{"mode": "default"}' --warmup 2 --steps 3
+  else
+    run_part torch_trace 240 python profiling/torch_trace.py --preset adm256 --batch-size 16 \
+      --compile-options '{"mode": "default"}' --out "$RESULTS_DIR/torch_trace_adm256"
+  fi
+fi
+
+# A/B of the inductor flags at equal mode: the adm64 part ran mode "default" WITH the flags.
+wanted flags && run_part flags 300 "${SAMPLER[@]}" --presets adm64 --batch-sizes 64 --variants compiled,graphs \
+  --compile-options '{"mode": "default", "inductor_options": {}}' --json "$RESULTS_DIR/sampler_adm64_no_flags.json"
+
+if (( ! DRY_RUN )); then
+  cp bench/RESULTS.md "$RESULTS_DIR/RESULTS.md" 2>/dev/null || true
+fi
+write_summary
+rm -f "$SUMMARY.head"
+echo "summary: $SUMMARY"
+cat "$SUMMARY"

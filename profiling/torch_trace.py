@@ -1,0 +1,104 @@
+"""A torch.profiler chrome trace of a few reverse steps — for machines without Nsight (CPU included).
+
+    python profiling/torch_trace.py --preset tiny --backend compiled --out traces/tiny
+    python profiling/torch_trace.py --preset adm256 --batch-size 16 --backend compiled --out traces/adm256
+
+Builds the bench's random-weight models (bench/sampler.py presets), runs `--warmup` steps outside
+the profiler (compile, autotuning, graph capture), then profiles `--steps` guided steps, each inside a
+record_function range igds/step/<i>; the igds/unet, igds/guidance, igds/update and igds/graph/*
+ranges of the step code appear as well (profiling/nvtx.py emits them while a profiler records).
+Writes OUT/trace.json (open in chrome://tracing or https://ui.perfetto.dev) and OUT/summary.txt (the
+operator table sorted by self device time on a GPU, self CPU time otherwise).
+
+--backend eager | compiled; --compile-options takes CompileConfig fields as JSON (e.g. '{"compile":
+false}' to skip torch.compile on a CPU machine, where a cold inductor compile takes minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (through igds_fast)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_bench():
+    """bench/sampler.py as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("igds_bench_sampler", os.path.join(REPO, "bench", "sampler.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--backend", choices=("eager", "compiled"), default="compiled")
+    parser.add_argument("--compile-options", default=None, help="CompileConfig fields as JSON")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--out", default="torch_trace")
+    args = parser.parse_args(argv)
+
+    bench = load_bench()
+    if args.preset not in bench.PRESETS:
+        parser.error(f"unknown preset {args.preset!r}; known: {sorted(bench.PRESETS)}")
+    from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
+    from igds_fast.models.adm import ADM_DIFFUSION_FLAGS
+    from igds_fast.seeding import INITIAL_NOISE_STREAM
+
+    device = bench.DEVICE
+    unet = bench.build_prior(args.preset, device)
+    ve = bench.build_ve(args.preset, unet.image_size, device)
+    schedule = DiffusionSchedule(
+        ScheduleConfig(**ADM_DIFFUSION_FLAGS[bench.PRESETS[args.preset][1]], sampling_steps="250"), device=device
+    )
+    class_map = list(range(0, 1000, 1000 // bench.VE_CLASSES))[: bench.VE_CLASSES] if unet.num_classes else None
+    options = json.loads(args.compile_options) if args.compile_options else None
+    if args.backend == "eager" and options:
+        parser.error("--compile-options apply to --backend compiled")
+    sampler = bench.make_sampler(unet, schedule, ve, class_map, args.backend, options)
+
+    batch = args.batch_size
+    labels = (torch.arange(batch, device=device) % bench.VE_CLASSES).long()
+    seeds = list(range(batch))
+    x = sampler.noise_source(seeds, INITIAL_NOISE_STREAM, (sampler.channels, unet.image_size, unet.image_size), device)
+    begin = getattr(sampler._step, "begin_batch", None)
+    if begin is not None:
+        x = begin(x, labels, seeds, None)
+    indices = list(reversed(range(schedule.num_steps)))
+    for i in indices[: args.warmup]:
+        x = sampler.step(x, i, labels, None, None, seeds)
+    bench.synchronize()
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if GPU:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
+        for i in indices[args.warmup: args.warmup + args.steps]:
+            with torch.profiler.record_function(f"igds/step/{i}"):
+                x = sampler.step(x, i, labels, None, None, seeds)
+        bench.synchronize()
+
+    os.makedirs(args.out, exist_ok=True)
+    trace = os.path.join(args.out, "trace.json")
+    profiler.export_chrome_trace(trace)
+    sort_by = "self_cuda_time_total" if GPU else "self_cpu_time_total"
+    summary = os.path.join(args.out, "summary.txt")
+    with open(summary, "w") as handle:
+        handle.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40) + "\n")
+    print(f"wrote {trace} and {summary} ({args.preset}, {args.backend}, batch {batch}, {args.steps} steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The profiling and benchmark tooling runs on CPU, so it cannot rot between GPU sessions.
+
+bench/sampler.py and profiling/torch_trace.py run in-process on the tiny preset (compile skipped or
+through aot_eager: a cold inductor compile costs minutes on 2 cores); the shell scripts are
+syntax-checked and bench/gpu_check.sh runs its --dry-run plan.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from igds_fast.profiling import nvtx_range
+from igds_fast.profiling.pytest_gpu_select import is_gpu_test
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relative_path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relative_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench/sampler.py", "igds_bench_sampler_under_test")
+
+
+def test_nvtx_range_shows_in_torch_profiler_and_is_silent_otherwise():
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        with nvtx_range("igds/test-range"):
+            torch.ones(4).add_(1)
+    names = {event.name for event in profiler.events()}
+    assert "igds/test-range" in names
+    with nvtx_range("igds/outside"):  # no profiler, no CUDA: a plain no-op block
+        value = torch.ones(2).sum().item()
+    assert value == 2.0
+
+
+def test_bench_sampler_tiny_run_reports_every_column(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS", str(tmp_path / "RESULTS.md"))
+    out = tmp_path / "rows.json"
+    options = json.dumps({"backend": "aot_eager", "dtype": "fp32", "channels_last": False})
+    argv = [
+        "--presets", "tiny", "--batch-sizes", "2", "--warmup", "1", "--steps", "1", "--compile-options", options,
+        "--check-fidelity", "--fidelity-steps", "2", "--json", str(out), "--append-results",
+    ]
+    assert bench.main(argv) == 0
+    found = json.loads(out.read_text())
+    variants = {row["variant"]: row for row in found["rows"]}
+    assert set(variants) == {"eager-fp32", "eager-bf16", "compiled"}  # no graphs without CUDA
+    for row in variants.values():
+        assert row["ms_per_step"] > 0 and row["tflops"] > 0
+        assert row["s_per_image"] == pytest.approx(row["ms_per_step"] / 1e3 * 250 / 2)
+    assert variants["eager-fp32"]["vs_eager_fp32"] == pytest.approx(1.0)
+    check = found["fidelity"][0]
+    assert check["x_rel"] < 1e-4 and check["unet_rel"] < 1e-4  # fp32 compiled vs eager
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "python bench/sampler.py --presets tiny" in report and "torch " in report
+    assert "open (not measured here)" in report  # the GPU targets stay open on CPU
+
+
+def test_bench_flop_counts_match_the_issue(bench):
+    flops = bench.flops_per_image_step("adm256")
+    assert flops["unet"] / 1e12 == pytest.approx(2.24, rel=0.01)  # the issue's 2.24 TFLOP per image-step
+    assert 14e9 < flops["encoder"] < 18e9  # ResNet-50 forward + input backward at 224^2: ~16 GFLOP
+
+
+def test_torch_trace_writes_a_chrome_trace_with_the_step_phases(tmp_path):
+    script = load_script("profiling/torch_trace.py", "igds_torch_trace_under_test")
+    out = tmp_path / "trace"
+    argv = ["--preset", "tiny", "--backend", "compiled", "--compile-options",
+            json.dumps({"compile": False, "dtype": "fp32", "channels_last": False}),
+            "--warmup", "1", "--steps", "1", "--out", str(out)]
+    assert script.main(argv) == 0
+    trace = json.loads((out / "trace.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    for phase in ("igds/unet", "igds/guidance", "igds/update", "igds/compiled/step"):
+        assert phase in names, phase
+    assert any(str(name).startswith("igds/step/") for name in names)
+    assert "Self CPU" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.parametrize("script", ["profiling/nsys.sh", "profiling/ncu.sh", "bench/gpu_check.sh"])
+def test_shell_scripts_parse(script):
+    subprocess.run(["bash", "-n", os.path.join(REPO, script)], check=True)
+
+
+def test_gpu_check_dry_run_plans_every_part(tmp_path):
+    if shutil.which("timeout") is None:
+        pytest.skip("coreutils timeout is not installed")
+    result = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, env={**os.environ, "OUT": str(tmp_path)},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    for part in ("env", "tests", "adm256", "adm256-ma", "adm64", "kernels", "nsys", "flags"):
+        assert f"| {part} | planned (dry run) |" in summary
+    assert "pytest_gpu_select" in result.stdout and "--presets adm256" in result.stdout
+
+
+def test_gpu_selection_plugin_keeps_marked_and_cuda_skipif_tests():
+    class Item:
+        def __init__(self, marker=None, reasons=()):
+            self.marker, self.reasons = marker, reasons
+
+        def get_closest_marker(self, name):
+            return self.marker if name == "gpu" else None
+
+        def iter_markers(self, name):
+            return [pytest.mark.skipif(True, reason=r).mark for r in self.reasons] if name == "skipif" else []
+
+    assert is_gpu_test(Item(marker=pytest.mark.gpu.mark))
+    assert is_gpu_test(Item(reasons=("needs a CUDA GPU with compiled Triton",)))
+    assert not is_gpu_test(Item(reasons=("xformers is not installed",)))
+    assert not is_gpu_test(Item())
