@@ -35,6 +35,7 @@ import platform
 import shlex
 import sys
 import time
+import traceback
 
 import torch
 
@@ -269,10 +270,14 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
             profile = GPU and args.profile == variant and batch == args.batch_sizes[-1]
             try:
                 result = time_steps(sampler, batch, args.warmup, args.steps, label, profile)
-            except torch.cuda.OutOfMemoryError:
-                rows.append({"preset": preset, "variant": name, "batch": batch, "error": "out of memory"})
-                print(f"[bench] {label}: out of memory", file=sys.stderr, flush=True)
-                torch.cuda.empty_cache()
+            except Exception as error:  # noqa: BLE001 - one failing variant must not cost the others' rows
+                message = "out of memory" if isinstance(error, torch.cuda.OutOfMemoryError) else (
+                    f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200])
+                rows.append({"preset": preset, "variant": name, "batch": batch, "error": message})
+                print(f"[bench] {label}: FAILED {message}", file=sys.stderr, flush=True)
+                traceback.print_exc()
+                if GPU:
+                    torch.cuda.empty_cache()
                 continue
             measured[variant] = result["step_s"]
             tflops = flops["total"] * batch / result["step_s"] / 1e12
@@ -298,8 +303,11 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
         if compiled is not None:
             if args.check_fidelity and batch == args.batch_sizes[0]:
                 compiled._step.use_graphs = GPU and "graphs" in variants
-                checks.append({"preset": preset, "batch": batch, "graphs": compiled._step.use_graphs,
-                               **fidelity(eager, compiled, batch, args.fidelity_steps)})
+                try:
+                    checks.append({"preset": preset, "batch": batch, "graphs": compiled._step.use_graphs,
+                                   **fidelity(eager, compiled, batch, args.fidelity_steps)})
+                except Exception:  # noqa: BLE001 - report it, keep the timing rows
+                    traceback.print_exc()
             compiled._step.release_graphs()
         if GPU:
             torch.cuda.empty_cache()
@@ -333,8 +341,9 @@ def target_lines(rows: list[dict]) -> list[str]:
     for key, limit, what in (("vs_eager_fp32", TARGET_SPEEDUP_VS_EAGER_FP32, "eager fp32"),
                              ("vs_eager_half", TARGET_SPEEDUP_VS_EAGER_HALF, "eager fp16")):
         ratio = None if graphs256 is None else graphs256.get(key)
-        lines.append(f"| adm256 compiled+graphs >= {limit}x {what} (same batch) | "
-                     f"{'-' if ratio is None else f'{ratio:.2f}x'} | {status(None if ratio is None else ratio >= limit)} |")
+        shown = "-" if ratio is None else f"{ratio:.2f}x"
+        lines.append(f"| adm256 compiled+graphs >= {limit}x {what} (same batch) | {shown} | "
+                     f"{status(None if ratio is None else ratio >= limit)} |")
     graphs64 = best("adm64", "graphs", 64) if GPU else None
     ratio = None if graphs64 is None else graphs64.get("vs_compiled")
     lines.append(f"| adm64 B=64 graphs >= {TARGET_GRAPHS_VS_COMPILED_ADM64_B64}x compiled without graphs | "
@@ -371,7 +380,8 @@ def format_report(rows, checks, peak, peak_n, args, command) -> str:
             continue
         lines.append(
             f"| {r['preset']} | {r['variant']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['images_per_s']:.3f} "
-            f"| {r['s_per_image']:.3f} | {r['tflops']:.2f} | {100 * r['peak_fraction']:.1f}% | {num(r['work_gib'], '.2f')} "
+            f"| {r['s_per_image']:.3f} | {r['tflops']:.2f} | {100 * r['peak_fraction']:.1f}% "
+            f"| {num(r['work_gib'], '.2f')} "
             f"| {num(r.get('vs_eager_fp32'), '.2f')} | {num(r.get('vs_eager_half'), '.2f')} "
             f"| {num(r.get('vs_compiled'), '.2f')} | {r['warmup_s']:.1f} |"
         )
@@ -385,9 +395,11 @@ def format_report(rows, checks, peak, peak_n, args, command) -> str:
         lines.append(f"- compiled config: {config}")
     if checks:
         lines += ["", "Fidelity, compiled vs eager fp32, teacher-forced (max over steps):", "",
-                  "| preset | batch | graphs | steps | UNet output rel L2 | x_{t-1} rel L2 |", "|---|---:|---|---:|---:|---:|"]
+                  "| preset | batch | graphs | steps | UNet output rel L2 | x_{t-1} rel L2 |",
+                  "|---|---:|---|---:|---:|---:|"]
         for c in checks:
-            lines.append(f"| {c['preset']} | {c['batch']} | {c['graphs']} | {c['steps']} | {c['unet_rel']:.2e} | {c['x_rel']:.2e} |")
+            lines.append(f"| {c['preset']} | {c['batch']} | {c['graphs']} | {c['steps']} "
+                         f"| {c['unet_rel']:.2e} | {c['x_rel']:.2e} |")
     lines += ["", "Targets:", "", "| target | measured | status |", "|---|---|---|", *target_lines(rows)]
     if not GPU:
         lines += ["", "CPU run: a smoke test of the script only (Triton kernels interpreted, no CUDA graphs); "

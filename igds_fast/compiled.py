@@ -49,7 +49,6 @@ this backend reuses.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import sys
 import types
@@ -468,6 +467,7 @@ class CompiledStep:
                 self._features = torch.compile(self.features_lp, **kwargs)
         self.use_graphs = cfg.cuda_graphs
         self._buffers: dict[tuple[int, bool], _BatchBuffers] = {}
+        self._current: _BatchBuffers | None = None  # the buffers of the latest step
         self._chosen_batch_size: int | None = None
         self.last_model_output: torch.Tensor | None = None
 
@@ -508,6 +508,8 @@ class CompiledStep:
         Reads the device tracker (one host synchronisation). Names the earliest bad sampling step.
         """
         buffers = buffers or self._current
+        if buffers is None:
+            return
         latest_bad_index = buffers.first_bad.max().item()
         if latest_bad_index >= 0:
             bad = buffers.first_bad >= 0
@@ -654,8 +656,14 @@ class CompiledStep:
         return graph, model_output
 
     def release_graphs(self) -> None:
-        """Drop every captured graph and static buffer (their memory returns to the caching allocator)."""
+        """Drop every captured graph and static buffer (their memory returns to the caching allocator).
+
+        Graphs are kept per batch shape; a sampler whose last batch is smaller than the others captures
+        (and, with dynamic=False, compiles) once more for it — padding that batch to the full size
+        avoids both.
+        """
         self._buffers.clear()
+        self._current = None
         self.last_model_output = None
 
     # ---- batch size -----------------------------------------------------------------------------
@@ -665,9 +673,9 @@ class CompiledStep:
 
         CUDA: one eager step of the low-precision copies is probed at B = 1 and B = 2 (peak memory
         above the baseline); the difference is the per-image cost, the rest the fixed cost, and
-        `choose_batch_size` fits them into memory_fraction of `torch.cuda.mem_get_info()`'s free
-        memory. The captured graph's pool holds one step's intermediates, so this peak is what a
-        batch keeps. CPU: CPU_BATCH_SIZE.
+        `choose_batch_size` fits them into memory_fraction of the free memory (the driver's free
+        memory plus what torch's caching allocator holds unused). The captured graph's pool holds one
+        step's intermediates, so this peak is what a batch keeps. CPU: CPU_BATCH_SIZE.
         """
         if self.config.batch_size is not None:
             return self.config.batch_size
@@ -678,6 +686,8 @@ class CompiledStep:
                 one, two = (self._probe_step_bytes(n) for n in (1, 2))
                 per_image = max(two - one, 1)
                 free, _ = torch.cuda.mem_get_info(self.device)
+                # Blocks torch's caching allocator holds but does not use are free for this process.
+                free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
                 self._chosen_batch_size = choose_batch_size(
                     per_image, free, max(one - per_image, 0), self.config.memory_fraction
                 )
