@@ -1,0 +1,393 @@
+"""The embedded default: the whole IGDS pipeline on scikit-learn's bundled digits, on a CPU.
+
+`igds-fast distill` with no models (or `--preset digits`) runs:
+
+1. data: `load_digits_split` (1797 8x8 digits upsampled bilinearly to 16x16, fixed stratified
+   70/30 split, seed 0: 1258 train / 539 test images), 10 classes named "0".."9", grayscale;
+2. prior: a small ADM UNet (`igds_fast.train_prior`, the same ADMUNet class as the ImageNet
+   checkpoints, 1 input channel) trained on the train split -- cached as WORK/prior.safetensors;
+3. VE: `igds_fast.train_ve` with `VETrainConfig.digits()` (ResNet-18 / Softplus on 16x16, MoCo +
+   linear probe + centroids) -- cached as WORK/ve.safetensors (+ ve_train.json);
+4. distill: `igds_fast.distill.distill` -- the same planner, Sampler and writer as the command --
+   for every IPC, method and seed into WORK/distilled/<method>_ipc<k>_seed<s>/ (resumable: a rerun
+   with the same settings finds the images done);
+5. evaluate: `igds_fast.evaluate.evaluate_distilled` trains ConvNet-3 on each distilled set (and on
+   random real subsets of the train split) and tests on the 539 test images;
+6. print one table: random real subset / unguided DDPM (scale 0) / IGDS, mean +- std over seeds.
+
+Seeds: seed s draws the random real subset, is the distill global seed of the generated sets, and
+initialises the evaluation network -- so the std covers both the data and the network.
+
+Budget choices (2 shared CPU cores, one thread: on this machine two threads ran the small models
+3-20x *slower*, OpenMP barriers stalling on a busy core):
+  * 16x16, not 32x32: the digits have 8x8 pixels of information; 32x32 quadruples every cost.
+  * prior: 32 channels, channel_mult 1,2, one res block per level, learned sigma (hybrid loss) --
+    the learned variance keeps few-step samples clean; cosine schedule (small images);
+  * sampling: `SAMPLING_STEPS` respaced steps, not 250 (quality saturates well before on digits);
+  * evaluation: ConvNet-3 (width 128, the protocol's) for `EVAL_EPOCHS` epochs instead of the
+    protocol's 2000 (IPC 1 / 10), RRC + CutMix, no flips (a mirrored digit is not the same digit).
+  The measured wall times and the table are in README (section "digits default").
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import IGDSInputError
+from ..imageio import write_json_atomic
+from ..train_prior import PriorTrainConfig
+
+CLASS_NAMES = [str(digit) for digit in range(10)]
+IMAGE_SIZE = 16
+SPLIT = {"image_size": IMAGE_SIZE, "test_fraction": 0.3, "seed": 0}
+DEFAULT_WORK_DIR = os.path.join("igds_work", "digits")
+METHODS = ("random", "ddpm", "igds")
+METHOD_TITLES = {"random": "random real subset", "ddpm": "DDPM, unguided (scale 0)", "igds": "IGDS"}
+
+# Chosen by the sweep recorded in README ("digits default"); see `DigitsSettings`.
+SAMPLING_STEPS = 25
+GUIDANCE_SCALE = 1.0
+BETA_BY_IPC = {1: 0.0, 10: 0.5}
+PRIOR_STEPS = 1200
+PRIOR_BATCH_SIZE = 32
+EVAL_WIDTH = 64
+EVAL_EPOCHS = 200
+
+
+@dataclass
+class DigitsSettings:
+    """Every knob of the digits pipeline; the defaults are the measured budget choices."""
+
+    ipcs: tuple[int, ...] = (1, 10)
+    seeds: int = 3
+    prior: PriorTrainConfig = field(default_factory=lambda: PriorTrainConfig(steps=PRIOR_STEPS, batch_size=PRIOR_BATCH_SIZE))
+    ve_overrides: dict = field(default_factory=dict)  # applied to VETrainConfig.digits()
+    sampling_steps: int = SAMPLING_STEPS
+    scale: float = GUIDANCE_SCALE
+    beta_by_ipc: dict = field(default_factory=lambda: dict(BETA_BY_IPC))
+    batch_size: int = 100
+    eval_network: str = "convnet3"
+    eval_width: int = EVAL_WIDTH
+    eval_epochs: int = EVAL_EPOCHS
+    threads: int | None = 1  # torch intra-op threads for the whole run (None = leave as is)
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if not self.ipcs or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ipcs):
+            raise IGDSInputError(f"IPCs must be positive integers, got {self.ipcs!r}")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise IGDSInputError(f"seeds must be a positive integer, got {self.seeds!r}")
+        for name in ("sampling_steps", "batch_size", "eval_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise IGDSInputError(f"{name} must be a positive integer, got {value!r}")
+        if self.threads is not None and self.threads < 1:
+            raise IGDSInputError(f"threads must be a positive integer, got {self.threads!r}")
+
+    @classmethod
+    def fast(cls, **overrides) -> "DigitsSettings":
+        """Tiny settings for smoke tests: every stage runs, in seconds; the numbers mean nothing."""
+        settings = dict(
+            seeds=3,
+            prior=PriorTrainConfig(steps=20, batch_size=16, warmup_steps=5),
+            ve_overrides=dict(epochs=1, batch_size=128, queue_size=256, classifier_epochs=5),
+            sampling_steps=4,
+            eval_epochs=3,
+            eval_width=32,
+        )
+        settings.update(overrides)
+        return cls(**settings)
+
+    def beta_for(self, ipc: int) -> float:
+        """beta of an IPC: its entry, else the nearest smaller IPC's (beta grows with IPC)."""
+        from ..calibrate import beta_for_ipc
+
+        return beta_for_ipc({int(k): float(v) for k, v in self.beta_by_ipc.items()}, ipc, log=None)
+
+
+@contextlib.contextmanager
+def _threads(count: int | None):
+    previous = torch.get_num_threads()
+    if count is not None and count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count is not None and count != previous:
+            torch.set_num_threads(previous)
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ---- cached pieces --------------------------------------------------------------------------------
+
+
+def ensure_prior(work_dir: str, settings: DigitsSettings, train_x, train_y, log) -> tuple[str, dict]:
+    """WORK/prior.safetensors trained with `settings.prior` on the split (reused when it matches)."""
+    from ..train_prior import read_prior_header, save_prior, train_prior
+
+    path = os.path.join(work_dir, "prior.safetensors")
+    key = {"config": dataclasses.asdict(settings.prior), "data": SPLIT}
+    if os.path.isfile(path):
+        try:
+            header = read_prior_header(path)
+        except IGDSInputError:
+            header = {}
+        if header.get("training", {}).get("cache_key") == key:
+            log(f"digits: prior: cached {path}")
+            return path, {"cached": True, **header["training"].get("report", {})}
+        log(f"digits: prior: {path} was trained with other settings; retraining")
+    log(f"digits: prior: training {settings.prior.steps} steps (batch {settings.prior.batch_size}) on "
+        f"{train_x.shape[0]} images")
+
+    def progress(step, steps, loss):
+        log(f"digits: prior: step {step}/{steps} loss {loss:.4f}")
+
+    unet, schedule_config, report = train_prior(
+        train_x, train_y, CLASS_NAMES, settings.prior, device=settings.device, progress=progress,
+        log_every=max(1, settings.prior.steps // 8),
+    )
+    flags = settings.prior.unet_flags(IMAGE_SIZE, train_x.shape[1], len(CLASS_NAMES))
+    summary = {"wall_time_s": round(report.wall_time_s, 2), "final_loss": report.final_loss,
+               "final_mse": report.final_mse, "samples_per_s": round(report.samples_per_s, 1)}
+    save_prior(path, unet, flags, schedule_config, CLASS_NAMES, {"cache_key": key, "report": summary})
+    log(f"digits: prior: trained in {report.wall_time_s:.1f}s (final loss {report.final_loss:.4f})")
+    return path, {"cached": False, **summary}
+
+
+def ensure_ve(work_dir: str, settings: DigitsSettings, train_x, train_y, test_x, test_y, log) -> tuple[str, dict]:
+    """WORK/ve.safetensors from `train_ve` with `VETrainConfig.digits(**ve_overrides)` (reused when it matches)."""
+    from ..train_ve import VETrainConfig, train_ve
+
+    path = os.path.join(work_dir, "ve.safetensors")
+    sidecar = os.path.join(work_dir, "ve_train.json")
+    config = VETrainConfig.digits(device=settings.device, num_threads=settings.threads, **settings.ve_overrides)
+    key = {"config": config.to_dict(), "data": SPLIT}
+    cached = _read_json(sidecar)
+    if os.path.isfile(path) and cached is not None and cached.get("cache_key") == key:
+        log(f"digits: VE: cached {path}")
+        return path, {"cached": True, **cached.get("summary", {})}
+    log(f"digits: VE: training ({config.arch}, {config.epochs} epochs)")
+    ve, report = train_ve(train_x, train_y, CLASS_NAMES, config, test_x, test_y,
+                          log=lambda message: log(f"digits: VE: {message}"))
+    ve.save(path)
+    summary = {
+        "seconds": report.get("seconds", {}).get("total"),
+        "train_accuracy": report.get("train", {}).get("accuracy"),
+        "test_accuracy": report.get("val", {}).get("accuracy"),
+    }
+    write_json_atomic(sidecar, {"cache_key": key, "summary": summary})
+    return path, {"cached": False, **summary}
+
+
+# ---- distilled sets and evaluation ---------------------------------------------------------------
+
+
+def distill_set(work_dir, prior_path, ve_path, method, ipc, seed, settings: DigitsSettings, log) -> tuple[str, dict]:
+    """One generated set through `distill()` (ddpm: scale 0; igds: the settings' scale and beta)."""
+    from ..distill import DistillConfig, distill
+
+    out = os.path.join(work_dir, "distilled", f"{method}_ipc{ipc}_seed{seed}")
+    guided = method == "igds"
+    config = DistillConfig(
+        ve=ve_path, out=out, ipc=ipc, prior=prior_path, scale=settings.scale if guided else 0.0,
+        beta=settings.beta_for(ipc) if guided else 0.0, steps=settings.sampling_steps, composite=1,
+        batch_size=settings.batch_size, seed=seed, device=settings.device,
+        # The work dir belongs to the pipeline: a changed setting replaces the stale set.
+        force=True, progress=False,
+    )
+    manifest = distill(config, log=log)
+    return out, manifest["run"]
+
+
+def load_distilled(folder: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..data import load_image_folder
+
+    images, labels, _, _ = load_image_folder(folder, IMAGE_SIZE, channels=1, class_names=CLASS_NAMES,
+                                             on_corrupt="fail", num_workers=1)
+    return images, labels
+
+
+def random_subset(train_x, train_y, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """IPC random training images per class (numpy generator seeded by `seed`), class by class."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    labels = train_y.numpy()
+    for label in range(len(CLASS_NAMES)):
+        members = np.flatnonzero(labels == label)
+        picks.append(rng.choice(members, size=min(ipc, len(members)), replace=False))
+    index = torch.from_numpy(np.concatenate(picks))
+    return train_x[index], train_y[index]
+
+
+def evaluate_set(images, labels, test_x, test_y, seed: int, settings: DigitsSettings) -> float:
+    from ..evaluate import AugmentConfig, evaluate_distilled
+
+    result = evaluate_distilled(
+        images, labels, test_x, test_y, network=settings.eval_network, epochs=settings.eval_epochs,
+        seeds=1, base_seed=seed, device=settings.device, augment=AugmentConfig(horizontal_flip=False),
+        num_classes=len(CLASS_NAMES), width=settings.eval_width, num_threads=settings.threads,
+    )
+    return float(result["accuracies"][0])
+
+
+def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: Callable[[str], None] | None = None) -> dict:
+    """The whole pipeline; returns {"rows": {method: {ipc: [acc per seed]}}, "timings": ..., ...}.
+
+    Also writes WORK/results.json (atomically).
+    """
+    from ..data import load_digits_split
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    os.makedirs(work_dir, exist_ok=True)
+    timings: dict[str, float] = {}
+    accuracies = {method: {ipc: [] for ipc in settings.ipcs} for method in METHODS}
+    generation: dict[str, dict] = {}
+    with _threads(settings.threads):
+        train_x, train_y, test_x, test_y = load_digits_split(**SPLIT)
+        stage = time.perf_counter()
+        prior_path, prior_info = ensure_prior(work_dir, settings, train_x, train_y, log)
+        timings["prior"] = time.perf_counter() - stage
+        stage = time.perf_counter()
+        ve_path, ve_info = ensure_ve(work_dir, settings, train_x, train_y, test_x, test_y, log)
+        timings["ve"] = time.perf_counter() - stage
+        timings["distill"] = timings["evaluate"] = 0.0
+        for ipc in settings.ipcs:
+            for seed in range(settings.seeds):
+                stage = time.perf_counter()
+                images, labels = random_subset(train_x, train_y, ipc, seed)
+                accuracies["random"][ipc].append(evaluate_set(images, labels, test_x, test_y, seed, settings))
+                timings["evaluate"] += time.perf_counter() - stage
+                for method in ("ddpm", "igds"):
+                    stage = time.perf_counter()
+                    folder, run = distill_set(work_dir, prior_path, ve_path, method, ipc, seed, settings, log)
+                    generation[f"{method}_ipc{ipc}_seed{seed}"] = run
+                    timings["distill"] += time.perf_counter() - stage
+                    stage = time.perf_counter()
+                    images, labels = load_distilled(folder)
+                    accuracy = evaluate_set(images, labels, test_x, test_y, seed, settings)
+                    accuracies[method][ipc].append(accuracy)
+                    timings["evaluate"] += time.perf_counter() - stage
+                log(f"digits: IPC {ipc} seed {seed}: " + ", ".join(
+                    f"{method} {accuracies[method][ipc][-1]:.1f}%" for method in METHODS))
+    timings["total"] = time.perf_counter() - started
+    results = {
+        "settings": {
+            "ipcs": list(settings.ipcs), "seeds": settings.seeds, "prior": dataclasses.asdict(settings.prior),
+            "ve_overrides": settings.ve_overrides, "sampling_steps": settings.sampling_steps,
+            "scale": settings.scale, "beta_by_ipc": {str(k): v for k, v in settings.beta_by_ipc.items()},
+            "eval_network": settings.eval_network, "eval_width": settings.eval_width,
+            "eval_epochs": settings.eval_epochs, "threads": settings.threads, "device": settings.device,
+        },
+        "split": {**SPLIT, "train_images": int(train_x.shape[0]), "test_images": int(test_x.shape[0])},
+        "prior": prior_info,
+        "ve": ve_info,
+        "accuracies": {method: {str(ipc): values for ipc, values in rows.items()} for method, rows in accuracies.items()},
+        "generation": generation,
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+    }
+    write_json_atomic(os.path.join(work_dir, "results.json"), results)
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The printed table: one row per method, one column per IPC, accuracy mean +- std (%)."""
+    settings = results["settings"]
+    ipcs = [str(ipc) for ipc in settings["ipcs"]]
+    header = ["method"] + [f"IPC {ipc}" for ipc in ipcs]
+    rows = []
+    for method in METHODS:
+        title = METHOD_TITLES[method]
+        if method == "igds":
+            betas = ", ".join(f"beta {settings['beta_by_ipc'].get(ipc, '-')}@{ipc}" for ipc in ipcs)
+            title = f"IGDS (scale {settings['scale']:g}; {betas})"
+        cells = []
+        for ipc in ipcs:
+            values = results["accuracies"][method][ipc]
+            cells.append(f"{np.mean(values):.2f} \u00b1 {np.std(values):.2f}")
+        rows.append([title] + cells)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+             for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    split = results["split"]
+    timings = results["timings_s"]
+    caption = (
+        f"digits ({len(CLASS_NAMES)} classes, {split['image_size']}x{split['image_size']}, "
+        f"{split['train_images']} train / {split['test_images']} test): test accuracy (%) of "
+        f"{settings['eval_network']} (width {settings['eval_width']}, {settings['eval_epochs']} epochs), "
+        f"mean \u00b1 std over {settings['seeds']} seeds; {settings['sampling_steps']} sampling steps"
+    )
+    footer = (
+        f"time: prior {timings['prior']:.0f}s{' (cached)' if results['prior'].get('cached') else ''}, "
+        f"VE {timings['ve']:.0f}s{' (cached)' if results['ve'].get('cached') else ''}, "
+        f"distill {timings['distill']:.0f}s, evaluate {timings['evaluate']:.0f}s, total {timings['total']:.0f}s"
+    )
+    return "\n".join([caption, *lines, footer])
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+CACHED_FILES = ("prior.safetensors", "ve.safetensors", "ve_train.json", "results.json")
+
+
+def clear_work_dir(work_dir: str) -> None:
+    """Remove what the pipeline caches in `work_dir` (and nothing else the folder may hold)."""
+    for name in CACHED_FILES:
+        path = os.path.join(work_dir, name)
+        if os.path.isfile(path):
+            os.unlink(path)
+    distilled = os.path.join(work_dir, "distilled")
+    if os.path.isdir(distilled):
+        shutil.rmtree(distilled)
+
+
+
+def run_digits_cli(args: argparse.Namespace) -> int:
+    """`igds-fast distill` without models: run the digits pipeline with the command's overrides."""
+    overrides = {}
+    if args.ipc is not None:
+        overrides["ipcs"] = (args.ipc,)
+    if args.scale is not None:
+        overrides["scale"] = args.scale
+    if args.beta is not None:
+        overrides["beta_by_ipc"] = {1: args.beta}
+    if args.beta_table is not None:
+        from ..calibrate import read_beta_table
+
+        overrides["beta_by_ipc"] = read_beta_table(args.beta_table)
+    if args.steps is not None:
+        overrides["sampling_steps"] = args.steps
+    if args.eval_seeds is not None:
+        overrides["seeds"] = args.eval_seeds
+    if args.device is not None:
+        overrides["device"] = args.device
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    settings = DigitsSettings.fast(**overrides) if args.fast else DigitsSettings(**overrides)
+    work_dir = args.work_dir or DEFAULT_WORK_DIR
+    if args.force:
+        clear_work_dir(work_dir)
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    results = run_digits(settings, work_dir, log)
+    print(format_table(results))
+    print(f"results written to {os.path.join(work_dir, 'results.json')}")
+    return 0

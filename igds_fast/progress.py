@@ -1,0 +1,136 @@
+"""Progress reporting for long runs: a one-line bar with rate and ETA on a terminal, log lines elsewhere.
+
+    progress = Progress(total=400, unit="img", label="distill")
+    progress.update(32)            # after each finished batch
+    progress.close()
+
+On a TTY the bar redraws in place (carriage return) at most every `min_interval_s`. When the stream
+is not a TTY (a log file, CI, a pipe) every update that is at least `log_interval_s` after the last
+line (and the first and last updates) prints one plain line: no control characters end up in logs.
+The rate counts only work done in this run (a resumed run starts with `initial` done items that do
+not inflate images/s).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def format_duration(seconds: float) -> str:
+    """`42s`, `3m05s`, `1h02m` (coarse on purpose: an ETA is an estimate)."""
+    if seconds != seconds or seconds == float("inf"):  # NaN or unknown
+        return "?"
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+class Progress:
+    """Counts finished items out of `total` and reports rate (items/s in this run) and ETA."""
+
+    def __init__(
+        self,
+        total: int,
+        unit: str = "img",
+        label: str = "",
+        stream: TextIO | None = None,
+        initial: int = 0,
+        width: int = 30,
+        min_interval_s: float = 0.2,
+        log_interval_s: float = 10.0,
+        enabled: bool = True,
+        clock=time.perf_counter,
+    ):
+        self.total = max(0, int(total))
+        self.unit = unit
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.done = int(initial)
+        self.initial = int(initial)
+        self.width = width
+        self.min_interval_s = min_interval_s
+        self.log_interval_s = log_interval_s
+        self.enabled = enabled
+        self.clock = clock
+        self.started = clock()
+        self._last_draw = None
+        isatty = getattr(self.stream, "isatty", None)
+        self.is_tty = bool(isatty and isatty())
+        self._closed = False
+
+    # ---- numbers ------------------------------------------------------------------------------
+    @property
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    @property
+    def rate(self) -> float:
+        """Items per second finished in this run (0 before any)."""
+        elapsed = self.elapsed
+        done_here = self.done - self.initial
+        return done_here / elapsed if elapsed > 0 and done_here > 0 else 0.0
+
+    @property
+    def eta(self) -> float:
+        """Seconds left at the current rate (inf while unknown)."""
+        rate = self.rate
+        remaining = max(0, self.total - self.done)
+        if remaining == 0:
+            return 0.0
+        return remaining / rate if rate > 0 else float("inf")
+
+    def describe(self) -> str:
+        """`label 120/400 img (30%) 2.41 img/s ETA 1m56s`."""
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        prefix = f"{self.label} " if self.label else ""
+        return (
+            f"{prefix}{self.done}/{self.total} {self.unit} ({percent:.0f}%) "
+            f"{self.rate:.2f} {self.unit}/s ETA {format_duration(self.eta)}"
+        )
+
+    def bar(self) -> str:
+        filled = int(self.width * self.done / self.total) if self.total else self.width
+        return "[" + "#" * filled + "." * (self.width - filled) + "]"
+
+    # ---- output -------------------------------------------------------------------------------
+    def update(self, count: int = 1) -> None:
+        """Record `count` more finished items and report if it is time to."""
+        self.done += int(count)
+        self._report(final=self.done >= self.total)
+
+    def _report(self, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = self.clock()
+        interval = self.min_interval_s if self.is_tty else self.log_interval_s
+        if not final and self._last_draw is not None and now - self._last_draw < interval:
+            return
+        self._last_draw = now
+        if self.is_tty:
+            self.stream.write("\r" + self.bar() + " " + self.describe() + "\x1b[K")
+        else:
+            self.stream.write(self.describe() + "\n")
+        self.stream.flush()
+
+    def start(self) -> None:
+        """Report the starting point (useful for resumed runs: shows what is already done)."""
+        self._report(final=False)
+
+    def close(self) -> None:
+        """Finish the bar's line on a TTY (the last state is always reported)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.enabled:
+            return
+        self._last_draw = None
+        self._report(final=True)
+        if self.is_tty:
+            self.stream.write("\n")
+            self.stream.flush()

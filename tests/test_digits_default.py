@@ -1,0 +1,101 @@
+"""The embedded default (`igds-fast distill` with no models): the digits pipeline end to end, tiny settings."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+from igds_fast.distill import add_distill_parser, run_distill
+from igds_fast.errors import IGDSInputError
+from igds_fast.presets.digits import CLASS_NAMES, DigitsSettings, format_table, random_subset
+
+pytest.importorskip("sklearn")
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_distill_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["distill", *argv])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_no_models_runs_the_whole_pipeline_then_reuses_its_cache(tmp_path, capsys):
+    work = tmp_path / "work"
+    assert run_distill(_parse(["--fast", "--work-dir", str(work), "--quiet"])) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert lines[0].startswith("digits (10 classes, 16x16")
+    rows = {line.split("  ")[0]: line for line in lines[3:6]}
+    assert set(rows) == {"random real subset", "DDPM, unguided (scale 0)"} | {r for r in rows if r.startswith("IGDS")}
+    for line in lines[3:6]:
+        assert line.count("\u00b1") == 2  # IPC 1 and IPC 10 columns
+    with open(work / "results.json") as handle:
+        results = json.load(handle)
+    for method in ("random", "ddpm", "igds"):
+        for ipc in ("1", "10"):
+            accuracies = results["accuracies"][method][ipc]
+            assert len(accuracies) == 3 and all(0.0 <= a <= 100.0 for a in accuracies)
+    assert results["prior"]["cached"] is False and results["ve"]["cached"] is False
+    # The generated sets are real distill outputs: IPC files per class, manifest, preview.
+    folder = work / "distilled" / "igds_ipc10_seed2"
+    assert sorted(os.listdir(folder / "7")) == [f"{i:05d}.png" for i in range(10)]
+    with open(folder / "manifest.json") as handle:
+        manifest = json.load(handle)
+    assert manifest["settings"]["seed"] == 2 and manifest["settings"]["scale"] == results["settings"]["scale"]
+    assert os.path.isfile(folder / "preview.png")
+    prior_state = os.stat(work / "prior.safetensors")
+    ve_state = os.stat(work / "ve.safetensors")
+
+    assert run_distill(_parse(["--fast", "--work-dir", str(work), "--quiet"])) == 0
+    again = capsys.readouterr().out
+    with open(work / "results.json") as handle:
+        cached = json.load(handle)
+    assert cached["prior"]["cached"] is True and cached["ve"]["cached"] is True
+    assert os.stat(work / "prior.safetensors").st_mtime_ns == prior_state.st_mtime_ns
+    assert os.stat(work / "ve.safetensors").st_mtime_ns == ve_state.st_mtime_ns
+    # Same pieces, same seeds, same sets: the same numbers.
+    assert cached["accuracies"] == results["accuracies"]
+    assert again.splitlines()[3:6] == lines[3:6]
+
+
+def test_random_subsets_are_stratified_and_seeded():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(60, 1, 4, 4, generator=generator)
+    labels = torch.arange(60) % 10
+    x, y = random_subset(images, labels, 3, seed=5)
+    assert torch.bincount(y, minlength=10).tolist() == [3] * 10
+    x_again, _ = random_subset(images, labels, 3, seed=5)
+    x_other, _ = random_subset(images, labels, 3, seed=6)
+    assert torch.equal(x, x_again) and not torch.equal(x, x_other)
+
+
+def test_table_reports_mean_and_std_per_method_and_ipc():
+    results = {
+        "settings": {"ipcs": [1], "seeds": 2, "scale": 1.5, "beta_by_ipc": {"1": 0.2}, "eval_network": "convnet3",
+                     "eval_width": 64, "eval_epochs": 200, "sampling_steps": 25},
+        "split": {"image_size": 16, "train_images": 1258, "test_images": 539},
+        "accuracies": {"random": {"1": [70.0, 80.0]}, "ddpm": {"1": [50.0, 54.0]}, "igds": {"1": [60.0, 60.0]}},
+        "timings_s": {"prior": 1.0, "ve": 2.0, "distill": 3.0, "evaluate": 4.0, "total": 10.0},
+        "prior": {"cached": True}, "ve": {"cached": False},
+    }
+    table = format_table(results)
+    assert "75.00 \u00b1 5.00" in table and "52.00 \u00b1 2.00" in table and "60.00 \u00b1 0.00" in table
+    assert "IGDS (scale 1.5; beta 0.2@1)" in table and "prior 1s (cached)" in table
+
+
+def test_bad_demo_arguments_are_one_line():
+    with pytest.raises(IGDSInputError, match="trains its own prior and VE"):
+        run_distill(_parse(["--preset", "digits", "--ve", "x.safetensors"]))
+    with pytest.raises(IGDSInputError, match="IPCs must be positive"):
+        DigitsSettings(ipcs=(0,))
+    with pytest.raises(IGDSInputError, match="seeds must be a positive integer"):
+        DigitsSettings(seeds=0)
+    assert CLASS_NAMES == [str(d) for d in range(10)]

@@ -1,0 +1,381 @@
+"""The distill command: outputs, labels, composites, resume (SIGKILL included), refusals, bad input."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from factories import randomize_, tiny_ve
+from igds_fast.config import GuidanceConfig
+from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
+from igds_fast.distill import (
+    CONFIG_NAME,
+    DistillConfig,
+    add_distill_parser,
+    distill,
+    run_distill,
+)
+from igds_fast.errors import IGDSInputError
+from igds_fast.imageio import make_composite, to_uint8
+from igds_fast.models.adm import ADMUNet
+from igds_fast.progress import Progress, format_duration
+from igds_fast.sampler import Sampler
+from igds_fast.seeding import image_seed
+from igds_fast.train_prior import PriorTrainConfig, save_prior
+
+CLASSES = ["cat", "dog", "owl", "emu"]
+STEPS = 6
+ARCH = PriorTrainConfig(num_channels=32, channel_mult="1,2", num_res_blocks=1, noise_schedule="linear")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 shared cores a second OpenMP thread makes these tiny models slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A random-weight prior (our format, its own class list) and a VE over a subset, on disk."""
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(1234)
+    flags = ARCH.unet_flags(16, 3, 5)
+    unet = randomize_(ADMUNet.from_flags(**flags), 0.05).eval()
+    prior_path = folder / "prior.safetensors"
+    # The prior knows one more class than the VE, in another order: labels must be mapped by name.
+    save_prior(prior_path, unet, flags, ARCH.schedule_config(), ["emu", "yak", "dog", "cat", "owl"])
+    ve = tiny_ve(num_classes=4, channels=3, resolution=16)
+    ve.class_names = list(CLASSES)
+    ve_path = folder / "ve.safetensors"
+    ve.save(ve_path)
+    return {"prior": str(prior_path), "ve": str(ve_path), "unet": unet, "ve_model": ve, "folder": folder}
+
+
+def make_config(models, out, **overrides):
+    settings = dict(ve=models["ve"], prior=models["prior"], out=str(out), ipc=2, steps=STEPS, batch_size=4,
+                    seed=3, scale=2.0, beta=0.5, device="cpu", progress=False)
+    settings.update(overrides)
+    return DistillConfig(**settings)
+
+
+def png_pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def listing(folder):
+    """{relative path: bytes} of every file under folder except the manifest (run timings inside)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder)
+            if relative != "manifest.json":
+                with open(path, "rb") as handle:
+                    files[relative] = handle.read()
+    return files
+
+
+def file_states(folder):
+    """{png path: (inode, mtime_ns)}: what a rewrite (a new file renamed over the old) would change."""
+    states = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if name.endswith(".png") and name != "preview.png":
+                stat = os.stat(os.path.join(root, name))
+                states[os.path.relpath(os.path.join(root, name), folder)] = (stat.st_ino, stat.st_mtime_ns)
+    return states
+
+
+# ---- what is written ------------------------------------------------------------------------------
+
+
+def test_images_are_the_samplers_output_with_mapped_labels(models, tmp_path):
+    manifest = distill(make_config(models, tmp_path / "out", classes="dog,cat", composite=1))
+    # Selection order: dog then cat. VE labels are positions in the VE list; prior labels in the prior's.
+    assert [(c["name"], c["label"], c["prior_label"]) for c in manifest["classes"]] == [("dog", 1, 2), ("cat", 0, 3)]
+    schedule = DiffusionSchedule(ScheduleConfig("linear", 1000, str(STEPS), "small"))
+    sampler = Sampler(models["unet"], schedule, models["ve_model"], GuidanceConfig(scale=2.0, beta=0.5),
+                      prior_class_map=[3, 2, 4, 0], noise="torch")
+    seeds = [image_seed(3, "cat", 1), image_seed(3, "dog", 0)]
+    expected = sampler.sample([0, 1], seeds)
+    assert expected.std() > 0.05
+    for image, relative in zip(expected, ["cat/00001.png", "dog/00000.png"]):
+        written = png_pixels(tmp_path / "out" / relative)
+        assert np.abs(written.astype(int) - to_uint8(image).astype(int)).max() <= 1  # batch rounding only
+    entry = [e for e in manifest["images"] if e["path"] == os.path.join("cat", "00001.png")][0]
+    assert entry["seeds"] == [seeds[0]] and entry["label"] == 0 and entry["prior_label"] == 3
+
+
+def test_composites_exact_ipc_and_manifest(models, tmp_path):
+    out = tmp_path / "out"
+    manifest = distill(make_config(models, out, ipc=3, composite=4, batch_size=8))
+    for name in CLASSES:
+        assert sorted(os.listdir(out / name)) == ["00000.png", "00001.png", "00002.png"]
+    assert sorted(n for n in os.listdir(out) if not os.path.isdir(out / n)) == [CONFIG_NAME, "manifest.json", "preview.png"]
+    # A composite is the 2x2 grid of its four samples, generated indices 4i..4i+3, row-major.
+    schedule = DiffusionSchedule(ScheduleConfig("linear", 1000, str(STEPS), "small"))
+    sampler = Sampler(models["unet"], schedule, models["ve_model"], GuidanceConfig(scale=2.0, beta=0.5),
+                      prior_class_map=[3, 2, 4, 0], noise="torch")
+    samples = sampler.sample([2] * 4, [image_seed(3, "owl", g) for g in range(4, 8)])
+    composite = to_uint8(make_composite(samples)).astype(int)
+    written = png_pixels(out / "owl" / "00001.png").astype(int)
+    assert written.shape == (16, 16, 3)
+    assert np.abs(written - composite).max() <= 1
+    quadrant = to_uint8(samples[2]).astype(int)[::2, ::2]  # bottom-left is sample 2 at half size
+    assert np.abs(written[8:, :8] - quadrant).mean() < np.abs(written[8:, :8] - to_uint8(samples[1])[::2, ::2]).mean()
+
+    with open(out / "manifest.json") as handle:
+        on_disk = json.load(handle)
+    assert on_disk["images"] == manifest["images"]
+    assert len(manifest["images"]) == 12
+    owl = [e for e in manifest["images"] if e["path"] == os.path.join("owl", "00001.png")][0]
+    assert owl["generated_indices"] == [4, 5, 6, 7] and owl["label"] == 2 and owl["prior_label"] == 4
+    assert owl["seeds"] == [image_seed(3, "owl", g) for g in range(4, 8)]
+    settings = manifest["settings"]
+    assert (settings["ipc"], settings["composite"], settings["scale"], settings["beta"], settings["steps"]) == (3, 4, 2.0, 0.5, STEPS)
+    assert settings["beta_source"] == "given"
+    assert manifest["versions"]["torch"] == torch.__version__
+    run = manifest["run"]
+    assert run["images_written"] == 12 and run["samples_generated"] == 48 and run["images_per_s"] > 0
+    assert manifest["pixel_settings"]["prior_fingerprint"]["sha256"]
+    preview = png_pixels(out / "preview.png")
+    assert preview.shape == (2 + 4 * 18, 2 + 3 * 18, 3)  # 4 class rows x 3 images, 2-pixel gutters
+
+
+# ---- resume ---------------------------------------------------------------------------------------
+
+
+def test_rerun_skips_finished_images_and_rewrites_nothing(models, tmp_path):
+    out = tmp_path / "out"
+    distill(make_config(models, out, ipc=2, composite=1, batch_size=3))
+    before = file_states(out)
+    contents = listing(out)
+    assert len(before) == 8
+    again = distill(make_config(models, out, ipc=2, composite=1, batch_size=3))
+    assert again["run"]["images_written"] == 0 and again["run"]["samples_generated"] == 0
+    assert file_states(out) == before
+    # Lose two images (as if their batch had been in flight): only they are made again, identically.
+    os.unlink(out / "dog" / "00001.png")
+    os.unlink(out / "emu" / "00000.png")
+    resumed = distill(make_config(models, out, ipc=2, composite=1, batch_size=3))
+    assert resumed["run"]["images_written"] == 2
+    after = file_states(out)
+    for path, state in before.items():
+        if path not in (os.path.join("dog", "00001.png"), os.path.join("emu", "00000.png")):
+            assert after[path] == state, path
+    assert listing(out) == contents  # byte for byte, preview and config included
+
+
+def _distill_command(models, out):
+    return [
+        sys.executable, "-m", "igds_fast.distill", "--prior", models["prior"], "--ve", models["ve"],
+        "--ipc", "4", "--composite", "4", "--batch-size", "4", "--steps", str(STEPS), "--seed", "11",
+        "--scale", "3", "--beta", "0.2", "--out", str(out), "--device", "cpu", "--quiet",
+    ]
+
+
+def test_sigkill_at_a_random_moment_then_rerun_equals_an_uninterrupted_run(models, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    # The uninterrupted run, in this process (one thread, like the subprocesses): the same parser and code.
+    assert run_distill(_parse(_distill_command(models, reference)[3:])) == 0
+    total = 4 * 4
+    assert len(file_states(reference)) == total
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(_distill_command(models, interrupted), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(file_states(interrupted)) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.3))  # a random moment: mid-batch, mid-write or between batches
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done_at_kill = len(file_states(interrupted))
+    assert 2 <= done_at_kill < total
+    assert not os.path.exists(interrupted / "manifest.json")
+    assert os.path.exists(interrupted / CONFIG_NAME)  # written first
+
+    subprocess.run(_distill_command(models, interrupted), env=env, check=True, capture_output=True, timeout=300)
+    leftovers = [name for _, _, names in os.walk(interrupted) for name in names if name.endswith(".tmp")]
+    assert leftovers == []
+    assert listing(interrupted) == listing(reference)
+    with open(interrupted / "manifest.json") as a, open(reference / "manifest.json") as b:
+        resumed_manifest, reference_manifest = json.load(a), json.load(b)
+    resumed_manifest["settings"].pop("out"), reference_manifest["settings"].pop("out")
+    for key in ("settings", "pixel_settings", "classes", "images", "prior", "ve"):
+        assert resumed_manifest[key] == reference_manifest[key], key
+    assert resumed_manifest["run"]["images_written"] == total - done_at_kill
+
+
+# ---- refusals and --force -------------------------------------------------------------------------
+
+
+def test_other_settings_are_refused_naming_the_setting_and_force_clears(models, tmp_path):
+    out = tmp_path / "out"
+    distill(make_config(models, out, composite=1))
+    before = file_states(out)
+    for overrides, setting in [({"scale": 1.0}, "scale"), ({"beta": 0.1}, "beta"), ({"seed": 4}, "seed"),
+                               ({"ipc": 3}, "ipc"), ({"steps": 5}, "diffusion"), ({"classes": "cat,dog"}, "classes"),
+                               ({"composite": 4}, "composite")]:
+        with pytest.raises(IGDSInputError, match=rf"another configuration: {setting} \(folder: .*, now: .*--force") as info:
+            distill(make_config(models, out, **{"composite": 1, **overrides}))
+        assert "\n" not in str(info.value)
+    assert file_states(out) == before  # a refused run touched nothing
+    forced = distill(make_config(models, out, composite=1, seed=4, ipc=1, force=True))
+    assert forced["run"]["images_written"] == 4
+    assert sorted(os.listdir(out / "cat")) == ["00000.png"]  # the old IPC-2 images are gone
+    with open(out / CONFIG_NAME) as handle:
+        assert json.load(handle)["seed"] == 4
+
+
+def test_a_foreign_non_empty_folder_is_refused(models, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(IGDSInputError, match="not empty and was not written by distill"):
+        distill(make_config(models, out))
+    assert os.listdir(out) == ["notes.txt"]
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def _parse(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_distill_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["distill", *argv])
+
+
+def test_bad_input_is_one_line_before_any_sampling(models, tmp_path):
+    other_ve = tiny_ve(num_classes=2, channels=3)
+    other_ve.class_names = ["cat", "gnu"]
+    foreign_ve = tmp_path / "foreign_ve.safetensors"
+    other_ve.save(foreign_ve)
+    class_file = tmp_path / "classes.txt"
+    class_file.write_text("owl\nyak\n")
+    out = str(tmp_path / "never")
+    base = ["--prior", models["prior"], "--ve", models["ve"], "--out", out, "--steps", "4"]
+    cases = [
+        (base + ["--ipc", "0"], "IPC must be a positive integer, got 0"),
+        (base + ["--ipc", "-1"], "IPC must be a positive integer"),
+        (base + ["--ipc", "1", "--steps", "0"], "steps must be a positive integer"),
+        (base + ["--ipc", "1", "--batch-size", "0"], "batch size must be a positive integer"),
+        (base + ["--ipc", "1", "--composite", "4", "--batch-size", "2"], "cannot hold one composite"),
+        (["--prior", models["prior"], "--ve", str(tmp_path / "nope.safetensors"), "--ipc", "1", "--out", out],
+         "VE bundle not found"),
+        (["--prior", str(tmp_path / "nope.pt"), "--ve", models["ve"], "--ipc", "1", "--out", out], "prior checkpoint not found"),
+        (["--prior", models["ve"], "--ve", models["ve"], "--ipc", "1", "--out", out], "not an igds prior.*--preset"),
+        (["--prior", str(tmp_path / "nope.pt"), "--preset", "adm256-cond", "--ve", models["ve"], "--ipc", "1",
+          "--out", out], "prior checkpoint not found"),
+        (["--prior", models["prior"], "--ve", str(foreign_ve), "--ipc", "1", "--out", out],
+         "VE class.* not in the prior's class list.*gnu"),
+        (base + ["--ipc", "1", "--classes", "cat,gnu"], "'gnu' is not in the prior's class list"),
+        (base + ["--ipc", "1", "--classes", str(class_file)], "'yak' is not in the VE's class list"),
+        (base + ["--ipc", "1", "--beta-table", str(tmp_path / "nope.json")], "beta table not found"),
+        (base + ["--ipc", "1", "--scale", "-1"], "scale must be >= 0"),
+        (["--ve", models["ve"], "--ipc", "1", "--out", out], "give exactly one prior"),
+        (["--prior", models["prior"], "--ipc", "1", "--out", out], "give --ve"),
+        (["--prior", models["prior"], "--ve", models["ve"], "--out", out], "give --ipc"),
+        (["--preset", "adm256-cond"], "needs --prior CHECKPOINT and --ve"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(IGDSInputError, match=message) as info:
+            run_distill(_parse(argv))
+        assert "\n" not in str(info.value), argv
+    assert not os.path.exists(out)  # nothing was created by any refused run
+
+
+def test_beta_defaults_to_the_placeholder_table_and_reads_a_calibrated_table(models, tmp_path):
+    from igds_fast.distill import DEFAULT_BETA_TABLE
+
+    table = tmp_path / "beta.json"
+    table.write_text(json.dumps({"beta_per_ipc": {"1": 0.25, "2": 0.75}}))
+    manifest = distill(make_config(models, tmp_path / "a", ipc=2, beta=None, beta_table=str(table), classes="emu",
+                                   composite=1))
+    assert manifest["settings"]["beta"] == 0.75 and manifest["settings"]["beta_source"].startswith("table")
+    manifest = distill(make_config(models, tmp_path / "b", ipc=1, beta=None, classes="emu", composite=1))
+    assert manifest["settings"]["beta"] == DEFAULT_BETA_TABLE[1]
+    assert "placeholder" in manifest["settings"]["beta_source"]
+
+
+def test_adm_preset_checkpoints_use_imagenet_labels_and_composites(models, tmp_path, monkeypatch):
+    """An ADM checkpoint path: ImageNet-1K labels by wnid, composites by default (paper presets)."""
+    from safetensors.torch import save_file
+
+    from igds_fast.classes import class_list, imagenet_wnids
+    from igds_fast.models import adm
+
+    tiny_flags = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                      class_cond=True, learn_sigma=True, num_head_channels=16, use_scale_shift_norm=True,
+                      resblock_updown=True)
+    monkeypatch.setitem(adm.ADM_PRESETS, "tiny-cond", tiny_flags)
+    monkeypatch.setitem(adm.ADM_DIFFUSION_FLAGS, "tiny-cond", dict(noise_schedule="linear", diffusion_steps=1000))
+    unet = randomize_(adm.ADMUNet.from_flags(**tiny_flags), 0.05)
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(checkpoint))
+    woof = class_list("imagewoof")
+    ve = tiny_ve(num_classes=len(woof), channels=3)
+    ve.class_names = list(woof)
+    ve_path = tmp_path / "woof_ve.safetensors"
+    ve.save(ve_path)
+    config = DistillConfig(ve=str(ve_path), prior=str(checkpoint), preset="tiny-cond", out=str(tmp_path / "out"),
+                           ipc=1, classes="imagewoof", steps=3, batch_size=8, scale=1.0, beta=0.1, progress=False)
+    manifest = distill(config)
+    assert manifest["settings"]["composite"] == 4
+    assert [c["prior_label"] for c in manifest["classes"]] == [imagenet_wnids().index(w) for w in woof]
+    assert sorted(os.listdir(tmp_path / "out" / woof[0])) == ["00000.png"]
+    with pytest.raises(IGDSInputError, match="'n01440764' is not in the VE's class list"):
+        distill(DistillConfig(**{**config.__dict__, "classes": "imagenette", "out": str(tmp_path / "x")}))
+
+
+# ---- progress -------------------------------------------------------------------------------------
+
+
+class _Stream:
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+def test_progress_bar_on_a_tty_and_log_lines_elsewhere():
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731
+    tty = _Stream(True)
+    bar = Progress(10, stream=tty, initial=2, clock=clock, min_interval_s=0.0)
+    now[0] = 4.0
+    bar.update(4)  # 4 images in 4 s this run: 1 img/s, 4 left -> ETA 4 s
+    bar.close()
+    assert "\r[" in tty.text and "6/10 img (60%) 1.00 img/s ETA 4s" in tty.text and tty.text.endswith("\n")
+
+    log = _Stream(False)
+    lines = Progress(3, stream=log, clock=clock, log_interval_s=100.0)
+    for _ in range(3):
+        now[0] += 1.0
+        lines.update(1)
+    lines.close()
+    assert "\r" not in log.text and "\x1b" not in log.text
+    assert log.text.splitlines()[0].startswith("1/3 img") and log.text.splitlines()[-1].startswith("3/3 img")
+    assert format_duration(3725) == "1h02m" and format_duration(float("inf")) == "?"
