@@ -143,7 +143,25 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ plumbing
-SUBCOMMANDS: list[Callable] = [_add_eval_parser]
+def _add_train_ve_parser(subparsers) -> None:
+    from igds_fast.train_ve import add_train_ve_parser
+
+    add_train_ve_parser(subparsers)
+
+
+def _add_calibrate_parser(subparsers) -> None:
+    from igds_fast.calibrate import add_calibrate_parser
+
+    add_calibrate_parser(subparsers)
+
+
+def _add_distill_parser(subparsers) -> None:
+    from igds_fast.distill import add_distill_parser
+
+    add_distill_parser(subparsers)
+
+
+SUBCOMMANDS: list[Callable] = [_add_distill_parser, _add_train_ve_parser, _add_calibrate_parser, _add_eval_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except IGDSInputError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):  # under torchrun only rank 0 reports a bad input
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
 
