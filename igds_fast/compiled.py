@@ -5,8 +5,8 @@
 
     model_output = UNet_lp(x_t, timestep_map[i], y)    compiled, dtype bf16/fp16, channels_last,
                                                        GroupNorm statistics in fp32 (ADM's GroupNorm32),
-                                                       attention softmax in fp32 (SDPA kernels
-                                                       accumulate in fp32)            [B, 2C or C, H, W] fp32
+                                                       attention softmax in fp32 (fused SDPA
+                                                       kernels keep fp32 statistics)  [B, 2C or C, H, W] fp32
     x0_hat       = predict_x0 Triton kernel (x_t, eps)                                 fp32
     z            = f_lp(preprocess(x0_hat))            compiled encoder forward        [B, d] fp32 out
     dJ/dz        = guidance_head Triton kernel         (fp32)                          [B, d]
@@ -111,8 +111,9 @@ class CompileConfig:
     inductor_options: inductor config overrides (merged over the mode's); None = CONV_UNET_INDUCTOR_OPTIONS
         on CUDA, none on CPU.
     cuda_graphs: capture the whole step in a CUDA graph per batch shape (forced False without CUDA).
-    attention: "sdpa" (default), "xformers" (must be importable), or "auto" (xformers only when
-        importable AND its UNet forward measures faster on this device; else sdpa).
+    attention: "sdpa" (default: ADM attention on 4-D contiguous q/k/v, which the fused SDPA kernels
+        take — see the attention section), "xformers" (must be importable), or "auto" (xformers only
+        when importable AND its UNet forward measures faster on this device; else sdpa).
     batch_size: images per batch; None = `choose_batch_size` from free device memory (see
         `CompiledStep.batch_size`).
     memory_fraction: share of the free device memory a chosen batch may use.
@@ -273,6 +274,13 @@ class LowPrecisionFeatures(nn.Module):
 
 
 # ---- attention ----------------------------------------------------------------------------------
+# ADM's `AttentionBlock._attention` hands SDPA 3-D [B*H, T, c] views whose last dimension has stride T
+# (q, k, v are transposes of the channel-first qkv conv output). PyTorch's fused SDPA kernels (flash,
+# memory-efficient, cuDNN) accept only 4-D inputs with a stride-1 last dimension, so that call takes
+# SDPA's math fallback: T x T scores materialised in memory (T = 1024 at ADM-256's 32x32 level). The
+# low-precision copy therefore rebinds `_attention` to the same computation on contiguous 4-D
+# [B, H, T, c] tensors (one copy of q, k, v each), which the fused kernels take — their softmax
+# statistics are fp32 whatever the input dtype. The user's model keeps its own method.
 def xformers_available() -> bool:
     try:
         import xformers.ops  # noqa: F401
@@ -289,31 +297,47 @@ def _attention_blocks(unet: nn.Module) -> list[nn.Module]:
     ]
 
 
-def _xformers_attention(block: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
-    """ADM's `AttentionBlock._attention` on xformers' memory-efficient kernel: qkv [B, 3*H*c, T] -> [B, H*c, T]."""
-    import xformers.ops as xops
-
+def _split_heads(block: nn.Module, qkv: torch.Tensor):
+    """qkv [B, 3*H*c, T] -> contiguous q, k, v [B, H, T, c], in the block's channel order."""
     batch, width, length = qkv.shape
     heads = block.num_heads
     head_channels = width // (3 * heads)
-    if block.legacy_order:
-        q, k, v = qkv.reshape(batch * heads, 3 * head_channels, length).split(head_channels, dim=1)
-    else:
-        q, k, v = (t.reshape(batch * heads, head_channels, length) for t in qkv.chunk(3, dim=1))
-    # xformers layout [batch, tokens, heads, channels]: one "head" per (image, head) pair.
-    q, k, v = (t.transpose(1, 2).unsqueeze(2).contiguous() for t in (q, k, v))
+    if block.legacy_order:  # per head [q, k, v] (QKVAttentionLegacy)
+        q, k, v = qkv.reshape(batch, heads, 3 * head_channels, length).split(head_channels, dim=2)
+    else:  # [all q, all k, all v], then heads (QKVAttention)
+        q, k, v = (t.reshape(batch, heads, head_channels, length) for t in qkv.chunk(3, dim=1))
+    return tuple(t.transpose(-1, -2).contiguous() for t in (q, k, v))
+
+
+def _sdpa_attention(block: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    """ADM's attention through a fused SDPA kernel: qkv [B, 3*H*c, T] -> [B, H*c, T]."""
+    q, k, v = _split_heads(block, qkv)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(c), as ADM
+    batch, heads, length, head_channels = out.shape
+    return out.transpose(-1, -2).reshape(batch, heads * head_channels, length)
+
+
+def _xformers_attention(block: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    """ADM's attention on xformers' memory-efficient kernel: qkv [B, 3*H*c, T] -> [B, H*c, T]."""
+    import xformers.ops as xops
+
+    q, k, v = (t.transpose(1, 2) for t in _split_heads(block, qkv))  # xformers: [B, T, H, c]
     out = xops.memory_efficient_attention(q, k, v)  # default scale 1/sqrt(c), as SDPA and ADM
-    return out.squeeze(2).transpose(1, 2).reshape(batch, -1, length)
+    batch, length, heads, head_channels = out.shape
+    return out.permute(0, 2, 3, 1).reshape(batch, heads * head_channels, length)
 
 
-def use_xformers_attention(unet: nn.Module) -> int:
-    """Route every ADM attention block of `unet` (a copy: this rebinds methods) through xformers.
+ATTENTION_IMPLEMENTATIONS = {"sdpa": _sdpa_attention, "xformers": _xformers_attention}
 
-    Returns the number of blocks switched.
+
+def set_attention(unet: nn.Module, name: str) -> int:
+    """Route every ADM attention block of `unet` (a copy: this rebinds methods) through `name`.
+
+    name: "sdpa" (fused SDPA kernels, 4-D contiguous layout) or "xformers". Returns the block count.
     """
     blocks = _attention_blocks(unet)
     for block in blocks:
-        block._attention = types.MethodType(_xformers_attention, block)
+        block._attention = types.MethodType(ATTENTION_IMPLEMENTATIONS[name], block)
     return len(blocks)
 
 
@@ -332,36 +356,30 @@ def _median_forward_ms(unet: nn.Module, x, timesteps, y, repeats: int = 5) -> fl
 
 
 def resolve_attention(choice: str, unet_lp: LowPrecisionUNet, sampler) -> str:
-    """The attention implementation to use: "sdpa" or "xformers" (installed into `unet_lp` if chosen)."""
+    """Install the attention implementation into the copy `unet_lp`; returns "sdpa" or "xformers".
+
+    "auto" picks xformers only when it is importable, the device is CUDA, and an eager forward of
+    the copy at batch 2 measures faster with it than with SDPA.
+    """
     blocks = _attention_blocks(unet_lp.unet)
-    if choice == "sdpa":
-        return "sdpa"
     if choice == "xformers":
         if not xformers_available():
             raise IGDSInputError("attention='xformers' but xformers is not importable; use 'sdpa' or 'auto'")
         if not blocks:
             raise IGDSInputError("attention='xformers' needs an ADM UNet (no ADM attention blocks found)")
-        use_xformers_attention(unet_lp.unet)
-        return "xformers"
-    # auto: xformers only where it exists, there is attention to route, and it measures faster.
-    if not (blocks and xformers_available() and sampler.device.type == "cuda"):
-        return "sdpa"
+    set_attention(unet_lp.unet, "xformers" if choice == "xformers" else "sdpa")
+    if choice != "auto" or not (blocks and xformers_available() and sampler.device.type == "cuda"):
+        return "xformers" if choice == "xformers" else "sdpa"
     size, channels = sampler.image_size, sampler.channels
     x = torch.randn(2, channels, size, size, device=sampler.device)
     timesteps = torch.full((2,), 500, dtype=torch.long, device=sampler.device)
-    y = torch.zeros(2, dtype=torch.long, device=sampler.device) if sampler.prior_labels(
-        torch.zeros(1, dtype=torch.long, device=sampler.device)) is not None else None
+    conditional = getattr(sampler.unet, "num_classes", None) is not None
+    y = torch.zeros(2, dtype=torch.long, device=sampler.device) if conditional else None
     sdpa_ms = _median_forward_ms(unet_lp, x, timesteps, y)
-    originals = {block: block.__dict__.get("_attention") for block in blocks}
-    use_xformers_attention(unet_lp.unet)
-    xformers_ms = _median_forward_ms(unet_lp, x, timesteps, y)
-    if xformers_ms < sdpa_ms:
+    set_attention(unet_lp.unet, "xformers")
+    if _median_forward_ms(unet_lp, x, timesteps, y) < sdpa_ms:
         return "xformers"
-    for block, original in originals.items():  # back to the class's SDPA method
-        if original is None:
-            del block._attention
-        else:
-            block._attention = original
+    set_attention(unet_lp.unet, "sdpa")
     return "sdpa"
 
 
@@ -731,6 +749,7 @@ def _check_triton_runs_here(device: torch.device) -> None:
 
 
 __all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
     "CONV_UNET_INDUCTOR_OPTIONS",
     "CompileConfig",
     "CompiledStep",
@@ -738,6 +757,6 @@ __all__ = [
     "LowPrecisionUNet",
     "choose_batch_size",
     "low_precision_copy",
-    "use_xformers_attention",
+    "set_attention",
     "xformers_available",
 ]

@@ -205,6 +205,31 @@ def test_sampler_passes_options_and_refuses_xformers_when_missing():
             make_pair(unet, ve, class_map, dict(compile=False, attention="xformers"))
 
 
+@pytest.mark.parametrize("new_order", [False, True])
+def test_copy_attention_feeds_fused_sdpa_layouts_and_matches_adm(new_order, monkeypatch):
+    unet, ve, class_map, _ = build_models(new_order=new_order)
+    _, compiled = make_pair(unet, ve, class_map, FP32_EAGER_COPIES)
+    seen = []
+    original_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        seen.append((q.dim(), q.stride(-1), k.stride(-1), v.stride(-1)))
+        return original_sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    x = torch.randn(3, 3, 16, 16)
+    t = torch.tensor([10, 500, 990])
+    y = torch.tensor(class_map[:3])
+    with torch.no_grad():
+        copy_output = compiled._step.unet_lp(x, t, y)
+        assert seen and all(entry == (4, 1, 1, 1) for entry in seen)  # fused-kernel layouts only
+        reference = unet(x, t, y)
+    torch.testing.assert_close(copy_output, reference, rtol=1e-5, atol=1e-6)
+    # The user's model keeps ADM's own attention method; only the copy's blocks are rebound.
+    assert all("_attention" not in m.__dict__ for m in unet.modules())
+    assert any("_attention" in m.__dict__ for m in compiled._step.unet_lp.modules())
+
+
 @pytest.mark.skipif(not xformers_available(), reason="xformers is not installed")
 def test_xformers_attention_matches_sdpa():
     device = "cuda" if GPU else "cpu"
