@@ -89,7 +89,8 @@ class DistillConfig:
     paper, else 1). batch_size: samples per sampler call. seed: global seed of every image seed.
     force: clear a folder of another configuration. device: torch device (None = cuda if available).
     tau / gamma / mode / head / noise / backend: GuidanceConfig and Sampler options (None tau = the
-    VE's). noise_schedule: the diffusion of a diffusers prior (its UNet folder does not record it).
+    VE's; None noise = "philox" for the compiled backend, which draws its noise in-kernel, else
+    "torch"). noise_schedule: the diffusion of a diffusers prior (its UNet folder does not record it).
     progress: report progress on stderr. prior_class_names: the class list of a diffusers prior
     that is conditional on neither ImageNet-1K nor the VE's list (None = infer).
     """
@@ -114,7 +115,7 @@ class DistillConfig:
     gamma: float = 0.0
     mode: str = "x0"
     head: str = "autograd"
-    noise: str = "torch"
+    noise: str | None = None
     backend: str = "eager"
     noise_schedule: str = "linear"
     progress: bool = True
@@ -368,7 +369,7 @@ def plan_distill(config: DistillConfig) -> Plan:
         "gamma": float(config.gamma),
         "mode": config.mode,
         "head": config.head,
-        "noise": config.noise,
+        "noise": config.noise or ("philox" if config.backend == "compiled" else "torch"),
         "backend": config.backend,
     }
     return Plan(config, ve, spec, list(classes), ve_labels, prior_labels, prior_class_map, beta, beta_source,
@@ -512,12 +513,26 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     from .diffusion import DiffusionSchedule, ScheduleConfig
     from .sampler import Sampler
 
+    from .distributed import gather_to_main, init_distributed, main_first, rank_device, shard, shutdown
+
     started = time.perf_counter()
-    plan = plan if plan is not None else plan_distill(config)
+    # Under torchrun: rank 0 validates the inputs and prepares the folder first; the other ranks wait,
+    # so a bad input fails once with one message. A single process runs the same code unchanged.
+    ctx = init_distributed(config.device)
+    plan = plan if plan is not None else main_first(ctx, lambda: plan_distill(config))
+    device = torch.device(rank_device(ctx, str(plan.device))) if ctx.enabled else plan.device
     out = config.out
-    already = prepare_output(out, plan.pixel_settings, plan.class_keys, config.force, log)
+
+    def prepare() -> int:
+        if ctx.is_main:
+            return prepare_output(out, plan.pixel_settings, plan.class_keys, config.force, log)
+        return sum(1 for job in plan.jobs if is_done(job, out))
+
+    already = main_first(ctx, prepare)
     batches = _fixed_batches(plan.jobs, config.batch_size, plan.composite)
-    todo = [batch for batch in batches if not all(is_done(job, out) for job in batch)]
+    # Fixed batches, dealt round-robin: a batch has the same members whatever the world size, and the
+    # ranks share the work still to do after a resume equally.
+    todo = shard([batch for batch in batches if not all(is_done(job, out) for job in batch)], ctx)
     total_images = len(plan.jobs)
     written = 0
     sampled = 0
@@ -528,15 +543,15 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
             f"({plan.composite} sample(s) each), {total_images - already} to make, beta {plan.beta:g} "
             f"({plan.beta_source}), scale {config.scale:g}, {config.steps} steps, device {plan.device}"
         )
-        unet = _load_prior_unet(plan.prior, plan.device)
-        schedule = DiffusionSchedule(ScheduleConfig(**plan.pixel_settings["diffusion"]), device=plan.device)
+        unet = _load_prior_unet(plan.prior, device)
+        schedule = DiffusionSchedule(ScheduleConfig(**plan.pixel_settings["diffusion"]), device=device)
         guidance = GuidanceConfig(
             scale=float(config.scale), beta=float(plan.beta), tau=config.tau, gamma=float(config.gamma),
             mode=config.mode, head=config.head,
         )
-        ve = plan.ve.to(plan.device)
+        ve = plan.ve.to(device)
         sampler = Sampler(unet, schedule, ve, guidance, backend=config.backend,
-                          prior_class_map=plan.prior_class_map, noise=config.noise)
+                          prior_class_map=plan.prior_class_map, noise=plan.pixel_settings["noise"])
         progress = Progress(total_images, unit="img", label="distill", initial=already, enabled=config.progress)
         progress.start()
         sampling_start = time.perf_counter()
@@ -559,13 +574,32 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
                 progress.update(1)
         sampling_seconds = time.perf_counter() - sampling_start
         progress.close()
+    elif ctx.enabled and already < total_images:
+        log(f"distill: rank {ctx.rank} has no share of the {total_images - already} images left")
     else:
         log(f"distill: {out} already holds all {total_images} images of this configuration; nothing to sample")
 
+    rank_stats = {
+        "rank": ctx.rank,
+        "device": str(device),
+        "images_written": written,
+        "samples_generated": sampled,
+        "sampling_time_s": round(sampling_seconds, 3),
+        "images_per_s": round(written / sampling_seconds, 4) if sampling_seconds > 0 else None,
+    }
+    gathered = gather_to_main(ctx, rank_stats)
+    if not ctx.is_main:
+        shutdown(ctx)
+        return {"run": {"world_size": ctx.world_size, "ranks": [rank_stats]}}  # no "images": rank 0 merges
+    written = sum(stats["images_written"] for stats in gathered)
+    sampled = sum(stats["samples_generated"] for stats in gathered)
+    sampling_seconds = max(stats["sampling_time_s"] for stats in gathered)  # the ranks ran in parallel
     preview = write_preview(out, plan.class_keys, config.ipc)
     wall = time.perf_counter() - started
     manifest = build_manifest(plan, written, sampled, sampling_seconds, wall, preview is not None)
+    manifest["run"].update(world_size=ctx.world_size, ranks=gathered)
     write_json_atomic(os.path.join(out, MANIFEST_NAME), manifest)
+    shutdown(ctx)
     return manifest
 
 
@@ -670,7 +704,8 @@ def add_distill_parser(subparsers) -> None:
     guidance.add_argument("--gamma", type=float, default=0.0, help="diversity (InfoNCE) term weight (default: 0)")
     guidance.add_argument("--mode", choices=("x0", "xt"), default="x0", help="gradient w.r.t. x0_hat or x_t")
     guidance.add_argument("--head", choices=("autograd", "analytic", "triton"), default="autograd")
-    guidance.add_argument("--noise", choices=("torch", "philox"), default="torch", help="noise source")
+    guidance.add_argument("--noise", choices=("torch", "philox"), default=None,
+                          help="noise source (default: philox for --backend compiled, else torch)")
     guidance.add_argument("--backend", choices=("eager", "compiled"), default="eager")
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=int, default=None,
@@ -722,6 +757,8 @@ def run_distill(args: argparse.Namespace) -> int:
         backend=args.backend, noise_schedule=args.noise_schedule, progress=not args.quiet,
     )
     manifest = distill(config)
+    if "images" not in manifest:
+        return 0  # a non-zero torchrun rank: rank 0 merges the manifest and reports the run
     run = manifest["run"]
     rate = f", {run['images_per_s']:.3f} images/s" if run["images_per_s"] else ""
     print(f"distill: {len(manifest['images'])} images in {os.path.abspath(config.out)} "
@@ -738,7 +775,8 @@ def main(argv=None) -> int:
     try:
         return int(args.handler(args) or 0)
     except IGDSInputError as exc:
-        print(f"igds-fast: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):  # under torchrun only rank 0 reports a bad input
+            print(f"igds-fast: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -379,3 +379,25 @@ def test_progress_bar_on_a_tty_and_log_lines_elsewhere():
     assert "\r" not in log.text and "\x1b" not in log.text
     assert log.text.splitlines()[0].startswith("1/3 img") and log.text.splitlines()[-1].startswith("3/3 img")
     assert format_duration(3725) == "1h02m" and format_duration(float("inf")) == "?"
+
+
+def test_an_unconditional_diffusers_prior_samples_every_ve_class(models, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    randomize_(model, 0.05).save_pretrained(tmp_path / "unet")
+    config = DistillConfig(ve=models["ve"], diffusers=str(tmp_path / "unet"), out=str(tmp_path / "out"), ipc=1,
+                           steps=3, batch_size=4, scale=1.0, beta=0.2, progress=False)
+    manifest = distill(config)
+    assert manifest["prior"] == {"kind": "diffusers", "path": str(tmp_path / "unet"), "preset": None,
+                                 "conditional": False, "num_classes": None}
+    assert [(c["name"], c["label"], c["prior_label"]) for c in manifest["classes"]] == [
+        ("cat", 0, None), ("dog", 1, None), ("owl", 2, None), ("emu", 3, None)]
+    assert manifest["settings"]["composite"] == 1  # composites default on for the ADM paper presets only
+    assert manifest["pixel_settings"]["diffusion"]["fixed_variance"] == "large"
+    pixels = [png_pixels(tmp_path / "out" / name / "00000.png") for name in CLASSES]
+    assert all(p.shape == (16, 16, 3) for p in pixels) and pixels[0].std() > 1
+    assert not np.array_equal(pixels[0], pixels[1])
