@@ -169,3 +169,31 @@ def test_bad_input_is_one_line(tmp_path):
         with pytest.raises(IGDSInputError, match=message) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+def test_command_line_trains_and_saves_a_prior_distill_can_read(tmp_path, capsys):
+    import argparse
+
+    from PIL import Image
+
+    from igds_fast.train_prior import add_train_prior_parser, run_train_prior
+
+    rng = torch.Generator().manual_seed(3)
+    for name in ("ant", "bee"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = (torch.rand(8, 8, 3, generator=rng) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
+    parser = argparse.ArgumentParser()
+    add_train_prior_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "prior.safetensors"
+    args = parser.parse_args(["train-prior", "--data", str(tmp_path / "data"), "--out", str(out), "--image-size", "8",
+                              "--steps", "3", "--batch-size", "4", "--device", "cpu"])
+    assert run_train_prior(args) == 0
+    assert "3 steps" in capsys.readouterr().out
+    unet, schedule_config, names = load_prior(out)
+    assert names == ["ant", "bee"] and unet.in_channels == 3 and unet.num_classes == 2
+    assert read_prior_header(out)["training"]["config"]["steps"] == 3
+    bad = parser.parse_args(["train-prior", "--digits", "--out", str(tmp_path / "missing" / "p.safetensors")])
+    with pytest.raises(IGDSInputError, match="does not exist"):
+        run_train_prior(bad)
