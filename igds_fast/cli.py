@@ -155,13 +155,21 @@ def _add_calibrate_parser(subparsers) -> None:
     add_calibrate_parser(subparsers)
 
 
+def _add_train_prior_parser(subparsers) -> None:
+    from igds_fast.train_prior import add_train_prior_parser
+
+    add_train_prior_parser(subparsers)
+
+
 def _add_distill_parser(subparsers) -> None:
     from igds_fast.distill import add_distill_parser
 
     add_distill_parser(subparsers)
 
 
-SUBCOMMANDS: list[Callable] = [_add_distill_parser, _add_train_ve_parser, _add_calibrate_parser, _add_eval_parser]
+SUBCOMMANDS: list[Callable] = [
+    _add_distill_parser, _add_train_prior_parser, _add_train_ve_parser, _add_calibrate_parser, _add_eval_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
