@@ -20,7 +20,8 @@ into fixed batches of the full job list (interleaving classes); a rerun skips th
 images all exist and re-samples a partly written batch with exactly its original members, writing
 only its missing files. Because a batch is always computed with the same members, a resumed run's
 files equal an uninterrupted run's byte for byte (same batch size, device and thread count; with
-another batch size images agree to float rounding). A rerun whose pixel settings differ from
+another batch size images agree to float rounding, or byte for byte with `batch_invariant`).
+A rerun whose pixel settings differ from
 `.igds_config.json` is refused, naming the setting; `force` clears the folder's images first.
 
 beta: `--beta`, else `--beta-table` (from `igds-fast calibrate-beta`), else `DEFAULT_BETA_TABLE`.
@@ -120,6 +121,7 @@ class DistillConfig:
     noise_schedule: str = "linear"
     progress: bool = True
     prior_class_names: list[str] | None = field(default=None)
+    batch_invariant: bool = False
 
 
 # ---- fingerprints ---------------------------------------------------------------------------------
@@ -449,7 +451,14 @@ def prepare_output(out: str, pixel_settings: dict, class_keys: list[str], force:
     if not os.path.isfile(config_path):
         write_json_atomic(config_path, pixel_settings)  # first: a crash leaves a folder that knows its settings
     for key in class_keys:
-        os.makedirs(os.path.join(out, key), exist_ok=True)
+        folder = os.path.join(out, key)
+        os.makedirs(folder, exist_ok=True)
+        # Temp files left by a writer killed mid-write (SIGKILL, a dead rank): never a finished image.
+        # Safe to remove here: no writer of this run has started yet (under torchrun rank 0 prepares
+        # the folder while the other ranks wait).
+        for name in os.listdir(folder):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.unlink(os.path.join(folder, name))
     return sum(
         1 for key in class_keys for name in os.listdir(os.path.join(out, key)) if name.endswith(".png")
     )
@@ -551,7 +560,8 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         )
         ve = plan.ve.to(device)
         sampler = Sampler(unet, schedule, ve, guidance, backend=config.backend,
-                          prior_class_map=plan.prior_class_map, noise=plan.pixel_settings["noise"])
+                          prior_class_map=plan.prior_class_map, noise=plan.pixel_settings["noise"],
+                          batch_invariant=config.batch_invariant)
         progress = Progress(total_images, unit="img", label="distill", initial=already, enabled=config.progress)
         progress.start()
         sampling_start = time.perf_counter()
@@ -707,6 +717,9 @@ def add_distill_parser(subparsers) -> None:
     guidance.add_argument("--noise", choices=("torch", "philox"), default=None,
                           help="noise source (default: philox for --backend compiled, else torch)")
     guidance.add_argument("--backend", choices=("eager", "compiled"), default="eager")
+    guidance.add_argument("--batch-invariant", action="store_true",
+                          help="eager: step each image alone so its bytes do not depend on the batch size either "
+                               "(slower; without it, bytes are identical across world sizes and resumes at one batch size)")
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=int, default=None,
                      help=f"samples per batch (default: {DEFAULT_BATCH_SIZE}; digits demo: 100)")
@@ -755,6 +768,7 @@ def run_distill(args: argparse.Namespace) -> int:
         batch_size=DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size, seed=args.seed, force=args.force,
         device=args.device, tau=args.tau, gamma=args.gamma, mode=args.mode, head=args.head, noise=args.noise,
         backend=args.backend, noise_schedule=args.noise_schedule, progress=not args.quiet,
+        batch_invariant=args.batch_invariant,
     )
     manifest = distill(config)
     if "images" not in manifest:

@@ -91,3 +91,15 @@ def test_bad_input_is_reported_once_and_every_rank_exits_non_zero(models, tmp_pa
     assert time.monotonic() - started < 120
     assert result.stderr.count("igds-fast: error:") == 1, result.stderr[-3000:]
     assert "missing_ve.safetensors" in result.stderr
+
+
+def test_batch_invariant_folders_do_not_depend_on_batch_size_or_world_size(models, tmp_path):
+    one = tmp_path / "one"
+    args = _distill_command(models, one)[3:] + ["--batch-invariant"]
+    assert run_distill(_parse(args)) == 0
+    two = tmp_path / "two"
+    args = _distill_command(models, two)[3:] + ["--batch-invariant"]
+    args[args.index("--batch-size") + 1] = "8"
+    result = subprocess.run(torchrun_command(2, args), env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert listing(two) == listing(one)
