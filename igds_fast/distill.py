@@ -782,16 +782,9 @@ def run_distill(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     """`python -m igds_fast.distill ...`: the distill command on its own (same arguments and errors)."""
-    parser = argparse.ArgumentParser(prog="igds-fast distill")
-    subparsers = parser.add_subparsers(dest="command")
-    add_distill_parser(subparsers)
-    args = parser.parse_args(["distill", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.handler(args) or 0)
-    except IGDSInputError as exc:
-        if not getattr(exc, "quiet", False):  # under torchrun only rank 0 reports a bad input
-            print(f"igds-fast: error: {exc}", file=sys.stderr)
-        return 2
+    from .cli import main as cli_main
+
+    return cli_main(["distill", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

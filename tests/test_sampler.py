@@ -1,5 +1,4 @@
 """The eager sampler: one guided step against guided-diffusion + autograd, batch independence, bad input."""
-import math
 
 import pytest
 import torch
