@@ -30,12 +30,11 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .diffusion import NOISE_SCHEDULES, DiffusionSchedule, ScheduleConfig
 from .errors import IGDSInputError
@@ -441,11 +440,6 @@ def load_prior(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     check_state_dict(unet, state, f"prior {path}")
     unet.load_state_dict(state)
     return unet.to(device).eval(), schedule_config, class_names
-
-
-def prior_config_fields() -> list[str]:
-    """Names of the PriorTrainConfig fields (for CLI / cache keys)."""
-    return [f.name for f in fields(PriorTrainConfig)]
 
 
 # ---- command line ---------------------------------------------------------------------------------

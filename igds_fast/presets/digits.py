@@ -45,10 +45,12 @@ Guidance (scale s, beta) chosen by a small sweep on this prior and VE (ConvNet-3
   IPC 10, as the method prescribes, at no measurable cost. Larger scales push the images towards
   adversarial textures of the small VE and lose accuracy.
 
-Measured (this machine, 2 cores shared with other jobs, load average 2.4-3.5 during the runs):
-first run 441 s (prior 242 s, VE 69 s, distill 46 s, evaluate 80 s); cached run 82 s (trained
-pieces and generated sets reused: evaluation only); cached run after deleting WORK/distilled 121 s
-(sampling 44 s + evaluation 74 s). The table it printed:
+Measured with `igds-fast distill` (this machine: 2 cores shared with other engineers' jobs, load
+average 2.4-3.5, never idle), two fresh work dirs: first run 441 s and 396 s (prior 242 / 231 s,
+VE 69 / 46 s, distill 46 / 44 s, evaluate 80 / 73 s); cached run 82 s and 78 s (trained pieces and
+generated sets reused: evaluation only); cached run after deleting WORK/distilled 121 s and 117 s
+(sampling 40-44 s + evaluation 73-74 s). Every run printed the same table (the pipeline is
+deterministic on one machine):
 
   method                                          IPC 1        IPC 10
   random real subset                       64.75 +- 4.77  93.94 +- 1.77
