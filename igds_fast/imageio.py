@@ -87,6 +87,12 @@ def encode_png(image) -> bytes:
     return buffer.getvalue()
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, os.replace.
 
@@ -101,6 +107,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     # "*.png" never picks up a partial file.
     fd, temp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        # mkstemp creates 0600; outputs are ordinary files, readable as the user's umask allows.
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
