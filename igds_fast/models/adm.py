@@ -282,9 +282,14 @@ class AttentionBlock(nn.Module):
             q, k, v = qkv.reshape(batch * self.num_heads, 3 * head_channels, length).split(head_channels, dim=1)
         else:
             q, k, v = (t.reshape(batch * self.num_heads, head_channels, length) for t in qkv.chunk(3, dim=1))
-        # SDPA wants [..., T, c]; the transposes are views.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2).reshape(batch, -1, length)
+        # SDPA wants [B, H, T, c] with a contiguous last dimension: the fused (flash / memory-efficient)
+        # CUDA kernels refuse 3-D strided views and would fall back to the math path, which
+        # materialises the T x T scores (T = 1024 at ADM-256's 32x32 level).
+        def heads(t):
+            return t.reshape(batch, self.num_heads, head_channels, length).transpose(2, 3).contiguous()
+
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        return out.transpose(2, 3).reshape(batch, -1, length)
 
 
 class ADMUNet(nn.Module):
