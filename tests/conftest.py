@@ -20,5 +20,17 @@ def rng_seed(request):
     return seed
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on 2 shared cores a second OpenMP thread makes tiny models 3-20x slower.
+
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with IGDS_TEST_GPU=1 on a GPU machine)")

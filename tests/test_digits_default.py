@@ -19,12 +19,7 @@ def _parse(argv):
     return parser.parse_args(["distill", *argv])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_no_models_runs_the_whole_pipeline_then_reuses_its_cache(tmp_path, capsys):

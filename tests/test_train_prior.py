@@ -19,13 +19,7 @@ from igds_fast.train_prior import (
 
 gd = pytest.importorskip("guided_diffusion.gaussian_diffusion")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores a second OpenMP thread makes these tiny models slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = PriorTrainConfig(steps=2, batch_size=8, warmup_steps=1, noise_schedule="linear")
