@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .artifacts import parse_json_header
 from .diffusion import NOISE_SCHEDULES, DiffusionSchedule, ScheduleConfig
 from .errors import IGDSInputError
 from .imageio import write_bytes_atomic
@@ -386,16 +387,7 @@ def read_prior_header(path: str | os.PathLike) -> dict:
             metadata = handle.metadata() or {}
     except Exception as exc:  # safetensors raises its own error type for every format defect
         raise IGDSInputError(f"{path} is not a readable safetensors file: {' '.join(str(exc).split())[:200]}") from exc
-    if METADATA_KEY not in metadata:
-        raise IGDSInputError(f"{path} is not an igds prior (no '{METADATA_KEY}' metadata)")
-    try:
-        header = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise IGDSInputError(f"{path}: the '{METADATA_KEY}' header is not valid JSON ({exc.msg})") from exc
-    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise IGDSInputError(f"{path} is not an igds prior (header format is not '{FORMAT_NAME}')")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise IGDSInputError(f"{path}: unsupported prior format_version {header.get('format_version')!r}")
+    header = parse_json_header(metadata, path, METADATA_KEY, FORMAT_NAME, FORMAT_VERSION, "prior")
     for key in ("flags", "diffusion", "class_names"):
         if key not in header:
             raise IGDSInputError(f"{path}: prior header lacks {key!r}")

@@ -23,6 +23,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .artifacts import parse_json_header
 from .errors import IGDSInputError
 from .models.resnet import ARCHS, NORMS, ResNet, build_resnet, load_trunk_state
 from .preprocess import EncoderPreprocess
@@ -259,18 +260,7 @@ class VariationalEstimator(nn.Module):
 
 def _parse_header(metadata: dict, path: str) -> dict:
     """The validated `igds_ve` header: field types and values checked, one-line errors."""
-    if METADATA_KEY not in metadata:
-        raise IGDSInputError(f"{path} is not an igds VE bundle (no '{METADATA_KEY}' metadata)")
-    try:
-        header = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise IGDSInputError(f"{path}: the '{METADATA_KEY}' header is not valid JSON ({exc.msg})") from exc
-    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise IGDSInputError(f"{path} is not an igds VE bundle (header format is not '{FORMAT_NAME}')")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise IGDSInputError(
-            f"{path}: unsupported VE bundle format_version {header.get('format_version')!r} (this reader: {FORMAT_VERSION})"
-        )
+    header = parse_json_header(metadata, path, METADATA_KEY, FORMAT_NAME, FORMAT_VERSION, "VE bundle")
     required = ("arch", "softplus_beta", "norm", "in_channels", "tau", "resolution", "mean", "std",
                 "class_names", "feature_dim", "num_classes")
     missing = [k for k in required if k not in header]
