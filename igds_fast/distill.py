@@ -522,7 +522,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     from .diffusion import DiffusionSchedule, ScheduleConfig
     from .sampler import Sampler
 
-    from .distributed import gather_to_main, init_distributed, main_first, rank_device, shard, shutdown
+    from .distributed import barrier, gather_to_main, init_distributed, main_first, rank_device, shard, shutdown
 
     started = time.perf_counter()
     # Under torchrun: rank 0 validates the inputs and prepares the folder first; the other ranks wait,
@@ -599,6 +599,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     }
     gathered = gather_to_main(ctx, rank_stats)
     if not ctx.is_main:
+        barrier(ctx)  # leave the process group together with rank 0: a lone teardown can abort gloo
         shutdown(ctx)
         return {"run": {"world_size": ctx.world_size, "ranks": [rank_stats]}}  # no "images": rank 0 merges
     written = sum(stats["images_written"] for stats in gathered)
@@ -609,6 +610,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     manifest = build_manifest(plan, written, sampled, sampling_seconds, wall, preview is not None)
     manifest["run"].update(world_size=ctx.world_size, ranks=gathered)
     write_json_atomic(os.path.join(out, MANIFEST_NAME), manifest)
+    barrier(ctx)
     shutdown(ctx)
     return manifest
 
