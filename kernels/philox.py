@@ -40,9 +40,10 @@ def philox_normal_block(seed, stream, start, BLOCK: tl.constexpr):
     """
     quarter: tl.constexpr = BLOCK // 4
     c0 = (start // 4 + tl.arange(0, quarter)).to(tl.uint32)
-    stream_bits = (tl.to_tensor(stream).to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
     zero = c0 * 0
-    c1 = zero + stream_bits
+    # stream is an int64 scalar loaded from memory or a Python int the JIT specialised as a constant;
+    # widening through a vector works for both (tl.to_tensor, the direct way, is not in Triton 3.6).
+    c1 = ((zero.to(tl.int64) + stream) & 0xFFFFFFFF).to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
     n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
     n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
