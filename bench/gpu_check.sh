@@ -52,6 +52,15 @@ RESULTS_DIR="${OUT:-./gpu_results}"
 mkdir -p "$RESULTS_DIR"
 RESULTS_DIR="$(cd "$RESULTS_DIR" && pwd)"
 SUMMARY="$RESULTS_DIR/SUMMARY.md"
+# The checkout itself, installed or not: the GPU machines have no network for pip, and an uninstalled
+# checkout maps kernels/ and profiling/ into igds_fast by itself (igds_fast/__init__.py).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! python -c "import igds_fast.kernels, igds_fast.profiling, igds_fast.compiled" 2>"$RESULTS_DIR/import_error.log"; then
+  echo "gpu_check.sh: igds_fast does not import from $PWD:" >&2
+  tail -n 5 "$RESULTS_DIR/import_error.log" >&2
+  exit 1
+fi
+rm -f "$RESULTS_DIR/import_error.log"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/igds_inductor_cache}"
 export PYTHONUNBUFFERED=1
 START_S=$(date +%s)

@@ -39,8 +39,8 @@ without the bf16 rounding; bf16 convolutions on CPU are slow).
 Without CUDA: no graphs (forced off); torch.compile still runs (inductor's C++ backend, mode
 "default", or backend="aot_eager" — dynamo + AOTAutograd without code generation, the cheap mode
 the CPU tests use); the Triton kernels run in Triton's interpreter, which must be selected before
-`igds_fast.kernels` is first imported (this module sets TRITON_INTERPRET=1 on a machine without CUDA
-when triton is not imported yet, and otherwise fails with an IGDSInputError that says so).
+`igds_fast.kernels` is first imported (importing igds_fast.kernels sets TRITON_INTERPRET=1 on a machine without
+CUDA when triton is not imported yet, and otherwise fails with an IGDSInputError that says so).
 
 The guidance head is always the Triton `guidance_head` (GuidanceConfig.head is ignored), as in
 `igds_fast.fused_step.FusedStep`, whose coefficient tables, device step indices and seed handling
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import types
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
@@ -58,15 +57,11 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    # Triton compiles its kernels only for a GPU; on a CPU machine its interpreter is the only way to
-    # run them, and it is chosen when a kernel is decorated, i.e. at import.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from .errors import IGDSInputError  # noqa: E402
-from .fused_step import FusedStep  # noqa: E402
-from .kernels import fused_ddpm_update, guidance_head, predict_x0, seeds_to_tensor  # noqa: E402
-from .profiling import nvtx_range  # noqa: E402
+from .errors import IGDSInputError
+from .fused_step import FusedStep
+# Importing the kernels selects Triton's interpreter on a machine without CUDA (see igds_fast.kernels).
+from .kernels import fused_ddpm_update, guidance_head, predict_x0, seeds_to_tensor
+from .profiling import nvtx_range
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTENTION_BACKENDS = ("sdpa", "xformers", "auto")

@@ -87,11 +87,15 @@ class DistillConfig:
     class ids; None = every VE class in VE order). ipc: output images per class. beta / beta_table
     (None / None = DEFAULT_BETA_TABLE). scale: guidance scale (0 = plain DDPM). steps: respaced
     sampling steps. composite: samples per output image (1 or 4; None = 4 for ADM presets, as the
-    paper, else 1). batch_size: samples per sampler call. seed: global seed of every image seed.
+    paper, else 1). batch_size: samples per sampler call (None = DEFAULT_BATCH_SIZE for the eager
+    backend; the compiled backend chooses it from free device memory, the smallest choice of all
+    ranks under torchrun, and pads a short last batch to it so no new graph is captured).
+    seed: global seed of every image seed.
     force: clear a folder of another configuration. device: torch device (None = cuda if available).
     tau / gamma / mode / head / noise / backend: GuidanceConfig and Sampler options (None tau = the
     VE's; None noise = "philox" for the compiled backend, which draws its noise in-kernel, else
-    "torch"). noise_schedule: the diffusion of a diffusers prior (its UNet folder does not record it).
+    "torch"). compile_options: CompileConfig fields for the compiled backend (dict; e.g.
+    {"dtype": "fp16"}). noise_schedule: the diffusion of a diffusers prior (its UNet folder does not record it).
     progress: report progress on stderr. prior_class_names: the class list of a diffusers prior
     that is conditional on neither ImageNet-1K nor the VE's list (None = infer).
     """
@@ -108,7 +112,7 @@ class DistillConfig:
     scale: float = DEFAULT_SCALE
     steps: int = DEFAULT_STEPS
     composite: int | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None
     seed: int = 0
     force: bool = False
     device: str | None = None
@@ -118,6 +122,7 @@ class DistillConfig:
     head: str = "autograd"
     noise: str | None = None
     backend: str = "eager"
+    compile_options: dict | None = None
     noise_schedule: str = "linear"
     progress: bool = True
     prior_class_names: list[str] | None = field(default=None)
@@ -289,7 +294,8 @@ def _resolve_beta(config: DistillConfig) -> tuple[float, str]:
 def _check_scalars(config: DistillConfig) -> None:
     check_positive_int(config.ipc, "IPC")
     check_positive_int(config.steps, "steps")
-    check_positive_int(config.batch_size, "batch size")
+    if config.batch_size is not None:
+        check_positive_int(config.batch_size, "batch size")
     if config.composite is not None and config.composite not in COMPOSITE_SIZES:
         raise IGDSInputError(f"composite must be one of {COMPOSITE_SIZES}, got {config.composite!r}")
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
@@ -298,6 +304,16 @@ def _check_scalars(config: DistillConfig) -> None:
         raise IGDSInputError("give an output folder (--out)")
     if os.path.exists(config.out) and not os.path.isdir(config.out):
         raise IGDSInputError(f"output path {config.out!r} exists and is not a folder")
+
+
+def _compile_config(config: DistillConfig):
+    """The validated CompileConfig of a compiled run (one-line IGDSInputError on a bad option)."""
+    from .compiled import CompileConfig
+
+    options = config.compile_options
+    if options is not None and not isinstance(options, dict):
+        raise IGDSInputError(f"compile options must be a JSON object, got {type(options).__name__}")
+    return CompileConfig.from_options(options)
 
 
 def plan_distill(config: DistillConfig) -> Plan:
@@ -350,7 +366,7 @@ def plan_distill(config: DistillConfig) -> Plan:
     prior_labels = [prior_class_map[label] if prior_class_map is not None else None for label in ve_labels]
     composite = config.composite if config.composite is not None else (4 if spec.kind == "adm" else 1)
     jobs = build_jobs(classes, ve_labels, config.ipc, config.seed, composite)
-    if config.batch_size < composite:
+    if config.batch_size is not None and config.batch_size < composite:
         raise IGDSInputError(f"batch size {config.batch_size} cannot hold one composite image ({composite} samples)")
 
     pixel_settings = {
@@ -374,6 +390,13 @@ def plan_distill(config: DistillConfig) -> Plan:
         "noise": config.noise or ("philox" if config.backend == "compiled" else "torch"),
         "backend": config.backend,
     }
+    if config.backend == "compiled":
+        compile_config = _compile_config(config)
+        # The compute dtypes change the pixels; the other compile options only change the speed.
+        pixel_settings["compile"] = {"dtype": compile_config.dtype,
+                                     "encoder_dtype": compile_config.encoder_dtype or compile_config.dtype}
+    elif config.compile_options:
+        raise IGDSInputError("compile options apply to --backend compiled only")
     return Plan(config, ve, spec, list(classes), ve_labels, prior_labels, prior_class_map, beta, beta_source,
                 composite, pixel_settings, jobs, device)
 
@@ -522,7 +545,9 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     from .diffusion import DiffusionSchedule, ScheduleConfig
     from .sampler import Sampler
 
-    from .distributed import barrier, gather_to_main, init_distributed, main_first, rank_device, shard, shutdown
+    from .distributed import (
+        agree_min, barrier, gather_to_main, init_distributed, main_first, rank_device, shard, shutdown,
+    )
 
     started = time.perf_counter()
     # Under torchrun: rank 0 validates the inputs and prepares the folder first; the other ranks wait,
@@ -538,11 +563,35 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         return sum(1 for job in plan.jobs if is_done(job, out))
 
     already = main_first(ctx, prepare)
-    batches = _fixed_batches(plan.jobs, config.batch_size, plan.composite)
+    total_images = len(plan.jobs)
+
+    def build_sampler():
+        unet = _load_prior_unet(plan.prior, device)
+        schedule = DiffusionSchedule(ScheduleConfig(**plan.pixel_settings["diffusion"]), device=device)
+        guidance = GuidanceConfig(
+            scale=float(config.scale), beta=float(plan.beta), tau=config.tau, gamma=float(config.gamma),
+            mode=config.mode, head=config.head,
+        )
+        options = _compile_config(config) if config.backend == "compiled" else None
+        return Sampler(unet, schedule, plan.ve.to(device), guidance, backend=config.backend,
+                       prior_class_map=plan.prior_class_map, noise=plan.pixel_settings["noise"],
+                       batch_invariant=config.batch_invariant, backend_options=options)
+
+    sampler = None
+    batch_size = config.batch_size
+    pad = config.backend == "compiled"  # static shapes: a short last batch reuses the full batch's graphs
+    if batch_size is None:
+        if pad and already < total_images:
+            # Every rank sees the same folder, so all of them take this branch and meet in agree_min.
+            sampler = build_sampler()
+            batch_size = agree_min(ctx, sampler.preferred_batch_size or DEFAULT_BATCH_SIZE)
+        else:
+            batch_size = DEFAULT_BATCH_SIZE
+    batch_size = max(plan.composite, batch_size - batch_size % plan.composite)  # whole composites only
+    batches = _fixed_batches(plan.jobs, batch_size, plan.composite)
     # Fixed batches, dealt round-robin: a batch has the same members whatever the world size, and the
     # ranks share the work still to do after a resume equally.
     todo = shard([batch for batch in batches if not all(is_done(job, out) for job in batch)], ctx)
-    total_images = len(plan.jobs)
     written = 0
     sampled = 0
     sampling_seconds = 0.0
@@ -550,18 +599,10 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         log(
             f"distill: {len(plan.class_keys)} classes x IPC {config.ipc} = {total_images} images "
             f"({plan.composite} sample(s) each), {total_images - already} to make, beta {plan.beta:g} "
-            f"({plan.beta_source}), scale {config.scale:g}, {config.steps} steps, device {plan.device}"
+            f"({plan.beta_source}), scale {config.scale:g}, {config.steps} steps, batch {batch_size}, "
+            f"backend {config.backend}, device {plan.device}"
         )
-        unet = _load_prior_unet(plan.prior, device)
-        schedule = DiffusionSchedule(ScheduleConfig(**plan.pixel_settings["diffusion"]), device=device)
-        guidance = GuidanceConfig(
-            scale=float(config.scale), beta=float(plan.beta), tau=config.tau, gamma=float(config.gamma),
-            mode=config.mode, head=config.head,
-        )
-        ve = plan.ve.to(device)
-        sampler = Sampler(unet, schedule, ve, guidance, backend=config.backend,
-                          prior_class_map=plan.prior_class_map, noise=plan.pixel_settings["noise"],
-                          batch_invariant=config.batch_invariant)
+        sampler = sampler or build_sampler()
         progress = Progress(total_images, unit="img", label="distill", initial=already, enabled=config.progress)
         progress.start()
         sampling_start = time.perf_counter()
@@ -571,7 +612,8 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
             if config.gamma:
                 # The diversity term couples the samples of one class in the batch (IGDS_SPEC section 4).
                 group_ids = [sample.label for sample in samples]
-            images = sampler.sample([s.label for s in samples], [s.seed for s in samples], group_ids=group_ids)
+            images = sampler.sample([s.label for s in samples], [s.seed for s in samples], group_ids=group_ids,
+                                    pad_to=batch_size if pad else None)
             images = images.detach().to("cpu", torch.float32)
             sampled += len(samples)
             for position, job in enumerate(batch):
@@ -592,6 +634,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     rank_stats = {
         "rank": ctx.rank,
         "device": str(device),
+        "batch_size": batch_size,
         "images_written": written,
         "samples_generated": sampled,
         "sampling_time_s": round(sampling_seconds, 3),
@@ -608,7 +651,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     preview = write_preview(out, plan.class_keys, config.ipc)
     wall = time.perf_counter() - started
     manifest = build_manifest(plan, written, sampled, sampling_seconds, wall, preview is not None)
-    manifest["run"].update(world_size=ctx.world_size, ranks=gathered)
+    manifest["run"].update(world_size=ctx.world_size, ranks=gathered, batch_size=batch_size)
     write_json_atomic(os.path.join(out, MANIFEST_NAME), manifest)
     barrier(ctx)
     shutdown(ctx)
@@ -718,13 +761,21 @@ def add_distill_parser(subparsers) -> None:
     guidance.add_argument("--head", choices=("autograd", "analytic", "triton"), default="autograd")
     guidance.add_argument("--noise", choices=("torch", "philox"), default=None,
                           help="noise source (default: philox for --backend compiled, else torch)")
-    guidance.add_argument("--backend", choices=("eager", "compiled"), default="eager")
+    guidance.add_argument("--backend", choices=("eager", "compiled"), default="eager",
+                          help="eager: the float32 reference; compiled: low-precision torch.compile'd UNet, "
+                               "Triton guidance kernels, the step replayed as one CUDA graph")
+    guidance.add_argument("--compile-dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                          help="compiled backend: compute dtype of the UNet and encoder copies (default: bf16)")
+    guidance.add_argument("--compile-options", metavar="JSON", default=None,
+                          help='compiled backend: more CompileConfig fields, e.g. \'{"cuda_graphs": false, '
+                               '"mode": "default"}\'')
     guidance.add_argument("--batch-invariant", action="store_true",
                           help="eager: step each image alone so its bytes do not depend on the batch size either "
                                "(slower; without it, bytes are identical across world sizes and resumes at one batch size)")
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=int, default=None,
-                     help=f"samples per batch (default: {DEFAULT_BATCH_SIZE}; digits demo: 100)")
+                     help=f"samples per batch (default: {DEFAULT_BATCH_SIZE}; compiled backend: chosen from free "
+                          "device memory; digits demo: 100)")
     run.add_argument("--out", default=None, help="output folder")
     run.add_argument("--force", action="store_true", help="clear an output folder of another configuration")
     run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -749,6 +800,21 @@ def _uses_digits_demo(args: argparse.Namespace) -> bool:
     return False
 
 
+def _compile_options(args: argparse.Namespace) -> dict | None:
+    """--compile-options JSON merged with --compile-dtype (None when neither is given)."""
+    options: dict = {}
+    if args.compile_options is not None:
+        try:
+            options = json.loads(args.compile_options)
+        except json.JSONDecodeError as exc:
+            raise IGDSInputError(f"--compile-options is not valid JSON: {exc.msg} at character {exc.pos}") from None
+        if not isinstance(options, dict):
+            raise IGDSInputError("--compile-options must be a JSON object of CompileConfig fields")
+    if args.compile_dtype is not None:
+        options["dtype"] = args.compile_dtype
+    return options or None
+
+
 def run_distill(args: argparse.Namespace) -> int:
     """The `distill` subcommand: the digits demo or one distillation run. Returns the exit code."""
     if _uses_digits_demo(args):
@@ -767,10 +833,10 @@ def run_distill(args: argparse.Namespace) -> int:
         scale=DEFAULT_SCALE if args.scale is None else args.scale,
         steps=DEFAULT_STEPS if args.steps is None else args.steps,
         composite=args.composite,
-        batch_size=DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size, seed=args.seed, force=args.force,
+        batch_size=args.batch_size, seed=args.seed, force=args.force,
         device=args.device, tau=args.tau, gamma=args.gamma, mode=args.mode, head=args.head, noise=args.noise,
         backend=args.backend, noise_schedule=args.noise_schedule, progress=not args.quiet,
-        batch_invariant=args.batch_invariant,
+        batch_invariant=args.batch_invariant, compile_options=_compile_options(args),
     )
     manifest = distill(config)
     if "images" not in manifest:

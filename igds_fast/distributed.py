@@ -129,6 +129,18 @@ def gather_to_main(ctx: DistContext, obj: Any) -> list[Any] | None:
     return gathered
 
 
+def agree_min(ctx: DistContext, value: int) -> int:
+    """The smallest of every rank's `value` (e.g. a batch size each rank chose from its own free memory).
+
+    A collective: every rank must call it. Single process: `value` itself.
+    """
+    if not ctx.enabled:
+        return value
+    values = [None] * ctx.world_size
+    dist.all_gather_object(values, int(value))
+    return min(values)
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()

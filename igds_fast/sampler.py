@@ -235,9 +235,26 @@ class Sampler:
             raise IGDSInputError(f"images must be [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
         return self._step(x, i, labels, noise, group_ids, seeds)
 
-    def sample(self, labels, seeds, group_ids=None) -> torch.Tensor:
-        """Images [B, C, H, W] in [-1, 1] for VE class `labels` [B], each keyed by its seed [B]."""
+    @property
+    def preferred_batch_size(self) -> int | None:
+        """The backend's own batch size (compiled: given, or chosen from free device memory), else None."""
+        return getattr(self._step, "batch_size", None)
+
+    def sample(self, labels, seeds, group_ids=None, pad_to: int | None = None) -> torch.Tensor:
+        """Images [B, C, H, W] in [-1, 1] for VE class `labels` [B], each keyed by its seed [B].
+
+        pad_to: run the batch at this size (>= B) and return its first B images. Static-shape backends
+        (compiled: one compile and one CUDA graph per batch shape) reuse the graphs of their full
+        batches for a short last batch instead of capturing new ones. The filler rows repeat the last
+        image's label and seed and sit in diversity groups of their own, so they change no real
+        image's guidance (with gamma = 0 the images are independent anyway).
+        """
         labels, seeds, group_ids = self._validate_batch(labels, seeds, group_ids)
+        count = labels.numel()
+        if pad_to is not None:
+            if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < count:
+                raise IGDSInputError(f"pad_to must be an integer >= the batch size {count}, got {pad_to!r}")
+            labels, seeds, group_ids = _pad_batch(labels, seeds, group_ids, pad_to, self.guidance.gamma != 0)
         shape = (self.channels, self.image_size, self.image_size)
         x = self.noise_source(seeds, INITIAL_NOISE_STREAM, shape, self.device)
         begin_batch = getattr(self._step, "begin_batch", None)
@@ -245,7 +262,7 @@ class Sampler:
             x = begin_batch(x, labels, seeds, group_ids)
         for i in reversed(range(self.schedule.num_steps)):
             x = self.step(x, i, labels, None, group_ids, seeds)
-        return x.clamp(-1.0, 1.0)
+        return x[:count].clamp(-1.0, 1.0)
 
     # ---- validation ---------------------------------------------------------------------------
     def _validate_batch(self, labels, seeds, group_ids):
@@ -274,3 +291,23 @@ class Sampler:
                 f"non-finite guidance gradient at sampling step {step} "
                 f"(respaced index {self.schedule.num_steps - 1 - step}) for labels {bad[:10]}"
             )
+
+
+def _pad_batch(labels: torch.Tensor, seeds: list[int], group_ids, size: int, coupled: bool):
+    """(labels, seeds, group_ids) grown to `size` rows by repeating the last image (see Sampler.sample).
+
+    With the diversity term on (`coupled`), every filler gets a group id of its own below every real
+    one (when no group ids were given the groups are the labels, made explicit here), so the
+    InfoNCE sums of the real images never see a filler; a singleton group's term has zero gradient.
+    """
+    extra = size - labels.numel()
+    if extra == 0:
+        return labels, seeds, group_ids
+    labels = torch.cat([labels, labels[-1:].expand(extra)])
+    seeds = seeds + [seeds[-1]] * extra
+    if coupled or group_ids is not None:
+        real = group_ids if group_ids is not None else labels[: size - extra]
+        lowest = int(real.min())
+        fillers = torch.arange(lowest - extra, lowest, device=real.device)
+        group_ids = torch.cat([real, fillers])
+    return labels, seeds, group_ids

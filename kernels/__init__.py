@@ -9,8 +9,18 @@ its docstring:
     fused_ddpm_update  kernels/ddpm_update.py     the update block of sampler.EagerStep
     encoder_preprocess kernels/preprocess.py      igds_fast.preprocess.EncoderPreprocess
 
-On a machine without a GPU they run under TRITON_INTERPRET=1 (set it before importing triton).
+On a machine without a GPU they run under TRITON_INTERPRET=1, which Triton reads when a kernel is
+decorated: importing this package on such a machine sets it, unless triton was imported before (then
+set it yourself before importing triton; the compiled backend checks and says so).
 """
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from ._common import poisoned_scratch, seeds_to_tensor
 from .ddpm_update import StepTables, fused_ddpm_update, predict_x0
 from .guidance_head import guidance_head

@@ -286,6 +286,11 @@ def test_bad_input_is_one_line_before_any_sampling(models, tmp_path):
         (["--prior", models["prior"], "--ipc", "1", "--out", out], "give --ve"),
         (["--prior", models["prior"], "--ve", models["ve"], "--out", out], "give --ipc"),
         (["--preset", "adm256-cond"], "needs --prior CHECKPOINT and --ve"),
+        (base + ["--ipc", "1", "--compile-dtype", "fp16"], "compile options apply to --backend compiled only"),
+        (base + ["--ipc", "1", "--backend", "compiled", "--compile-options", "{nope"], "--compile-options is not valid JSON"),
+        (base + ["--ipc", "1", "--backend", "compiled", "--compile-options", "[1]"], "must be a JSON object"),
+        (base + ["--ipc", "1", "--backend", "compiled", "--compile-options", '{"graphs": 1}'], "unknown compile options"),
+        (base + ["--ipc", "1", "--backend", "compiled", "--compile-options", '{"dtype": "int4"}'], "compile dtype"),
     ]
     for argv, message in cases:
         with pytest.raises(IGDSInputError, match=message) as info:
@@ -395,3 +400,29 @@ def test_an_unconditional_diffusers_prior_samples_every_ve_class(models, tmp_pat
     pixels = [png_pixels(tmp_path / "out" / name / "00000.png") for name in CLASSES]
     assert all(p.shape == (16, 16, 3) for p in pixels) and pixels[0].std() > 1
     assert not np.array_equal(pixels[0], pixels[1])
+
+
+# ---- the compiled backend --------------------------------------------------------------------------
+
+
+def test_compiled_backend_chooses_its_batch_pads_the_last_and_matches_eager(models, tmp_path):
+    # fp32 copies without torch.compile: the compiled step's logic at CPU cost. No batch size given:
+    # the backend's choice (8 on CPU). 3 classes x IPC 4 = 12 samples: a batch of 8, then the four owls
+    # padded to 8 — with gamma > 0 the owls form one diversity group that no filler may join.
+    options = {"dtype": "fp32", "compile": False, "channels_last": False}
+    common = dict(classes="cat,dog,owl", ipc=4, composite=1, gamma=0.4)
+    manifest = distill(make_config(models, tmp_path / "compiled", backend="compiled", compile_options=options,
+                                   batch_size=None, **common))
+    assert manifest["run"]["batch_size"] == 8 and manifest["run"]["samples_generated"] == 12
+    config = json.loads((tmp_path / "compiled" / CONFIG_NAME).read_text())
+    assert config["compile"] == {"dtype": "fp32", "encoder_dtype": "fp32"} and config["noise"] == "philox"
+    # The eager reference with the same Philox noise and the same batches (8 + 4, no padding): the
+    # fillers changed no real image, although gamma couples the images of a class within a batch.
+    distill(make_config(models, tmp_path / "eager", noise="philox", batch_size=8, **common))
+    for name in ("cat", "dog", "owl"):
+        for index in range(4):
+            relative = os.path.join(name, f"{index:05d}.png")
+            compiled = png_pixels(tmp_path / "compiled" / relative).astype(int)
+            eager = png_pixels(tmp_path / "eager" / relative).astype(int)
+            assert np.abs(compiled - eager).max() <= 1, relative  # fp32 reordering: one uint8 level at most
+

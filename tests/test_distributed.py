@@ -43,6 +43,7 @@ def test_two_ranks_shard_and_gather(tmp_path):
     assert [g["rank"] for g in gathered] == [0, 1]
     assert gathered[0]["items"] == [0, 2, 4, 6, 8, 10] and gathered[1]["items"] == [1, 3, 5, 7, 9]
     assert all(g["status"] == "ok" for g in gathered)
+    assert [g["agreed"] for g in gathered] == [33, 33]  # every rank gets the smallest offer (40, 33)
 
 
 def test_bad_input_is_reported_once_and_every_rank_fails(tmp_path):

@@ -227,3 +227,35 @@ def test_batch_invariant_mode_is_bitwise_independent_of_the_batch(parts, gamma):
     assert torch.equal(part[1], full[3]) and torch.equal(part[2], full[1])
     if gamma == 0.0:
         assert torch.equal(sampler.sample([1], [404])[0], full[3])
+
+
+@pytest.mark.parametrize("group_ids", [None, [5, 2, 2]])
+def test_padded_batch_returns_the_unpadded_images(parts, group_ids):
+    # Batch-invariant mode steps each diversity group alone, so padding must leave the real images
+    # bit for bit unchanged: the fillers (repeats of the last image) sit in groups of their own,
+    # also when the groups default to the labels (here two images of class 1 share one).
+    unet, ve, _ = parts
+    short = DiffusionSchedule(ScheduleConfig("linear", 1000, "4"))
+    sampler = Sampler(unet, short, ve, GuidanceConfig(scale=2.0, beta=0.5, gamma=0.5),
+                      prior_class_map=PRIOR_MAP, batch_invariant=True)
+    seeds = [11, 12, 13]
+    plain = sampler.sample([0, 1, 1], seeds, group_ids=group_ids)
+    padded = sampler.sample([0, 1, 1], seeds, group_ids=group_ids, pad_to=6)
+    assert padded.shape == plain.shape == (3, 3, 16, 16)
+    assert torch.equal(padded, plain)
+    assert torch.equal(sampler.sample([0, 1, 1], seeds, group_ids=group_ids, pad_to=3), plain)
+    for bad in (2, 0, 4.0, True):
+        with pytest.raises(IGDSInputError, match="pad_to must be an integer >= the batch size 3"):
+            sampler.sample([0, 1, 1], seeds, pad_to=bad)
+
+
+def test_padding_groups_stay_apart_from_real_groups():
+    from igds_fast.sampler import _pad_batch
+
+    labels = torch.tensor([3, 1, 1])
+    padded_labels, seeds, groups = _pad_batch(labels, [7, 8, 9], None, 6, coupled=True)
+    assert padded_labels.tolist() == [3, 1, 1, 1, 1, 1] and seeds == [7, 8, 9, 9, 9, 9]
+    assert groups.tolist()[:3] == [3, 1, 1] and len(set(groups.tolist()[3:]) | {3, 1}) == 5
+    _, _, groups = _pad_batch(labels, [7, 8, 9], torch.tensor([0, -2, 4]), 5, coupled=True)
+    assert groups.tolist() == [0, -2, 4, -4, -3]
+    assert _pad_batch(labels, [7, 8, 9], None, 5, coupled=False)[2] is None  # gamma = 0: nothing couples

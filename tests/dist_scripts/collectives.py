@@ -2,7 +2,7 @@
 import json
 import sys
 
-from igds_fast.distributed import QuietRankError, gather_to_main, init_distributed, main_first, shard, shutdown
+from igds_fast.distributed import QuietRankError, agree_min, gather_to_main, init_distributed, main_first, shard, shutdown
 from igds_fast.errors import IGDSInputError
 
 mode, out_path = sys.argv[1], sys.argv[2]
@@ -23,7 +23,8 @@ except IGDSInputError as exc:
     print(f"igds-fast: error: {exc}", file=sys.stderr)
     sys.exit(2)
 mine = shard(list(range(11)), ctx)
-everything = gather_to_main(ctx, {"rank": ctx.rank, "items": mine, "status": status})
+agreed = agree_min(ctx, 40 - 7 * ctx.rank)  # e.g. batch sizes chosen from each rank's free memory
+everything = gather_to_main(ctx, {"rank": ctx.rank, "items": mine, "status": status, "agreed": agreed})
 if ctx.is_main:
     with open(out_path, "w") as f:
         json.dump(everything, f)
