@@ -368,6 +368,44 @@ def test_nonfinite_gradient_raises_after_the_batch_like_eager():
     assert torch.isnan(unchecked.sample([1], seeds[:1])).any()
 
 
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+
+
+def host_reads(monkeypatch):
+    """Records every tensor-to-host call (what synchronises with a GPU) from now on, in a list."""
+    calls = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def recording(self, *args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, recording)
+    return calls
+
+
+@pytest.mark.parametrize("mode, gamma", [("x0", 0.0), ("x0", 0.3), ("xt", 0.3)])
+def test_steps_before_the_last_read_nothing_back_to_the_host(mode, gamma, monkeypatch):
+    # The CPU stand-in for the GPU test's sync-debug mode: between begin_batch and the last step the
+    # compiled step never reads a tensor value on the host (the eager reference does, every guided
+    # step: its finite check — which shows the recorder sees such reads).
+    unet, ve, class_map, _ = build_models()
+    eager, compiled = make_pair(unet, ve, class_map, FP32_EAGER_COPIES, steps="4", mode=mode, gamma=gamma)
+    labels, seeds = torch.tensor([0, 1, 1]), random_seeds(3)
+    x = compiled.noise_source(seeds, INITIAL_NOISE_STREAM, (3, 16, 16), "cpu")
+    x = compiled._step.begin_batch(x, labels, seeds, None)
+    calls = host_reads(monkeypatch)
+    for i in (3, 2, 1):
+        x = compiled.step(x, i, labels, None, None, seeds)
+    assert calls == [], f"host reads inside the step loop: {sorted(set(calls))}"
+    eager.step(x.clone(), 2, labels, None, None, seeds)
+    assert calls, "the recorder saw no host read in the eager step (its per-step finite check)"
+    del calls[:]
+    compiled.step(x, 0, labels, None, None, seeds)  # the last step reads the non-finite tracker once
+    assert calls and set(calls) <= {"item", "__bool__", "tolist", "__index__", "__int__"}
+
+
 def test_inductor_compiled_unet_matches_eager():
     # Inductor's own code generation on CPU (C++): a smaller ADM (one level, attention at 16x16) keeps
     # the cold compile short; the encoder stays uncompiled here (aot_pair covers its compiled backward).
