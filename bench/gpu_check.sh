@@ -23,10 +23,13 @@
 #
 # Every part has its own timeout and the whole run a budget (default 1440 s = 24 min; a part starts
 # only with >= 60 s left and is cut at the budget). The device runner limits ONE command to 600 s,
-# so there run it as several calls, each with --budget 570, e.g.:
-#   bash bench/gpu_check.sh --parts env,tests,kernels --budget 570
-#   bash bench/gpu_check.sh --parts adm256,adm64 --budget 570
-#   bash bench/gpu_check.sh --parts adm256-ma,nsys,flags --budget 570
+# returns at most 8 files (16 MiB each) from $OUT, and a session has 30 min of device time with the
+# machine's start (1-2 min) counted in — so at most three calls of three parts or fewer, the targets
+# first (a part cut by its timeout keeps its per-variant "[bench]" lines in its log):
+#   bash bench/gpu_check.sh --parts env,tests,kernels --budget 570    # GPU tests + fidelity, kernel table
+#   bash bench/gpu_check.sh --parts adm256 --budget 570               # the s/image, 8x and 2x targets
+#   bash bench/gpu_check.sh --parts adm64,flags --budget 500          # graphs >= 2x compiled; flags A/B
+# and in a later session: --parts adm256-ma,nsys (max-autotune rows; an Nsight timeline).
 # torch.compile's caches go to $TORCHINDUCTOR_CACHE_DIR (default /tmp/igds_inductor_cache), shared by
 # all parts: a later part recompiling the same graph hits the FX-graph and autotuning caches.
 #
