@@ -251,10 +251,14 @@ class Sampler:
         """
         labels, seeds, group_ids = self._validate_batch(labels, seeds, group_ids)
         count = labels.numel()
+        if group_ids is None and self.guidance.gamma != 0:
+            # The head's default groups made explicit: padded and unpadded batches then have the same
+            # kind of batch (one set of static buffers and graphs in the compiled backend).
+            group_ids = labels
         if pad_to is not None:
             if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < count:
                 raise IGDSInputError(f"pad_to must be an integer >= the batch size {count}, got {pad_to!r}")
-            labels, seeds, group_ids = _pad_batch(labels, seeds, group_ids, pad_to, self.guidance.gamma != 0)
+            labels, seeds, group_ids = _pad_batch(labels, seeds, group_ids, pad_to)
         shape = (self.channels, self.image_size, self.image_size)
         x = self.noise_source(seeds, INITIAL_NOISE_STREAM, shape, self.device)
         begin_batch = getattr(self._step, "begin_batch", None)
@@ -293,21 +297,20 @@ class Sampler:
             )
 
 
-def _pad_batch(labels: torch.Tensor, seeds: list[int], group_ids, size: int, coupled: bool):
+def _pad_batch(labels: torch.Tensor, seeds: list[int], group_ids, size: int):
     """(labels, seeds, group_ids) grown to `size` rows by repeating the last image (see Sampler.sample).
 
-    With the diversity term on (`coupled`), every filler gets a group id of its own below every real
-    one (when no group ids were given the groups are the labels, made explicit here), so the
-    InfoNCE sums of the real images never see a filler; a singleton group's term has zero gradient.
+    With diversity groups (given, or the labels when gamma != 0), every filler gets a group id of its
+    own below every real one, so the InfoNCE sums of the real images never see a filler; a singleton
+    group's term has zero gradient. Without groups (gamma = 0) nothing couples the images.
     """
     extra = size - labels.numel()
     if extra == 0:
         return labels, seeds, group_ids
     labels = torch.cat([labels, labels[-1:].expand(extra)])
     seeds = seeds + [seeds[-1]] * extra
-    if coupled or group_ids is not None:
-        real = group_ids if group_ids is not None else labels[: size - extra]
-        lowest = int(real.min())
-        fillers = torch.arange(lowest - extra, lowest, device=real.device)
-        group_ids = torch.cat([real, fillers])
+    if group_ids is not None:
+        lowest = int(group_ids.min())  # one host read per batch, before the loop
+        fillers = torch.arange(lowest - extra, lowest, device=group_ids.device)
+        group_ids = torch.cat([group_ids, fillers])
     return labels, seeds, group_ids

@@ -253,9 +253,9 @@ def test_padding_groups_stay_apart_from_real_groups():
     from igds_fast.sampler import _pad_batch
 
     labels = torch.tensor([3, 1, 1])
-    padded_labels, seeds, groups = _pad_batch(labels, [7, 8, 9], None, 6, coupled=True)
+    padded_labels, seeds, groups = _pad_batch(labels, [7, 8, 9], labels, 6)
     assert padded_labels.tolist() == [3, 1, 1, 1, 1, 1] and seeds == [7, 8, 9, 9, 9, 9]
-    assert groups.tolist()[:3] == [3, 1, 1] and len(set(groups.tolist()[3:]) | {3, 1}) == 5
-    _, _, groups = _pad_batch(labels, [7, 8, 9], torch.tensor([0, -2, 4]), 5, coupled=True)
+    assert groups.tolist() == [3, 1, 1, -2, -1, 0]
+    _, _, groups = _pad_batch(labels, [7, 8, 9], torch.tensor([0, -2, 4]), 5)
     assert groups.tolist() == [0, -2, 4, -4, -3]
-    assert _pad_batch(labels, [7, 8, 9], None, 5, coupled=False)[2] is None  # gamma = 0: nothing couples
+    assert _pad_batch(labels, [7, 8, 9], None, 5)[2] is None  # gamma = 0: nothing couples
