@@ -59,6 +59,7 @@ import torch.nn as nn
 
 from .errors import IGDSInputError
 from .fused_step import FusedStep
+from .guidance import image_guidance
 # Importing the kernels selects Triton's interpreter on a machine without CUDA (see igds_fast.kernels).
 from .kernels import fused_ddpm_update, guidance_head, predict_x0, seeds_to_tensor
 from .profiling import nvtx_range
@@ -582,7 +583,7 @@ class CompiledStep:
                 with torch.no_grad():
                     x0 = predict_x0(b.x, model_output, b.index, self.tables, s.learn_sigma, clip=cfg.clip_x0)
                 with nvtx_range("igds/guidance"):
-                    grad = self._x0_guidance(x0, b)
+                    grad = self._guidance(x0, b)  # dJ/dx0_hat for the detached x0 prediction
         with torch.no_grad(), nvtx_range("igds/update"):
             if guided and cfg.check_finite:
                 # Device-side bookkeeping instead of the eager per-step host check (read after i = 0).
@@ -603,23 +604,12 @@ class CompiledStep:
             )
         return model_output
 
-    def _head(self, features, b: _BatchBuffers):
+    def _guidance(self, image, b: _BatchBuffers, wrt=None) -> torch.Tensor:
+        """dJ/d(wrt) [B, C, H, W] fp32 through the low-precision encoder and the Triton head."""
         s = self.sampler
         cfg = s.guidance
-        ve = s.ve
-        _, grad_features = guidance_head(
-            features.detach(), b.labels, ve.weight, ve.bias, ve.log_centroids, cfg.beta, s.tau, cfg.gamma,
-            b.group_ids,
-        )
-        return grad_features
-
-    def _x0_guidance(self, x0, b: _BatchBuffers) -> torch.Tensor:
-        """dJ/dx0_hat [B, C, H, W] fp32 for the detached x0 prediction (guidance mode x0)."""
-        with torch.enable_grad():
-            image = x0.detach().requires_grad_(True)
-            features = self._features(image)
-            grad_features = self._head(features, b)
-            (grad,) = torch.autograd.grad(features, image, grad_outputs=grad_features.to(features.dtype))
+        _, grad = image_guidance(image, b.labels, s.ve, cfg.beta, s.tau, cfg.gamma, b.group_ids, guidance_head,
+                                 wrt=wrt, features_fn=self._features)
         return grad
 
     def _xt_guidance(self, b: _BatchBuffers, timesteps, prior_labels):
@@ -630,9 +620,7 @@ class CompiledStep:
             model_output = self._unet(x_in, timesteps, prior_labels)
             eps, _ = s.schedule.split_model_output(model_output, s.channels, s.learn_sigma)
             x0 = s.schedule.predict_x0(x_in, eps, b.index, clip=s.guidance.clip_x0)
-            features = self._features(x0)
-            grad_features = self._head(features, b)
-            (grad,) = torch.autograd.grad(features, x_in, grad_outputs=grad_features.to(features.dtype))
+            grad = self._guidance(x0, b, wrt=x_in)
         return model_output.detach(), grad
 
     # ---- CUDA graphs --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .objective import igds_objective, igds_objective_and_grad
+from .profiling import nvtx_range
 
 Head = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -50,28 +51,36 @@ def image_guidance(
     group_ids: torch.Tensor | None = None,
     head: Head = autograd_head,
     wrt: torch.Tensor | None = None,
+    features_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ):
     """(J [B], dJ/d wrt) for images in [-1, 1].
 
     image: [B, C, H, W], the encoder's input before preprocessing (the x0 prediction).
     wrt: the tensor to differentiate with respect to. None = the detached `image` itself (x0 mode);
         in x_t mode it is x_t and `image` must have been computed from it with autograd enabled.
+    features_fn: image -> z [B, d] (differentiable); None = `ve.features` (the compiled backend
+        passes its low-precision compiled encoder).
+    NVTX: igds/encoder/forward, igds/head, igds/encoder/backward.
     """
+    features_fn = ve.features if features_fn is None else features_fn
     with torch.enable_grad():
         if wrt is None:
             image = image.detach().requires_grad_(True)
             wrt = image
-        features = ve.features(image)
-        objective, grad_features = head(
-            features.detach(),
-            labels,
-            ve.weight,
-            ve.bias,
-            ve.log_centroids,
-            beta,
-            tau,
-            gamma,
-            group_ids,
-        )
-        (grad,) = torch.autograd.grad(features, wrt, grad_outputs=grad_features.to(features.dtype))
+        with nvtx_range("igds/encoder/forward"):
+            features = features_fn(image)
+        with nvtx_range("igds/head"):
+            objective, grad_features = head(
+                features.detach(),
+                labels,
+                ve.weight,
+                ve.bias,
+                ve.log_centroids,
+                beta,
+                tau,
+                gamma,
+                group_ids,
+            )
+        with nvtx_range("igds/encoder/backward"):
+            (grad,) = torch.autograd.grad(features, wrt, grad_outputs=grad_features.to(features.dtype))
     return objective, grad

@@ -5,7 +5,7 @@
 
 Builds the bench's random-weight models (bench/sampler.py presets), runs `--warmup` steps outside
 the profiler (compile, autotuning, graph capture), then profiles `--steps` guided steps, each inside a
-record_function range igds/step/<i>; the igds/unet, igds/guidance, igds/update and igds/graph/*
+record_function range igds/step/<i>; the igds/unet, igds/guidance (igds/encoder/*, igds/head), igds/update and igds/graph/*
 ranges of the step code appear as well (profiling/nvtx.py emits them while a profiler records).
 Writes OUT/trace.json (open in chrome://tracing or https://ui.perfetto.dev) and OUT/summary.txt (the
 operator table sorted by self device time on a GPU, self CPU time otherwise).

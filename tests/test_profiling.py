@@ -82,7 +82,8 @@ def test_torch_trace_writes_a_chrome_trace_with_the_step_phases(tmp_path):
     assert script.main(argv) == 0
     trace = json.loads((out / "trace.json").read_text())
     names = {event.get("name") for event in trace["traceEvents"]}
-    for phase in ("igds/unet", "igds/guidance", "igds/update", "igds/compiled/step"):
+    for phase in ("igds/unet", "igds/guidance", "igds/encoder/forward", "igds/head", "igds/encoder/backward",
+                  "igds/update", "igds/compiled/step"):
         assert phase in names, phase
     assert any(str(name).startswith("igds/step/") for name in names)
     assert "Self CPU" in (out / "summary.txt").read_text()
