@@ -27,7 +27,8 @@ setup(
     extras_require={
         "diffusers": ["diffusers>=0.27"],
         "digits": ["scikit-learn>=1.2"],
-        "onnx": ["onnx>=1.15"],
+        # ONNX export of the UNet (igds-fast export-unet); onnxruntime checks the exported graph.
+        "onnx": ["onnx>=1.15", "onnxscript>=0.2", "onnxruntime>=1.17"],
         "nvtx": ["nvtx>=0.2"],
         # GPU-only extras: never required, never imported at module load.
         "xformers": ["xformers"],

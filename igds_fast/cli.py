@@ -167,8 +167,15 @@ def _add_distill_parser(subparsers) -> None:
     add_distill_parser(subparsers)
 
 
+def _add_export_parser(subparsers) -> None:
+    from igds_fast.export import add_export_parser
+
+    add_export_parser(subparsers)
+
+
 SUBCOMMANDS: list[Callable] = [
     _add_distill_parser, _add_train_prior_parser, _add_train_ve_parser, _add_calibrate_parser, _add_eval_parser,
+    _add_export_parser,
 ]
 
 

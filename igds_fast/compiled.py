@@ -42,6 +42,10 @@ the CPU tests use); the Triton kernels run in Triton's interpreter, which must b
 `igds_fast.kernels` is first imported (importing igds_fast.kernels sets TRITON_INTERPRET=1 on a machine without
 CUDA when triton is not imported yet, and otherwise fails with an IGDSInputError that says so).
 
+TensorRT: with CompileConfig.unet_engine the UNet runs on a TensorRT engine built by
+`igds-fast export-unet --engine` (igds_fast.tensorrt_unet) instead of torch.compile; the rest of the
+step, and its capture in one CUDA graph, are unchanged.
+
 The guidance head is always the Triton `guidance_head` (GuidanceConfig.head is ignored), as in
 `igds_fast.fused_step.FusedStep`, whose coefficient tables, device step indices and seed handling
 this backend reuses.
@@ -117,6 +121,9 @@ class CompileConfig:
         autotunes and initialises cuBLAS/cuDNN workspaces outside the capture).
     cudnn_benchmark: set torch.backends.cudnn.benchmark (process-wide) on CUDA: the convolution
         algorithms are then chosen by measurement during the warm-up, before capture.
+    unet_engine: path of a TensorRT engine of this UNet (igds-fast export-unet --engine) that runs
+        in place of the torch.compile'd UNet (CUDA, guidance mode x0, the engine's batch size; the
+        engine's own precision — dtype then applies to the encoder only). None = torch.compile.
     """
 
     dtype: str = "bf16"
@@ -133,6 +140,7 @@ class CompileConfig:
     memory_fraction: float = 0.8
     warmup_iterations: int = 2
     cudnn_benchmark: bool = True
+    unet_engine: str | None = None
 
     def __post_init__(self):
         for name in ("dtype", "encoder_dtype"):
@@ -165,6 +173,10 @@ class CompileConfig:
             raise IGDSInputError(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
         if not isinstance(self.memory_fraction, (int, float)) or not 0 < self.memory_fraction <= 1:
             raise IGDSInputError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
+        if self.unet_engine is not None and (
+            not isinstance(self.unet_engine, str) or not os.path.isfile(self.unet_engine)
+        ):
+            raise IGDSInputError(f"unet_engine must be the path of a TensorRT engine file, got {self.unet_engine!r}")
         if isinstance(self.warmup_iterations, bool) or not isinstance(self.warmup_iterations, int) or (
             self.warmup_iterations < 1
         ):
@@ -244,6 +256,7 @@ class LowPrecisionUNet(nn.Module):
     def __init__(self, unet: nn.Module, dtype: torch.dtype, channels_last: bool):
         super().__init__()
         self.unet, self.dtype, self.channels_last = unet, dtype, channels_last
+        self.eval()  # inference only (the wrapped copy is frozen in eval mode already)
 
     def forward(self, x, timesteps, y=None):
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -437,10 +450,11 @@ class CompiledStep:
 
     begin_batch(x [B,C,H,W], labels [B], seeds, group_ids) -> the static x buffer holding x_T.
     __call__(x, i, labels, noise=None, group_ids=None, seeds=None) -> x_{i-1} (the static buffer).
-    Attributes: config (CompileConfig resolved for the device), attention ("sdpa"/"xformers"),
-    use_graphs (bool; the bench flips it to time one compilation with and without graphs),
-    unet_lp / features_lp (the low-precision modules), last_model_output (fp32 UNet output of the
-    latest step, [B, 2C or C, H, W], a static buffer in graph mode).
+    Attributes: config (CompileConfig resolved for the device), attention ("sdpa"/"xformers"/
+    "tensorrt"), use_graphs (bool; the bench flips it to time one compilation with and without
+    graphs), unet_lp / features_lp (the low-precision modules; unet_lp is the TensorRTUNet when
+    CompileConfig.unet_engine is set), last_model_output (fp32 UNet output of the latest step,
+    [B, 2C or C, H, W], a static buffer in graph mode).
     """
 
     def __init__(self, sampler, backend_options=None):
@@ -459,9 +473,13 @@ class CompiledStep:
         unet = sampler.unet
         if not isinstance(unet, nn.Module):
             raise IGDSInputError(f"the compiled backend needs an nn.Module UNet, got {type(unet).__name__}")
-        self.unet_lp = LowPrecisionUNet(low_precision_copy(unet, self.dtype, cfg.channels_last), self.dtype,
-                                        cfg.channels_last)
-        self.attention = resolve_attention(cfg.attention, self.unet_lp, sampler)
+        if cfg.unet_engine is not None:
+            self.unet_lp = _engine_unet(cfg, sampler)
+            self.attention = "tensorrt"
+        else:
+            self.unet_lp = LowPrecisionUNet(low_precision_copy(unet, self.dtype, cfg.channels_last), self.dtype,
+                                            cfg.channels_last)
+            self.attention = resolve_attention(cfg.attention, self.unet_lp, sampler)
 
         ve = sampler.ve
         encoder = getattr(ve, "encoder", None)
@@ -476,7 +494,8 @@ class CompiledStep:
         self._unet, self._features = self.unet_lp, self.features_lp
         if cfg.compile:
             kwargs = cfg.compile_kwargs()
-            self._unet = torch.compile(self.unet_lp, **kwargs)
+            if cfg.unet_engine is None:
+                self._unet = torch.compile(self.unet_lp, **kwargs)
             if cfg.compile_encoder:
                 self._features = torch.compile(self.features_lp, **kwargs)
         self.use_graphs = cfg.cuda_graphs
@@ -680,6 +699,8 @@ class CompiledStep:
         """
         if self.config.batch_size is not None:
             return self.config.batch_size
+        if self.config.unet_engine is not None:
+            return self.unet_lp.batch_size  # an engine runs the one batch size it was built for
         if self._chosen_batch_size is None:
             if self.device.type != "cuda":
                 self._chosen_batch_size = CPU_BATCH_SIZE
@@ -714,6 +735,20 @@ class CompiledStep:
             return torch.cuda.max_memory_allocated(self.device) - base
         finally:
             self._unet, self._features = compiled
+
+
+def _engine_unet(cfg: CompileConfig, sampler):
+    """The TensorRT engine of CompileConfig.unet_engine, checked against the sampler's prior."""
+    from .tensorrt_unet import TensorRTUNet
+
+    if sampler.guidance.mode != "x0":
+        raise IGDSInputError("a TensorRT UNet engine supports guidance mode x0 only (mode xt needs UNet gradients)")
+    if sampler.device.type != "cuda":
+        raise IGDSInputError("a TensorRT UNet engine runs on a CUDA device only")
+    engine = TensorRTUNet(cfg.unet_engine, sampler.device)
+    engine.check_matches(cfg.batch_size, sampler.channels, sampler.image_size, sampler.learn_sigma,
+                         getattr(sampler.unet, "num_classes", None) is not None)
+    return engine
 
 
 def _check_triton_runs_here(device: torch.device) -> None:

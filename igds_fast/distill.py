@@ -395,6 +395,8 @@ def plan_distill(config: DistillConfig) -> Plan:
         # The compute dtypes change the pixels; the other compile options only change the speed.
         pixel_settings["compile"] = {"dtype": compile_config.dtype,
                                      "encoder_dtype": compile_config.encoder_dtype or compile_config.dtype}
+        if compile_config.unet_engine is not None:  # the engine's precision replaces the UNet dtype
+            pixel_settings["compile"]["unet_engine"] = file_fingerprint(compile_config.unet_engine)
     elif config.compile_options:
         raise IGDSInputError("compile options apply to --backend compiled only")
     return Plan(config, ve, spec, list(classes), ve_labels, prior_labels, prior_class_map, beta, beta_source,
