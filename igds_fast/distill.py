@@ -182,7 +182,6 @@ class PriorSpec:
 def _describe_prior(config: DistillConfig, ve_class_names: list[str]) -> PriorSpec:
     """Identify the prior, its class list and diffusion without loading its weights."""
     from .classes import imagenet_wnids
-    from .models.adm import ADM_DIFFUSION_FLAGS, ADM_PRESETS
 
     given = [name for name, value in (("--prior", config.prior), ("--diffusers", config.diffusers)) if value]
     if len(given) != 1:
@@ -216,16 +215,24 @@ def _describe_prior(config: DistillConfig, ve_class_names: list[str]) -> PriorSp
         schedule = {"noise_schedule": config.noise_schedule, "diffusion_steps": 1000, "fixed_variance": "large"}
         return PriorSpec("diffusers", directory, None, class_names, schedule, folder_fingerprint(directory))
 
-    path = os.path.abspath(config.prior)
+    return describe_prior_file(config.prior, config.preset)
+
+
+def describe_prior_file(prior: str, preset: str | None) -> PriorSpec:
+    """A --prior file: an ADM checkpoint (with its preset) or a prior written by train-prior."""
+    from .classes import imagenet_wnids
+    from .models.adm import ADM_DIFFUSION_FLAGS, ADM_PRESETS
+
+    path = os.path.abspath(prior)
     if not os.path.isfile(path):
-        raise IGDSInputError(f"prior checkpoint not found: {config.prior}")
-    if config.preset:
-        if config.preset not in ADM_PRESETS:
-            raise IGDSInputError(f"unknown ADM preset {config.preset!r}; available: {', '.join(sorted(ADM_PRESETS))}")
-        flags = ADM_PRESETS[config.preset]
+        raise IGDSInputError(f"prior checkpoint not found: {prior}")
+    if preset:
+        if preset not in ADM_PRESETS:
+            raise IGDSInputError(f"unknown ADM preset {preset!r}; available: {', '.join(sorted(ADM_PRESETS))}")
+        flags = ADM_PRESETS[preset]
         class_names = imagenet_wnids() if flags.get("class_cond") else None
-        schedule = {**ADM_DIFFUSION_FLAGS[config.preset], "fixed_variance": "large"}
-        return PriorSpec("adm", path, config.preset, class_names, schedule, file_fingerprint(path))
+        schedule = {**ADM_DIFFUSION_FLAGS[preset], "fixed_variance": "large"}
+        return PriorSpec("adm", path, preset, class_names, schedule, file_fingerprint(path))
 
     from .train_prior import read_prior_header
 

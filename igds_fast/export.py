@@ -165,21 +165,6 @@ def add_export_parser(subparsers) -> None:
     parser.set_defaults(handler=run_export)
 
 
-def _load_unet(prior: str, preset: str | None) -> nn.Module:
-    if not os.path.isfile(prior):
-        raise IGDSInputError(f"prior checkpoint not found: {prior}")
-    if preset is not None:
-        from .models.adm import ADM_PRESETS, load_adm
-
-        if preset not in ADM_PRESETS:
-            raise IGDSInputError(f"unknown ADM preset {preset!r}; available: {', '.join(sorted(ADM_PRESETS))}")
-        return load_adm(prior, preset, device="cpu")
-    from .train_prior import load_prior
-
-    unet, _, _ = load_prior(prior, device="cpu")
-    return unet
-
-
 def run_export(args) -> int:
     """The `export-unet` subcommand."""
     if args.engine is not None:
@@ -189,7 +174,9 @@ def run_export(args) -> int:
             import tensorrt  # noqa: F401
         except ImportError:
             raise IGDSInputError("--engine needs the tensorrt package: pip install tensorrt") from None
-    unet = _load_unet(args.prior, args.preset)
+    from .distill import _load_prior_unet, describe_prior_file
+
+    unet = _load_prior_unet(describe_prior_file(args.prior, args.preset), "cpu")
     report = export_unet_onnx(unet, args.out, args.batch_size, args.dtype, check=not args.no_check)
     detail = f", rel. error {report['rel_error']:.1e}" if "rel_error" in report else ""
     print(f"export-unet: {report['path']} ({sum(report['files'].values()) / 2**20:.1f} MiB, {args.dtype}, "

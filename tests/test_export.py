@@ -130,6 +130,10 @@ def test_cli_exports_a_prior_file_and_refuses_an_engine_without_cuda(tmp_path, c
         assert not (tmp_path / "b.onnx").exists()  # refused before any export work
     assert cli_main(["export-unet", "--prior", str(tmp_path / "nope.safetensors"), "--batch-size", "2",
                      "--out", str(tmp_path / "c.onnx")]) == 2
+    assert "prior checkpoint not found" in capsys.readouterr().err
+    assert cli_main(["export-unet", "--prior", str(prior), "--preset", "adm1024", "--batch-size", "2",
+                     "--out", str(tmp_path / "d.onnx")]) == 2
+    assert "unknown ADM preset 'adm1024'" in capsys.readouterr().err
 
 
 # ---- the TensorRT engine in the compiled step ----------------------------------------------------------
