@@ -89,7 +89,8 @@ class DistillConfig:
     sampling steps. composite: samples per output image (1 or 4; None = 4 for ADM presets, as the
     paper, else 1). batch_size: samples per sampler call (None = DEFAULT_BATCH_SIZE for the eager
     backend; the compiled backend chooses it from free device memory, the smallest choice of all
-    ranks under torchrun, and pads a short last batch to it so no new graph is captured).
+    ranks under torchrun, and pads a short last batch that follows full ones to it, so no new
+    graph is compiled and captured).
     seed: global seed of every image seed.
     force: clear a folder of another configuration. device: torch device (None = cuda if available).
     tau / gamma / mode / head / noise / backend: GuidanceConfig and Sampler options (None tau = the
@@ -588,7 +589,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
 
     sampler = None
     batch_size = config.batch_size
-    pad = config.backend == "compiled"  # static shapes: a short last batch reuses the full batch's graphs
+    pad = config.backend == "compiled"  # static shapes: a short last batch reuses the full batches' graphs
     if batch_size is None:
         if pad and already < total_images:
             # Every rank sees the same folder, so all of them take this branch and meet in agree_min.
@@ -615,14 +616,17 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         progress = Progress(total_images, unit="img", label="distill", initial=already, enabled=config.progress)
         progress.start()
         sampling_start = time.perf_counter()
-        for batch in todo:
+        for batch_number, batch in enumerate(todo):
             samples = batch_samples(batch)
             group_ids = None
             if config.gamma:
                 # The diversity term couples the samples of one class in the batch (IGDS_SPEC section 4).
                 group_ids = [sample.label for sample in samples]
+            # Pad a short batch only after a full one: then its graphs exist and padding replaces a new
+            # compile and capture; a run whose only batch is short just runs at its own size.
+            pad_to = batch_size if pad and batch_number > 0 else None
             images = sampler.sample([s.label for s in samples], [s.seed for s in samples], group_ids=group_ids,
-                                    pad_to=batch_size if pad else None)
+                                    pad_to=pad_to)
             images = images.detach().to("cpu", torch.float32)
             sampled += len(samples)
             for position, job in enumerate(batch):

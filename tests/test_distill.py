@@ -405,15 +405,28 @@ def test_an_unconditional_diffusers_prior_samples_every_ve_class(models, tmp_pat
 # ---- the compiled backend --------------------------------------------------------------------------
 
 
-def test_compiled_backend_chooses_its_batch_pads_the_last_and_matches_eager(models, tmp_path):
+def test_compiled_backend_chooses_its_batch_pads_the_last_and_matches_eager(models, tmp_path, monkeypatch):
     # fp32 copies without torch.compile: the compiled step's logic at CPU cost. No batch size given:
     # the backend's choice (8 on CPU). 3 classes x IPC 4 = 12 samples: a batch of 8, then the four owls
     # padded to 8 — with gamma > 0 the owls form one diversity group that no filler may join.
     options = {"dtype": "fp32", "compile": False, "channels_last": False}
     common = dict(classes="cat,dog,owl", ipc=4, composite=1, gamma=0.4)
+    calls = []
+    original_sample = Sampler.sample
+
+    def recording_sample(self, labels, seeds, group_ids=None, pad_to=None):
+        calls.append((len(labels), pad_to))
+        return original_sample(self, labels, seeds, group_ids, pad_to)
+
+    monkeypatch.setattr(Sampler, "sample", recording_sample)
     manifest = distill(make_config(models, tmp_path / "compiled", backend="compiled", compile_options=options,
                                    batch_size=None, **common))
     assert manifest["run"]["batch_size"] == 8 and manifest["run"]["samples_generated"] == 12
+    assert calls == [(8, None), (4, 8)]  # the short batch after a full one is padded to it
+    del calls[:]
+    distill(make_config(models, tmp_path / "single", backend="compiled", compile_options=options, batch_size=None,
+                        classes="cat", ipc=3, composite=1))
+    assert calls == [(3, None)]  # a run whose only batch is short runs at its own size
     config = json.loads((tmp_path / "compiled" / CONFIG_NAME).read_text())
     assert config["compile"] == {"dtype": "fp32", "encoder_dtype": "fp32"} and config["noise"] == "philox"
     # The eager reference with the same Philox noise and the same batches (8 + 4, no padding): the
