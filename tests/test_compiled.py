@@ -332,6 +332,20 @@ def test_static_buffers_hold_no_state_between_batches(aot_pair):
     assert x is step._buffers[(4, False)].x  # the sampler steps the static buffer itself
 
 
+def test_a_padded_short_batch_reuses_the_full_batch_buffers(aot_pair):
+    _, compiled, _, _ = aot_pair  # gamma 0.3: the default groups (labels) are made explicit
+    step = compiled._step
+    compiled.sample([1, 2, 3, 1], random_seeds(4))
+    keys = set(step._buffers)
+    seeds = random_seeds(2)
+    padded = compiled.sample([3, 3], seeds, pad_to=4)
+    assert (4, True) in keys and set(step._buffers) == keys  # no new batch shape: on a GPU, no new graph
+    alone = compiled.sample([3, 3], seeds)  # a batch shape of its own
+    assert set(step._buffers) == keys | {(2, True)}
+    unet_tol, x_tol, _, _ = TOLERANCES["fp32"]
+    assert padded.shape == alone.shape and relative_error(padded, alone) <= x_tol
+
+
 def test_bf16_matches_eager_within_bf16_tolerances():
     unet, ve, class_map, seed = build_models()
     eager, compiled = make_pair(unet, ve, class_map, dict(dtype="bf16", compile=False, channels_last=False), steps="6")
