@@ -39,8 +39,8 @@ without the bf16 rounding; bf16 convolutions on CPU are slow).
 Without CUDA: no graphs (forced off); torch.compile still runs (inductor's C++ backend, mode
 "default", or backend="aot_eager" — dynamo + AOTAutograd without code generation, the cheap mode
 the CPU tests use); the Triton kernels run in Triton's interpreter, which must be selected before
-`igds_fast.kernels` is first imported (importing igds_fast.kernels sets TRITON_INTERPRET=1 on a machine without
-CUDA when triton is not imported yet, and otherwise fails with an IGDSInputError that says so).
+triton is first imported (importing igds_fast.kernels sets TRITON_INTERPRET=1 on a machine without
+CUDA when triton is not imported yet; otherwise the step fails with an IGDSInputError that says so).
 
 TensorRT: with CompileConfig.unet_engine the UNet runs on a TensorRT engine built by
 `igds-fast export-unet --engine` (igds_fast.tensorrt_unet) instead of torch.compile; the rest of the
