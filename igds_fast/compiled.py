@@ -111,9 +111,10 @@ class CompileConfig:
     inductor_options: inductor config overrides (merged over the mode's); None = CONV_UNET_INDUCTOR_OPTIONS
         on CUDA, none on CPU.
     cuda_graphs: capture the whole step in a CUDA graph per batch shape (forced False without CUDA).
-    attention: "sdpa" (default: ADM attention on 4-D contiguous q/k/v, which the fused SDPA kernels
-        take — see the attention section), "xformers" (must be importable), or "auto" (xformers only
-        when importable AND its UNet forward measures faster on this device; else sdpa).
+    attention: "auto" (default: xformers only when it is importable, the device is CUDA AND the
+        copy's UNet forward measures faster with it than with SDPA; else sdpa — measured, not
+        assumed; xformers is an optional extra), "sdpa" (ADM attention on 4-D contiguous q/k/v, which
+        the fused SDPA kernels take — see the attention section), or "xformers" (must be importable).
     batch_size: images per batch; None = `choose_batch_size` from free device memory (see
         `CompiledStep.batch_size`).
     memory_fraction: share of the free device memory a chosen batch may use.
@@ -135,7 +136,7 @@ class CompileConfig:
     mode: str | None = None
     inductor_options: Mapping[str, Any] | None = field(default=None, hash=False)
     cuda_graphs: bool = True
-    attention: str = "sdpa"
+    attention: str = "auto"
     batch_size: int | None = None
     memory_fraction: float = 0.8
     warmup_iterations: int = 2
@@ -368,7 +369,7 @@ def resolve_attention(choice: str, unet_lp: LowPrecisionUNet, sampler) -> str:
     """Install the attention implementation into the copy `unet_lp`; returns "sdpa" or "xformers".
 
     "auto" picks xformers only when it is importable, the device is CUDA, and an eager forward of
-    the copy at batch 2 measures faster with it than with SDPA.
+    the copy at batch 2 measures faster with it than with SDPA (`faster_attention`).
     """
     blocks = _attention_blocks(unet_lp.unet)
     if choice == "xformers":
@@ -384,11 +385,20 @@ def resolve_attention(choice: str, unet_lp: LowPrecisionUNet, sampler) -> str:
     timesteps = torch.full((2,), 500, dtype=torch.long, device=sampler.device)
     conditional = getattr(sampler.unet, "num_classes", None) is not None
     y = torch.zeros(2, dtype=torch.long, device=sampler.device) if conditional else None
-    sdpa_ms = _median_forward_ms(unet_lp, x, timesteps, y)
-    set_attention(unet_lp.unet, "xformers")
-    if _median_forward_ms(unet_lp, x, timesteps, y) < sdpa_ms:
+    return faster_attention(unet_lp.unet, lambda: _median_forward_ms(unet_lp, x, timesteps, y))
+
+
+def faster_attention(unet: nn.Module, forward_ms: Callable[[], float]) -> str:
+    """Time `forward_ms()` with SDPA then xformers installed in `unet`; keep (and return) the faster.
+
+    Ties keep SDPA (no optional dependency on the hot path without a measured gain).
+    """
+    set_attention(unet, "sdpa")
+    sdpa_ms = forward_ms()
+    set_attention(unet, "xformers")
+    if forward_ms() < sdpa_ms:
         return "xformers"
-    set_attention(unet_lp.unet, "sdpa")
+    set_attention(unet, "sdpa")
     return "sdpa"
 
 
@@ -774,6 +784,7 @@ __all__ = [
     "LowPrecisionFeatures",
     "LowPrecisionUNet",
     "choose_batch_size",
+    "faster_attention",
     "low_precision_copy",
     "set_attention",
     "xformers_available",

@@ -46,10 +46,12 @@ import torch
 
 from factories import tiny_adm, tiny_ve
 from igds_fast.compiled import (
+    ATTENTION_IMPLEMENTATIONS,
     CONV_UNET_INDUCTOR_OPTIONS,
     CompileConfig,
     CompiledStep,
     choose_batch_size,
+    faster_attention,
     low_precision_copy,
     xformers_available,
 )
@@ -181,7 +183,7 @@ def test_config_rejects_bad_options_in_one_line(options, message):
 def test_config_device_defaults_and_compile_arguments():
     cpu = CompileConfig().for_device("cpu")
     assert cpu.cuda_graphs is False and cpu.mode == "default" and cpu.inductor_options == {}
-    assert cpu.encoder_dtype == "bf16"
+    assert cpu.encoder_dtype == "bf16" and cpu.attention == "auto"
     cuda = CompileConfig().for_device("cuda")
     assert cuda.cuda_graphs is True and cuda.mode == "max-autotune-no-cudagraphs"
     assert cuda.inductor_options == CONV_UNET_INDUCTOR_OPTIONS
@@ -203,6 +205,25 @@ def test_sampler_passes_options_and_refuses_xformers_when_missing():
     if not xformers_available():
         with pytest.raises(IGDSInputError, match="xformers"):
             make_pair(unet, ve, class_map, dict(compile=False, attention="xformers"))
+
+
+@pytest.mark.parametrize("xformers_ms, expected", [(3.0, "xformers"), (5.0, "sdpa"), (4.0, "sdpa")])
+def test_auto_attention_keeps_the_faster_measured_implementation(xformers_ms, expected):
+    unet = tiny_adm()
+    blocks = [m for m in unet.modules() if hasattr(m, "legacy_order")]
+    assert blocks
+    timed = []
+
+    def forward_ms():  # what the timer sees installed, and a time per implementation
+        installed = {block._attention.__func__ for block in blocks}
+        assert len(installed) == 1
+        name = {impl: key for key, impl in ATTENTION_IMPLEMENTATIONS.items()}[installed.pop()]
+        timed.append(name)
+        return {"sdpa": 4.0, "xformers": xformers_ms}[name]
+
+    assert faster_attention(unet, forward_ms) == expected
+    assert timed == ["sdpa", "xformers"]
+    assert all(block._attention.__func__ is ATTENTION_IMPLEMENTATIONS[expected] for block in blocks)
 
 
 @pytest.mark.parametrize("new_order", [False, True])
@@ -234,7 +255,7 @@ def test_copy_attention_feeds_fused_sdpa_layouts_and_matches_adm(new_order, monk
 def test_xformers_attention_matches_sdpa():
     device = "cuda" if GPU else "cpu"
     unet, ve, class_map, _ = build_models(device)
-    sdpa = make_pair(unet, ve, class_map, dict(compile=False, dtype="fp32"), device=device)[1]._step
+    sdpa = make_pair(unet, ve, class_map, dict(compile=False, dtype="fp32", attention="sdpa"), device=device)[1]._step
     options = dict(compile=False, dtype="fp32", attention="xformers")
     xformers = make_pair(unet, ve, class_map, options, device=device)[1]._step
     x = torch.randn(2, 3, 16, 16, device=device)
