@@ -218,9 +218,16 @@ class DiffusionSchedule:
         """table[i] shaped to broadcast against a [B, ...] tensor of `ndim` dims.
 
         `i` is a Python int (eager loop) or an integer tensor on the table's device (0-d or [B]);
-        neither path copies from the host nor synchronises.
+        neither path copies from the host nor synchronises. A tensor index goes through index_select:
+        `table[i]` with a 0-d integer tensor would read i back to the host (a basic-indexing select,
+        `.item()` in C++), which a CUDA-graph capture refuses.
         """
-        value = table[i]
+        if isinstance(i, torch.Tensor):
+            value = table.index_select(0, i.reshape(-1))
+            if i.dim() == 0:
+                return value.reshape(())
+        else:
+            value = table[i]
         if value.dim() == 0:
             return value
         return value.reshape(-1, *([1] * (ndim - 1)))

@@ -43,6 +43,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from factories import tiny_adm, tiny_ve
 from igds_fast.compiled import (
@@ -404,10 +405,31 @@ def test_nonfinite_gradient_raises_after_the_batch_like_eager():
 
 
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+# ATen ops that read a device value back to the host from C++ (no Python method call to see):
+# scalar reads (a 0-d tensor used as a basic index, .item() in C++), and ops whose output size
+# depends on the data.
+SYNCING_ATEN_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+                    "unique_consecutive", "equal", "is_nonzero", "repeat_interleave")
+
+
+class _SyncingOpRecorder(TorchDispatchMode):
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNCING_ATEN_OPS:
+            self.calls.append(f"aten.{name}")
+        return func(*args, **(kwargs or {}))
 
 
 def host_reads(monkeypatch):
-    """Records every tensor-to-host call (what synchronises with a GPU) from now on, in a list."""
+    """Records every tensor-to-host read (what synchronises with a GPU) from now on, in a list.
+
+    Python-level reads (Tensor.item, bool(), ...) by patching torch.Tensor. Reads made inside ATen
+    (e.g. `table[i]` with a 0-d tensor i) need `with _SyncingOpRecorder(calls):` around the code too.
+    """
     calls = []
     for name in HOST_READS:
         original = getattr(torch.Tensor, name)
@@ -431,11 +453,16 @@ def test_steps_before_the_last_read_nothing_back_to_the_host(mode, gamma, monkey
     x = compiled.noise_source(seeds, INITIAL_NOISE_STREAM, (3, 16, 16), "cpu")
     x = compiled._step.begin_batch(x, labels, seeds, None)
     calls = host_reads(monkeypatch)
-    for i in (3, 2, 1):
-        x = compiled.step(x, i, labels, None, None, seeds)
+    with _SyncingOpRecorder(calls):
+        for i in (3, 2, 1):
+            x = compiled.step(x, i, labels, None, None, seeds)
     assert calls == [], f"host reads inside the step loop: {sorted(set(calls))}"
     eager.step(x.clone(), 2, labels, None, None, seeds)
     assert calls, "the recorder saw no host read in the eager step (its per-step finite check)"
+    del calls[:]
+    with _SyncingOpRecorder(calls):  # the dispatch recorder sees a read made inside ATen
+        torch.arange(4)[torch.tensor(2)]
+    assert calls == ["aten._local_scalar_dense"]
     del calls[:]
     compiled.step(x, 0, labels, None, None, seeds)  # the last step reads the non-finite tracker once
     assert calls and set(calls) <= {"item", "__bool__", "tolist", "__index__", "__int__"}

@@ -68,6 +68,18 @@ def test_fixed_variance_matches_guided_diffusion(fixed):
     assert torch.allclose(ours_log_var.expand_as(x), out["log_variance"].float(), rtol=0, atol=0)
 
 
+def test_gather_gives_the_same_values_for_int_0d_and_batched_indices():
+    table = torch.rand(17) + 0.5
+    for index in (0, 5, 16):
+        by_int = DiffusionSchedule.gather(table, index, 4)
+        by_tensor = DiffusionSchedule.gather(table, torch.tensor(index), 4)
+        assert by_int.shape == by_tensor.shape == () and torch.equal(by_int, by_tensor)
+        assert by_tensor.item() == table[index].item()
+    batched = torch.tensor([3, 0, 16])
+    out = DiffusionSchedule.gather(table, batched, 4)
+    assert out.shape == (3, 1, 1, 1) and torch.equal(out.flatten(), table[[3, 0, 16]])
+
+
 def test_step_pieces_match_p_mean_variance():
     """x0 prediction, posterior mean and learned-range variance against gd for a random model output."""
     ours = DiffusionSchedule(ScheduleConfig("cosine", 1000, "250"))
