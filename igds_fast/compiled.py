@@ -66,6 +66,7 @@ from .fused_step import FusedStep
 from .guidance import image_guidance
 # Importing the kernels selects Triton's interpreter on a machine without CUDA (see igds_fast.kernels).
 from .kernels import fused_ddpm_update, guidance_head, predict_x0, seeds_to_tensor
+from .kernels._common import on_device
 from .profiling import nvtx_range
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -512,16 +513,24 @@ class CompiledStep:
         self._buffers: dict[tuple[int, bool], _BatchBuffers] = {}
         self._current: _BatchBuffers | None = None  # the buffers of the latest step
         self._chosen_batch_size: int | None = None
+        self._capture_stream: torch.cuda.Stream | None = None
         self.last_model_output: torch.Tensor | None = None
 
     # ---- the seam -------------------------------------------------------------------------------
     def begin_batch(self, x, labels, seeds, group_ids=None) -> torch.Tensor:
         """Copy a new batch (x_T, labels, seeds, group ids) into its static buffers; returns its static x."""
-        buffers = self._bind(x, labels, seeds, group_ids, new_batch=True)
+        with on_device(self.device):
+            buffers = self._bind(x, labels, seeds, group_ids, new_batch=True)
         return buffers.x
 
     def __call__(self, x, i: int, labels, noise=None, group_ids=None, seeds=None) -> torch.Tensor:
         """x_{i-1} from x_i = x [B, C, H, W] at respaced index i (module docstring)."""
+        # The sampler's device current for the whole step: Triton launches and the graph capture
+        # stream follow the current device, not the tensors' (matters for cuda:N with N != current).
+        with on_device(self.device):
+            return self._step(x, i, labels, noise, group_ids, seeds)
+
+    def _step(self, x, i: int, labels, noise, group_ids, seeds) -> torch.Tensor:
         s = self.sampler
         buffers = self._bind(x, labels, seeds, group_ids, new_batch=False)
         if noise is not None:
@@ -656,7 +665,13 @@ class CompiledStep:
     def _replay(self, b: _BatchBuffers, guided: bool, noise_kind: str) -> torch.Tensor:
         entry = b.graphs.get((guided, noise_kind))
         if entry is None:
-            entry = b.graphs[(guided, noise_kind)] = self._capture(b, guided, noise_kind)
+            try:
+                entry = b.graphs[(guided, noise_kind)] = self._capture(b, guided, noise_kind)
+            except torch.cuda.OutOfMemoryError:
+                raise IGDSInputError(
+                    f"out of GPU memory capturing the step at batch {b.x.shape[0]}: pass a smaller batch_size "
+                    f"(or memory_fraction, now {self.config.memory_fraction})"
+                ) from None
         graph, model_output = entry
         with nvtx_range("igds/graph/replay"):
             graph.replay()
@@ -680,8 +695,12 @@ class CompiledStep:
         b.first_bad.copy_(saved_bad)
         if b.pool is None:
             b.pool = torch.cuda.graph_pool_handle()
+        if self._capture_stream is None:
+            # torch.cuda.graph's default capture stream is made once per process on whichever device
+            # is current then: ops on another device would run outside the capture. Our own, on ours.
+            self._capture_stream = torch.cuda.Stream(device=self.device)
         graph = torch.cuda.CUDAGraph()
-        with nvtx_range("igds/graph/capture"), torch.cuda.graph(graph, pool=b.pool):
+        with nvtx_range("igds/graph/capture"), torch.cuda.graph(graph, pool=b.pool, stream=self._capture_stream):
             model_output = self._body(b, guided, noise_kind)
         return graph, model_output
 
@@ -701,11 +720,13 @@ class CompiledStep:
     def batch_size(self) -> int:
         """Images per batch: CompileConfig.batch_size, else chosen from free device memory.
 
-        CUDA: one eager step of the low-precision copies is probed at B = 1 and B = 2 (peak memory
-        above the baseline); the difference is the per-image cost, the rest the fixed cost, and
-        `choose_batch_size` fits them into memory_fraction of the free memory (the driver's free
-        memory plus what torch's caching allocator holds unused). The captured graph's pool holds one
-        step's intermediates, so this peak is what a batch keeps. CPU: CPU_BATCH_SIZE.
+        CUDA: one eager step of the low-precision copies is probed at two batch sizes (peak memory
+        above the baseline; `estimate_step_memory`); `choose_batch_size` fits the per-image and fixed
+        costs into memory_fraction of the free memory (the driver's free memory plus what torch's
+        caching allocator holds unused). The captured graph's pool keeps one step's intermediates.
+        When the schedule has both guided and unguided steps (a guidance window), one batch shape
+        captures two graphs and the second one's warm-up runs beside the first one's pool, so the
+        costs are counted twice. CPU: CPU_BATCH_SIZE.
         """
         if self.config.batch_size is not None:
             return self.config.batch_size
@@ -715,36 +736,66 @@ class CompiledStep:
             if self.device.type != "cuda":
                 self._chosen_batch_size = CPU_BATCH_SIZE
             else:
-                one, two = (self._probe_step_bytes(n) for n in (1, 2))
-                per_image = max(two - one, 1)
-                free, _ = torch.cuda.mem_get_info(self.device)
-                # Blocks torch's caching allocator holds but does not use are free for this process.
-                free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+                with on_device(self.device):
+                    per_image, fixed = estimate_step_memory(self._probe_step_bytes)
+                    free, _ = torch.cuda.mem_get_info(self.device)
+                    # Blocks torch's caching allocator holds but does not use are free for this process.
+                    free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+                graphs = graphs_per_batch_shape(self.sampler.guidance, self.sampler.schedule.num_steps)
                 self._chosen_batch_size = choose_batch_size(
-                    per_image, free, max(one - per_image, 0), self.config.memory_fraction
+                    per_image * graphs, free, fixed * graphs, self.config.memory_fraction
                 )
         return self._chosen_batch_size
 
     def _probe_step_bytes(self, batch: int) -> int:
         """Peak bytes above the current allocation of one guided step at `batch`, uncompiled."""
         s = self.sampler
-        x = torch.randn(batch, s.channels, s.image_size, s.image_size, device=self.device)
-        labels = torch.zeros(batch, dtype=torch.long, device=self.device)
-        probe = _BatchBuffers(batch, x.shape[1:], self.device, with_groups=False)
-        probe.x.copy_(x)
-        probe.labels.copy_(labels)
-        probe.index.fill_(s.schedule.num_steps - 1)
         compiled = (self._unet, self._features)
         self._unet, self._features = self.unet_lp, self.features_lp
         try:
             torch.cuda.synchronize(self.device)
             base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            probe = _BatchBuffers(batch, (s.channels, s.image_size, s.image_size), self.device, with_groups=False)
+            probe.x.normal_()
+            probe.index.fill_(s.schedule.num_steps - 1)
             self._body(probe, s.guidance.scale > 0, "philox")
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - base
         finally:
             self._unet, self._features = compiled
+
+
+def graphs_per_batch_shape(guidance, num_steps: int) -> int:
+    """How many step graphs one batch shape captures: 2 when some steps are guided and some not."""
+    return len({guidance.guides_step(step) for step in range(num_steps)})
+
+
+def estimate_step_memory(probe_bytes: Callable[[int], int], sizes: tuple[int, int] = (2, 4)) -> tuple[int, int]:
+    """(per-image bytes, fixed bytes) of one step, from `probe_bytes(batch)` peaks at two batch sizes.
+
+    Each size is probed twice and the second reading kept: the first run of a shape allocates
+    one-time state (cuBLAS/cuDNN workspaces, cudnn.benchmark trials) that would otherwise land in one
+    reading and not the other. A difference that is not positive (allocator noise) falls back to
+    counting the whole larger peak as per-image cost, which over-estimates and so stays safe. A
+    probe that runs out of memory at the larger sizes retries at (1, 2).
+    """
+    small, large = sizes
+    try:
+        readings = {}
+        for batch in (small, large):
+            probe_bytes(batch)
+            readings[batch] = probe_bytes(batch)
+    except torch.cuda.OutOfMemoryError:
+        if sizes == (1, 2):
+            raise IGDSInputError("not enough free GPU memory for a step at batch 1") from None
+        torch.cuda.empty_cache()
+        return estimate_step_memory(probe_bytes, (1, 2))
+    low, high = readings[small], readings[large]
+    per_image = -(-(high - low) // (large - small))  # ceil
+    if per_image <= 0:
+        return -(-high // large), 0
+    return per_image, max(low - small * per_image, 0)
 
 
 def _engine_unet(cfg: CompileConfig, sampler):
@@ -784,6 +835,8 @@ __all__ = [
     "LowPrecisionFeatures",
     "LowPrecisionUNet",
     "choose_batch_size",
+    "estimate_step_memory",
+    "graphs_per_batch_shape",
     "faster_attention",
     "low_precision_copy",
     "set_attention",

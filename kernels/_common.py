@@ -36,6 +36,19 @@ def scratch(shape, device, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
+def on_device(device):
+    """Context making `device` current for a kernel launch.
+
+    Triton launches on torch.cuda.current_device() and its current stream, not on the device of its
+    tensor arguments: without this, a kernel on cuda:1 tensors while cuda:0 is current would run on
+    GPU 0 with GPU 1 pointers. A no-op off CUDA.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -39,7 +39,7 @@ import torch
 
 from igds_fast.errors import IGDSInputError
 
-from ._common import check_out, seeds_to_tensor
+from ._common import check_out, on_device, seeds_to_tensor
 from .philox import noise_block_size, philox_normal_block
 
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
@@ -192,11 +192,12 @@ def predict_x0(x, model_output, step_index, schedule, learn_sigma: bool, clip: b
     x, model_output = x.contiguous(), model_output.contiguous()
     result = check_out(out, x.shape, x.dtype, x.device, "out")
     block = _block(numel)
-    _predict_x0_kernel[(triton.cdiv(numel, block), x.shape[0])](
-        x, model_output, result, step_index,
-        tables.sqrt_recip_alphas_cumprod, tables.sqrt_recipm1_alphas_cumprod,
-        numel, row_stride, CLIP=bool(clip), BLOCK=block,
-    )
+    with on_device(x.device):
+        _predict_x0_kernel[(triton.cdiv(numel, block), x.shape[0])](
+            x, model_output, result, step_index,
+            tables.sqrt_recip_alphas_cumprod, tables.sqrt_recipm1_alphas_cumprod,
+            numel, row_stride, CLIP=bool(clip), BLOCK=block,
+        )
     return result
 
 
@@ -249,14 +250,15 @@ def fused_ddpm_update(
     result = check_out(out, x.shape, x.dtype, x.device, "out")
     block = _block(numel)
     # Unused pointer arguments get `x` (never dereferenced: their branches are compiled out).
-    _ddpm_update_kernel[(triton.cdiv(numel, block), batch)](
-        x, model_output,
-        x if grad is None else grad,
-        x if noise is None else noise,
-        x if seed_tensor is None else seed_tensor,
-        result, step_index, *tables.as_args(),
-        float(scale), numel, row_stride,
-        CLIP=bool(clip), LEARN_SIGMA=bool(learn_sigma), GUIDED=grad is not None,
-        NOISE=noise_mode, BLOCK=block,
-    )
+    with on_device(x.device):
+        _ddpm_update_kernel[(triton.cdiv(numel, block), batch)](
+            x, model_output,
+            x if grad is None else grad,
+            x if noise is None else noise,
+            x if seed_tensor is None else seed_tensor,
+            result, step_index, *tables.as_args(),
+            float(scale), numel, row_stride,
+            CLIP=bool(clip), LEARN_SIGMA=bool(learn_sigma), GUIDED=grad is not None,
+            NOISE=noise_mode, BLOCK=block,
+        )
     return result

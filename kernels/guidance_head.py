@@ -41,7 +41,7 @@ import torch
 from igds_fast.errors import IGDSInputError
 from igds_fast.objective import NORM_EPS, check_head_shapes
 
-from ._common import check_out, next_pow2, scratch
+from ._common import check_out, next_pow2, on_device, scratch
 
 # Rows of the [5, B] row-statistics scratch: lse of z/tau, KL, |z|^2, lse of the logits, InfoNCE lse.
 LSE_U = tl.constexpr(0)
@@ -337,21 +337,22 @@ def guidance_head(
     gram = scratch((batch, batch), device) if need_div else logits  # placeholder: never read
     inv_tau = 1.0 / tau
     extra = (1 if (need_ctx or need_div) else 0) + (row_tiles if need_div else 0)
-    _head_phase1_kernel[(row_tiles, class_tiles + extra)](
-        z, weight, bias, log_centroids, labels, logits, stats, gram,
-        batch, classes, dim, class_tiles, inv_tau,
-        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d,
-        NEED_CTX=need_ctx, NEED_DIV=need_div, PRECISION=precision,
-    )
-    _head_rows_kernel[(row_tiles,)](
-        logits, labels, groups, stats, gram, objective,
-        batch, classes, beta, gamma, inv_tau, NORM_EPS,
-        BLOCK_B=block_b, BLOCK_C=block_c, NEED_CTX=need_ctx, NEED_DIV=need_div,
-    )
-    _head_grad_kernel[(row_tiles, triton.cdiv(dim, block_d))](
-        z, weight, log_centroids, labels, groups, logits, stats, gram, grad,
-        batch, classes, dim, beta, gamma, inv_tau, NORM_EPS,
-        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d,
-        NEED_CTX=need_ctx, NEED_DIV=need_div, PRECISION=precision,
-    )
+    with on_device(device):
+        _head_phase1_kernel[(row_tiles, class_tiles + extra)](
+            z, weight, bias, log_centroids, labels, logits, stats, gram,
+            batch, classes, dim, class_tiles, inv_tau,
+            BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d,
+            NEED_CTX=need_ctx, NEED_DIV=need_div, PRECISION=precision,
+        )
+        _head_rows_kernel[(row_tiles,)](
+            logits, labels, groups, stats, gram, objective,
+            batch, classes, beta, gamma, inv_tau, NORM_EPS,
+            BLOCK_B=block_b, BLOCK_C=block_c, NEED_CTX=need_ctx, NEED_DIV=need_div,
+        )
+        _head_grad_kernel[(row_tiles, triton.cdiv(dim, block_d))](
+            z, weight, log_centroids, labels, groups, logits, stats, gram, grad,
+            batch, classes, dim, beta, gamma, inv_tau, NORM_EPS,
+            BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d,
+            NEED_CTX=need_ctx, NEED_DIV=need_div, PRECISION=precision,
+        )
     return objective, grad

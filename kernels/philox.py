@@ -28,7 +28,7 @@ import triton.language as tl
 
 import torch
 
-from ._common import check_out, next_pow2, seeds_to_tensor
+from ._common import check_out, next_pow2, on_device, seeds_to_tensor
 
 
 @triton.jit
@@ -89,7 +89,8 @@ def philox_normal(seeds, stream: int, shape, device, dtype=torch.float32, *, out
     if numel == 0:
         return result
     block = noise_block_size(numel)
-    _philox_normal_kernel[(triton.cdiv(numel, block), batch)](
-        result, seed_tensor, int(stream), numel, BLOCK=block
-    )
+    with on_device(device):
+        _philox_normal_kernel[(triton.cdiv(numel, block), batch)](
+            result, seed_tensor, int(stream), numel, BLOCK=block
+        )
     return result

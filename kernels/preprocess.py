@@ -38,7 +38,7 @@ import torch
 
 from igds_fast.errors import IGDSInputError
 
-from ._common import check_out, next_pow2
+from ._common import check_out, next_pow2, on_device
 
 
 @triton.jit
@@ -148,10 +148,11 @@ def preprocess_forward(x, mean, std, size, *, out=None) -> torch.Tensor:
     if y.numel() == 0:
         return y
     block = min(1024, max(16, next_pow2(out_h * out_w)))
-    _preprocess_fwd_kernel[(triton.cdiv(out_h * out_w, block), batch * channels)](
-        x, mean, std, y, channels, height, width, out_h, out_w,
-        _fp32_scale(height, out_h), _fp32_scale(width, out_w), BLOCK=block,
-    )
+    with on_device(x.device):
+        _preprocess_fwd_kernel[(triton.cdiv(out_h * out_w, block), batch * channels)](
+            x, mean, std, y, channels, height, width, out_h, out_w,
+            _fp32_scale(height, out_h), _fp32_scale(width, out_w), BLOCK=block,
+        )
     return y
 
 
@@ -166,10 +167,11 @@ def preprocess_backward(grad_y, std, input_hw, *, out=None) -> torch.Tensor:
         return grad_x
     scale_h, scale_w = _fp32_scale(height, out_h), _fp32_scale(width, out_w)
     block = min(512, max(16, next_pow2(height * width)))
-    _preprocess_bwd_kernel[(triton.cdiv(height * width, block), batch * channels)](
-        grad_y, std, grad_x, channels, height, width, out_h, out_w, scale_h, scale_w,
-        WINDOW_H=_window(scale_h), WINDOW_W=_window(scale_w), BLOCK=block,
-    )
+    with on_device(grad_y.device):
+        _preprocess_bwd_kernel[(triton.cdiv(height * width, block), batch * channels)](
+            grad_y, std, grad_x, channels, height, width, out_h, out_w, scale_h, scale_w,
+            WINDOW_H=_window(scale_h), WINDOW_W=_window(scale_w), BLOCK=block,
+        )
     return grad_x
 
 

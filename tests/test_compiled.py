@@ -52,7 +52,9 @@ from igds_fast.compiled import (
     CompileConfig,
     CompiledStep,
     choose_batch_size,
+    estimate_step_memory,
     faster_attention,
+    graphs_per_batch_shape,
     low_precision_copy,
     xformers_available,
 )
@@ -279,6 +281,45 @@ def test_choose_batch_size_fits_memory():
 
 
 # ---- the user's model stays the float32 reference -------------------------------------------------
+class FakeProbe:
+    """probe_bytes(batch) of a step costing fixed + per_image * batch, plus a one-time cost the
+    first time a batch size is seen (workspaces), optional noise, optional OOM above a size."""
+
+    def __init__(self, fixed, per_image, first_time=0, noise=None, oom_above=None):
+        self.fixed, self.per_image, self.first_time, self.noise, self.oom_above = (
+            fixed, per_image, first_time, noise or {}, oom_above)
+        self.calls = []
+
+    def __call__(self, batch):
+        if self.oom_above is not None and batch > self.oom_above:
+            raise torch.cuda.OutOfMemoryError("fake")
+        seen = batch in self.calls
+        self.calls.append(batch)
+        extra = 0 if seen else self.first_time
+        return self.fixed + self.per_image * batch + extra + self.noise.get(batch, 0)
+
+
+def test_step_memory_estimate_from_two_probed_batch_sizes():
+    probe = FakeProbe(fixed=1000, per_image=300, first_time=5000)
+    assert estimate_step_memory(probe) == (300, 1000)  # the first-time cost is read away
+    assert probe.calls == [2, 2, 4, 4]
+    # Noise making the difference non-positive: everything counts as per-image (over-estimate).
+    noisy = FakeProbe(fixed=1000, per_image=10, noise={2: 50})
+    assert estimate_step_memory(noisy) == (-(-(1000 + 40) // 4), 0)
+    # Out of memory at batch 4: retried at 1 and 2; out of memory at 1: a one-line input error.
+    assert estimate_step_memory(FakeProbe(fixed=1000, per_image=300, oom_above=3)) == (300, 1000)
+    with pytest.raises(IGDSInputError, match="batch 1"):
+        estimate_step_memory(FakeProbe(fixed=1000, per_image=300, oom_above=0))
+
+
+def test_a_guidance_window_counts_two_graphs_per_batch_shape():
+    assert graphs_per_batch_shape(GuidanceConfig(scale=1.0), 10) == 1
+    assert graphs_per_batch_shape(GuidanceConfig(scale=0.0), 10) == 1
+    assert graphs_per_batch_shape(GuidanceConfig(scale=1.0, guide_from_step=3), 10) == 2
+    assert graphs_per_batch_shape(GuidanceConfig(scale=1.0, guide_until_step=9), 10) == 1
+    assert graphs_per_batch_shape(GuidanceConfig(scale=1.0, guide_until_step=5), 10) == 2
+
+
 def test_low_precision_copies_leave_the_users_models_untouched():
     unet, ve, class_map, _ = build_models()
     before = {k: (v.clone(), v.dtype, v.data_ptr()) for k, v in {**unet.state_dict(), **ve.state_dict()}.items()}
