@@ -366,11 +366,13 @@ def _median_forward_ms(unet: nn.Module, x, timesteps, y, repeats: int = 5) -> fl
     return sorted(times)[len(times) // 2]
 
 
-def resolve_attention(choice: str, unet_lp: LowPrecisionUNet, sampler) -> str:
+def resolve_attention(choice: str, unet_lp: LowPrecisionUNet, sampler, compiled: bool = False) -> str:
     """Install the attention implementation into the copy `unet_lp`; returns "sdpa" or "xformers".
 
-    "auto" picks xformers only when it is importable, the device is CUDA, and an eager forward of
-    the copy at batch 2 measures faster with it than with SDPA (`faster_attention`).
+    "auto" picks xformers only when it is importable, the device is CUDA, an eager forward of the
+    copy at batch 2 measures faster with it than with SDPA (`faster_attention`), and — when the UNet
+    is to be compiled with fullgraph=True — dynamo traces its attention without a graph break (an
+    xformers build without torch custom-op registration would otherwise fail the compile).
     """
     blocks = _attention_blocks(unet_lp.unet)
     if choice == "xformers":
@@ -386,7 +388,23 @@ def resolve_attention(choice: str, unet_lp: LowPrecisionUNet, sampler) -> str:
     timesteps = torch.full((2,), 500, dtype=torch.long, device=sampler.device)
     conditional = getattr(sampler.unet, "num_classes", None) is not None
     y = torch.zeros(2, dtype=torch.long, device=sampler.device) if conditional else None
-    return faster_attention(unet_lp.unet, lambda: _median_forward_ms(unet_lp, x, timesteps, y))
+    chosen = faster_attention(unet_lp.unet, lambda: _median_forward_ms(unet_lp, x, timesteps, y))
+    if chosen == "xformers" and compiled:
+        block = blocks[0]
+        qkv = torch.randn(2, block.qkv.out_channels, 64, device=sampler.device, dtype=unet_lp.dtype)
+        if not traces_in_one_graph(block._attention, qkv):
+            set_attention(unet_lp.unet, "sdpa")
+            return "sdpa"
+    return chosen
+
+
+def traces_in_one_graph(fn: Callable, *args) -> bool:
+    """Whether dynamo captures fn(*args) as one graph (fullgraph=True), run without code generation."""
+    try:
+        torch.compile(lambda *a: fn(*a), backend="eager", fullgraph=True, dynamic=False)(*args)
+    except Exception:  # a graph break (Unsupported) or any tracing failure: not compilable in one graph
+        return False
+    return True
 
 
 def faster_attention(unet: nn.Module, forward_ms: Callable[[], float]) -> str:
@@ -490,7 +508,7 @@ class CompiledStep:
         else:
             self.unet_lp = LowPrecisionUNet(low_precision_copy(unet, self.dtype, cfg.channels_last), self.dtype,
                                             cfg.channels_last)
-            self.attention = resolve_attention(cfg.attention, self.unet_lp, sampler)
+            self.attention = resolve_attention(cfg.attention, self.unet_lp, sampler, compiled=cfg.compile)
 
         ve = sampler.ve
         encoder = getattr(ve, "encoder", None)
@@ -840,5 +858,6 @@ __all__ = [
     "faster_attention",
     "low_precision_copy",
     "set_attention",
+    "traces_in_one_graph",
     "xformers_available",
 ]

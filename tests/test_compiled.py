@@ -56,6 +56,8 @@ from igds_fast.compiled import (
     faster_attention,
     graphs_per_batch_shape,
     low_precision_copy,
+    set_attention,
+    traces_in_one_graph,
     xformers_available,
 )
 from igds_fast.config import GuidanceConfig
@@ -227,6 +229,24 @@ def test_auto_attention_keeps_the_faster_measured_implementation(xformers_ms, ex
     assert faster_attention(unet, forward_ms) == expected
     assert timed == ["sdpa", "xformers"]
     assert all(block._attention.__func__ is ATTENTION_IMPLEMENTATIONS[expected] for block in blocks)
+
+
+def test_graph_break_check_for_an_auto_chosen_attention():
+    # what "auto" asks before keeping a faster attention for a fullgraph compile
+    block = next(m for m in tiny_adm().modules() if hasattr(m, "legacy_order"))
+    set_attention(block, "sdpa")
+    qkv = torch.randn(2, block.qkv.out_channels, 64)
+    assert traces_in_one_graph(block._attention, qkv)
+
+    def with_graph_break(t):
+        torch._dynamo.graph_break()
+        return t + 1
+
+    def branching_on_a_value(t):
+        return t * 2 if t.sum() > 0 else t
+
+    assert not traces_in_one_graph(with_graph_break, qkv)
+    assert not traces_in_one_graph(branching_on_a_value, qkv)
 
 
 @pytest.mark.parametrize("new_order", [False, True])
