@@ -6,7 +6,10 @@
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them (a plain
 `igds-fast distill`) everything here is a single-process no-op. NCCL on GPUs (each rank on
 cuda:LOCAL_RANK), gloo on CPU. Every collective is bounded by the process-group timeout, so a rank
-that dies makes the others fail promptly instead of hanging.
+that dies makes the others fail promptly instead of hanging — except the end-of-run gather, where a
+rank that finished its share (or had none) waits for the slowest rank's whole sampling: that one runs
+on a gloo group of its own with a timeout of days (a dead rank is then torchrun's to detect: its
+agent tears the other ranks down).
 
 Sharding: the pending (unfinished) jobs — a deterministic list — are dealt round-robin, so the ranks
 get equal shares of the work still to do after a resume. Which rank makes an image never changes
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -27,6 +30,7 @@ from .errors import IGDSInputError
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
+END_TIMEOUT_S = 7 * 24 * 3600.0  # the end-of-run gather: longer than any rank's share of a run
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    end_group: Any = field(default=None, compare=False, repr=False)  # gloo, END_TIMEOUT_S: gather_to_main
 
     @property
     def enabled(self) -> bool:
@@ -51,11 +56,14 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_distributed(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+def init_distributed(
+    device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, end_timeout_s: float = END_TIMEOUT_S
+) -> DistContext:
     """Join the process group torchrun describes (env:// rendezvous); a no-op for a single process.
 
-    device: "cuda", "cpu" or None (cuda when available). Returns the context; on CUDA the current
-    device becomes cuda:LOCAL_RANK.
+    device: "cuda", "cpu" or None (cuda when available). timeout_s bounds every collective but the
+    end-of-run gather, which gets end_timeout_s. Returns the context; on CUDA the current device
+    becomes cuda:LOCAL_RANK.
     """
     if not launched_by_torchrun():
         return DistContext()
@@ -73,7 +81,11 @@ def init_distributed(device: str | None = None, timeout_s: float = DEFAULT_TIMEO
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
+    # Every rank creates it at the same point (group creation is collective). Gloo also keeps the
+    # object gather off the GPU whatever the main backend.
+    end_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=end_timeout_s))
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend,
+                       end_group=end_group)
 
 
 def rank_device(ctx: DistContext, device: str | None) -> str:
@@ -121,11 +133,15 @@ class QuietRankError(IGDSInputError):
 
 
 def gather_to_main(ctx: DistContext, obj: Any) -> list[Any] | None:
-    """Every rank's `obj` on rank 0 (in rank order); None on the other ranks."""
+    """Every rank's `obj` on rank 0 (in rank order); None on the other ranks.
+
+    The end-of-run collective: on `ctx.end_group` (END_TIMEOUT_S), since a rank with a small share,
+    or none, reaches it long before the others.
+    """
     if not ctx.enabled:
         return [obj]
     gathered = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(obj, gathered, dst=0)
+    dist.gather_object(obj, gathered, dst=0, group=ctx.end_group)
     return gathered
 
 

@@ -50,3 +50,10 @@ def test_bad_input_is_reported_once_and_every_rank_fails(tmp_path):
     result = torchrun(2, os.path.join(SCRIPTS, "collectives.py"), "bad", str(tmp_path / "x.json"))
     assert result.returncode != 0
     assert result.stderr.count("igds-fast: error: the VE file is missing") == 1
+
+
+def test_a_rank_that_finishes_early_waits_at_the_end_gather_beyond_the_collective_timeout(tmp_path):
+    out = tmp_path / "gathered.json"
+    result = torchrun(2, os.path.join(SCRIPTS, "collectives.py"), "late", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [g["rank"] for g in json.loads(out.read_text())] == [0, 1]
