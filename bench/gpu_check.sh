@@ -12,24 +12,28 @@
 #   tests      every GPU test of the suite (IGDS_TEST_GPU=1; selection: gpu marker or a CUDA/GPU
 #              skipif reason, igds_fast.profiling.pytest_gpu_select), fidelity included
 #   adm256     bench/sampler.py adm256, batch 32: eager fp32, eager fp16, compiled, compiled+graphs
-#              with mode "default" (bounded compile) and the fidelity check
-#   adm256-ma  the same compiled/graphs rows with the CompileConfig defaults (max-autotune-no-cudagraphs)
-#   adm64      bench/sampler.py adm64, batch 64, all variants, mode "default" (the graphs >= 2x
-#              compiled target; graphs remove launch overhead whatever the mode)
-#   kernels    bench/kernels.py at the real sizes
-#   nsys       profiling/nsys.sh on adm256 compiled+graphs (only if nsys exists)
-#   flags      adm64 compiled/graphs, mode "default", inductor options off: against the adm64 part,
-#              what CONV_UNET_INDUCTOR_OPTIONS buy
+#              with mode "default" and no autotuning flags (the shortest compile) and the fidelity check
+#   adm256-ma  the same compiled/graphs rows with the CompileConfig defaults (max-autotune-no-cudagraphs
+#              + CONV_UNET_INDUCTOR_OPTIONS: long compile, Triton autotuning of every kernel)
+#   adm64      bench/sampler.py adm64, batch 64, all variants, mode "default", no flags (the graphs
+#              >= 2x compiled target; graphs remove launch overhead whatever the mode)
+#   kernels    bench/kernels.py at the real sizes (a failing case is a FAILED row, the rest still run)
+#   nsys       profiling/nsys.sh on adm256 compiled+graphs if nsys is on PATH; else (the GPU machines
+#              have no working nsys) a torch.profiler trace of the same run, batch 32 as the adm256 part
+#   flags      adm64 compiled/graphs, mode "default" WITH CONV_UNET_INDUCTOR_OPTIONS: against the adm64
+#              part, what the flags buy (and what they cost in compile time)
 #
 # Every part has its own timeout and the whole run a budget (default 1440 s = 24 min; a part starts
 # only with >= 60 s left and is cut at the budget). The device runner limits ONE command to 600 s,
 # returns at most 8 files (16 MiB each) from $OUT, and a session has 30 min of device time with the
 # machine's start (1-2 min) counted in — so at most three calls of three parts or fewer, the targets
 # first (a part cut by its timeout keeps its per-variant "[bench]" lines in its log):
-#   bash bench/gpu_check.sh --parts env,tests,kernels --budget 570    # GPU tests + fidelity, kernel table
-#   bash bench/gpu_check.sh --parts adm256 --budget 570               # the s/image, 8x and 2x targets
-#   bash bench/gpu_check.sh --parts adm64,flags --budget 500          # graphs >= 2x compiled; flags A/B
-# and in a later session: --parts adm256-ma,nsys (max-autotune rows; an Nsight timeline).
+#   bash bench/gpu_check.sh --parts env,tests,kernels --budget 520    # GPU tests + fidelity, kernel table
+#   bash bench/gpu_check.sh --parts adm256,nsys --budget 520          # the s/image, 8x and 2x targets; a trace
+#   bash bench/gpu_check.sh --parts adm64,flags --budget 400          # graphs >= 2x compiled; flags A/B
+# (24 min of commands + a 1-2 min start inside the 30 min), and in a later session: --parts adm256-ma.
+# Send each call as soon as the last returns: an idle machine is given back after 30 s, and with it
+# the inductor cache in /tmp.
 # torch.compile's caches go to $TORCHINDUCTOR_CACHE_DIR (default /tmp/igds_inductor_cache), shared by
 # all parts: a later part recompiling the same graph hits the FX-graph and autotuning caches.
 #
@@ -58,7 +62,10 @@ SUMMARY="$RESULTS_DIR/SUMMARY.md"
 # The checkout itself, installed or not: the GPU machines have no network for pip, and an uninstalled
 # checkout maps kernels/ and profiling/ into igds_fast by itself (igds_fast/__init__.py).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! python -c "import igds_fast.kernels, igds_fast.profiling, igds_fast.compiled" 2>"$RESULTS_DIR/import_error.log"; then
+# The GPU machines' interpreter is python3 (/opt/torch/.venv/bin/python3); `python` may not exist.
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+export PYTHON="$PY"
+if ! "$PY" -c "import igds_fast.kernels, igds_fast.profiling, igds_fast.compiled" 2>"$RESULTS_DIR/import_error.log"; then
   echo "gpu_check.sh: igds_fast does not import from $PWD:" >&2
   tail -n 5 "$RESULTS_DIR/import_error.log" >&2
   exit 1
@@ -125,25 +132,31 @@ if (( DRY_RUN )); then
   for script in bench/gpu_check.sh profiling/nsys.sh profiling/ncu.sh; do
     bash -n "$script" || { echo "syntax error in $script" >&2; exit 1; }
   done
-  python -m py_compile bench/sampler.py bench/kernels.py profiling/torch_trace.py || exit 1
+  "$PY" -m py_compile bench/sampler.py bench/kernels.py profiling/torch_trace.py || exit 1
   echo "[dry ] scripts parse"
 fi
 
-SAMPLER=(python bench/sampler.py --warmup 3 --steps 5)
+SAMPLER=("$PY" bench/sampler.py --warmup 3 --steps 5)
+# Bounded compile for the parts that are not about the inductor flags (see the header).
+SHORT_COMPILE='{"mode": "default", "inductor_options": {}}'
+# pytest-timeout (on the GPU machines' image) bounds each test, so one hang cannot eat the part.
+PYTEST_TIMEOUT=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout=240)
 
 wanted env && run_part env 60 bash -c '
   nvidia-smi || true
-  python -c "import torch, triton, platform; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"python\", platform.python_version()); print(torch.cuda.get_device_name(), torch.cuda.mem_get_info())"
-  python -c "import xformers; print(\"xformers\", xformers.__version__)" 2>/dev/null || echo "xformers: not installed"
+  "$PYTHON" -c "import torch, triton, platform; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"python\", platform.python_version()); print(torch.cuda.get_device_name(), torch.cuda.mem_get_info())"
+  "$PYTHON" -c "import xformers; print(\"xformers\", xformers.__version__)" 2>/dev/null || echo "xformers: not installed"
   command -v nsys && nsys --version || echo "nsys: not found"
   command -v ncu && ncu --version || echo "ncu: not found"
   nproc; free -g'
 
-wanted tests && run_part tests 420 env IGDS_TEST_GPU=1 python -m pytest -q -rs \
+# -v: one line per test as it ends, so a part cut by its timeout still shows what passed and failed.
+wanted tests && run_part tests 420 env IGDS_TEST_GPU=1 "$PY" -m pytest -v -rs --durations=15 "${PYTEST_TIMEOUT[@]}" \
   -p igds_fast.profiling.pytest_gpu_select --junitxml="$RESULTS_DIR/gpu_tests.xml" tests
 
 wanted adm256 && run_part adm256 480 "${SAMPLER[@]}" --presets adm256 --batch-sizes 32 \
-  --compile-options '{"mode": "default"}' --check-fidelity \
+  --compile-options "$SHORT_COMPILE" --check-fidelity \
   --json "$RESULTS_DIR/sampler_adm256_default.json" --append-results
 
 wanted adm256-ma && run_part adm256-ma 540 "${SAMPLER[@]}" --presets adm256 --batch-sizes 32 \
@@ -151,24 +164,25 @@ wanted adm256-ma && run_part adm256-ma 540 "${SAMPLER[@]}" --presets adm256 --ba
   --json "$RESULTS_DIR/sampler_adm256_max_autotune.json" --append-results
 
 wanted adm64 && run_part adm64 360 "${SAMPLER[@]}" --presets adm64 --batch-sizes 64 \
-  --compile-options '{"mode": "default"}' --check-fidelity --json "$RESULTS_DIR/sampler_adm64.json" --append-results
+  --compile-options "$SHORT_COMPILE" --check-fidelity --json "$RESULTS_DIR/sampler_adm64.json" --append-results
 
-wanted kernels && run_part kernels 240 python bench/kernels.py --append-results
+wanted kernels && run_part kernels 240 "$PY" bench/kernels.py --append-results
 
 if wanted nsys; then
   if command -v nsys >/dev/null 2>&1 || (( DRY_RUN )); then
     run_part nsys 300 bash profiling/nsys.sh "$RESULTS_DIR/nsys_adm256_graphs" -- \
-      python bench/sampler.py --presets adm256 --batch-sizes 32 --variants graphs --profile graphs \
-      --compile-options '{"mode": "default"}' --warmup 2 --steps 3
+      "$PY" bench/sampler.py --presets adm256 --batch-sizes 32 --variants graphs --profile graphs \
+      --compile-options "$SHORT_COMPILE" --warmup 2 --steps 3
   else
-    run_part torch_trace 240 python profiling/torch_trace.py --preset adm256 --batch-size 16 \
-      --compile-options '{"mode": "default"}' --out "$RESULTS_DIR/torch_trace_adm256"
+    # Same shapes and options as the adm256 part: right after it, the inductor caches are warm.
+    run_part torch_trace 300 "$PY" profiling/torch_trace.py --preset adm256 --batch-size 32 \
+      --compile-options "$SHORT_COMPILE" --out "$RESULTS_DIR/torch_trace_adm256"
   fi
 fi
 
-# A/B of the inductor flags at equal mode: the adm64 part ran mode "default" WITH the flags.
+# A/B of the inductor flags at equal mode: the adm64 part ran mode "default" WITHOUT the flags.
 wanted flags && run_part flags 300 "${SAMPLER[@]}" --presets adm64 --batch-sizes 64 --variants compiled,graphs \
-  --compile-options '{"mode": "default", "inductor_options": {}}' --json "$RESULTS_DIR/sampler_adm64_no_flags.json"
+  --compile-options '{"mode": "default"}' --json "$RESULTS_DIR/sampler_adm64_conv_flags.json"
 
 if (( ! DRY_RUN )); then
   cp bench/RESULTS.md "$RESULTS_DIR/RESULTS.md" 2>/dev/null || true

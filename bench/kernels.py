@@ -19,10 +19,12 @@ import argparse
 import datetime
 import math
 import os
+import re
 import shlex
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 
@@ -232,7 +234,12 @@ def device_name() -> str:
     return f"CPU ({os.cpu_count()} cores)"
 
 
-def run() -> str:
+def run(only: str | None = None) -> tuple[str, int]:
+    """The results table (markdown) and the number of cases that failed their check or raised.
+
+    A failing case becomes a FAILED row and the rest still run: one bad case never loses the table.
+    only: a regex on case names (e.g. "preprocess"); None = every case.
+    """
     bandwidth = copy_bandwidth_gbs()
     lines = [
         f"Measured device-to-device copy bandwidth: {bandwidth:.1f} GB/s (read + write).",
@@ -240,30 +247,45 @@ def run() -> str:
         "| kernel | shape | MFLOP | MB (floor) | floor us | eager us | fused us | speedup | fused GB/s | % copy BW |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for case in all_cases():
+    failures = 0
+    cases = [c for c in all_cases() if only is None or re.search(only, c.name)]
+    if not cases:
+        raise SystemExit(f"bench/kernels.py: no case matches --only {only!r}")
+    for case in cases:
         floor_us = case.nbytes / (bandwidth * 1e9) * 1e6
         print(f"# {case.name} {case.shape}: {case.flop / 1e6:.3f} MFLOP, {case.nbytes / 1e6:.3f} MB, "
               f"floor {floor_us:.2f} us", file=sys.stderr)
-        case.check()
-        eager_us, fused_us = median_us(case.eager), median_us(case.fused)
-        achieved = case.nbytes / (fused_us * 1e-6) / 1e9
-        lines.append(
-            f"| {case.name} | {case.shape} | {case.flop / 1e6:.3f} | {case.nbytes / 1e6:.3f} | {floor_us:.2f} "
-            f"| {eager_us:.1f} | {fused_us:.1f} | {eager_us / fused_us:.3f}x | {achieved:.2f} "
-            f"| {100 * achieved / bandwidth:.1f}% |"
-        )
+        try:
+            case.check()
+            eager_us, fused_us = median_us(case.eager), median_us(case.fused)
+        except Exception as exc:  # recorded as a row; the other cases still run
+            failures += 1
+            traceback.print_exc()
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())[:160].replace("|", "/")
+            row = f"| {case.name} | {case.shape} | {case.flop / 1e6:.3f} | {case.nbytes / 1e6:.3f} | {floor_us:.2f} " \
+                  f"| FAILED: {message} | | | | |"
+        else:
+            achieved = case.nbytes / (fused_us * 1e-6) / 1e9
+            row = (
+                f"| {case.name} | {case.shape} | {case.flop / 1e6:.3f} | {case.nbytes / 1e6:.3f} | {floor_us:.2f} "
+                f"| {eager_us:.1f} | {fused_us:.1f} | {eager_us / fused_us:.3f}x | {achieved:.2f} "
+                f"| {100 * achieved / bandwidth:.1f}% |"
+            )
+        print(row, file=sys.stderr, flush=True)  # each row as measured: a run cut short keeps them in its log
+        lines.append(row)
     if not GPU:
         lines += ["", "CPU interpreter run: a smoke test of the script only — absolute numbers and ratios "
                   "mean nothing (numpy executes every Triton program)."]
-    return "\n".join(lines)
+    return "\n".join(lines), failures
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--only", default=None, help="run only the cases whose name matches this regex")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    table = run()
+    table, failures = run(args.only)
     print(table)
     if args.append_results:
         command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
@@ -279,6 +301,8 @@ def main(argv=None) -> None:
         ]
         with open(RESULTS, "a") as handle:
             handle.write("\n".join(header) + table + "\n")
+    if failures:
+        raise SystemExit(f"bench/kernels.py: {failures} case(s) FAILED (rows above)")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ set -euo pipefail
 out="${1:-igds_nsys}"
 [[ $# -gt 0 ]] && shift
 [[ "${1:-}" == "--" ]] && shift
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 if [[ $# -eq 0 ]]; then
-  set -- python bench/sampler.py --presets adm256 --batch-sizes 16 --variants graphs --profile graphs \
+  set -- "$PY" bench/sampler.py --presets adm256 --batch-sizes 16 --variants graphs --profile graphs \
     --warmup 3 --steps 5
 fi
 if ! command -v nsys >/dev/null 2>&1; then

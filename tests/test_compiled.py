@@ -465,6 +465,11 @@ def test_nonfinite_gradient_raises_after_the_batch_like_eager():
     assert torch.isnan(unchecked.sample([1], seeds[:1])).any()
 
 
+# GPU tests check fidelity and graph mechanics, not speed: mode "default" without the autotuning
+# inductor flags keeps each compile short (max-autotune and the flags are bench/sampler.py's to time).
+GPU_TEST_COMPILE = {"mode": "default", "inductor_options": {}}
+
+
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
 # ATen ops that read a device value back to the host from C++ (no Python method call to see):
 # scalar reads (a 0-d tensor used as a basic index, .item() in C++), and ops whose output size
@@ -562,7 +567,7 @@ def gpu_models(seed=None):
 @gpu_only
 def test_gpu_graphs_bf16_fidelity_and_graph_equivalence():
     unet, ve, class_map, seed = gpu_models()
-    options = dict(dtype="bf16", mode="default")  # max-autotune is exercised by bench/sampler.py
+    options = dict(dtype="bf16", **GPU_TEST_COMPILE)
     eager, compiled = make_pair(unet, ve, class_map, options, steps="50", device="cuda")
     step = compiled._step
     assert step.use_graphs
@@ -583,7 +588,7 @@ def test_gpu_graphs_bf16_fidelity_and_graph_equivalence():
 @gpu_only
 def test_gpu_graph_loop_has_no_host_sync_and_reuses_graphs():
     unet, ve, class_map, _ = gpu_models()
-    eager, compiled = make_pair(unet, ve, class_map, dict(mode="default"), steps="10", device="cuda")
+    eager, compiled = make_pair(unet, ve, class_map, dict(GPU_TEST_COMPILE), steps="10", device="cuda")
     step = compiled._step
     labels = torch.tensor([1, 2, 3, 0], device="cuda")
     first = compiled.sample(labels, random_seeds(4))  # captures the graph
@@ -601,7 +606,7 @@ def test_gpu_graph_loop_has_no_host_sync_and_reuses_graphs():
         torch.cuda.set_sync_debug_mode("default")
     x = compiled.step(x, 0, labels, None, None, seeds).clamp(-1, 1)
     assert buffers.graphs == graphs  # same graph objects: captured once per batch shape
-    fresh = make_pair(unet, ve, class_map, dict(mode="default"), steps="10", device="cuda")[1]
+    fresh = make_pair(unet, ve, class_map, dict(GPU_TEST_COMPILE), steps="10", device="cuda")[1]
     torch.testing.assert_close(x, fresh.sample(labels, seeds), rtol=1e-3, atol=1e-3)
     assert not torch.equal(first, x)
 
@@ -610,12 +615,12 @@ def test_gpu_graph_loop_has_no_host_sync_and_reuses_graphs():
 @gpu_only
 def test_gpu_xt_mode_and_nonfinite_under_graphs():
     unet, ve, class_map, _ = gpu_models()
-    eager, compiled = make_pair(unet, ve, class_map, dict(mode="default"), steps="8", device="cuda", mode="xt")
+    eager, compiled = make_pair(unet, ve, class_map, dict(GPU_TEST_COMPILE), steps="8", device="cuda", mode="xt")
     errors = teacher_forced_errors(eager, compiled, torch.tensor([0, 1], device="cuda"), random_seeds(2))
     assert max(e[2] for e in errors) <= TOLERANCES["bf16-gpu"][1], errors
     with torch.no_grad():
         ve.log_centroids[2, 0] = float("nan")
-    _, broken = make_pair(unet, ve, class_map, dict(mode="default"), steps="8", device="cuda")
+    _, broken = make_pair(unet, ve, class_map, dict(GPU_TEST_COMPILE), steps="8", device="cuda")
     with pytest.raises(IGDSInputError, match=r"non-finite guidance gradient at sampling step 0 .*\[2\]"):
         broken.sample([0, 2], random_seeds(2))
 

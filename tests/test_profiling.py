@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -31,6 +32,64 @@ def load_script(relative_path: str, name: str):
 @pytest.fixture(scope="module")
 def bench():
     return load_script("bench/sampler.py", "igds_bench_sampler_under_test")
+
+
+def test_bench_kernels_keeps_the_table_when_a_case_fails(monkeypatch):
+    kernels_bench = load_script("bench/kernels.py", "igds_bench_kernels_under_test")
+    table, failures = kernels_bench.run(only="predict_x0|preprocess forward")
+    assert failures == 0
+    rows = [line for line in table.splitlines() if line.startswith("| predict_x0") or line.startswith("| preprocess")]
+    assert len(rows) == 2 and all("FAILED" not in row and row.count("|") == 11 for row in rows)
+    original = kernels_bench.all_cases
+
+    def with_a_broken_check():
+        cases = original()
+        broken = next(c for c in cases if c.name == "predict_x0")
+
+        def check():
+            raise AssertionError("planted mismatch")
+
+        broken.check = check
+        return cases
+
+    monkeypatch.setattr(kernels_bench, "all_cases", with_a_broken_check)
+    table, failures = kernels_bench.run(only="predict_x0|preprocess forward")
+    assert failures == 1
+    assert "| predict_x0 |" in table and "FAILED: AssertionError: planted mismatch" in table
+    assert "x |" in next(line for line in table.splitlines() if line.startswith("| preprocess forward"))
+    with pytest.raises(SystemExit, match="no case matches"):
+        kernels_bench.run(only="no-such-kernel")
+
+
+FAKE_NCU = """#!/usr/bin/env bash
+# Stand-in for Nsight Compute: logs its arguments, writes the report file, runs the profiled command.
+echo "$*" >> "$NCU_LOG"
+if [[ "$1" == "--import" ]]; then echo '"ID","Kernel Name"'; exit 0; fi
+while [[ "$1" != "--export" ]]; do shift; done
+touch "$2.ncu-rep"; shift 2
+exec "$@"
+"""
+
+
+def test_ncu_script_profiles_every_kernel_in_its_own_pass(tmp_path):
+    fake = tmp_path / "bin" / "ncu"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_NCU)
+    fake.chmod(0o755)
+    log = tmp_path / "ncu.log"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "NCU_LOG": str(log),
+           "PYTHON": sys.executable, "TRITON_INTERPRET": "1", "PYTHONPATH": REPO}
+    result = subprocess.run(["bash", "profiling/ncu.sh", str(tmp_path / "rep")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    passes = [line for line in log.read_text().splitlines() if not line.startswith("--import")]
+    kernels = [line.split("--kernel-name regex:^")[1].split("$")[0] for line in passes]
+    assert sorted(kernels) == sorted([
+        "_predict_x0_kernel", "_ddpm_update_kernel", "_philox_normal_kernel", "_head_phase1_kernel",
+        "_head_rows_kernel", "_head_grad_kernel", "_preprocess_fwd_kernel", "_preprocess_bwd_kernel"])
+    assert all("--clock-control none" in line and "--launch-count 2" in line for line in passes)
+    # every pass's bench selection matched at least one case (bench/kernels.py exits non-zero otherwise)
+    assert len(list(tmp_path.glob("rep_*.ncu-rep"))) == 8 and len(list(tmp_path.glob("rep_*.csv"))) == 8
 
 
 def test_nvtx_range_shows_in_torch_profiler_and_is_silent_otherwise():
