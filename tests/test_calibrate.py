@@ -147,6 +147,24 @@ def _calibrate(digits_ve, seed, **overrides):
     return calibrate_beta(train_x, train_y, test_x[:200], test_y[:200], ve, **settings)
 
 
+def test_without_a_device_scoring_and_evaluation_share_the_default_device(digits_ve, monkeypatch):
+    import igds_fast.calibrate as calibrate
+    import igds_fast.evaluate.train as evaluate_train
+
+    chosen = torch.device("cpu", 0)  # stands for "cuda when available"; the loaded VE sits on plain cpu
+    monkeypatch.setattr(evaluate_train, "default_device", lambda: chosen)
+    seen = []
+
+    def recording_score(ve, images, labels, device=None):
+        seen.append(device)
+        raise RuntimeError("stop after scoring")
+
+    monkeypatch.setattr(calibrate, "score_samples", recording_score)
+    with pytest.raises(RuntimeError, match="stop after scoring"):
+        _calibrate(digits_ve, seed=0, device=None)
+    assert seen == [chosen]
+
+
 def test_calibration_table_choice_and_determinism(digits_ve):
     ve, train_x, train_y, _, _ = digits_ve
     scored = score_samples(ve, train_x, train_y)
