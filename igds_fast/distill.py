@@ -398,6 +398,8 @@ def plan_distill(config: DistillConfig) -> Plan:
         "noise": config.noise or ("philox" if config.backend == "compiled" else "torch"),
         "backend": config.backend,
     }
+    if pixel_settings["noise"] == "torch":
+        pixel_settings["noise_source"] = torch_noise_source(device)
     if config.backend == "compiled":
         compile_config = _compile_config(config)
         # The compute dtypes change the pixels; the other compile options only change the speed.
@@ -412,6 +414,19 @@ def plan_distill(config: DistillConfig) -> Plan:
 
 
 # ---- the output folder ----------------------------------------------------------------------------
+
+
+def torch_noise_source(device: torch.device) -> str:
+    """Which generator "torch" noise comes from, for the folder's pixel settings.
+
+    torch noise is drawn by the device's own generator: the CPU's (mt19937) and CUDA's (Philox, laid
+    out by the launch geometry, which depends on the GPU's multiprocessor count) give different noise
+    for the same seed, so a folder is resumed only where its noise is the same. "philox" noise is
+    the same on every device (the Triton kernel and its numpy reference agree bit for bit).
+    """
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
 
 
 def _differing_setting(saved: dict, current: dict) -> str | None:

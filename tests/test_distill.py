@@ -235,6 +235,25 @@ def test_other_settings_are_refused_naming_the_setting_and_force_clears(models, 
         assert json.load(handle)["seed"] == 4
 
 
+def test_torch_noise_folders_resume_only_on_the_same_noise_source(models, tmp_path):
+    out = tmp_path / "out"
+    distill(make_config(models, out, composite=1))
+    with open(out / CONFIG_NAME) as handle:
+        saved = json.load(handle)
+    assert saved["noise"] == "torch" and saved["noise_source"] == "cpu"
+    saved["noise_source"] = "cuda (NVIDIA H100 80GB HBM3)"  # as if started on a GPU
+    with open(out / CONFIG_NAME, "w") as handle:
+        json.dump(saved, handle)
+    before = file_states(out)
+    with pytest.raises(IGDSInputError, match=r"noise_source \(folder: \"cuda \(NVIDIA H100.*now: \"cpu\"\)"):
+        distill(make_config(models, out, composite=1))
+    assert file_states(out) == before
+    philox = tmp_path / "philox"
+    distill(make_config(models, philox, composite=1, ipc=1, noise="philox"))
+    with open(philox / CONFIG_NAME) as handle:
+        assert "noise_source" not in json.load(handle)  # philox noise is the same on every device
+
+
 def test_a_foreign_non_empty_folder_is_refused(models, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
