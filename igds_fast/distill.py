@@ -20,7 +20,9 @@ into fixed batches of the full job list (interleaving classes); a rerun skips th
 images all exist and re-samples a partly written batch with exactly its original members, writing
 only its missing files. Because a batch is always computed with the same members, a resumed run's
 files equal an uninterrupted run's byte for byte (same batch size, device and thread count; with
-another batch size images agree to float rounding, or byte for byte with `batch_invariant`).
+another batch size images agree to float rounding, or byte for byte with `batch_invariant`). With
+gamma != 0 the batch size decides which images are coupled, so it is saved (`.igds_batch.json`) and
+a resume reuses it; another --batch-size is refused.
 A rerun whose pixel settings differ from
 `.igds_config.json` is refused, naming the setting; `force` clears the folder's images first.
 
@@ -69,6 +71,7 @@ DEFAULT_BATCH_SIZE = 32
 PREVIEW_MAX_CLASSES = 20
 PREVIEW_MAX_IMAGES = 10
 CONFIG_NAME = ".igds_config.json"
+BATCH_NAME = ".igds_batch.json"  # the batch size a gamma != 0 folder was started with (it couples batch members)
 MANIFEST_NAME = "manifest.json"
 PREVIEW_NAME = "preview.png"
 CONFIG_FORMAT = "igds_distill_config"
@@ -416,6 +419,31 @@ def plan_distill(config: DistillConfig) -> Plan:
 # ---- the output folder ----------------------------------------------------------------------------
 
 
+def coupled_batch_size(out: str, config: "DistillConfig", composite: int) -> int | None:
+    """The batch size a gamma != 0 folder was started with (None: none saved, or gamma = 0).
+
+    With gamma != 0 the diversity term couples the samples of one class within a batch, so the batch
+    size decides which images are computed together, hence their pixels: a resume must cut the same
+    batches. A different --batch-size is refused (one line); without one, the saved size is used
+    (no free-memory probe).
+    """
+    path = os.path.join(out, BATCH_NAME)
+    if not config.gamma or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = int(json.load(handle)["batch_size"])
+    except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError):
+        raise IGDSInputError(f"{path} is unreadable; use --force to clear the folder") from None
+    asked = config.batch_size
+    if asked is not None and max(composite, asked - asked % composite) != saved:
+        raise IGDSInputError(
+            f"{out} was started with batch size {saved} and gamma {config.gamma:g} couples the images of a "
+            f"batch: rerun with --batch-size {saved} (or without --batch-size), or use --force to clear it"
+        )
+    return saved
+
+
 def torch_noise_source(device: torch.device) -> str:
     """Which generator "torch" noise comes from, for the folder's pixel settings.
 
@@ -456,7 +484,7 @@ def _clear_outputs(out: str, class_keys: list[str]) -> None:
                     os.unlink(entry.path)
         if not os.listdir(folder):
             os.rmdir(folder)
-    for name in (MANIFEST_NAME, PREVIEW_NAME, CONFIG_NAME):
+    for name in (MANIFEST_NAME, PREVIEW_NAME, CONFIG_NAME, BATCH_NAME):
         path = os.path.join(out, name)
         if os.path.isfile(path):
             os.unlink(path)
@@ -582,12 +610,14 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     device = torch.device(rank_device(ctx, str(plan.device))) if ctx.enabled else plan.device
     out = config.out
 
-    def prepare() -> int:
+    def prepare() -> tuple[int, int | None]:
         if ctx.is_main:
-            return prepare_output(out, plan.pixel_settings, plan.class_keys, config.force, log)
-        return sum(1 for job in plan.jobs if is_done(job, out))
+            done = prepare_output(out, plan.pixel_settings, plan.class_keys, config.force, log)
+        else:
+            done = sum(1 for job in plan.jobs if is_done(job, out))
+        return done, coupled_batch_size(out, config, plan.composite)
 
-    already = main_first(ctx, prepare)
+    already, saved_batch_size = main_first(ctx, prepare)
     total_images = len(plan.jobs)
 
     def build_sampler():
@@ -603,7 +633,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
                        batch_invariant=config.batch_invariant, backend_options=options)
 
     sampler = None
-    batch_size = config.batch_size
+    batch_size = config.batch_size or saved_batch_size
     pad = config.backend == "compiled"  # static shapes: a short last batch reuses the full batches' graphs
     if batch_size is None:
         if pad and already < total_images:
@@ -613,6 +643,8 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         else:
             batch_size = DEFAULT_BATCH_SIZE
     batch_size = max(plan.composite, batch_size - batch_size % plan.composite)  # whole composites only
+    if config.gamma and saved_batch_size is None and ctx.is_main:
+        write_json_atomic(os.path.join(out, BATCH_NAME), {"batch_size": batch_size})
     batches = _fixed_batches(plan.jobs, batch_size, plan.composite)
     # Fixed batches, dealt round-robin: a batch has the same members whatever the world size, and the
     # ranks share the work still to do after a resume equally.

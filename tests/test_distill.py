@@ -16,6 +16,7 @@ from factories import randomize_, tiny_ve
 from igds_fast.config import GuidanceConfig
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.distill import (
+    BATCH_NAME,
     CONFIG_NAME,
     DistillConfig,
     add_distill_parser,
@@ -169,6 +170,29 @@ def test_rerun_skips_finished_images_and_rewrites_nothing(models, tmp_path):
         if path not in (os.path.join("dog", "00001.png"), os.path.join("emu", "00000.png")):
             assert after[path] == state, path
     assert listing(out) == contents  # byte for byte, preview and config included
+
+
+def test_a_gamma_folder_resumes_with_the_batch_size_it_was_started_with(models, tmp_path):
+    # gamma couples the images of one class within a batch: the batch size is part of the pixels.
+    out = tmp_path / "out"
+    settings = dict(ipc=2, composite=1, gamma=0.5)
+    reference = tmp_path / "reference"
+    distill(make_config(models, reference, batch_size=3, **settings))
+    distill(make_config(models, out, batch_size=3, **settings))
+    with open(out / BATCH_NAME) as handle:
+        assert json.load(handle) == {"batch_size": 3}
+    os.unlink(out / "dog" / "00001.png")
+    before = file_states(out)
+    with pytest.raises(IGDSInputError, match=r"started with batch size 3 .* --batch-size 3") as info:
+        distill(make_config(models, out, batch_size=4, **settings))
+    assert "\n" not in str(info.value) and file_states(out) == before
+    resumed = distill(make_config(models, out, batch_size=None, **settings))  # no size given: the saved one
+    assert resumed["run"]["batch_size"] == 3 and resumed["run"]["images_written"] == 1
+    assert listing(out) == listing(reference)
+    # gamma 0: images do not depend on their batch, nothing is saved or enforced
+    plain = tmp_path / "plain"
+    distill(make_config(models, plain, batch_size=3, ipc=1, composite=1))
+    assert not (plain / BATCH_NAME).exists()
 
 
 def _distill_command(models, out):
