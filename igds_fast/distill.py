@@ -19,7 +19,8 @@ Resume: every file appears only by an atomic rename, so an existing image is com
 into fixed batches of the full job list (interleaving classes); a rerun skips the batches whose
 images all exist and re-samples a partly written batch with exactly its original members, writing
 only its missing files. Because a batch is always computed with the same members, a resumed run's
-files equal an uninterrupted run's byte for byte (same batch size, device and thread count; with
+files equal an uninterrupted run's byte for byte (eager backend; same batch size, device and thread
+count — on CUDA through `sampler.fp32_reference_math` and atomic-free backward passes; with
 another batch size images agree to float rounding, or byte for byte with `batch_invariant`). With
 gamma != 0 the batch size decides which images are coupled, so it is saved (`.igds_batch.json`) and
 a resume reuses it; another --batch-size is refused.

@@ -16,6 +16,7 @@ diversity term deliberately couples the images of one group).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -47,10 +48,36 @@ def resolve_noise_source(name: str):
     raise IGDSInputError(f"unknown noise source {name!r}; expected one of {NOISE_SOURCES}")
 
 
+@contextlib.contextmanager
+def fp32_reference_math(device: torch.device):
+    """On CUDA: float32 convolutions and matmuls really in float32, with deterministic cuDNN algorithms.
+
+    PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by default, and a front end may have
+    lowered the matmul precision; the eager reference must not. cudnn.deterministic (with benchmark
+    off) fixes the algorithms, so the input-gradient backward of the encoder gives the same bits run
+    to run. Settings are restored on exit; a no-op off CUDA (CPU math is float32 and deterministic).
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    precision = torch.get_float32_matmul_precision()
+    if precision != "highest":
+        torch.set_float32_matmul_precision("highest")  # the high-level API: safe beside either TF32 API
+    try:
+        with torch.backends.cudnn.flags(
+            enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True, allow_tf32=False
+        ):
+            yield
+    finally:
+        if precision != "highest":
+            torch.set_float32_matmul_precision(precision)
+
+
 class EagerStep:
     """The float32 reference step: plain torch, no compile, no graphs, one host sync per step at most.
 
-    Every other backend must reproduce `EagerStep.__call__` within the fidelity tolerances.
+    Every other backend must reproduce `EagerStep.__call__` within the fidelity tolerances. On CUDA it
+    runs under `fp32_reference_math` (no TF32, deterministic cuDNN).
     """
 
     def __init__(self, sampler: "Sampler"):
@@ -58,6 +85,10 @@ class EagerStep:
         self.head = resolve_head(sampler.guidance.head)
 
     def __call__(self, x, i: int, labels, noise=None, group_ids=None, seeds=None):
+        with fp32_reference_math(x.device):
+            return self._call(x, i, labels, noise, group_ids, seeds)
+
+    def _call(self, x, i: int, labels, noise, group_ids, seeds):
         s = self.sampler
         if noise is None and seeds is not None and i > 0:
             noise = s.noise_source(seeds, i, x.shape[1:], x.device)

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from igds_fast.errors import IGDSInputError
-from igds_fast.preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
+import igds_fast.preprocess as preprocess_module
+from igds_fast.preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess, bilinear_matrix, bilinear_resize_matmul
+
+
+@pytest.fixture(params=["interpolate", "matmul"])
+def resize_route(request, monkeypatch):
+    """Both resize routes: F.interpolate (CPU) and the matrix form CUDA takes (forced here on CPU)."""
+    monkeypatch.setattr(preprocess_module, "_resize_by_matmul", lambda x: request.param == "matmul")
+    return request.param
 
 
 def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -34,10 +42,14 @@ def _hand_preprocess(x: torch.Tensor, resolution: int, mean, std) -> np.ndarray:
 
 
 @pytest.mark.parametrize("in_hw,resolution", [((40, 40), 32), ((24, 24), 32), ((37, 29), 16), ((32, 32), 32)])
-def test_matches_hand_computation(rng_seed, in_hw, resolution):
+def test_matches_hand_computation(rng_seed, in_hw, resolution, resize_route, monkeypatch):
     pre = EncoderPreprocess(resolution, IMAGENET_MEAN, IMAGENET_STD)
     x = torch.rand(3, 3, *in_hw) * 2 - 1
+    calls = []
+    monkeypatch.setattr(preprocess_module, "bilinear_resize_matmul",
+                        lambda *args: calls.append(1) or bilinear_resize_matmul(*args))
     out = pre(x)
+    assert len(calls) == (resize_route == "matmul" and in_hw != (resolution, resolution))
     assert out.shape == (3, 3, resolution, resolution) and out.dtype == torch.float32
     expected = _hand_preprocess(x, resolution, IMAGENET_MEAN, IMAGENET_STD)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
@@ -53,7 +65,7 @@ def test_same_size_is_exact_affine_map(rng_seed):
 
 
 @pytest.mark.parametrize("in_size,resolution", [(12, 8), (6, 9), (8, 8)])
-def test_gradcheck_float64(rng_seed, in_size, resolution):
+def test_gradcheck_float64(rng_seed, in_size, resolution, resize_route):
     pre = EncoderPreprocess(resolution, (0.2, 0.5), (0.3, 1.7))
     x = (torch.rand(2, 2, in_size, in_size + 1, dtype=torch.float64) * 2 - 1).requires_grad_(True)
     assert torch.autograd.gradcheck(pre, (x,), eps=1e-6, atol=1e-8)
@@ -102,3 +114,32 @@ def test_bad_inputs():
         pre(torch.rand(3, 32, 32))
     with pytest.raises(IGDSInputError, match="floating-point"):
         pre(torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("in_size,out_size", [(256, 224), (64, 224), (37, 16), (5, 3), (1, 4)])
+def test_bilinear_matrix_is_the_definition(in_size, out_size):
+    matrix = bilinear_matrix(in_size, out_size, "cpu", torch.float64)
+    np.testing.assert_allclose(matrix.numpy(), _bilinear_matrix(in_size, out_size), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("in_hw,size", [((256, 256), 224), ((64, 64), 224), ((37, 29), 16)])
+def test_matrix_resize_matches_interpolate_forward_and_backward_in_float32(rng_seed, in_hw, size):
+    x = (torch.rand(2, 3, *in_hw) * 2 - 1).requires_grad_(True)
+    expected = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    actual = bilinear_resize_matmul(x, size)
+    grad_out = torch.randn_like(expected)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad_out)
+    (actual_grad,) = torch.autograd.grad(actual, x, grad_out)
+    # fp32 weights at source positions up to ~in_size: a few ulp of the position, times pixel steps
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-5, atol=2e-5)
+
+
+def test_matrix_resize_compiles_in_one_graph_with_its_backward():
+    # The compiled backend traces the encoder input transform with fullgraph=True on CUDA.
+    x = (torch.rand(2, 3, 20, 20) * 2 - 1).requires_grad_(True)
+    compiled = torch.compile(lambda t: bilinear_resize_matmul(t, 14).square().sum(), backend="aot_eager",
+                             fullgraph=True)
+    (grad,) = torch.autograd.grad(compiled(x), x)
+    (expected,) = torch.autograd.grad(bilinear_resize_matmul(x, 14).square().sum(), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-6)

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from igds_fast.errors import IGDSInputError
-from igds_fast.models.resnet import build_resnet, load_moco_encoder, resnet18, resnet50
+from igds_fast.models.resnet import GlobalAveragePool, build_resnet, load_moco_encoder, resnet18, resnet50
 
 
 def _torchvision_reference_shapes(arch: str, num_classes: int = 1000) -> dict[str, tuple]:
@@ -290,3 +290,13 @@ def test_moco_unreadable_files(tmp_path):
     with pytest.raises(IGDSInputError, match="weights_only=True") as excinfo:
         load_moco_encoder(tmp_path / "code.pth")
     _assert_one_line(excinfo)
+
+
+@pytest.mark.parametrize("shape", [(4, 2048, 7, 7), (3, 512, 4, 4), (2, 64, 3, 5)])
+def test_global_average_pool_equals_adaptive_pool_bit_for_bit(shape):
+    # a mean because CUDA's adaptive-pool backward is non-deterministic; same bits on CPU, so no
+    # CPU result of the VE moved
+    x = torch.randn(shape)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = x.contiguous(memory_format=fmt)
+        assert torch.equal(GlobalAveragePool()(x), torch.nn.AdaptiveAvgPool2d((1, 1))(x))

@@ -8,7 +8,7 @@ from igds_fast.config import GuidanceConfig
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.errors import IGDSInputError
 from igds_fast.objective import igds_objective
-from igds_fast.sampler import Sampler
+from igds_fast.sampler import Sampler, fp32_reference_math
 
 gd = pytest.importorskip("guided_diffusion.gaussian_diffusion")
 respace = pytest.importorskip("guided_diffusion.respace")
@@ -259,3 +259,44 @@ def test_padding_groups_stay_apart_from_real_groups():
     _, _, groups = _pad_batch(labels, [7, 8, 9], torch.tensor([0, -2, 4]), 5)
     assert groups.tolist() == [0, -2, 4, -4, -3]
     assert _pad_batch(labels, [7, 8, 9], None, 5)[2] is None  # gamma = 0: nothing couples
+
+
+def test_fp32_reference_math_on_cuda_turns_tf32_off_and_cudnn_deterministic_then_restores():
+    # The flags are process state that exists without a GPU, so the CUDA branch is checked here.
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+              torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+        with fp32_reference_math(torch.device("cuda")):
+            assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+            assert not torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+        with fp32_reference_math(torch.device("cpu")):  # CPU: nothing changes
+            assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
+        torch.backends.cudnn.allow_tf32 = before[2]
+        torch.set_float32_matmul_precision(before[3])
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_eager_steps_run_under_fp32_reference_math(use_kernels, monkeypatch):
+    import igds_fast.fused_step as fused_step_module
+    import igds_fast.sampler as sampler_module
+
+    devices = []
+    real = sampler_module.fp32_reference_math
+
+    def recording(device):
+        devices.append(torch.device(device).type)
+        return real(device)
+
+    monkeypatch.setattr(sampler_module, "fp32_reference_math", recording)
+    monkeypatch.setattr(fused_step_module, "fp32_reference_math", recording)
+    unet, ve = tiny_adm(), tiny_ve()
+    schedule = DiffusionSchedule(ScheduleConfig("linear", 1000, "3"))
+    sampler = Sampler(unet, schedule, ve, GuidanceConfig(scale=1.0), use_kernels=use_kernels, prior_class_map=PRIOR_MAP)
+    sampler.sample([0, 1], [5, 6])
+    assert devices and set(devices) == {"cpu"} and len(devices) >= 3  # every one of the 3 steps

@@ -56,6 +56,18 @@ def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
+class GlobalAveragePool(nn.Module):
+    """[B, C, H, W] -> [B, C, 1, 1] mean over H, W: nn.AdaptiveAvgPool2d((1, 1)) computed as a mean.
+
+    Same values (bit for bit on CPU), but its backward is a plain broadcast: CUDA's adaptive-pool
+    backward is flagged non-deterministic, and the guidance gradient runs through this backward at
+    every sampling step.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs + identity/projection shortcut (ResNet-18/34). [B, in, H, W] -> [B, planes, H/s, W/s]."""
 
@@ -152,7 +164,7 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(block, 128, layers[1], 2, make_norm)
         self.layer3 = self._make_layer(block, 256, layers[2], 2, make_norm)
         self.layer4 = self._make_layer(block, 512, layers[3], 2, make_norm)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.avgpool = GlobalAveragePool()
         self.feature_dim = 512 * block.expansion
         self.fc = nn.Identity() if num_classes is None else nn.Linear(self.feature_dim, num_classes)
 
