@@ -32,7 +32,7 @@ import torch
 from .guidance import image_guidance
 from .kernels import StepTables, fused_ddpm_update, guidance_head, philox_normal, predict_x0, seeds_to_tensor
 from .profiling import nvtx_range
-from .sampler import EagerStep, fp32_reference_math
+from .sampler import EagerStep
 
 
 class FusedStep:
@@ -66,7 +66,7 @@ class FusedStep:
         return self._seed_tensor
 
     def __call__(self, x, i: int, labels, noise=None, group_ids=None, seeds=None):
-        with fp32_reference_math(x.device):  # the eager backend's step: float32 as float32 on CUDA too
+        with self.sampler.eager_numerics(x.device):  # the eager backend's step: float32 as float32 on CUDA too
             return self._call(x, i, labels, noise, group_ids, seeds)
 
     def _call(self, x, i: int, labels, noise, group_ids, seeds):

@@ -85,7 +85,7 @@ class EagerStep:
         self.head = resolve_head(sampler.guidance.head)
 
     def __call__(self, x, i: int, labels, noise=None, group_ids=None, seeds=None):
-        with fp32_reference_math(x.device):
+        with self.sampler.eager_numerics(x.device):
             return self._call(x, i, labels, noise, group_ids, seeds)
 
     def _call(self, x, i: int, labels, noise, group_ids, seeds):
@@ -172,6 +172,9 @@ class Sampler:
         "philox" when the step draws its noise in-kernel (use_kernels, compiled), else "torch".
     use_kernels: run the guidance head and the DDPM update through the fused Triton kernels
         (`igds_fast.fused_step.FusedStep`); the loop and the result stay those of the eager step.
+    reference_numerics: (eager steps, CUDA) run under `fp32_reference_math` — float32 without TF32,
+        deterministic cuDNN — as the reference must; False = PyTorch's defaults (TF32 convolutions,
+        cudnn.benchmark as set): what bench/sampler.py times as the plain-PyTorch baseline.
     backend: "eager" (float32 reference: no compile, no graphs) or "compiled"
         (`igds_fast.compiled.CompiledStep`: low-precision compiled UNet, CUDA-graph-captured step),
         configured by `backend_options` (a `igds_fast.compiled.CompileConfig` or its fields as a dict).
@@ -189,6 +192,7 @@ class Sampler:
         use_kernels: bool = False,
         backend_options=None,
         batch_invariant: bool = False,
+        reference_numerics: bool = True,
     ):
         if backend not in BACKENDS:
             raise IGDSInputError(f"unknown backend {backend!r}; available: {BACKENDS}")
@@ -197,6 +201,9 @@ class Sampler:
         self.unet, self.schedule, self.ve, self.guidance = unet, schedule, ve, guidance
         self.backend = backend
         self.batch_invariant = bool(batch_invariant)
+        if not isinstance(reference_numerics, bool):
+            raise IGDSInputError(f"reference_numerics must be True or False, got {reference_numerics!r}")
+        self.reference_numerics = reference_numerics
         if self.batch_invariant and (backend != "eager" or use_kernels):
             raise IGDSInputError("batch_invariant applies to the eager backend without kernels only")
         self.channels = int(unet.in_channels)
@@ -247,6 +254,10 @@ class Sampler:
         if prior_classes is not None and any(not 0 <= c < prior_classes for c in mapping):
             raise IGDSInputError(f"prior_class_map has entries outside [0, {prior_classes})")
         return torch.tensor(mapping, dtype=torch.long, device=self.device)
+
+    def eager_numerics(self, device):
+        """The numerics context of the eager steps (`reference_numerics`)."""
+        return fp32_reference_math(device) if self.reference_numerics else contextlib.nullcontext()
 
     def prior_labels(self, labels: torch.Tensor) -> torch.Tensor | None:
         """The labels the UNet is conditioned on (None for an unconditional prior)."""
