@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from igds_fast.cpu_math import request_reproducible_cpu_math
 from igds_fast.errors import IGDSInputError
 
 PROG = "igds-fast"
@@ -195,7 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point: parse ``argv`` (default sys.argv[1:]), run the subcommand, return its exit code."""
+    """Console entry point: parse ``argv`` (default sys.argv[1:]), run the subcommand, return its exit code.
+
+    Before anything imports torch (the subcommand parsers import their modules), MKL is put in its
+    reproducible mode unless the user set MKL_CBWR: the commands promise byte-identical outputs
+    on a CPU (igds_fast.cpu_math).
+    """
+    request_reproducible_cpu_math()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -63,9 +63,10 @@ import torch.nn as nn
 
 from .errors import IGDSInputError
 from .fused_step import FusedStep
+from .self_check import SELF_CHECK_TOLERANCES, checked_rows, compare, first_diverging_module, raise_if_failed
 from .guidance import image_guidance
 # Importing the kernels selects Triton's interpreter on a machine without CUDA (see igds_fast.kernels).
-from .kernels import fused_ddpm_update, guidance_head, predict_x0, seeds_to_tensor
+from .kernels import fused_ddpm_update, guidance_head, philox_normal, predict_x0, seeds_to_tensor
 from .kernels._common import on_device
 from .profiling import nvtx_range
 
@@ -126,6 +127,9 @@ class CompileConfig:
     unet_engine: path of a TensorRT engine of this UNet (igds-fast export-unet --engine) that runs
         in place of the torch.compile'd UNet (CUDA, guidance mode x0, the engine's batch size; the
         engine's own precision — dtype then applies to the encoder only). None = torch.compile.
+    self_check: compare the first step of the run with the eager float32 step on the same batch
+        and stop with one line naming the part and module when they disagree beyond the dtype's
+        tolerance (igds_fast.self_check; costs one eager step on a few images, once per run).
     """
 
     dtype: str = "bf16"
@@ -143,13 +147,14 @@ class CompileConfig:
     warmup_iterations: int = 2
     cudnn_benchmark: bool = True
     unet_engine: str | None = None
+    self_check: bool = True
 
     def __post_init__(self):
         for name in ("dtype", "encoder_dtype"):
             value = getattr(self, name)
             if not (value is None and name == "encoder_dtype") and value not in DTYPES:
                 raise IGDSInputError(f"compile {name} must be one of {tuple(DTYPES)}, got {value!r}")
-        for name in ("channels_last", "compile", "compile_encoder", "cuda_graphs", "cudnn_benchmark"):
+        for name in ("channels_last", "compile", "compile_encoder", "cuda_graphs", "cudnn_benchmark", "self_check"):
             if not isinstance(getattr(self, name), bool):
                 raise IGDSInputError(f"compile option {name} must be True or False, got {getattr(self, name)!r}")
         if self.backend not in COMPILE_BACKENDS:
@@ -321,9 +326,27 @@ def _split_heads(block: nn.Module, qkv: torch.Tensor):
 
 
 def _sdpa_attention(block: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
-    """ADM's attention through a fused SDPA kernel: qkv [B, 3*H*c, T] -> [B, H*c, T]."""
+    """ADM's attention through a fused SDPA kernel: qkv [B, 3*H*c, T] -> [B, H*c, T].
+
+    On CPU a low-precision copy computes the attention itself in float32 (workaround below); on
+    CUDA the fused kernels take bf16/fp16 directly (their softmax statistics are fp32).
+    """
     q, k, v = _split_heads(block, qkv)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(c), as ADM
+    if qkv.device.type == "cpu" and qkv.dtype != torch.float32:
+        # Workaround, torch 2.13 CPU, inductor's C++ backend: the digits prior's middle-block attention
+        # (64 channels, 2 heads of 32, T = 64, legacy order) compiled in bf16 returned NaN for every
+        # input on an Intel Xeon with AVX-512, while eager bf16, aot_eager and SDPA alone on the same
+        # contiguous q/k/v were finite. Not reproduced on AMD EPYC (Zen 4): a CPU-dependent path,
+        # perhaps ATen's bf16 CPU flash attention, which packs for AMX tiles where a CPU has them
+        # (unconfirmed). Upstream reproduction, as reported:
+        #     block = AttentionBlock(64, num_head_channels=32); lp = low_precision_copy(block, torch.bfloat16, True)
+        #     set_attention(lp, "sdpa"); torch.compile(lp, fullgraph=True)(torch.randn(2, 64, 8, 8).bfloat16())
+        # The float32 kernel (which takes MKL's GEMMs) sidesteps the bf16 CPU flash-attention path;
+        # the cast costs nothing that matters on CPU, which is for testing. The first-step
+        # self-check (igds_fast.self_check) catches any fault of this kind that is left.
+        out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(qkv.dtype)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(c), as ADM
     batch, heads, length, head_channels = out.shape
     return out.transpose(-1, -2).reshape(batch, heads * head_channels, length)
 
@@ -486,11 +509,14 @@ class CompiledStep:
     [B, 2C or C, H, W], a static buffer in graph mode).
     """
 
-    def __init__(self, sampler, backend_options=None):
+    def __init__(self, sampler, backend_options=None, reference=None):
         self.sampler = sampler
         self.device = sampler.device
         self.config = CompileConfig.from_options(backend_options).for_device(self.device)
         cfg = self.config
+        if cfg.self_check and reference is None:
+            raise IGDSInputError("the compiled backend's self-check needs the eager reference step (reference=)")
+        self.reference = reference  # the sampler's eager float32 step: the first-step self-check's reference
         _check_triton_runs_here(self.device)
         if self.device.type == "cuda" and cfg.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
@@ -533,6 +559,8 @@ class CompiledStep:
         self._chosen_batch_size: int | None = None
         self._capture_stream: torch.cuda.Stream | None = None
         self.last_model_output: torch.Tensor | None = None
+        self._self_check_pending = cfg.self_check
+        self.self_check_report: dict | None = None  # the passed check's measured errors (self_check.py)
 
     # ---- the seam -------------------------------------------------------------------------------
     def begin_batch(self, x, labels, seeds, group_ids=None) -> torch.Tensor:
@@ -562,12 +590,19 @@ class CompiledStep:
             noise_kind = "philox" if seeds is not None else "none"
         step = s.schedule.num_steps - 1 - i
         guided = s.guidance.guides_step(step)
+        # The first step of a run is checked against the eager float32 step (once per run).
+        checking = self._self_check_pending and i == s.schedule.num_steps - 1
+        x_before = buffers.x.clone() if checking else None
         buffers.index.copy_(self.step_indices[i])  # device-to-device: no host value enters the graph
         if self.use_graphs:
             self.last_model_output = self._replay(buffers, guided, noise_kind)
         else:
             with nvtx_range("igds/compiled/step"):
                 self.last_model_output = self._body(buffers, guided, noise_kind)
+        if checking:
+            with nvtx_range("igds/compiled/self_check"):
+                self.self_check_report = self._self_check(buffers, x_before, i, noise_kind)
+            self._self_check_pending = False
         if i == 0 and s.guidance.check_finite:
             self.raise_if_nonfinite(buffers)  # the one host synchronisation of a batch, after its last step
         return buffers.x
@@ -678,6 +713,132 @@ class CompiledStep:
             x0 = s.schedule.predict_x0(x_in, eps, b.index, clip=s.guidance.clip_x0)
             grad = self._guidance(x0, b, wrt=x_in)
         return model_output.detach(), grad
+
+    # ---- the first-step self-check (igds_fast.self_check) -------------------------------------------
+    def _self_check(self, b: _BatchBuffers, x_before: torch.Tensor, i: int, noise_kind: str) -> dict:
+        """Compare this step's first results with the eager float32 reference; raise on a disagreement.
+
+        x_before: x_t of the batch before the step (b.x now holds x_{t-1}); b.index still holds i.
+        Returns {"index", "images", "parts": [per-part comparison]} when every part agrees.
+        """
+        s = self.sampler
+        cfg = s.guidance
+        unet_tolerances = SELF_CHECK_TOLERANCES[self.config.dtype]
+        encoder_tolerances = SELF_CHECK_TOLERANCES[self.config.encoder_dtype]
+        rows = checked_rows(b.labels, b.group_ids, coupled=cfg.gamma != 0.0)
+        x_rows, labels = x_before[rows], b.labels[rows]
+        groups = None if b.group_ids is None else b.group_ids[rows]
+        timesteps = s.schedule.timestep_map[i].expand(rows.numel())
+        prior_labels = s.prior_labels(labels)
+        reference_math = self.reference.reference_math
+        results = []
+        with reference_math(self.device), torch.no_grad():
+            expected_output = s.unet(x_rows, timesteps, prior_labels)
+        results.append(compare("unet", self.last_model_output[rows], expected_output, unet_tolerances["unet"]))
+
+        x0_rows = None
+        if any(cfg.guides_step(k) for k in range(s.schedule.num_steps)):
+            # The guidance of the same x0 prediction (this step's, full batch: the compiled encoder
+            # keeps its one static shape), fast vs reference.
+            with torch.no_grad():
+                x0 = predict_x0(x_before, self.last_model_output, b.index, self.tables, s.learn_sigma,
+                                clip=cfg.clip_x0)
+            x0_rows = x0[rows]
+            with torch.enable_grad():
+                fast_features = self._features(x0.detach().requires_grad_(True)).detach()
+            with reference_math(self.device), torch.no_grad():
+                expected_features = s.ve.features(x0_rows)
+            results.append(compare("features", fast_features[rows], expected_features, encoder_tolerances["features"]))
+            # The Triton head (always fp32) on the reference features against the reference head.
+            head_args = (labels, s.ve.weight, s.ve.bias, s.ve.log_centroids, cfg.beta, s.tau, cfg.gamma, groups)
+            _, fast_head = guidance_head(expected_features, *head_args)
+            with reference_math(self.device):
+                _, expected_head = self.reference.head(expected_features, *head_args)
+            results.append(compare("head", fast_head, expected_head, encoder_tolerances["head"]))
+            fast_grad = self._guidance(x0, b)
+            with reference_math(self.device):
+                _, expected_grad = image_guidance(x0_rows, labels, s.ve, cfg.beta, s.tau, cfg.gamma, groups,
+                                                  self.reference.head)
+            results.append(compare("gradient", fast_grad[rows], expected_grad, encoder_tolerances["gradient"]))
+
+        # The update (fused kernel, and its CUDA graph) against the eager update of the same inputs:
+        # this step's own UNet output and guidance gradient, recomputed outside the graph. (The
+        # eager step from x_t itself is no test of the update: at the first step x0_hat =
+        # x_t / sqrt(abar) - sqrt(1/abar - 1) eps amplifies the UNet's rounding by sqrt(1/abar - 1),
+        # so its guidance sees another x0_hat.)
+        guided = cfg.guides_step(0)
+        fast_step_grad = None
+        if guided:
+            if cfg.mode == "xt":
+                inputs = types.SimpleNamespace(x=x_before, index=b.index, labels=b.labels, group_ids=b.group_ids)
+                _, fast_step_grad = self._xt_guidance(inputs, s.schedule.timestep_map[i].expand(x_before.shape[0]),
+                                                      s.prior_labels(b.labels))
+            else:
+                fast_step_grad = fast_grad
+        if noise_kind == "tensor":
+            noise = b.noise[rows]
+        elif noise_kind == "philox" and i > 0:
+            noise = philox_normal(b.seeds[rows], i, x_before.shape[1:], self.device)
+        else:
+            noise = None
+        eps, v = s.schedule.split_model_output(self.last_model_output[rows], s.channels, s.learn_sigma)
+        with torch.no_grad():
+            expected_next = self.reference.update(
+                x_rows, s.schedule.predict_x0(x_rows, eps, i, clip=cfg.clip_x0), v, i,
+                None if fast_step_grad is None else fast_step_grad[rows], noise,
+            )
+        results.append(compare("step", b.x[rows], expected_next, unet_tolerances["step"]))
+
+        def describe(result):
+            return self._describe_failure(result, x_rows, timesteps, prior_labels, x0_rows, labels, groups)
+
+        raise_if_failed(results, i, describe)
+        return {"index": i, "images": int(rows.numel()), "parts": results}
+
+    def _describe_failure(self, result, x_rows, timesteps, prior_labels, x0_rows, labels, groups):
+        """(where, what, culprit) of a failed self-check part, locating the module where possible."""
+        s = self.sampler
+        cfg = self.config
+        reference_math = self.reference.reference_math
+        compiled_note = f", torch.compile backend {cfg.backend}" if cfg.compile else ""
+        part = result["part"]
+        if part == "step":
+            where = "fused DDPM update kernel" + (" / CUDA graph replay" if self.use_graphs else "")
+            return where, "x_(t-1)", "the UNet output and the guidance agree: the update or its graph differs"
+        if part == "unet":
+            where = f"UNet copy ({cfg.dtype}{compiled_note})"
+            if isinstance(self.unet_lp, LowPrecisionUNet):
+                copy = self.unet_lp
+                with reference_math(self.device):
+                    found = first_diverging_module(
+                        s.unet, copy.unet, lambda: s.unet(x_rows, timesteps, prior_labels),
+                        lambda: copy(x_rows, timesteps, prior_labels), result["tolerance"],
+                    )
+                return where, "UNet output", self._culprit(found, cfg.dtype, "UNet")
+            return "TensorRT UNet engine", "UNet output", f"engine {cfg.unet_engine}"
+        where = f"VE encoder copy ({cfg.encoder_dtype}{compiled_note if cfg.compile_encoder else ''})"
+        if part == "head":
+            return "Triton guidance head", "dJ/dz of the reference features", None
+        if part == "gradient":  # features and head agree
+            return where, "guidance gradient dJ/dx0", "features and head agree: the encoder's input-gradient backward differs"
+        features = self.features_lp
+        if isinstance(features, LowPrecisionFeatures) and isinstance(getattr(s.ve, "encoder", None), nn.Module):
+            with reference_math(self.device):
+                found = first_diverging_module(
+                    s.ve.encoder, features.encoder, lambda: s.ve.features(x0_rows), lambda: features(x0_rows),
+                    result["tolerance"],
+                )
+            return where, "encoder features", self._culprit(found, cfg.encoder_dtype, "encoder")
+        return "VE features", "encoder features", None
+
+    def _culprit(self, found, dtype: str, what: str) -> str:
+        if found is not None:
+            name, kind, problem = found
+            return f"first in {what} module '{name}' ({kind}): {problem} in the uncompiled {dtype} copy"
+        if self.config.compile:
+            return (f"the uncompiled {dtype} copy agrees: a torch.compile fault; run with compile options "
+                    f"{{\"compile\": false}} or another dtype")
+        return "no single module leaves the tolerance: the error accumulates over the network"
 
     # ---- CUDA graphs --------------------------------------------------------------------------------
     def _replay(self, b: _BatchBuffers, guided: bool, noise_kind: str) -> torch.Tensor:

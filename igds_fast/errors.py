@@ -9,3 +9,9 @@ class IGDSInputError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class IGDSNumericsError(IGDSInputError):
+    """A fast path disagrees with the float32 reference beyond its tolerance (the compiled backend's
+    first-step self-check). One line naming the module and the error; the CLI reports it like bad
+    input (exit code 2), before a run writes a single image."""

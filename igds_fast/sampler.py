@@ -88,6 +88,10 @@ class EagerStep:
         with self.sampler.eager_numerics(x.device):
             return self._call(x, i, labels, noise, group_ids, seeds)
 
+    # The true float32 numerics whatever the sampler's reference_numerics (for fast paths that check
+    # themselves against this step).
+    reference_math = staticmethod(fp32_reference_math)
+
     def _call(self, x, i: int, labels, noise, group_ids, seeds):
         s = self.sampler
         if noise is None and seeds is not None and i > 0:
@@ -146,13 +150,18 @@ class EagerStep:
         with torch.no_grad(), nvtx_range("igds/update"):
             if guided and cfg.check_finite:
                 s.check_finite_gradient(grad, step, labels)
-            mean = schedule.posterior_mean(x0, x, i)
-            log_variance = schedule.log_variance(x, i, v)
-            if guided:
-                mean = mean + cfg.scale * torch.exp(log_variance) * grad
-            if i == 0 or noise is None:
-                return mean
-            return mean + torch.exp(0.5 * log_variance) * noise
+            return self.update(x, x0, v, i, grad if guided else None, noise)
+
+    def update(self, x, x0, v, i: int, grad=None, noise=None):
+        """x_{i-1} = posterior mean (+ scale * variance * grad) (+ std * noise, i > 0); grad None = unguided."""
+        schedule = self.sampler.schedule
+        mean = schedule.posterior_mean(x0, x, i)
+        log_variance = schedule.log_variance(x, i, v)
+        if grad is not None:
+            mean = mean + self.sampler.guidance.scale * torch.exp(log_variance) * grad
+        if i == 0 or noise is None:
+            return mean
+        return mean + torch.exp(0.5 * log_variance) * noise
 
 
 class Sampler:
@@ -227,7 +236,7 @@ class Sampler:
         if backend == "compiled":
             from .compiled import CompiledStep  # lazily: compile machinery only on this path
 
-            self._step = CompiledStep(self, backend_options)
+            self._step = CompiledStep(self, backend_options, reference=EagerStep(self))
         elif backend_options is not None:
             raise IGDSInputError("backend_options apply to the 'compiled' backend only")
         elif use_kernels:

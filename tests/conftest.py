@@ -1,9 +1,16 @@
 import os
+import sys
 
 # Triton kernels run on CPU through the interpreter; this must be set before any kernel module
 # (or triton itself) is imported, so it lives at the very top of the test session.
 if os.environ.get("IGDS_TEST_GPU", "0") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# MKL's reproducible code path, before torch (and with it MKL) loads: on AVX-512 CPUs MKL's default
+# GEMMs round differently with the operands' memory alignment, which the bit-identity tests forbid.
+# Recorded so that a test can tell whether the mode was in force when torch loaded.
+TORCH_IMPORTED_BEFORE_CONFTEST = "torch" in sys.modules
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

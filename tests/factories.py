@@ -60,3 +60,16 @@ def tiny_ve(num_classes=4, channels=3, resolution=16, tau=1.0, softplus_beta=3.0
     preprocess = EncoderPreprocess(resolution, (0.5,) * channels, (0.25,) * channels)
     names = [f"class{c}" for c in range(num_classes)]
     return VariationalEstimator(encoder, weight, bias, log_centroids, tau, preprocess, names).eval()
+
+
+def digits_adm(scale: float = 0.05):
+    """The digits demo's prior architecture (igds_fast.presets.digits), random weights.
+
+    1 input channel, 16x16, 32 channels, channel_mult 1,2, attention only in the middle block (64
+    channels, 2 heads of 32, T = 64, legacy order), learned sigma, class-conditional on 10 classes.
+    """
+    from igds_fast.models.adm import ADMUNet
+    from igds_fast.train_prior import PriorTrainConfig
+
+    unet = ADMUNet.from_flags(**PriorTrainConfig().unet_flags(16, 1, 10))
+    return randomize_(unet, scale).eval()

@@ -45,7 +45,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from factories import tiny_adm, tiny_ve
+from factories import digits_adm, randomize_, tiny_adm, tiny_ve
 from igds_fast.compiled import (
     ATTENTION_IMPLEMENTATIONS,
     CONV_UNET_INDUCTOR_OPTIONS,
@@ -64,6 +64,7 @@ from igds_fast.config import GuidanceConfig
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.errors import IGDSInputError
 from igds_fast.kernels import philox_normal
+from igds_fast.models.adm import AttentionBlock
 from igds_fast.sampler import Sampler
 from igds_fast.seeding import INITIAL_NOISE_STREAM
 
@@ -272,6 +273,28 @@ def test_copy_attention_feeds_fused_sdpa_layouts_and_matches_adm(new_order, monk
     # The user's model keeps ADM's own attention method; only the copy's blocks are rebound.
     assert all("_attention" not in m.__dict__ for m in unet.modules())
     assert any("_attention" in m.__dict__ for m in compiled._step.unet_lp.modules())
+
+
+def test_cpu_low_precision_attention_runs_in_float32(monkeypatch):
+    # The CPU workaround in compiled._sdpa_attention: a bf16 copy hands SDPA the float32 values of its
+    # bf16 q/k/v (not the bf16 CPU flash-attention path) and rounds the result back to bf16 once.
+    block = randomize_(AttentionBlock(64, num_head_channels=32), 0.2).eval()  # the digits middle block
+    copy = low_precision_copy(block, torch.bfloat16, channels_last=False)
+    set_attention(copy, "sdpa")
+    seen = []
+    original_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return original_sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    x = torch.randn(2, 64, 8, 8)
+    with torch.no_grad():
+        actual = copy(x.bfloat16())
+        assert seen == [(torch.float32,) * 3] and actual.dtype == torch.bfloat16
+        expected = block(x)
+    torch.testing.assert_close(actual.float(), expected, rtol=2e-2, atol=2e-2)  # bf16 weights and input
 
 
 @pytest.mark.skipif(not xformers_available(), reason="xformers is not installed")
@@ -516,6 +539,10 @@ def test_steps_before_the_last_read_nothing_back_to_the_host(mode, gamma, monkey
     unet, ve, class_map, _ = build_models()
     eager, compiled = make_pair(unet, ve, class_map, FP32_EAGER_COPIES, steps="4", mode=mode, gamma=gamma)
     labels, seeds = torch.tensor([0, 1, 1]), random_seeds(3)
+    # The run's first step carries the once-per-run self-check (igds_fast.self_check), which reads its
+    # errors back; every later batch's steps must read nothing.
+    compiled.sample(labels, random_seeds(3))
+    assert compiled._step.self_check_report is not None
     x = compiled.noise_source(seeds, INITIAL_NOISE_STREAM, (3, 16, 16), "cpu")
     x = compiled._step.begin_batch(x, labels, seeds, None)
     calls = host_reads(monkeypatch)
@@ -543,6 +570,23 @@ def test_inductor_compiled_unet_matches_eager():
     errors = teacher_forced_errors(eager, compiled, torch.tensor([0, 2]), random_seeds(2))
     unet_tol, x_tol, _, _ = TOLERANCES["fp32"]
     assert max(e[1] for e in errors) <= unet_tol and max(e[2] for e in errors) <= x_tol, errors
+
+
+def test_digits_prior_architecture_in_bf16_under_inductor_matches_eager():
+    # The demo's own prior architecture (1 channel, 16 px, middle-block attention of 64 channels in 2
+    # heads of 32, T = 64, legacy order), compiled by inductor in bf16 and channels_last as a
+    # `--backend compiled` run does: the shape at which torch 2.13's inductor returned NaN from the
+    # attention block on an Intel Xeon. The encoder copy stays uncompiled (cold compile time).
+    with torch.random.fork_rng():
+        torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+        unet = digits_adm()
+        ve = tiny_ve(num_classes=10, channels=1, resolution=16)
+    eager, compiled = make_pair(unet, ve, None, dict(dtype="bf16", compile_encoder=False), steps="4")
+    labels = torch.tensor([0, 4, 7, 9])
+    found = check_fidelity(eager, compiled, ve, TOLERANCES["bf16-cpu"], labels, random_seeds(4))
+    print(f"digits architecture, bf16 inductor: {found}")
+    assert found["unet"] > 1e-4  # really bf16
+    assert not any(part["failed"] for part in compiled._step.self_check_report["parts"])
 
 
 def test_cpu_without_interpreter_is_an_input_error(monkeypatch):
