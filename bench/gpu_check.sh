@@ -11,6 +11,8 @@
 #   env        nvidia-smi, versions, free memory, nsys/ncu presence
 #   tests      every GPU test of the suite (IGDS_TEST_GPU=1; selection: gpu marker or a CUDA/GPU
 #              skipif reason, igds_fast.profiling.pytest_gpu_select), fidelity included
+#   selfcheck  bench/self_check.py: the compiled backend's first-step errors per part (digits prior
+#              architecture, adm256 + ResNet-50; bf16 and fp16, compiled, mode "default")
 #   adm256     bench/sampler.py adm256, batch 32: eager fp32, eager fp16, compiled, compiled+graphs
 #              with mode "default" and no autotuning flags (the shortest compile) and the fidelity check
 #   adm256-ma  the same compiled/graphs rows with the CompileConfig defaults (max-autotune-no-cudagraphs
@@ -43,7 +45,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY_RUN=0
-PARTS="env,tests,adm256,adm256-ma,adm64,kernels,nsys,flags"
+PARTS="env,tests,selfcheck,adm256,adm256-ma,adm64,kernels,nsys,flags"
 BUDGET_S=1440
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -132,7 +134,7 @@ if (( DRY_RUN )); then
   for script in bench/gpu_check.sh profiling/nsys.sh profiling/ncu.sh; do
     bash -n "$script" || { echo "syntax error in $script" >&2; exit 1; }
   done
-  "$PY" -m py_compile bench/sampler.py bench/kernels.py profiling/torch_trace.py || exit 1
+  "$PY" -m py_compile bench/sampler.py bench/kernels.py bench/self_check.py profiling/torch_trace.py || exit 1
   echo "[dry ] scripts parse"
 fi
 
@@ -154,6 +156,11 @@ wanted env && run_part env 60 bash -c '
 # -v: one line per test as it ends, so a part cut by its timeout still shows what passed and failed.
 wanted tests && run_part tests 420 env IGDS_TEST_GPU=1 "$PY" -m pytest -v -rs --durations=15 "${PYTEST_TIMEOUT[@]}" \
   -p igds_fast.profiling.pytest_gpu_select --junitxml="$RESULTS_DIR/gpu_tests.xml" tests
+
+# The compiled backend's first-step self-check errors (bench/self_check.py): the digits prior's
+# architecture and adm256 + ResNet-50, compiled in bf16 and fp16.
+wanted selfcheck && run_part selfcheck 300 "$PY" bench/self_check.py --models digits,adm256 --dtypes bf16,fp16 \
+  --compile --compile-options "$SHORT_COMPILE"
 
 wanted adm256 && run_part adm256 480 "${SAMPLER[@]}" --presets adm256 --batch-sizes 32 \
   --compile-options "$SHORT_COMPILE" --check-fidelity \

@@ -2,6 +2,7 @@
 
     python bench/self_check.py --models tiny,digits,adm256 --dtypes bf16,fp16,fp32
     python bench/self_check.py --models digits --prior W/prior.safetensors --ve W/ve.safetensors
+    python bench/self_check.py --models digits,adm256 --dtypes bf16,fp16 --compile   # on a GPU
 
 What sets igds_fast.self_check.SELF_CHECK_TOLERANCES: for every model and dtype, one compiled sampler
 (low-precision copies, uncompiled by default — the copies' numerics; --compile adds torch.compile)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import sys
@@ -101,6 +103,8 @@ def measure(model: str, dtype: str, args) -> dict:
     ), device=DEVICE)
     guidance = GuidanceConfig(scale=1.0, beta=args.beta, gamma=args.gamma)
     options = dict(dtype=dtype, compile=args.compile, channels_last=DEVICE.type == "cuda")
+    if args.compile_options:
+        options.update(json.loads(args.compile_options))
     sampler = Sampler(unet, schedule, ve, guidance, backend="compiled", backend_options=options, noise="philox",
                       prior_class_map=class_map)
     labels = torch.arange(args.batch) % ve.num_classes
@@ -115,7 +119,7 @@ def measure(model: str, dtype: str, args) -> dict:
             **{part["part"]: part["error"] for part in report["parts"]}}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,digits")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
@@ -126,19 +130,24 @@ def main(argv=None) -> int:
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--gamma", type=float, default=0.0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the copies (inductor)")
+    parser.add_argument("--compile-options", default=None, metavar="JSON", help="more CompileConfig fields")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     unknown = set(args.models.split(",")) - {"tiny", "digits", "adm256"}
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
-    parts = ("unet", "features", "head", "gradient", "step")
     print(f"device {DEVICE}, torch {torch.__version__}, batch {args.batch}, compile {args.compile}")
-    print(f"{'model':8s} {'dtype':5s} " + " ".join(f"{p:>9s}" for p in parts) + "   seconds")
+    print(f"{'model':8s} {'dtype':5s} " + " ".join(f"{p:>9s}" for p in self_check.PARTS) + "   seconds")
     for model in args.models.split(","):
         for dtype in args.dtypes.split(","):
             row = measure(model, dtype, args)
-            cells = " ".join(f"{row[p]:9.2e}" if p in row else f"{'-':>9s}" for p in parts)
+            cells = " ".join(f"{row[p]:9.2e}" if p in row else f"{'-':>9s}" for p in self_check.PARTS)
             print(f"{model:8s} {dtype:5s} {cells}   {row['seconds']:.1f}", flush=True)
     return 0
 

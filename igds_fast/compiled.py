@@ -766,7 +766,7 @@ class CompiledStep:
         # eager step from x_t itself is no test of the update: at the first step x0_hat =
         # x_t / sqrt(abar) - sqrt(1/abar - 1) eps amplifies the UNet's rounding by sqrt(1/abar - 1),
         # so its guidance sees another x0_hat.)
-        guided = cfg.guides_step(0)
+        guided = cfg.guides_step(s.schedule.num_steps - 1 - i)
         fast_step_grad = None
         if guided:
             if cfg.mode == "xt":
@@ -790,13 +790,16 @@ class CompiledStep:
         results.append(compare("step", b.x[rows], expected_next, unet_tolerances["step"]))
 
         def describe(result):
-            return self._describe_failure(result, x_rows, timesteps, prior_labels, x0_rows, labels, groups)
+            one = slice(result["worst_image"], result["worst_image"] + 1)  # diagnosis keeps every module's output
+            return self._describe_failure(result, x_rows[one], timesteps[one],
+                                          None if prior_labels is None else prior_labels[one],
+                                          None if x0_rows is None else x0_rows[one])
 
         raise_if_failed(results, i, describe)
         return {"index": i, "images": int(rows.numel()), "parts": results}
 
-    def _describe_failure(self, result, x_rows, timesteps, prior_labels, x0_rows, labels, groups):
-        """(where, what, culprit) of a failed self-check part, locating the module where possible."""
+    def _describe_failure(self, result, x_rows, timesteps, prior_labels, x0_rows):
+        """(where, what, culprit) of a failed self-check part, locating the module on its worst image."""
         s = self.sampler
         cfg = self.config
         reference_math = self.reference.reference_math
@@ -814,7 +817,7 @@ class CompiledStep:
                         s.unet, copy.unet, lambda: s.unet(x_rows, timesteps, prior_labels),
                         lambda: copy(x_rows, timesteps, prior_labels), result["tolerance"],
                     )
-                return where, "UNet output", self._culprit(found, cfg.dtype, "UNet")
+                return where, "UNet output", self._culprit(found, cfg.dtype, "UNet", cfg.compile)
             return "TensorRT UNet engine", "UNet output", f"engine {cfg.unet_engine}"
         where = f"VE encoder copy ({cfg.encoder_dtype}{compiled_note if cfg.compile_encoder else ''})"
         if part == "head":
@@ -828,14 +831,16 @@ class CompiledStep:
                     s.ve.encoder, features.encoder, lambda: s.ve.features(x0_rows), lambda: features(x0_rows),
                     result["tolerance"],
                 )
-            return where, "encoder features", self._culprit(found, cfg.encoder_dtype, "encoder")
+            return where, "encoder features", self._culprit(found, cfg.encoder_dtype, "encoder",
+                                                            cfg.compile and cfg.compile_encoder)
         return "VE features", "encoder features", None
 
-    def _culprit(self, found, dtype: str, what: str) -> str:
+    @staticmethod
+    def _culprit(found, dtype: str, what: str, compiled: bool) -> str:
         if found is not None:
             name, kind, problem = found
             return f"first in {what} module '{name}' ({kind}): {problem} in the uncompiled {dtype} copy"
-        if self.config.compile:
+        if compiled:
             return (f"the uncompiled {dtype} copy agrees: a torch.compile fault; run with compile options "
                     f"{{\"compile\": false}} or another dtype")
         return "no single module leaves the tolerance: the error accumulates over the network"

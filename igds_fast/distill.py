@@ -701,6 +701,9 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         "sampling_time_s": round(sampling_seconds, 3),
         "images_per_s": round(written / sampling_seconds, 4) if sampling_seconds > 0 else None,
     }
+    report = getattr(getattr(sampler, "_step", None), "self_check_report", None)
+    if report is not None:  # the compiled backend's first-step errors against the eager float32 step
+        rank_stats["self_check"] = {part["part"]: float(f"{part['error']:.3g}") for part in report["parts"]}
     gathered = gather_to_main(ctx, rank_stats)
     if not ctx.is_main:
         barrier(ctx)  # leave the process group together with rank 0: a lone teardown can abort gloo

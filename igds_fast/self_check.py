@@ -81,14 +81,21 @@ def relative_errors(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tenso
 
 
 def compare(part: str, actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> dict:
-    """{part, error (worst finite-reference image), compared, failed, nonfinite} for one part."""
+    """{part, error, worst_image, tolerance, compared, nonfinite, failed} for one part.
+
+    error: the worst relative error over the images whose reference is finite (worst_image: its
+    row); nonfinite: how many of them are non-finite in `actual`.
+    """
     reference_finite = torch.isfinite(expected.detach()).flatten(1).all(dim=1)
-    errors = relative_errors(actual, expected)[reference_finite]
-    compared = int(errors.numel())
-    worst = float(errors.max()) if compared else 0.0
+    errors = torch.where(reference_finite, relative_errors(actual, expected), torch.full_like(reference_finite, -1.0,
+                                                                                            dtype=torch.float64))
+    compared = int(reference_finite.sum())
+    worst_image = int(errors.argmax())
+    worst = max(float(errors[worst_image]), 0.0)
     return {
         "part": part,
         "error": worst,
+        "worst_image": worst_image,
         "tolerance": tolerance,
         "compared": compared,
         "nonfinite": int(torch.isinf(errors).sum()),

@@ -465,6 +465,8 @@ def test_compiled_backend_chooses_its_batch_pads_the_last_and_matches_eager(mode
     manifest = distill(make_config(models, tmp_path / "compiled", backend="compiled", compile_options=options,
                                    batch_size=None, **common))
     assert manifest["run"]["batch_size"] == 8 and manifest["run"]["samples_generated"] == 12
+    # The first-step self-check's measured errors are part of the run's record.
+    assert set(manifest["run"]["ranks"][0]["self_check"]) == {"unet", "features", "head", "gradient", "step"}
     assert calls == [(8, None), (4, 8)]  # the short batch after a full one is padded to it
     del calls[:]
     distill(make_config(models, tmp_path / "single", backend="compiled", compile_options=options, batch_size=None,
@@ -482,3 +484,30 @@ def test_compiled_backend_chooses_its_batch_pads_the_last_and_matches_eager(mode
             eager = png_pixels(tmp_path / "eager" / relative).astype(int)
             assert np.abs(compiled - eager).max() <= 1, relative  # fp32 reordering: one uint8 level at most
 
+
+
+def test_a_compiled_run_with_a_numerics_fault_stops_in_one_line_before_writing(models, tmp_path, monkeypatch, capsys):
+    # A UNet copy that returns NaN from one block (what a compiler fault looks like to the sampler):
+    # the first-step self-check stops `igds-fast distill --backend compiled` with one line, exit 2.
+    from igds_fast import cli
+    from igds_fast import compiled as compiled_module
+
+    original_copy = compiled_module.low_precision_copy
+
+    def faulty_copy(module, dtype, channels_last):
+        duplicate = original_copy(module, dtype, channels_last)
+        if isinstance(duplicate, ADMUNet):
+            duplicate.middle_block[1].register_forward_hook(lambda m, inputs, output: output * float("nan"))
+        return duplicate
+
+    monkeypatch.setattr(compiled_module, "low_precision_copy", faulty_copy)
+    out = tmp_path / "faulty"
+    options = json.dumps({"dtype": "fp32", "compile": False, "channels_last": False})
+    code = cli.main(["distill", "--prior", models["prior"], "--ve", models["ve"], "--ipc", "2", "--steps", str(STEPS),
+                     "--backend", "compiled", "--compile-options", options, "--out", str(out), "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("igds-fast:")]
+    assert code == 2 and len(errors) == 1 and errors[0] == lines[-1], lines  # after the run's one log line
+    assert errors[0].startswith("igds-fast: error: compiled backend self-check failed at the first step"), errors
+    assert "module 'middle_block.1' (AttentionBlock)" in errors[0]
+    assert not list(out.rglob("*.png"))  # nothing was written

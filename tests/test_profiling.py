@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -162,9 +163,10 @@ def test_gpu_check_dry_run_plans_every_part(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     summary = (tmp_path / "SUMMARY.md").read_text()
-    for part in ("env", "tests", "adm256", "adm256-ma", "adm64", "kernels", "nsys", "flags"):
+    for part in ("env", "tests", "selfcheck", "adm256", "adm256-ma", "adm64", "kernels", "nsys", "flags"):
         assert f"| {part} | planned (dry run) |" in summary
     assert "pytest_gpu_select" in result.stdout and "--presets adm256" in result.stdout
+    assert "bench/self_check.py --models digits,adm256" in result.stdout
 
 
 def test_gpu_selection_plugin_keeps_marked_and_cuda_skipif_tests():
@@ -182,3 +184,45 @@ def test_gpu_selection_plugin_keeps_marked_and_cuda_skipif_tests():
     assert is_gpu_test(Item(reasons=("needs a CUDA GPU with compiled Triton",)))
     assert not is_gpu_test(Item(reasons=("xformers is not installed",)))
     assert not is_gpu_test(Item())
+
+
+def test_bench_self_check_measures_within_the_tolerance_table(capsys):
+    # bench/self_check.py is what SELF_CHECK_TOLERANCES rests on: its rows at the tiny ADM and the
+    # digits architecture (random weights, bf16 and fp32 copies) lie inside the table, and it gives
+    # the table back untouched after lifting it.
+    from igds_fast.self_check import PARTS, SELF_CHECK_TOLERANCES
+
+    script = load_script("bench/self_check.py", "igds_bench_self_check_under_test")
+    before = {dtype: dict(parts) for dtype, parts in SELF_CHECK_TOLERANCES.items()}
+    args = script.parse_args(["--models", "tiny,digits", "--dtypes", "bf16,fp32", "--steps", "4"])
+    rows = [script.measure(model, dtype, args) for model in ("tiny", "digits") for dtype in ("bf16", "fp32")]
+    assert SELF_CHECK_TOLERANCES == before
+    for row in rows:
+        for part in PARTS:
+            assert 0 <= row[part] <= SELF_CHECK_TOLERANCES[row["dtype"]][part], row
+    assert rows[0]["unet"] > 1e-4 and rows[1]["unet"] < 1e-5  # bf16 really rounds; fp32 copies are exact
+
+
+def test_compare_folders_reports_psnr_and_agreement(tmp_path, capsys):
+    from PIL import Image
+
+    from factories import tiny_ve
+
+    compare = load_script("bench/compare_folders.py", "igds_bench_compare_folders_under_test")
+    ve = tiny_ve(num_classes=2, channels=3, resolution=16)
+    ve.class_names = ["a", "b"]
+    ve.save(tmp_path / "ve.safetensors")
+    for folder, shift in (("ref", 0), ("cand", 3)):
+        images = []
+        for name in ("a", "b"):
+            (tmp_path / folder / name).mkdir(parents=True)
+            pixels = torch.randint(10, 240, (16, 16, 3), generator=torch.Generator().manual_seed(ord(name)))
+            Image.fromarray((pixels + shift).to(torch.uint8).numpy()).save(tmp_path / folder / name / "00000.png")
+            images.append({"path": f"{name}/00000.png"})
+        (tmp_path / folder / "manifest.json").write_text(json.dumps({"images": images}))
+    assert compare.main(["--reference", str(tmp_path / "ref"), "--candidate", str(tmp_path / "cand"),
+                         "--ve", str(tmp_path / "ve.safetensors")]) == 0
+    out = capsys.readouterr().out
+    # Every pixel off by 3 levels: an RMS difference of 6/255 in [-1, 1], PSNR 10 log10(4 / (6/255)^2).
+    expected = 10 * math.log10(4 / (6 / 255) ** 2)
+    assert "images 2; identical 0" in out and f"median {expected:.1f}" in out and "agreement" in out

@@ -5,25 +5,26 @@ in 2 heads of 32) and a 1-channel ResNet-18 VE, random weights. The copies run u
 (the step's logic at CPU cost) unless a test says otherwise; a fault is planted in the low-precision
 copy only, so the float32 reference stays right.
 
-Tolerances (igds_fast.self_check.SELF_CHECK_TOLERANCES) come from `bench/self_check.py`, worst image
-of 4 (2 for adm256) at the first step, CPU, uncompiled copies:
+Tolerances (igds_fast.self_check.SELF_CHECK_TOLERANCES) come from `bench/self_check.py` (worst of 4
+images, 2 for adm256, at the first step; CPU; copies uncompiled unless "inductor"; bench/RESULTS.md):
 
-| model (random weights unless trained)  | dtype | unet    | features | head    | gradient | step    |
-|----------------------------------------|-------|---------|----------|---------|----------|---------|
-| tiny ADM 16 px + ResNet-18             | bf16  | 1.6e-2  | 6.0e-3   | 1.1e-6  | 3.0e-2   | 2.0e-3* |
-| digits architecture                    | bf16  | 2.1e-2  | 5.0e-3   | 5.1e-7  | 7.2e-2   | 1.2e-3* |
-| digits demo, trained prior and VE      | bf16  | 3.5e-3  | 8.6e-3   | 6.1e-6  | 6.9e-2   | 6.5e-8  |
-| digits demo, trained prior and VE      | fp16  | 4.5e-4  | 1.5e-3   | 7.8e-6  | 1.6e-2   | 6.5e-8  |
-| adm256-cond + ResNet-50 at 224 px      | bf16  | see bench/RESULTS.md ("self-check errors")                |
+| model (random weights unless trained)     | dtype | unet    | features | head    | gradient | step    |
+|-------------------------------------------|-------|---------|----------|---------|----------|---------|
+| tiny ADM 16 px + ResNet-18                | bf16  | 1.6e-2  | 6.0e-3   | 1.1e-6  | 3.0e-2   | 5.7e-8  |
+| digits architecture                       | bf16  | 2.1e-2  | 5.0e-3   | 5.1e-7  | 7.2e-2   | 6.5e-8  |
+| digits demo, trained prior and VE         | bf16  | 3.5e-3  | 8.6e-3   | 6.1e-6  | 6.9e-2   | 6.5e-8  |
+| digits demo, trained, inductor            | bf16  | 3.3e-3  | 8.4e-3   | 6.5e-6  | 5.7e-2   | 6.4e-8  |
+| digits demo, trained prior and VE         | fp16  | 4.5e-4  | 1.5e-3   | 7.8e-6  | 1.6e-2   | 6.5e-8  |
+| adm256-cond + ResNet-50 at 224 px         | bf16  | 1.2e-2  | 4.7e-3   | 1.3e-8  | 1.8e-1   | 5.2e-8  |
 
-(* measured against the eager step from x_t, before the step part compared the update of the step's
-own inputs: the first step's x0_hat amplifies UNet rounding by sqrt(1/abar - 1), so an end-to-end
-comparison there measures the guidance at another x0_hat — 0.21 on the trained digits models.)
-So unet/features: bf16 5e-2 (2.4x the worst seen), fp16 and fp32 1e-2 (fp32 covers TF32 convolutions
-on CUDA); head (fp32 Triton vs autograd) 1e-3; step (fp32 elementwise update) 1e-3; gradient 1.0 —
-input gradients through a low-precision encoder lose most of their relative accuracy to
-cancellation (fp16 also to underflow) while the sampled images stay right (see test_compiled's
-PSNR floors): that part catches NaN, sign flips and blow-ups; a wrong encoder shows in "features".
+So unet/features: bf16 5e-2 (2.4x the worst seen), fp16 and fp32 1e-2 (fp32 also covers TF32
+convolutions on CUDA); head (fp32 Triton vs autograd) 1e-3; step (fp32 elementwise update of the
+step's own inputs) 1e-3; gradient 1.0 — input gradients through a low-precision encoder lose much of
+their relative accuracy to cancellation (fp16 also to underflow; 18% at ResNet-50 in bf16) while the
+sampled images stay right (test_compiled's PSNR floors): that part catches NaN, sign flips and
+blow-ups, and a wrong encoder shows in "features". An x_{t-1} from the eager step run from x_t is no
+measure of the update at the first step: x0_hat = x_t / sqrt(abar) - sqrt(1/abar - 1) eps amplifies
+the UNet's rounding by sqrt(1/abar - 1) there (0.21 relative on the trained digits models in bf16).
 """
 from __future__ import annotations
 
