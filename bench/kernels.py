@@ -46,7 +46,7 @@ from igds_fast.kernels import (  # noqa: E402
     preprocess_forward,
     seeds_to_tensor,
 )
-from igds_fast.objective import igds_objective_and_grad  # noqa: E402
+from igds_fast.guidance.objective import igds_objective_and_grad  # noqa: E402
 from igds_fast.preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess  # noqa: E402
 from igds_fast.seeding import seeded_normal  # noqa: E402
 

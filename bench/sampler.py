@@ -48,14 +48,14 @@ if not GPU:
 import torch.nn as nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from igds_fast.compiled import CompiledStep, low_precision_copy  # noqa: E402
-from igds_fast.config import GuidanceConfig  # noqa: E402
+from igds_fast.sampling.compiled import CompiledStep, low_precision_copy  # noqa: E402
+from igds_fast.guidance import GuidanceConfig  # noqa: E402
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig  # noqa: E402
 from igds_fast.models.adm import ADM_DIFFUSION_FLAGS, ADM_PRESETS, ADMUNet  # noqa: E402
 from igds_fast.models.resnet import build_resnet  # noqa: E402
 from igds_fast.preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess  # noqa: E402
 from igds_fast.profiling import nvtx_range  # noqa: E402
-from igds_fast.sampler import Sampler  # noqa: E402
+from igds_fast.sampling import Sampler, fp32_reference_math  # noqa: E402
 from igds_fast.seeding import INITIAL_NOISE_STREAM  # noqa: E402
 from igds_fast.ve import VariationalEstimator  # noqa: E402
 
@@ -190,9 +190,8 @@ def time_steps(sampler: Sampler, batch: int, warmup: int, steps: int, label: str
     seeds = list(range(1000, 1000 + batch))
     shape = (sampler.channels, sampler.image_size, sampler.image_size)
     x = sampler.noise_source(seeds, INITIAL_NOISE_STREAM, shape, DEVICE)
-    begin = getattr(sampler._step, "begin_batch", None)
-    if begin is not None:
-        x = begin(x, labels, seeds, None)
+    step = sampler._step  # the loop of Sampler.sample: the batch bound once, then advance(x, i, bound)
+    x, bound = step.begin_batch(x, labels, seeds, None)
     indices = list(reversed(range(sampler.schedule.num_steps)))
     if warmup + steps >= len(indices):
         raise SystemExit(f"--warmup + --steps must be < the schedule's {len(indices)} steps")
@@ -201,21 +200,22 @@ def time_steps(sampler: Sampler, batch: int, warmup: int, steps: int, label: str
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if GPU else 0
     start = time.perf_counter()
-    with nvtx_range(f"bench/{label}/warmup"):
-        for i in indices[:warmup]:
-            x = sampler.step(x, i, labels, None, None, seeds)
-    synchronize()
-    warmup_s = time.perf_counter() - start
-    if profile:
-        torch.cuda.profiler.start()  # nsys --capture-range=cudaProfilerApi records from here
-    start = time.perf_counter()
-    with nvtx_range(f"bench/{label}/timed"):
-        for i in indices[warmup:warmup + steps]:
-            x = sampler.step(x, i, labels, None, None, seeds)
+    with step.numerics():  # entered once per batch, as Sampler.sample does
+        with nvtx_range(f"bench/{label}/warmup"):
+            for i in indices[:warmup]:
+                x = step.advance(x, i, bound)
         synchronize()
-    seconds = time.perf_counter() - start
-    if profile:
-        torch.cuda.profiler.stop()
+        warmup_s = time.perf_counter() - start
+        if profile:
+            torch.cuda.profiler.start()  # nsys --capture-range=cudaProfilerApi records from here
+        start = time.perf_counter()
+        with nvtx_range(f"bench/{label}/timed"):
+            for i in indices[warmup:warmup + steps]:
+                x = step.advance(x, i, bound)
+            synchronize()
+        seconds = time.perf_counter() - start
+        if profile:
+            torch.cuda.profiler.stop()
     peak = (torch.cuda.max_memory_allocated() - base) if GPU else None
     return {"step_s": seconds / steps, "warmup_s": warmup_s, "work_bytes": peak}
 
@@ -229,7 +229,7 @@ def fidelity(eager: Sampler, compiled: Sampler, batch: int, steps: int) -> dict:
     worst_unet = worst_x = 0.0
     n = eager.schedule.num_steps
     for i in list(reversed(range(n)))[:: max(1, n // steps)][:steps]:
-        with torch.no_grad(), eager.eager_numerics(x.device):
+        with torch.no_grad(), fp32_reference_math(x.device):
             expected_out = eager.unet(x, eager.schedule.timestep_map[i].expand(batch), eager.prior_labels(labels))
         expected = eager.step(x, i, labels, None, None, seeds)
         actual = compiled.step(x, i, labels, None, None, seeds)

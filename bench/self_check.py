@@ -4,7 +4,7 @@
     python bench/self_check.py --models digits --prior W/prior.safetensors --ve W/ve.safetensors
     python bench/self_check.py --models digits,adm256 --dtypes bf16,fp16 --compile   # on a GPU
 
-What sets igds_fast.self_check.SELF_CHECK_TOLERANCES: for every model and dtype, one compiled sampler
+What sets igds_fast.sampling.compiled.self_check.SELF_CHECK_TOLERANCES: for every model and dtype, one compiled sampler
 (low-precision copies, uncompiled by default — the copies' numerics; --compile adds torch.compile)
 runs the first step of a batch with the tolerances lifted, and the check's measured per-image
 relative L2 errors (worst image) are printed per part: unet, features, head, gradient, step.
@@ -35,13 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sampler import PRESETS, TINY_FLAGS, build_ve, redraw_zero_layers_  # noqa: E402
 
-from igds_fast import self_check  # noqa: E402
-from igds_fast.config import GuidanceConfig  # noqa: E402
+from igds_fast.sampling.compiled import self_check  # noqa: E402
+from igds_fast.guidance import GuidanceConfig  # noqa: E402
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig  # noqa: E402
 from igds_fast.models.adm import ADM_PRESETS, ADMUNet  # noqa: E402
 from igds_fast.models.resnet import build_resnet  # noqa: E402
 from igds_fast.preprocess import EncoderPreprocess  # noqa: E402
-from igds_fast.sampler import Sampler  # noqa: E402
+from igds_fast.sampling import Sampler  # noqa: E402
 from igds_fast.train_prior import PriorTrainConfig, load_prior  # noqa: E402
 from igds_fast.ve import VariationalEstimator  # noqa: E402
 
@@ -112,8 +112,7 @@ def measure(model: str, dtype: str, args) -> dict:
     started = time.perf_counter()
     with lifted_tolerances():
         x = sampler.noise_source(seeds, -1, (sampler.channels, sampler.image_size, sampler.image_size), DEVICE)
-        x = sampler._step.begin_batch(x, labels.to(DEVICE), seeds, None)
-        sampler.step(x, schedule.num_steps - 1, labels.to(DEVICE), None, None, seeds)
+        sampler.step(x, schedule.num_steps - 1, labels.to(DEVICE), None, None, seeds)  # the checked first step
     report = sampler._step.self_check_report
     return {"model": model, "dtype": dtype, "seconds": time.perf_counter() - started,
             **{part["part"]: part["error"] for part in report["parts"]}}

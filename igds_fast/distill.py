@@ -320,7 +320,7 @@ def _check_scalars(config: DistillConfig) -> None:
 
 def _compile_config(config: DistillConfig):
     """The validated CompileConfig of a compiled run (one-line IGDSInputError on a bad option)."""
-    from .compiled import CompileConfig
+    from .sampling.compiled import CompileConfig
 
     options = config.compile_options
     if options is not None and not isinstance(options, dict):
@@ -335,7 +335,7 @@ def plan_distill(config: DistillConfig) -> Plan:
     IGDSInputError raised before any model is built or sampled.
     """
     from .classes import resolve_classes
-    from .config import GuidanceConfig
+    from .guidance import GuidanceConfig
     from .diffusion import ScheduleConfig
     from .ve import VariationalEstimator
 
@@ -595,9 +595,9 @@ def _stderr(message: str) -> None:
 
 def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: Plan | None = None) -> dict:
     """Run (or resume) a distillation; returns the manifest dict (also written to OUT/manifest.json)."""
-    from .config import GuidanceConfig
+    from .guidance import GuidanceConfig
     from .diffusion import DiffusionSchedule, ScheduleConfig
-    from .sampler import Sampler
+    from .sampling import Sampler
 
     from .distributed import (
         agree_min, barrier, gather_to_main, init_distributed, main_first, rank_device, shard, shutdown,

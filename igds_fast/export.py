@@ -1,4 +1,4 @@
-"""ONNX export of the prior UNet, the input of a TensorRT engine (igds_fast.tensorrt_unet).
+"""ONNX export of the prior UNet, the input of a TensorRT engine (igds_fast.sampling.compiled.tensorrt).
 
     export_unet_onnx(unet, "unet_b32.onnx", batch_size=32, dtype="fp16")
 
@@ -84,7 +84,7 @@ def export_unet_onnx(unet: nn.Module, path: str, batch_size: int, dtype: str = "
     The user's module is not modified. Report: path, files (with bytes), dtype, batch_size, inputs,
     output_shape, check ("onnxruntime" with max_rel_error, or "structure").
     """
-    from .compiled import DTYPES, LowPrecisionUNet, low_precision_copy
+    from .sampling.compiled import DTYPES, LowPrecisionUNet, low_precision_copy
 
     _check_export_arguments(unet, path, batch_size, dtype)
     path = os.path.abspath(path)
@@ -182,7 +182,7 @@ def run_export(args) -> int:
     print(f"export-unet: {report['path']} ({sum(report['files'].values()) / 2**20:.1f} MiB, {args.dtype}, "
           f"batch {args.batch_size}; check: {report['check']}{detail})")
     if args.engine is not None:
-        from .tensorrt_unet import build_engine
+        from .sampling.compiled.tensorrt import build_engine
 
         built = build_engine(args.out, args.engine, args.workspace_gib)
         print(f"export-unet: TensorRT {built['tensorrt']} engine {built['engine']} "

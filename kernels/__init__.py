@@ -3,7 +3,7 @@
 One file per kernel, each with its thin wrapper and the eager reference it must match named in
 its docstring:
 
-    guidance_head      kernels/guidance_head.py   igds_fast.objective.igds_objective_and_grad
+    guidance_head      kernels/guidance_head.py   igds_fast.guidance.objective.igds_objective_and_grad
     philox_normal      kernels/philox.py          interface of igds_fast.seeding.seeded_normal
     predict_x0         kernels/ddpm_update.py     DiffusionSchedule.predict_x0
     fused_ddpm_update  kernels/ddpm_update.py     the update block of sampler.EagerStep

@@ -1,6 +1,6 @@
 """The fused IGDS guidance head: J and d(sum J)/dz for a batch of encoder features.
 
-Eager reference: `igds_fast.objective.igds_objective_and_grad` (same arguments, same results).
+Eager reference: `igds_fast.guidance.objective.igds_objective_and_grad` (same arguments, same results).
 Shapes: z [B, d] (fp32, bf16 or fp16; every product accumulates in fp32), labels [B] (int32/int64),
 W [C, d], b [C], log Q [C, d], group_ids [B] (None = labels). Outputs J [B] and dJ/dz [B, d], both
 ALWAYS fp32 whatever z's dtype (the caller casts the gradient, as `image_guidance` does).
@@ -39,7 +39,7 @@ import triton.language as tl
 import torch
 
 from igds_fast.errors import IGDSInputError
-from igds_fast.objective import NORM_EPS, check_head_shapes
+from igds_fast.head_contract import NORM_EPS, check_head_shapes
 
 from ._common import check_out, next_pow2, on_device, scratch
 

@@ -74,22 +74,21 @@ def main(argv=None) -> int:
     labels = (torch.arange(batch, device=device) % bench.VE_CLASSES).long()
     seeds = list(range(batch))
     x = sampler.noise_source(seeds, INITIAL_NOISE_STREAM, (sampler.channels, unet.image_size, unet.image_size), device)
-    begin = getattr(sampler._step, "begin_batch", None)
-    if begin is not None:
-        x = begin(x, labels, seeds, None)
+    step = sampler._step  # the loop of Sampler.sample: the batch bound once, then advance(x, i, bound)
+    x, bound = step.begin_batch(x, labels, seeds, None)
     indices = list(reversed(range(schedule.num_steps)))
-    for i in indices[: args.warmup]:
-        x = sampler.step(x, i, labels, None, None, seeds)
-    bench.synchronize()
-
     activities = [torch.profiler.ProfilerActivity.CPU]
     if GPU:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
-        for i in indices[args.warmup: args.warmup + args.steps]:
-            with torch.profiler.record_function(f"igds/step/{i}"):
-                x = sampler.step(x, i, labels, None, None, seeds)
+    with step.numerics():  # entered once per batch, as Sampler.sample does
+        for i in indices[: args.warmup]:
+            x = step.advance(x, i, bound)
         bench.synchronize()
+        with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
+            for i in indices[args.warmup: args.warmup + args.steps]:
+                with torch.profiler.record_function(f"igds/step/{i}"):
+                    x = step.advance(x, i, bound)
+            bench.synchronize()
 
     os.makedirs(args.out, exist_ok=True)
     trace = os.path.join(args.out, "trace.json")

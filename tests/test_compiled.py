@@ -1,4 +1,4 @@
-"""The compiled backend (igds_fast.compiled) against the float32 eager reference.
+"""The compiled backend (igds_fast.sampling.compiled) against the float32 eager reference.
 
 Both samplers use Philox noise (`noise="philox"`), so they see identical x_T and identical step noise;
 what differs is only the arithmetic: low-precision UNet/encoder copies, torch.compile, Triton x0 /
@@ -46,7 +46,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from factories import digits_adm, randomize_, tiny_adm, tiny_ve
-from igds_fast.compiled import (
+from igds_fast.sampling.compiled import (
     ATTENTION_IMPLEMENTATIONS,
     CONV_UNET_INDUCTOR_OPTIONS,
     CompileConfig,
@@ -60,12 +60,12 @@ from igds_fast.compiled import (
     traces_in_one_graph,
     xformers_available,
 )
-from igds_fast.config import GuidanceConfig
+from igds_fast.guidance import GuidanceConfig
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.errors import IGDSInputError
 from igds_fast.kernels import philox_normal
 from igds_fast.models.adm import AttentionBlock
-from igds_fast.sampler import Sampler
+from igds_fast.sampling import Sampler
 from igds_fast.seeding import INITIAL_NOISE_STREAM
 
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
@@ -434,8 +434,8 @@ def test_static_buffers_hold_no_state_between_batches(aot_pair):
     torch.testing.assert_close(again_b, first_b, rtol=0, atol=0)
     step = compiled._step
     assert (4, False) in step._buffers
-    x = step.begin_batch(torch.zeros(4, 3, 16, 16), torch.tensor(labels_a), seeds_a)
-    assert x is step._buffers[(4, False)].x  # the sampler steps the static buffer itself
+    x, buffers = step.begin_batch(torch.zeros(4, 3, 16, 16), torch.tensor(labels_a), seeds_a)
+    assert x is step._buffers[(4, False)].x and buffers is step._buffers[(4, False)]  # the loop steps the static buffer
 
 
 def test_a_padded_short_batch_reuses_the_full_batch_buffers(aot_pair):
@@ -534,24 +534,25 @@ def host_reads(monkeypatch):
 @pytest.mark.parametrize("mode, gamma", [("x0", 0.0), ("x0", 0.3), ("xt", 0.3)])
 def test_steps_before_the_last_read_nothing_back_to_the_host(mode, gamma, monkeypatch):
     # The CPU stand-in for the GPU test's sync-debug mode: between begin_batch and the last step the
-    # compiled step never reads a tensor value on the host (the eager reference does, every guided
-    # step: its finite check — which shows the recorder sees such reads).
+    # compiled step never reads a tensor value on the host (an eager step on its own does: its finite
+    # check — which shows the recorder sees such reads).
     unet, ve, class_map, _ = build_models()
     eager, compiled = make_pair(unet, ve, class_map, FP32_EAGER_COPIES, steps="4", mode=mode, gamma=gamma)
     labels, seeds = torch.tensor([0, 1, 1]), random_seeds(3)
-    # The run's first step carries the once-per-run self-check (igds_fast.self_check), which reads its
+    # The run's first step carries the once-per-run self-check (igds_fast.sampling.compiled.self_check), which reads its
     # errors back; every later batch's steps must read nothing.
     compiled.sample(labels, random_seeds(3))
     assert compiled._step.self_check_report is not None
     x = compiled.noise_source(seeds, INITIAL_NOISE_STREAM, (3, 16, 16), "cpu")
-    x = compiled._step.begin_batch(x, labels, seeds, None)
+    step = compiled._step
+    x, batch = step.begin_batch(x, labels, seeds, None)
     calls = host_reads(monkeypatch)
     with _SyncingOpRecorder(calls):
-        for i in (3, 2, 1):
-            x = compiled.step(x, i, labels, None, None, seeds)
+        for i in (3, 2, 1):  # the loop of Sampler.sample
+            x = step.advance(x, i, batch)
     assert calls == [], f"host reads inside the step loop: {sorted(set(calls))}"
     eager.step(x.clone(), 2, labels, None, None, seeds)
-    assert calls, "the recorder saw no host read in the eager step (its per-step finite check)"
+    assert calls, "the recorder saw no host read in the eager step on its own (its finite check)"
     del calls[:]
     with _SyncingOpRecorder(calls):  # the dispatch recorder sees a read made inside ATen
         torch.arange(4)[torch.tensor(2)]
@@ -640,15 +641,17 @@ def test_gpu_graph_loop_has_no_host_sync_and_reuses_graphs():
     graphs = dict(buffers.graphs)
     seeds = random_seeds(4)
     x = compiled.noise_source(seeds, INITIAL_NOISE_STREAM, (3, 64, 64), "cuda")
-    x = step.begin_batch(x, labels, seeds, None)
+    x, batch = step.begin_batch(x, labels, seeds, None)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for i in reversed(range(1, eager.schedule.num_steps)):
-            x = compiled.step(x, i, labels, None, None, seeds)
+        with step.numerics():
+            for i in reversed(range(1, eager.schedule.num_steps)):  # the loop of Sampler.sample
+                x = step.advance(x, i, batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    x = compiled.step(x, 0, labels, None, None, seeds).clamp(-1, 1)
+    x = step.advance(x, 0, batch).clamp(-1, 1)
+    step.finish_batch(batch)
     assert buffers.graphs == graphs  # same graph objects: captured once per batch shape
     fresh = make_pair(unet, ve, class_map, dict(GPU_TEST_COMPILE), steps="10", device="cuda")[1]
     torch.testing.assert_close(x, fresh.sample(labels, seeds), rtol=1e-3, atol=1e-3)

@@ -69,9 +69,9 @@ def test_missing_diffusers_is_one_line_install_hint(tmp_path, monkeypatch):
 
 def test_sampler_runs_a_diffusers_prior(diffusers, tmp_path):
     from factories import tiny_ve
-    from igds_fast.config import GuidanceConfig
+    from igds_fast.guidance import GuidanceConfig
     from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
-    from igds_fast.sampler import Sampler
+    from igds_fast.sampling import Sampler
 
     tiny_unet2d(diffusers, 5).save_pretrained(tmp_path / "unet")
     prior = load_diffusers_unet(tmp_path / "unet")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from factories import randomize_, tiny_ve
-from igds_fast.config import GuidanceConfig
+from igds_fast.guidance import GuidanceConfig
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.distill import (
     BATCH_NAME,
@@ -27,7 +27,7 @@ from igds_fast.errors import IGDSInputError
 from igds_fast.imageio import make_composite, to_uint8
 from igds_fast.models.adm import ADMUNet
 from igds_fast.progress import Progress, format_duration
-from igds_fast.sampler import Sampler
+from igds_fast.sampling import Sampler
 from igds_fast.seeding import image_seed
 from igds_fast.train_prior import PriorTrainConfig, save_prior
 
@@ -490,7 +490,7 @@ def test_a_compiled_run_with_a_numerics_fault_stops_in_one_line_before_writing(m
     # A UNet copy that returns NaN from one block (what a compiler fault looks like to the sampler):
     # the first-step self-check stops `igds-fast distill --backend compiled` with one line, exit 2.
     from igds_fast import cli
-    from igds_fast import compiled as compiled_module
+    from igds_fast.sampling.compiled import step as compiled_module
 
     original_copy = compiled_module.low_precision_copy
 

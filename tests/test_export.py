@@ -1,4 +1,4 @@
-"""ONNX export of the prior UNet (igds_fast.export) and the TensorRT engine path (igds_fast.tensorrt_unet).
+"""ONNX export of the prior UNet (igds_fast.export) and the TensorRT engine path (igds_fast.sampling.compiled.tensorrt).
 
 On CPU: the exported graph, run by onnxruntime on fresh random inputs, computes the float32 UNet
 within igds_fast.export.CHECK_TOLERANCES (relative L2: fp32 1e-4, fp16 1e-2 — the product's own
@@ -15,12 +15,12 @@ import torch
 from factories import tiny_adm, tiny_ve
 from igds_fast import export as export_module
 from igds_fast.cli import main as cli_main
-from igds_fast.compiled import CompileConfig
-from igds_fast.config import GuidanceConfig
+from igds_fast.sampling.compiled import CompileConfig
+from igds_fast.guidance import GuidanceConfig
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.errors import IGDSInputError
 from igds_fast.export import CHECK_TOLERANCES, ExportCheckError, export_unet_onnx, unet_export_inputs
-from igds_fast.sampler import Sampler
+from igds_fast.sampling import Sampler
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -161,7 +161,7 @@ def test_engine_options_are_checked_before_any_work(tmp_path):
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU with compiled Triton (IGDS_TEST_GPU=1)")
 def test_gpu_tensorrt_engine_in_the_graph_captured_step(tmp_path):
     pytest.importorskip("tensorrt", reason="tensorrt is not installed")
-    from igds_fast.tensorrt_unet import TensorRTUNet, build_engine
+    from igds_fast.sampling.compiled.tensorrt import TensorRTUNet, build_engine
 
     unet = tiny_adm(image_size=16)
     onnx_path = tmp_path / "unet.onnx"

@@ -13,14 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import igds_fast.fused_step as fused_step_module
-import igds_fast.sampler as sampler_module
-from igds_fast.config import GuidanceConfig
+import igds_fast.sampling.fused as fused_step_module
+import igds_fast.sampling.step as sampler_module
+from igds_fast.guidance import GuidanceConfig, IGDSGuidance
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
-from igds_fast.fused_step import FusedStep
+from igds_fast.sampling.fused import FusedStep
 from igds_fast.kernels import philox_normal
 from igds_fast.preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
-from igds_fast.sampler import EagerStep, Sampler
+from igds_fast.sampling import EagerStep, Sampler, StepOps
 
 from tolerances import tolerance
 
@@ -119,7 +119,7 @@ def test_unguided_steps_skip_guidance_and_match(rng_seed, monkeypatch):
     def no_guidance(*args, **kwargs):
         raise AssertionError("guidance ran on a step outside the guidance window")
 
-    monkeypatch.setattr(fused_step_module, "image_guidance", no_guidance)
+    monkeypatch.setattr(IGDSGuidance, "__call__", no_guidance)  # neither step may guide outside the window
     labels = torch.tensor([1, 2])
     seeds = random_seeds(2)
     x = torch.randn(2, 3, 8, 8)
@@ -149,7 +149,7 @@ def test_full_sampling_run_matches_eager_philox(rng_seed, learn_sigma):
 
 def test_xt_mode_delegates_to_eager_with_philox_noise(rng_seed):
     eager, fused = make_samplers(TinyUNet(), TinyVE(), mode="xt")
-    assert fused._step.eager is not None
+    assert type(fused._step.ops) is StepOps  # mode xt: the torch operations throughout, no kernel ops
     labels = torch.tensor([2, 0])
     seeds = random_seeds(2)
     x = torch.randn(2, 3, 8, 8)
@@ -160,14 +160,25 @@ def test_xt_mode_delegates_to_eager_with_philox_noise(rng_seed):
     )
 
 
-def test_seed_tensor_built_once_per_batch():
+def test_seed_tensor_built_once_per_batch(monkeypatch):
     _, fused = make_samplers(TinyUNet(), TinyVE())
     step = fused._step
     seeds = random_seeds(3)
-    first = step.seed_tensor(seeds)
-    assert step.seed_tensor(list(seeds)) is first  # same seeds, no new host-to-device copy
-    assert step.seed_tensor(random_seeds(3)) is not first
-    assert torch.equal(step.step_index(4), torch.tensor(4)) and step.step_index(4).dim() == 0
+    x, batch = step.begin_batch(torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2]), seeds)
+    first = batch.seeds
+    assert torch.is_tensor(first) and first.dtype == torch.int64  # converted once, at the batch's start
+    conversions = []
+    original = fused_step_module.fused_ddpm_update
+
+    def recording(*args, seeds=None, **kwargs):
+        conversions.append(seeds is first)  # every step reads the same device keys
+        return original(*args, seeds=seeds, **kwargs)
+
+    monkeypatch.setattr(fused_step_module, "fused_ddpm_update", recording)
+    for i in (5, 4, 3):
+        x = step.advance(x, i, batch)
+    assert conversions == [True, True, True]
+    assert torch.equal(step.step_indices[4], torch.tensor(4)) and step.step_indices[4].dim() == 0
     noise = philox_normal(first, 2, (3, 8, 8), "cpu")
     assert torch.equal(noise, philox_normal(seeds, 2, (3, 8, 8), "cpu"))
 
@@ -183,7 +194,6 @@ def test_same_nvtx_ranges_as_eager(rng_seed, monkeypatch):
         yield
 
     monkeypatch.setattr(sampler_module, "nvtx_range", record)
-    monkeypatch.setattr(fused_step_module, "nvtx_range", record)
     eager, fused = make_samplers(TinyUNet(), TinyVE())
     x, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
     eager.step(x, 3, labels)

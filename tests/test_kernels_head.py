@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from igds_fast.errors import IGDSInputError
-from igds_fast.guidance import image_guidance
+from igds_fast.guidance import IGDSGuidance
 from igds_fast.kernels import guidance_head, poisoned_scratch
-from igds_fast.objective import igds_objective_and_grad
+from igds_fast.guidance.objective import igds_objective_and_grad
 
 from tolerances import tolerance
 
@@ -160,8 +160,8 @@ def test_image_guidance_with_triton_head_matches_analytic_head(rng_seed):
 
     image = torch.rand(5, channels, size, size) * 2 - 1
     labels = torch.randint(0, classes, (5,))
-    got = image_guidance(image, labels, VE, 0.6, 0.9, 0.5, None, head=guidance_head)
-    ref = image_guidance(image, labels, VE, 0.6, 0.9, 0.5, None, head=igds_objective_and_grad)
+    got = IGDSGuidance(VE, beta=0.6, tau=0.9, gamma=0.5, head=guidance_head)(image, labels)
+    ref = IGDSGuidance(VE, beta=0.6, tau=0.9, gamma=0.5, head=igds_objective_and_grad)(image, labels)
     torch.testing.assert_close(got[0], ref[0], **tolerance(torch.float32, "reduction"))
     torch.testing.assert_close(got[1], ref[1], **tolerance(torch.float32, "reduction"))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from igds_fast.errors import IGDSInputError
-from igds_fast.objective import igds_objective, igds_objective_and_grad
+from igds_fast.guidance.objective import igds_objective, igds_objective_and_grad
 
 
 def random_head_inputs(batch, dim, classes, dtype=torch.float64, groups=None):

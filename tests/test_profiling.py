@@ -190,7 +190,7 @@ def test_bench_self_check_measures_within_the_tolerance_table(capsys):
     # bench/self_check.py is what SELF_CHECK_TOLERANCES rests on: its rows at the tiny ADM and the
     # digits architecture (random weights, bf16 and fp32 copies) lie inside the table, and it gives
     # the table back untouched after lifting it.
-    from igds_fast.self_check import PARTS, SELF_CHECK_TOLERANCES
+    from igds_fast.sampling.compiled.self_check import PARTS, SELF_CHECK_TOLERANCES
 
     script = load_script("bench/self_check.py", "igds_bench_self_check_under_test")
     before = {dtype: dict(parts) for dtype, parts in SELF_CHECK_TOLERANCES.items()}

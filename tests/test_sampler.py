@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from factories import tiny_adm, tiny_ve
-from igds_fast.config import GuidanceConfig
+from igds_fast.guidance import GuidanceConfig
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.errors import IGDSInputError
-from igds_fast.objective import igds_objective
-from igds_fast.sampler import Sampler, fp32_reference_math
+from igds_fast.guidance.objective import igds_objective
+from igds_fast.sampling import Sampler, fp32_reference_math
 
 gd = pytest.importorskip("guided_diffusion.gaussian_diffusion")
 respace = pytest.importorskip("guided_diffusion.respace")
@@ -250,7 +250,7 @@ def test_padded_batch_returns_the_unpadded_images(parts, group_ids):
 
 
 def test_padding_groups_stay_apart_from_real_groups():
-    from igds_fast.sampler import _pad_batch
+    from igds_fast.sampling.sampler import _pad_batch
 
     labels = torch.tensor([3, 1, 1])
     padded_labels, seeds, groups = _pad_batch(labels, [7, 8, 9], labels, 6)
@@ -284,7 +284,7 @@ def test_fp32_reference_math_on_cuda_turns_tf32_off_and_cudnn_deterministic_then
 @pytest.mark.parametrize("use_kernels", [False, True])
 @pytest.mark.parametrize("reference", [True, False])
 def test_eager_steps_run_under_fp32_reference_math(use_kernels, reference, monkeypatch):
-    import igds_fast.sampler as sampler_module
+    import igds_fast.sampling.eager as sampler_module
 
     devices = []
     real = sampler_module.fp32_reference_math
@@ -299,7 +299,7 @@ def test_eager_steps_run_under_fp32_reference_math(use_kernels, reference, monke
     sampler = Sampler(unet, schedule, ve, GuidanceConfig(scale=1.0), use_kernels=use_kernels, prior_class_map=PRIOR_MAP,
                       reference_numerics=reference)
     sampler.sample([0, 1], [5, 6])
-    if reference:
-        assert set(devices) == {"cpu"} and len(devices) >= 3  # every one of the 3 steps
-    else:  # the plain-PyTorch baseline bench/sampler.py times
+    if reference and not use_kernels:
+        assert devices == ["cpu"]  # once per batch, around the whole loop (not set and restored per step)
+    else:  # the plain-PyTorch baseline bench/sampler.py times, and the kernel path (a fast path)
         assert devices == []

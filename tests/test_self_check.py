@@ -1,11 +1,11 @@
-"""The compiled backend's first-step self-check (igds_fast.self_check) against planted numerics faults.
+"""The compiled backend's first-step self-check (igds_fast.sampling.compiled.self_check) against planted numerics faults.
 
 Models: the digits demo's prior architecture (1 channel, 16x16, middle-block attention of 64 channels
 in 2 heads of 32) and a 1-channel ResNet-18 VE, random weights. The copies run uncompiled in fp32
 (the step's logic at CPU cost) unless a test says otherwise; a fault is planted in the low-precision
 copy only, so the float32 reference stays right.
 
-Tolerances (igds_fast.self_check.SELF_CHECK_TOLERANCES) come from `bench/self_check.py` (worst of 4
+Tolerances (igds_fast.sampling.compiled.self_check.SELF_CHECK_TOLERANCES) come from `bench/self_check.py` (worst of 4
 images, 2 for adm256, at the first step; CPU; copies uncompiled unless "inductor"; bench/RESULTS.md):
 
 | model (random weights unless trained)     | dtype | unet    | features | head    | gradient | step    |
@@ -35,12 +35,13 @@ import pytest
 import torch
 
 from factories import digits_adm, tiny_ve
-from igds_fast import compiled as compiled_module
-from igds_fast.config import GuidanceConfig
+from igds_fast.sampling import fused as fused_module
+from igds_fast.sampling.compiled import step as compiled_module
+from igds_fast.guidance import GuidanceConfig
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.errors import IGDSNumericsError
-from igds_fast.sampler import Sampler
-from igds_fast.self_check import (
+from igds_fast.sampling import Sampler
+from igds_fast.sampling.compiled.self_check import (
     SELF_CHECK_TOLERANCES,
     checked_rows,
     compare,
@@ -153,18 +154,18 @@ def test_a_planted_fault_stops_the_run_at_the_first_step_in_one_line(fault):
 
 def test_a_faulty_head_or_update_kernel_is_named(monkeypatch):
     unet, ve = digits_models()
-    original_head = compiled_module.guidance_head
-    monkeypatch.setattr(compiled_module, "guidance_head",
+    original_head = fused_module.guidance_head
+    monkeypatch.setattr(fused_module, "guidance_head",
                         lambda *args: tuple(t * 1.1 for t in original_head(*args)))
     with pytest.raises(IGDSNumericsError, match=r"self-check failed .* in the Triton guidance head: dJ/dz"):
         compiled_sampler(unet, ve).sample([1, 2], random_seeds(2))
-    monkeypatch.setattr(compiled_module, "guidance_head", original_head)
-    original_update = compiled_module.fused_ddpm_update
+    monkeypatch.setattr(fused_module, "guidance_head", original_head)
+    original_update = fused_module.fused_ddpm_update
 
     def off_update(*args, **kwargs):
         return original_update(*args, **kwargs).mul_(1.01)
 
-    monkeypatch.setattr(compiled_module, "fused_ddpm_update", off_update)
+    monkeypatch.setattr(fused_module, "fused_ddpm_update", off_update)
     with pytest.raises(IGDSNumericsError, match=r"in the fused DDPM update kernel: x_\(t-1\) off by"):
         compiled_sampler(unet, ve).sample([1, 2], random_seeds(2))
 
@@ -175,8 +176,8 @@ def test_a_compile_only_fault_is_blamed_on_torch_compile(monkeypatch):
     unet, ve = digits_models()
     sampler = compiled_sampler(unet, ve, dict(FP32_COPIES, compile=True, backend="aot_eager", compile_encoder=False))
     step = sampler._step
-    compiled_unet = step._unet
-    step._unet = lambda *args: compiled_unet(*args) * float("nan")
+    compiled_unet = step.ops.unet_fn
+    step.ops.unet_fn = lambda *args: compiled_unet(*args) * float("nan")
     with pytest.raises(IGDSNumericsError, match=r"uncompiled fp32 copy agrees: a torch\.compile fault"):
         sampler.sample([4, 5], random_seeds(2))
 

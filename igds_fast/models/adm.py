@@ -264,32 +264,40 @@ class AttentionBlock(nn.Module):
         h = self.proj_out(self._attention(qkv))
         return (x + h).reshape(batch, channels, *spatial)
 
+    def split_heads(self, qkv: torch.Tensor):
+        """qkv [B, 3*H*c, T] -> contiguous q, k, v [B, H, T, c] (H heads of c channels).
+
+        The block's channel order: legacy (QKVAttentionLegacy) has per head [q_h, k_h, v_h]; the new
+        order (QKVAttention) has [q (all heads), k, v]. Contiguous 4-D [B, H, T, c] with a stride-1
+        last dimension is what the fused SDPA kernels (flash / memory-efficient / cuDNN) take; 3-D
+        strided views would send SDPA to its math path, which materialises the T x T scores
+        (T = 1024 at ADM-256's 32x32 level).
+        """
+        batch, width, length = qkv.shape
+        head_channels = width // (3 * self.num_heads)
+        if self.legacy_order:
+            q, k, v = qkv.reshape(batch, self.num_heads, 3 * head_channels, length).split(head_channels, dim=2)
+        else:
+            q, k, v = (t.reshape(batch, self.num_heads, head_channels, length) for t in qkv.chunk(3, dim=1))
+        return tuple(t.transpose(-1, -2).contiguous() for t in (q, k, v))
+
+    @staticmethod
+    def merge_heads(out: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, H, T, c] -> [B, H*c, T]."""
+        batch, heads, length, head_channels = out.shape
+        return out.transpose(-1, -2).reshape(batch, heads * head_channels, length)
+
     def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
-        """qkv [B, 3*H*c, T] -> attention output [B, H*c, T] (H heads of c channels).
+        """qkv [B, 3*H*c, T] -> attention output [B, H*c, T].
 
         Scale: the original multiplies q and k each by s = 1/sqrt(sqrt(c)) = c^(-1/4), so its logits
         are (q s)^T (k s) = q^T k * s^2 = q^T k / sqrt(c) — exactly SDPA's default scale 1/sqrt(c).
         Splitting the scale over q and k only guards fp16 against overflow in q^T k; SDPA does the
         same (its math path scales q and k by sqrt(scale) each; the fused kernels accumulate in
         float32). So SDPA with its default scale is the same attention in both channel orders; only
-        the split of qkv into heads differs:
-            legacy (QKVAttentionLegacy): channels per head are [q_h, k_h, v_h] -> reshape to heads, split;
-            new (QKVAttention): channels are [q (all heads), k, v] -> chunk into q, k, v, then heads.
+        the split of qkv into heads differs (`split_heads`).
         """
-        batch, width, length = qkv.shape
-        head_channels = width // (3 * self.num_heads)
-        if self.legacy_order:
-            q, k, v = qkv.reshape(batch * self.num_heads, 3 * head_channels, length).split(head_channels, dim=1)
-        else:
-            q, k, v = (t.reshape(batch * self.num_heads, head_channels, length) for t in qkv.chunk(3, dim=1))
-        # SDPA wants [B, H, T, c] with a contiguous last dimension: the fused (flash / memory-efficient)
-        # CUDA kernels refuse 3-D strided views and would fall back to the math path, which
-        # materialises the T x T scores (T = 1024 at ADM-256's 32x32 level).
-        def heads(t):
-            return t.reshape(batch, self.num_heads, head_channels, length).transpose(2, 3).contiguous()
-
-        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
-        return out.transpose(2, 3).reshape(batch, -1, length)
+        return self.merge_heads(F.scaled_dot_product_attention(*self.split_heads(qkv)))
 
 
 class ADMUNet(nn.Module):

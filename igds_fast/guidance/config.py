@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import IGDSInputError
+from ..errors import IGDSInputError
 
 GRADIENT_MODES = ("x0", "xt")
 HEADS = ("autograd", "analytic", "triton")

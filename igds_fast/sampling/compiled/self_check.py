@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .errors import IGDSNumericsError
+from ...errors import IGDSNumericsError
 
 MAX_CHECKED_IMAGES = 4
 PARTS = ("unet", "features", "head", "gradient", "step")

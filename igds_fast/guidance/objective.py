@@ -30,32 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import IGDSInputError
-
-NORM_EPS = 1e-12  # as F.normalize: ||z|| is clamped here before dividing
-
-
-def check_head_shapes(z, labels, weight, bias, log_centroids, group_ids=None) -> None:
-    """Shape/dtype checks only (no values are read: nothing here synchronises with the device)."""
-    if z.dim() != 2:
-        raise IGDSInputError(f"features must be [B, d], got shape {tuple(z.shape)}")
-    batch, dim = z.shape
-    if labels.shape != (batch,):
-        raise IGDSInputError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-    if labels.dtype not in (torch.int32, torch.int64):
-        raise IGDSInputError(f"labels must be an integer tensor, got {labels.dtype}")
-    if weight.dim() != 2 or weight.shape[1] != dim:
-        raise IGDSInputError(f"classifier weight must be [C, {dim}], got {tuple(weight.shape)}")
-    classes = weight.shape[0]
-    if bias.shape != (classes,):
-        raise IGDSInputError(f"classifier bias must have shape ({classes},), got {tuple(bias.shape)}")
-    if log_centroids.shape != (classes, dim):
-        raise IGDSInputError(
-            f"log_centroids must be [{classes}, {dim}], got {tuple(log_centroids.shape)}"
-        )
-    if group_ids is not None and group_ids.shape != (batch,):
-        raise IGDSInputError(f"group_ids must have shape ({batch},), got {tuple(group_ids.shape)}")
-
+from ..errors import IGDSInputError
+from ..head_contract import NORM_EPS, check_head_shapes
 
 def prototype_log_prob(z, labels, weight, bias):
     """log softmax(W z + b)_y per sample: [B]."""

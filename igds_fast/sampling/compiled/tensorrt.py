@@ -20,7 +20,7 @@ import tempfile
 
 import torch
 
-from .errors import IGDSInputError
+from ...errors import IGDSInputError
 
 ENGINE_OUTPUT = "model_output"
 
@@ -156,4 +156,16 @@ class TensorRTUNet:
         return out.float()
 
 
-__all__ = ["TensorRTUNet", "build_engine"]
+def engine_unet(config, context) -> TensorRTUNet:
+    """The TensorRT engine of CompileConfig.unet_engine, checked against the prior of the step context."""
+    if context.config.mode != "x0":
+        raise IGDSInputError("a TensorRT UNet engine supports guidance mode x0 only (mode xt needs UNet gradients)")
+    if context.device.type != "cuda":
+        raise IGDSInputError("a TensorRT UNet engine runs on a CUDA device only")
+    engine = TensorRTUNet(config.unet_engine, context.device)
+    engine.check_matches(config.batch_size, context.channels, context.image_size, context.learn_sigma,
+                         context.conditional)
+    return engine
+
+
+__all__ = ["TensorRTUNet", "build_engine", "engine_unet"]

@@ -1,0 +1,105 @@
+"""The guidance gradient in image space: `IGDSGuidance`, dJ/dx through the VE's preprocessing and encoder.
+
+    x [B, C, H, W] in [-1, 1]  --preprocess-->  encoder input  --f-->  z [B, d]
+    (J [B], dJ/dz [B, d])  = head(z, labels, W, b, log Q, beta, tau, gamma, group_ids)
+    dJ/dx                  = vector-Jacobian product of z w.r.t. x with dJ/dz      [B, C, H, W]
+
+One object, built once from the VE and the guidance settings, is the only way any step computes the
+guidance, and the way a front end gets the IGDS gradient for its own sampler. The head is
+swappable (autograd through `igds_objective`, the closed forms, or the fused Triton kernel) and so
+is the encoder forward (the compiled backend passes its low-precision compiled copy); the encoder
+backward is always torch autograd.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import IGDSInputError
+from ..profiling import nvtx_range
+from .config import GuidanceConfig
+from .objective import igds_objective, igds_objective_and_grad
+
+Head = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def autograd_head(z, labels, weight, bias, log_centroids, beta, tau, gamma=0.0, group_ids=None):
+    """(J, d sum J / dz) by torch autograd through the eager objective: the reference of references."""
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_(True)
+        objective = igds_objective(leaf, labels, weight, bias, log_centroids, beta, tau, gamma, group_ids)
+        (grad,) = torch.autograd.grad(objective.sum(), leaf)
+    return objective.detach(), grad
+
+
+def resolve_head(name: str) -> Head:
+    """The guidance head implementation for a GuidanceConfig.head name."""
+    if name == "autograd":
+        return autograd_head
+    if name == "analytic":
+        return igds_objective_and_grad
+    if name == "triton":
+        from ..kernels import guidance_head  # lazily: triton is only needed on this path
+
+        return guidance_head
+    raise IGDSInputError(f"unknown guidance head {name!r}; expected autograd, analytic or triton")
+
+
+class IGDSGuidance:
+    """guidance(x0, labels, group_ids=None, wrt=None) -> (J [B], dJ/d wrt) for images in [-1, 1].
+
+    ve: the variational estimator (`features(x)`, `weight` [C, d], `bias` [C], `log_centroids`
+        [C, d], `tau`); beta, gamma: the contextual and diversity weights; tau: None = the VE's;
+    head: a GuidanceConfig.head name or a head callable (the signature of `autograd_head`);
+    features: image -> z [B, d], differentiable; None = `ve.features`.
+
+    Call: x0 [B, C, H, W], the encoder's input before preprocessing (the x0 prediction); labels [B]
+    (VE classes); group_ids [B] (diversity groups; None = the labels); wrt: the tensor to
+    differentiate with respect to — None = the detached x0 itself (x0 mode); in x_t mode it is x_t,
+    and x0 must have been computed from it with autograd enabled. NVTX: igds/encoder/forward,
+    igds/head, igds/encoder/backward.
+    """
+
+    def __init__(self, ve, beta: float = 0.0, tau: float | None = None, gamma: float = 0.0,
+                 head: str | Head = "autograd", features: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.ve = ve
+        self.beta, self.gamma = float(beta), float(gamma)
+        self.tau = float(ve.tau if tau is None else tau)
+        if not self.tau > 0:
+            raise IGDSInputError(f"tau must be positive, got {self.tau}")
+        self.head = resolve_head(head) if isinstance(head, str) else head
+        self.features = ve.features if features is None else features
+
+    @classmethod
+    def from_config(cls, ve, config: GuidanceConfig, **operations) -> "IGDSGuidance":
+        """The guidance of a GuidanceConfig (beta, tau, gamma, head); `operations` override head/features."""
+        settings = dict(beta=config.beta, tau=config.tau, gamma=config.gamma, head=config.head)
+        settings.update(operations)
+        return cls(ve, **settings)
+
+    def with_operations(self, head: str | Head | None = None, features=None) -> "IGDSGuidance":
+        """The same guidance computed by another head and/or encoder forward (the fast backends')."""
+        return IGDSGuidance(self.ve, self.beta, self.tau, self.gamma, self.head if head is None else head,
+                            self.features if features is None else features)
+
+    def head_gradient(self, z: torch.Tensor, labels, group_ids=None):
+        """(J [B], dJ/dz [B, d]) of features z: the head alone."""
+        ve = self.ve
+        return self.head(z, labels, ve.weight, ve.bias, ve.log_centroids, self.beta, self.tau, self.gamma, group_ids)
+
+    def __call__(self, image: torch.Tensor, labels, group_ids=None, wrt: torch.Tensor | None = None):
+        with torch.enable_grad():
+            if wrt is None:
+                image = image.detach().requires_grad_(True)
+                wrt = image
+            with nvtx_range("igds/encoder/forward"):
+                features = self.features(image)
+            with nvtx_range("igds/head"):
+                objective, grad_features = self.head_gradient(features.detach(), labels, group_ids)
+            with nvtx_range("igds/encoder/backward"):
+                (grad,) = torch.autograd.grad(features, wrt, grad_outputs=grad_features.to(features.dtype))
+        return objective, grad
+
+
+__all__ = ["Head", "IGDSGuidance", "autograd_head", "resolve_head"]

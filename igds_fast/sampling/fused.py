@@ -1,0 +1,81 @@
+"""The reverse step on the fused Triton kernels: `Sampler(..., use_kernels=True)` runs this.
+
+The same `reverse_step` as the eager step, with these operations (x0 mode; shapes [B, C, H, W]):
+
+    model_output = UNet(x_t, timestep_map[i], y)                        torch      "igds/unet"
+    x0_hat       = predict_x0 kernel (x_t, eps; clipped)                Triton     (guided steps only)
+    g            = IGDSGuidance with the Triton guidance head           torch encoder fwd/bwd around
+                                                                        the fused head  "igds/guidance"
+    x_{i-1}      = fused_ddpm_update kernel (recomputes x0_hat; mean,   Triton     "igds/update"
+                   variance, guided shift, noise in one pass)
+
+Noise: a given `noise` tensor is loaded as is; otherwise it is drawn in-kernel from Philox keyed by
+(seed, i), i.e. exactly `philox_normal(seeds, i, x.shape[1:])`, so this step reproduces an eager
+sampler built with `noise="philox"`. The step index lives in device memory (a view of an arange
+built once) and the per-image keys are converted once per batch: nothing is copied from the host
+per step. The kernel path runs under PyTorch's default numerics (it is a fast path: no reference
+float32 settings).
+
+`KernelOps` (the kernels' operations) is also what the compiled backend runs, with its own UNet and
+encoder copies. Guidance mode "xt" (gradient through the UNet) needs autograd through the UNet, which
+no elementwise kernel replaces: such a step runs the torch operations throughout, with the same
+Philox noise. The guidance head is always the Triton `guidance_head` here (GuidanceConfig.head is ignored).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..kernels import StepTables, fused_ddpm_update, guidance_head, predict_x0
+from .eager import EagerStep
+from .step import StepContext, StepInputs, StepOps
+
+
+class KernelOps(StepOps):
+    """The step's operations on the Triton kernels (x0 prediction, guidance head, fused update).
+
+    tables: the fp32 coefficient tables (built once); unet_fn / features: what runs the UNet and the
+    encoder forward (the context's float32 models, or the compiled backend's copies); out_in_place:
+    the update writes x_{i-1} over x_t (the compiled backend's static buffer).
+    """
+
+    def __init__(self, context: StepContext, tables: StepTables, unet_fn=None, features=None, out_in_place=False):
+        super().__init__(context, unet_fn, context.guidance.with_operations(head=guidance_head, features=features))
+        self.tables = tables
+        self.out_in_place = out_in_place
+
+    def timesteps(self, inputs: StepInputs, batch: int) -> torch.Tensor:
+        return self.context.schedule.timestep_map.index_select(0, inputs.index.reshape(1)).expand(batch)
+
+    def step_index(self, inputs: StepInputs):
+        return inputs.index  # device memory: a captured graph replays for every i
+
+    def predict_x0(self, x, model_output, inputs: StepInputs) -> torch.Tensor:
+        c = self.context
+        return predict_x0(x, model_output, inputs.index, self.tables, c.learn_sigma, clip=c.config.clip_x0)
+
+    def update(self, x, model_output, x0, grad, inputs: StepInputs) -> torch.Tensor:
+        c = self.context
+        return fused_ddpm_update(
+            x, model_output, inputs.index, self.tables, c.learn_sigma, grad=grad, scale=c.config.scale,
+            noise=inputs.noise, seeds=inputs.seeds if inputs.noise is None else None, clip=c.config.clip_x0,
+            # Elementwise and same-index: each element is read before it is overwritten.
+            out=x if self.out_in_place else None,
+        )
+
+
+class FusedStep(EagerStep):
+    """The step seam of `Sampler(use_kernels=True)`: the eager step's loop on `KernelOps`."""
+
+    def __init__(self, context: StepContext):
+        super().__init__(context)
+        self.tables = StepTables(context.schedule)  # fp32, contiguous, on the sampling device: built once
+        if context.config.mode != "xt":
+            self.ops = KernelOps(context, self.tables)
+
+    def numerics(self):
+        return contextlib.nullcontext()  # PyTorch's defaults: the kernel path is a fast path
+
+
+__all__ = ["FusedStep", "KernelOps"]

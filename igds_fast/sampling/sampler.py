@@ -1,0 +1,221 @@
+"""The IGDS sampler: one reverse loop for every backend; a backend swaps the step, never the loop.
+
+`Sampler.sample(labels, seeds)` runs i = N-1 .. 0 from x_T keyed by each image's seed (the step
+itself: sampling/step.py), so an image depends only on (seed, label) — never on its batch
+neighbours — as long as gamma = 0 (the diversity term deliberately couples the images of one group).
+The loop, for every backend:
+
+    x, batch = step.begin_batch(x_T, labels, seeds, group_ids)    once per batch
+    x = step.advance(x, i, batch)                                  i = N-1 .. 0, no host sync
+    step.finish_batch(batch)                                       the one host read (finite check)
+
+inside `step.numerics()` (the eager reference's float32 settings on CUDA, entered once per batch).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..diffusion import DiffusionSchedule
+from ..errors import IGDSInputError
+from ..guidance import GuidanceConfig, IGDSGuidance
+from ..seeding import INITIAL_NOISE_STREAM
+from .backends import build_step, resolve_noise_source
+from .step import StepContext
+
+
+class Sampler:
+    """Guided DDPM sampling with a diffusion prior and a variational estimator.
+
+    unet: callable (x [B,C,H,W], original timesteps [B], y [B] or None) -> [B, C or 2C, H, W], with
+        attributes image_size, in_channels, learn_sigma, num_classes (None = unconditional).
+    schedule: DiffusionSchedule on the sampling device.
+    ve: VariationalEstimator (features(x), weight, bias, log_centroids, tau, num_classes).
+    guidance: GuidanceConfig.
+    prior_class_map: VE class index -> prior class index, when the VE covers a subset of the prior's
+        classes (e.g. ImageWoof's 10 classes of an ImageNet-1K ADM). None = identical class indices.
+    batch_invariant: (eager) step each image — each diversity group when gamma != 0 — on its own,
+        so an image's bytes do not depend on its batch (batched kernels may round differently for
+        other batch sizes). Slower; what byte-identical outputs across world and batch sizes need.
+    noise: "torch" or "philox" (see `sampling.backends.resolve_noise_source`): x_T and every step's
+        noise. None = "philox" when the step draws its noise in-kernel (use_kernels, compiled), else "torch".
+    use_kernels: run the guidance head and the DDPM update through the fused Triton kernels
+        (`sampling.fused.FusedStep`); the loop and the result stay those of the eager step.
+    reference_numerics: (eager backend, CUDA) run under `fp32_reference_math` — float32 without TF32,
+        deterministic cuDNN — as the reference must; False = PyTorch's defaults (TF32 convolutions,
+        cudnn.benchmark as set): what bench/sampler.py times as the plain-PyTorch baseline.
+    backend: "eager" (float32 reference: no compile, no graphs) or "compiled"
+        (`sampling.compiled.CompiledStep`: low-precision compiled UNet, CUDA-graph-captured step),
+        configured by `backend_options` (a `CompileConfig` or its fields as a dict).
+
+    Attributes: guidance (the GuidanceConfig), guidance_fn (the eager IGDSGuidance), context (what
+    every step reads), tau, channels, image_size, learn_sigma, num_classes, device, noise_source.
+    """
+
+    def __init__(
+        self,
+        unet,
+        schedule: DiffusionSchedule,
+        ve,
+        guidance: GuidanceConfig = GuidanceConfig(),
+        backend: str = "eager",
+        prior_class_map: Sequence[int] | None = None,
+        noise: str | None = None,
+        use_kernels: bool = False,
+        backend_options=None,
+        batch_invariant: bool = False,
+        reference_numerics: bool = True,
+    ):
+        if not isinstance(guidance, GuidanceConfig):
+            raise IGDSInputError(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
+        if not isinstance(reference_numerics, bool):
+            raise IGDSInputError(f"reference_numerics must be True or False, got {reference_numerics!r}")
+        for name in ("image_size", "in_channels", "learn_sigma"):
+            if not hasattr(unet, name):
+                raise IGDSInputError(f"the prior must have an attribute {name!r} (image_size, in_channels, "
+                                     f"learn_sigma, num_classes), got {type(unet).__name__}")
+        self.unet, self.schedule, self.ve, self.guidance = unet, schedule, ve, guidance
+        self.backend = backend
+        self.channels = int(unet.in_channels)
+        self.image_size = int(unet.image_size)
+        self.learn_sigma = bool(unet.learn_sigma)
+        self.num_classes = int(ve.num_classes)
+        self.device = schedule.device
+        self.guidance_fn = IGDSGuidance.from_config(ve, guidance)
+        self.tau = self.guidance_fn.tau
+        encoder_channels = len(ve.preprocess.mean)
+        if encoder_channels != self.channels:
+            raise IGDSInputError(
+                f"the VE encoder reads {encoder_channels}-channel images but the prior makes {self.channels}"
+            )
+        in_kernel_noise = use_kernels or backend == "compiled"
+        if noise is None:
+            noise = "philox" if in_kernel_noise else "torch"
+        elif in_kernel_noise and noise != "philox":
+            raise IGDSInputError(f"noise={noise!r} cannot be used with fused kernels: they draw Philox noise in-kernel")
+        self.noise_source, noise_keys = resolve_noise_source(noise)
+        self.context = StepContext(
+            unet=unet, schedule=schedule, config=guidance, guidance=self.guidance_fn, channels=self.channels,
+            image_size=self.image_size, learn_sigma=self.learn_sigma, class_map=self._build_class_map(prior_class_map),
+            conditional=getattr(unet, "num_classes", None) is not None, noise=noise, noise_source=self.noise_source,
+            noise_keys=noise_keys, device=self.device, reference_numerics=reference_numerics,
+        )
+        self._step = build_step(self.context, backend, use_kernels, batch_invariant, backend_options)
+
+    def _build_class_map(self, prior_class_map):
+        prior_classes = getattr(self.unet, "num_classes", None)
+        if prior_class_map is None:
+            if prior_classes is not None and prior_classes != self.num_classes:
+                raise IGDSInputError(
+                    f"the VE has {self.num_classes} classes but the prior has {prior_classes}; "
+                    "pass prior_class_map (VE class -> prior class)"
+                )
+            return None
+        mapping = [int(c) for c in prior_class_map]
+        if len(mapping) != self.num_classes:
+            raise IGDSInputError(
+                f"prior_class_map has {len(mapping)} entries but the VE has {self.num_classes} classes"
+            )
+        if prior_classes is not None and any(not 0 <= c < prior_classes for c in mapping):
+            raise IGDSInputError(f"prior_class_map has entries outside [0, {prior_classes})")
+        return torch.tensor(mapping, dtype=torch.long, device=self.device)
+
+    def numerics(self):
+        """The numerics context of this sampler's steps (see `reference_numerics`)."""
+        return self._step.numerics()
+
+    def prior_labels(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """The labels the UNet is conditioned on (None for an unconditional prior)."""
+        return self.context.prior_labels(labels)
+
+    # ---- the seam every backend implements ------------------------------------------------------
+    def step(self, x, i: int, labels, noise=None, group_ids=None, seeds=None) -> torch.Tensor:
+        """One reverse step x_i -> x_{i-1} at respaced index i (N-1 .. 0), on its own.
+
+        noise: [B, C, H, W] to add (None with seeds = draw it from the noise source keyed by
+        (seeds[b], i); None without seeds = no noise, the posterior mean). A non-finite guidance
+        gradient is raised by this call (eager, kernels) or by the call at i = 0 (compiled).
+        """
+        expected = (self.channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise IGDSInputError(f"images must be [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1)
+        if group_ids is not None:
+            group_ids = torch.as_tensor(group_ids, dtype=torch.long, device=self.device).reshape(-1)
+        return self._step(x, i, labels, noise, group_ids, seeds)
+
+    @property
+    def preferred_batch_size(self) -> int | None:
+        """The backend's own batch size (compiled: given, or chosen from free device memory), else None."""
+        return getattr(self._step, "batch_size", None)
+
+    def sample(self, labels, seeds, group_ids=None, pad_to: int | None = None) -> torch.Tensor:
+        """Images [B, C, H, W] in [-1, 1] for VE class `labels` [B], each keyed by its seed [B].
+
+        pad_to: run the batch at this size (>= B) and return its first B images. Static-shape backends
+        (compiled: one compile and one CUDA graph per batch shape) reuse the graphs of their full
+        batches for a short last batch instead of capturing new ones. The filler rows repeat the last
+        image's label and seed and sit in diversity groups of their own, so they change no real
+        image's guidance (with gamma = 0 the images are independent anyway).
+        """
+        labels, seeds, group_ids = self._validate_batch(labels, seeds, group_ids)
+        count = labels.numel()
+        if group_ids is None and self.guidance.gamma != 0:
+            # The head's default groups made explicit: padded and unpadded batches then have the same
+            # kind of batch (one set of static buffers and graphs in the compiled backend).
+            group_ids = labels
+        if pad_to is not None:
+            if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < count:
+                raise IGDSInputError(f"pad_to must be an integer >= the batch size {count}, got {pad_to!r}")
+            labels, seeds, group_ids = _pad_batch(labels, seeds, group_ids, pad_to)
+        shape = (self.channels, self.image_size, self.image_size)
+        step = self._step
+        with step.numerics():
+            x = self.noise_source(seeds, INITIAL_NOISE_STREAM, shape, self.device)
+            x, batch = step.begin_batch(x, labels, seeds, group_ids)
+            for i in reversed(range(self.schedule.num_steps)):
+                x = step.advance(x, i, batch)
+            step.finish_batch(batch)
+        return x[:count].clamp(-1.0, 1.0)
+
+    # ---- validation ---------------------------------------------------------------------------
+    def _validate_batch(self, labels, seeds, group_ids):
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        seeds = [int(s) for s in (seeds.tolist() if torch.is_tensor(seeds) else seeds)]
+        if labels.numel() == 0:
+            raise IGDSInputError("no labels to sample")
+        if len(seeds) != labels.numel():
+            raise IGDSInputError(f"got {labels.numel()} labels but {len(seeds)} seeds")
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if bad.numel():
+            raise IGDSInputError(
+                f"labels outside [0, {self.num_classes}): {sorted(set(bad.tolist()))[:10]}"
+            )
+        if group_ids is not None:
+            group_ids = torch.as_tensor(group_ids, dtype=torch.long, device=self.device).reshape(-1)
+            if group_ids.numel() != labels.numel():
+                raise IGDSInputError(f"got {labels.numel()} labels but {group_ids.numel()} group ids")
+        return labels.to(self.device), seeds, group_ids
+
+
+def _pad_batch(labels: torch.Tensor, seeds: list[int], group_ids, size: int):
+    """(labels, seeds, group_ids) grown to `size` rows by repeating the last image (see Sampler.sample).
+
+    With diversity groups (given, or the labels when gamma != 0), every filler gets a group id of its
+    own below every real one, so the InfoNCE sums of the real images never see a filler; a singleton
+    group's term has zero gradient. Without groups (gamma = 0) nothing couples the images.
+    """
+    extra = size - labels.numel()
+    if extra == 0:
+        return labels, seeds, group_ids
+    labels = torch.cat([labels, labels[-1:].expand(extra)])
+    seeds = seeds + [seeds[-1]] * extra
+    if group_ids is not None:
+        lowest = int(group_ids.min())  # one host read per batch, before the loop
+        fillers = torch.arange(lowest - extra, lowest, device=group_ids.device)
+        group_ids = torch.cat([group_ids, fillers])
+    return labels, seeds, group_ids
+
+
+__all__ = ["Sampler"]

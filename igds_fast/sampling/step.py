@@ -1,0 +1,213 @@
+"""One reverse step, written once: the order every backend follows, and what a step reads.
+
+One guided reverse step at respaced index i (IGDS_SPEC section 3), shapes [B, C, H, W]:
+
+    guided   = GuidanceConfig.guides_step(N - 1 - i)
+    eps, v   = UNet(x_t, timestep_map[i], y)               (v only for learned-sigma priors)
+    x0_hat   = clip(sqrt(1/abar_i) x_t - sqrt(1/abar_i - 1) eps, -1, 1)
+    g        = dJ(x0_hat, y) / d x0_hat     (mode "x0")  or  dJ / d x_t through the UNet (mode "xt")
+    record   whether g is finite, per image, on the device (read once per batch)
+    mu       = coef1_i x0_hat + coef2_i x_t
+    log s2   = learned-range interpolation of (log beta_i, log beta~_i) by (v + 1) / 2
+    x_{i-1}  = mu + [guided] s * exp(log s2) * g + [i > 0] exp(log s2 / 2) * n,  n keyed by (seed, i)
+
+`reverse_step(ops, context, inputs, tracker)` is that order; a backend only supplies the operations
+(`StepOps`: eager torch ops, fused Triton kernels, low-precision compiled copies) and, around the
+call, its own wrapper (batch splitting, static buffers, a CUDA graph). A step reads a
+`StepContext` (schedule, guidance, class map, noise source), never the Sampler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..diffusion import DiffusionSchedule
+from ..errors import IGDSInputError
+from ..guidance import GuidanceConfig, IGDSGuidance
+from ..profiling import nvtx_range
+
+
+@dataclass
+class StepContext:
+    """What every reverse step reads, built once by the Sampler.
+
+    unet: (x, timesteps [B], y or None) -> [B, 2C or C, H, W]; schedule: tables on `device`;
+    config: the GuidanceConfig; guidance: the eager IGDSGuidance (the reference head and encoder);
+    channels, image_size, learn_sigma: the prior's; class_map: VE class -> prior class [num VE
+    classes] on the device, or None (identical indices); conditional: the prior takes labels;
+    noise: "torch" or "philox"; noise_source: (seeds, stream, shape, device) -> noise [B, *shape];
+    noise_keys: (seeds, device) -> the form of a batch's seeds the noise source reads fastest (built
+    once per batch); reference_numerics: the eager step runs float32 as float32 on CUDA (sampling.eager).
+    """
+
+    unet: Callable
+    schedule: DiffusionSchedule
+    config: GuidanceConfig
+    guidance: IGDSGuidance
+    channels: int
+    image_size: int
+    learn_sigma: bool
+    class_map: torch.Tensor | None
+    conditional: bool
+    noise: str
+    noise_source: Callable
+    noise_keys: Callable
+    device: torch.device
+    reference_numerics: bool = True
+
+    @property
+    def num_steps(self) -> int:
+        return self.schedule.num_steps
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def prior_labels(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """The labels the UNet is conditioned on (None for an unconditional prior)."""
+        if not self.conditional:
+            return None
+        return labels if self.class_map is None else self.class_map.index_select(0, labels)
+
+    def guided(self, i: int) -> bool:
+        return self.config.guides_step(self.num_steps - 1 - i)
+
+
+@dataclass
+class StepInputs:
+    """One step's inputs besides x_t: what stays the same for a whole batch, plus i and the noise.
+
+    i: respaced index (host int); index: the same as a 0-d int64 device tensor (kernels read it
+    from memory, so a captured graph replays for every i); labels [B] (VE classes) and prior_labels
+    on the device; group_ids [B] or None; seeds: per-image noise keys (the noise source's form: a
+    list of ints for "torch", an int64 device tensor for "philox") or None; noise: an explicit
+    [B, C, H, W] noise tensor or None (then drawn from seeds, or none at all without seeds).
+    """
+
+    i: int
+    index: torch.Tensor
+    labels: torch.Tensor
+    prior_labels: torch.Tensor | None
+    group_ids: torch.Tensor | None
+    seeds: object
+    noise: torch.Tensor | None = None
+
+
+class NonFiniteTracker:
+    """Per image, the latest respaced index whose guidance gradient was non-finite (-1: none).
+
+    Recording stays on the device (no host synchronisation inside the loop); `raise_if_any` reads
+    it once, after a batch's last step, and raises the error naming the earliest bad sampling step.
+    """
+
+    def __init__(self, batch: int, device):
+        self.latest = torch.full((batch,), -1, dtype=torch.long, device=device)
+
+    def reset(self) -> None:
+        self.latest.fill_(-1)
+
+    def record(self, grad: torch.Tensor, index, rows: torch.Tensor | None = None) -> None:
+        finite = torch.isfinite(grad).flatten(1).all(dim=1)
+        bad = torch.where(finite, -1, index)
+        if rows is None:
+            torch.maximum(self.latest, bad, out=self.latest)
+        else:
+            self.latest[rows] = torch.maximum(self.latest[rows], bad)
+
+    def raise_if_any(self, labels: torch.Tensor, num_steps: int) -> None:
+        latest_bad = int(self.latest.max())  # the one host read of a batch
+        if latest_bad < 0:
+            return
+        bad_labels = sorted(set(labels[self.latest >= 0].tolist()))
+        raise IGDSInputError(
+            f"non-finite guidance gradient at sampling step {num_steps - 1 - latest_bad} "
+            f"(respaced index {latest_bad}) for labels {bad_labels[:10]}"
+        )
+
+
+class StepOps:
+    """The operations of one step (torch ops; subclasses swap them for kernels or compiled copies).
+
+    unet_fn: the UNet the step runs (the context's, or a low-precision compiled copy);
+    guidance: the IGDSGuidance it runs (eager head and encoder, or the kernels' / copies').
+    """
+
+    def __init__(self, context: StepContext, unet_fn: Callable | None = None, guidance: IGDSGuidance | None = None):
+        self.context = context
+        self.unet_fn = context.unet if unet_fn is None else unet_fn
+        self.guidance = context.guidance if guidance is None else guidance
+
+    def timesteps(self, inputs: StepInputs, batch: int) -> torch.Tensor:
+        return self.context.schedule.timestep_map[inputs.i].expand(batch)
+
+    def step_index(self, inputs: StepInputs):
+        """The index the schedule gathers read: the host int (eager)."""
+        return inputs.i
+
+    def unet(self, x, inputs: StepInputs) -> torch.Tensor:
+        return self.unet_fn(x, self.timesteps(inputs, x.shape[0]), inputs.prior_labels)
+
+    def predict_x0(self, x, model_output, inputs: StepInputs) -> torch.Tensor:
+        c = self.context
+        eps, _ = c.schedule.split_model_output(model_output, c.channels, c.learn_sigma)
+        return c.schedule.predict_x0(x, eps, self.step_index(inputs), clip=c.config.clip_x0)
+
+    def unet_and_gradient(self, x, inputs: StepInputs):
+        """(UNet output, x0_hat, dJ/dx_t) with autograd through the UNet (guidance mode xt)."""
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            with nvtx_range("igds/unet"):
+                model_output = self.unet(x_in, inputs)
+            x0 = StepOps.predict_x0(self, x_in, model_output, inputs)  # torch ops: autograd sees them
+            with nvtx_range("igds/guidance"):
+                _, grad = self.guidance(x0, inputs.labels, inputs.group_ids, wrt=x_in)
+        return model_output.detach(), x0.detach(), grad
+
+    def update(self, x, model_output, x0, grad, inputs: StepInputs) -> torch.Tensor:
+        """x_{i-1} = posterior mean (+ scale * variance * grad) (+ std * noise for i > 0)."""
+        c = self.context
+        i = inputs.i
+        noise = inputs.noise
+        if noise is None and inputs.seeds is not None and i > 0:
+            noise = c.noise_source(inputs.seeds, i, x.shape[1:], x.device)
+        if x0 is None:
+            x0 = self.predict_x0(x, model_output, inputs)
+        _, v = c.schedule.split_model_output(model_output, c.channels, c.learn_sigma)
+        mean = c.schedule.posterior_mean(x0, x, i)
+        log_variance = c.schedule.log_variance(x, i, v)
+        if grad is not None:
+            mean = mean + c.config.scale * torch.exp(log_variance) * grad
+        if i == 0 or noise is None:
+            return mean
+        return mean + torch.exp(0.5 * log_variance) * noise
+
+
+def reverse_step(ops: StepOps, x: torch.Tensor, inputs: StepInputs, tracker: NonFiniteTracker | None,
+                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_{i-1}, UNet output) from x_i = x: the step's order (module docstring), for every backend.
+
+    tracker: where a non-finite gradient is recorded (None: GuidanceConfig.check_finite is off);
+    rows: the tracker rows of these images (a part of the batch stepped alone), None = all.
+    """
+    context = ops.context
+    guided = context.guided(inputs.i)
+    x0 = grad = None
+    if guided and context.config.mode == "xt":
+        model_output, x0, grad = ops.unet_and_gradient(x, inputs)
+    else:
+        with torch.no_grad(), nvtx_range("igds/unet"):
+            model_output = ops.unet(x, inputs)
+        if guided:
+            with torch.no_grad():
+                x0 = ops.predict_x0(x, model_output, inputs)
+            with nvtx_range("igds/guidance"):
+                _, grad = ops.guidance(x0, inputs.labels, inputs.group_ids)
+    with torch.no_grad(), nvtx_range("igds/update"):
+        if guided and tracker is not None:
+            tracker.record(grad, ops.step_index(inputs), rows)
+        return ops.update(x, model_output, x0, grad, inputs), model_output
+
+
+__all__ = ["NonFiniteTracker", "StepContext", "StepInputs", "StepOps", "reverse_step"]
