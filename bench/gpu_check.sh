@@ -67,7 +67,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The GPU machines' interpreter is python3 (/opt/torch/.venv/bin/python3); `python` may not exist.
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHON="$PY"
-if ! "$PY" -c "import igds_fast.kernels, igds_fast.profiling, igds_fast.sampling.compiled" 2>"$RESULTS_DIR/import_error.log"; then
+if ! "$PY" -c "import igds_fast.kernels, igds_fast.profiling, igds_fast.sampling.compiled.step" 2>"$RESULTS_DIR/import_error.log"; then
   echo "gpu_check.sh: igds_fast does not import from $PWD:" >&2
   tail -n 5 "$RESULTS_DIR/import_error.log" >&2
   exit 1

@@ -33,7 +33,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from sampler import PRESETS, TINY_FLAGS, build_ve, redraw_zero_layers_  # noqa: E402
+from sampler import TINY_FLAGS, build_ve, redraw_zero_layers_  # noqa: E402
 
 from igds_fast.sampling.compiled import self_check  # noqa: E402
 from igds_fast.guidance import GuidanceConfig  # noqa: E402
@@ -42,7 +42,8 @@ from igds_fast.models.adm import ADM_PRESETS, ADMUNet  # noqa: E402
 from igds_fast.models.resnet import build_resnet  # noqa: E402
 from igds_fast.preprocess import EncoderPreprocess  # noqa: E402
 from igds_fast.sampling import Sampler  # noqa: E402
-from igds_fast.train_prior import PriorTrainConfig, load_prior  # noqa: E402
+from igds_fast.models.priors import load_prior  # noqa: E402
+from igds_fast.train_prior import PriorTrainConfig  # noqa: E402
 from igds_fast.ve import VariationalEstimator  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,7 +1,43 @@
-"""igds_fast: Information-Guided Diffusion Sampling for dataset distillation, fast and faithful."""
+"""igds_fast: Information-Guided Diffusion Sampling for dataset distillation, fast and faithful.
+
+The public API (what a user or another IGDS front end needs), loaded on first use so that
+`import igds_fast` stays light — the CLI sets MKL's mode before torch loads (igds_fast.cpu_math):
+
+    Sampler, DiffusionSchedule, ScheduleConfig     the reverse loop and its schedule
+    GuidanceConfig, IGDSGuidance                   the guidance settings and the IGDS gradient
+    CompileConfig                                  the compiled backend's settings
+    VariationalEstimator, load_ve                  the variational estimator
+    load_adm, load_prior                           guided-diffusion ADM checkpoints, priors of train-prior
+"""
+import importlib as _importlib
 import os as _os
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "Sampler": "igds_fast.sampling.sampler",
+    "DiffusionSchedule": "igds_fast.diffusion",
+    "ScheduleConfig": "igds_fast.diffusion",
+    "GuidanceConfig": "igds_fast.guidance.config",
+    "IGDSGuidance": "igds_fast.guidance.image",
+    "CompileConfig": "igds_fast.sampling.compiled.config",
+    "VariationalEstimator": "igds_fast.ve",
+    "load_ve": "igds_fast.ve",
+    "load_adm": "igds_fast.models.adm",
+    "load_prior": "igds_fast.models.priors",
+}
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(_importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'igds_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
 
 
 def _source_checkout_root(package_dir: str) -> str | None:

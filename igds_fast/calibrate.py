@@ -34,7 +34,6 @@ sampling luck); the network of repeat r is initialised and trained with seed `se
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import numbers
@@ -46,7 +45,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from .errors import IGDSInputError
+from .guidance.objective import contextual_kl
 from .seeding import stream_seed
+from .threads import cpu_threads, torch_threads
 from .ve import VariationalEstimator
 
 SCORE_NORMALIZATIONS = ("none", "standardize")
@@ -60,38 +61,33 @@ def _stderr(message: str) -> None:
 # ---- grids ----------------------------------------------------------------------------------------
 
 
+def _grid(values: Iterable | str, convert, valid, plural: str, kind: str, empty: str, invalid: str) -> list:
+    """Distinct values, ascending, from a sequence or a comma-separated string; one-line errors."""
+    if isinstance(values, str):
+        parts = [p.strip() for p in values.split(",") if p.strip()]
+        try:
+            values = [convert(p) for p in parts]
+        except ValueError as exc:
+            raise IGDSInputError(f"{plural} must be comma-separated {kind}, got {','.join(parts)!r}") from exc
+    values = list(values)
+    if not values:
+        raise IGDSInputError(empty)
+    for value in values:
+        if isinstance(value, bool) or not valid(value):
+            raise IGDSInputError(f"{invalid}, got {value!r}")
+    return sorted({convert(v) for v in values})
+
+
 def parse_ipcs(ipcs: Iterable | str) -> list[int]:
     """Distinct positive IPCs, ascending, from ints or a comma-separated string ('1,10,50')."""
-    if isinstance(ipcs, str):
-        parts = [p.strip() for p in ipcs.split(",") if p.strip()]
-        try:
-            ipcs = [int(p) for p in parts]
-        except ValueError as exc:
-            raise IGDSInputError(f"IPCs must be comma-separated integers, got {','.join(parts)!r}") from exc
-    values = list(ipcs)
-    if not values:
-        raise IGDSInputError("no IPC given")
-    for value in values:
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-            raise IGDSInputError(f"IPC must be a positive integer, got {value!r}")
-    return sorted({int(v) for v in values})
+    return _grid(ipcs, int, lambda v: isinstance(v, numbers.Integral) and v >= 1, "IPCs", "integers",
+                 "no IPC given", "IPC must be a positive integer")
 
 
 def parse_betas(betas: Iterable | str) -> list[float]:
     """Distinct finite betas, ascending, from numbers or a comma-separated string ('0,0.01,0.1')."""
-    if isinstance(betas, str):
-        parts = [p.strip() for p in betas.split(",") if p.strip()]
-        try:
-            betas = [float(p) for p in parts]
-        except ValueError as exc:
-            raise IGDSInputError(f"betas must be comma-separated numbers, got {','.join(parts)!r}") from exc
-    values = list(betas)
-    if not values:
-        raise IGDSInputError("the beta grid is empty")
-    for value in values:
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-            raise IGDSInputError(f"beta must be a finite number, got {value!r}")
-    return sorted({float(v) for v in values})
+    return _grid(betas, float, lambda v: isinstance(v, numbers.Real) and math.isfinite(v), "betas", "numbers",
+                 "the beta grid is empty", "beta must be a finite number")
 
 
 # ---- scoring and sampling -------------------------------------------------------------------------
@@ -106,30 +102,23 @@ def score_samples(
     images [N, C, H, W] in [-1, 1], labels [N] -> {"predictions": [N] long, "correct": [N] bool,
     "scores": [N] float64 with scores_i = KL(P_i || Q_{y_i}) = sum_j P_ij (log P_ij - log Q_{y_i j})}.
     """
-    from .train_ve import SMALL_WORK_LIMIT
-
     home = ve.log_centroids.device
     device = torch.device(device) if device is not None else home
-    previous_threads = torch.get_num_threads()
     # Same policy as training: tiny forwards (digits-sized) run faster on one CPU thread.
-    small = device.type == "cpu" and _SCORE_BATCH * ve.resolution ** 2 * 64 <= SMALL_WORK_LIMIT
-    if small:
-        torch.set_num_threads(1)
+    threads = cpu_threads(device, None, _SCORE_BATCH * ve.resolution ** 2 * 64)
     ve.to(device)  # Module.to moves in place: moved back below, the caller's VE stays where it was
     try:
-        log_q = ve.log_centroids.to(torch.float64)
-        predictions, scores = [], []
-        for start in range(0, images.shape[0], _SCORE_BATCH):
-            batch = images[start:start + _SCORE_BATCH].to(device, torch.float32)
-            batch_labels = labels[start:start + _SCORE_BATCH].to(device, torch.long)
-            features = ve.features(batch)
-            predictions.append(ve.logits(features).argmax(dim=1).cpu())
-            log_p = torch.log_softmax(features.to(torch.float64) / ve.tau, dim=1)
-            scores.append((log_p.exp() * (log_p - log_q[batch_labels])).sum(dim=1).cpu())
+        with torch_threads(threads):
+            log_q = ve.log_centroids.to(torch.float64)
+            predictions, scores = [], []
+            for start in range(0, images.shape[0], _SCORE_BATCH):
+                batch = images[start:start + _SCORE_BATCH].to(device, torch.float32)
+                batch_labels = labels[start:start + _SCORE_BATCH].to(device, torch.long)
+                features = ve.features(batch)
+                predictions.append(ve.logits(features).argmax(dim=1).cpu())
+                scores.append(contextual_kl(features.to(torch.float64), batch_labels, log_q, ve.tau).cpu())
     finally:
         ve.to(home)
-        if small:
-            torch.set_num_threads(previous_threads)
     predictions_t = torch.cat(predictions)
     return {
         "predictions": predictions_t,
@@ -445,87 +434,8 @@ def beta_for_ipc(table: Mapping[int, float], ipc: int, log: Callable[[str], None
     return float(table[nearest])
 
 
-# ---- command line ---------------------------------------------------------------------------------
-
-
-def add_calibrate_parser(subparsers) -> None:
-    """Declare `igds-fast calibrate-beta` (handler: `run_calibrate`)."""
-    parser = subparsers.add_parser(
-        "calibrate-beta",
-        help="choose beta per IPC by training on real subsets drawn with p ∝ exp(beta * KL score)",
-        description=(
-            "IGDS beta calibration (spec section 6, paper Appendix A): drop training images the VE "
-            "misclassifies, score each by KL(P_x || Q_y), draw IPC images per class without "
-            "replacement with p ∝ exp(beta * score), train NETWORK on each subset, test on --val, "
-            "keep the best beta per IPC (ties -> smaller). Class order is the VE's."
-        ),
-    )
-    parser.add_argument("--data", required=True, metavar="DIR", help="real training set: DIR/<class>/<images>")
-    parser.add_argument("--val", required=True, metavar="DIR", help="real held-out set of the same classes")
-    parser.add_argument("--ve", required=True, metavar="VE_SAFETENSORS", help="the VE bundle (igds-fast train-ve)")
-    parser.add_argument("--ipc", required=True, help="comma-separated IPCs, e.g. 1,10,50")
-    parser.add_argument("--betas", required=True, help="comma-separated beta grid, e.g. 0,0.01,0.1,1")
-    parser.add_argument("--out", required=True, metavar="BETA_JSON", help="where to write the beta table")
-    parser.add_argument("--network", default="convnet3", help="evaluation network (default: convnet3)")
-    parser.add_argument("--epochs", type=int, default=None, help="default: by IPC (the evaluation protocol)")
-    parser.add_argument("--seeds", type=int, default=1, help="subsets (and networks) per grid cell (default 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=None, help="side images are loaded at (default: the VE's resolution)")
-    parser.add_argument("--width", type=int, default=128, help="ConvNet channels (default 128)")
-    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
-    parser.add_argument("--no-flip", action="store_true", help="no horizontal flips when training (e.g. digits)")
-    parser.add_argument("--cutmix-prob", type=float, default=1.0)
-    parser.add_argument("--score-normalization", choices=SCORE_NORMALIZATIONS, default="none")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--on-corrupt", choices=("skip", "fail"), default="skip")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    parser.set_defaults(handler=run_calibrate)
-
-
-def run_calibrate(args: argparse.Namespace) -> int:
-    """`igds-fast calibrate-beta`: validate, load, calibrate, write the beta table atomically."""
-    from .data import load_image_folder, scan_image_folder
-    from .evaluate.augment import AugmentConfig
-
-    out_folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_folder):
-        raise IGDSInputError(f"output folder {out_folder!r} does not exist")
-    ipcs = parse_ipcs(args.ipc)
-    betas = parse_betas(args.betas)
-    if args.seeds < 1:
-        raise IGDSInputError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.epochs is not None and args.epochs < 1:
-        raise IGDSInputError(f"--epochs must be >= 1, got {args.epochs}")
-    ve = VariationalEstimator.load(args.ve)
-    augment = AugmentConfig(horizontal_flip=not args.no_flip, cutmix_prob=args.cutmix_prob)
-    class_names = list(ve.class_names)
-    # Structure first (cheap): the VE's classes must all be there; extra folders are not used.
-    scan_image_folder(args.data, class_names, ignore_unlisted=True)
-    scan_image_folder(args.val, class_names, ignore_unlisted=True)
-    image_size = args.image_size if args.image_size is not None else ve.resolution
-    channels = ve.encoder.in_channels
-    train_x, train_y, _, _ = load_image_folder(args.data, image_size, channels=channels, on_corrupt=args.on_corrupt,
-                                               class_names=class_names, ignore_unlisted=True)
-    val_x, val_y, _, _ = load_image_folder(args.val, image_size, channels=channels, on_corrupt=args.on_corrupt,
-                                           class_names=class_names, ignore_unlisted=True)
-    log = (lambda message: None) if args.quiet else _stderr
-    result = calibrate_beta(
-        train_x, train_y, val_x, val_y, ve, ipcs, betas, network=args.network, epochs=args.epochs,
-        seeds=args.seeds, seed=args.seed, log=log, score_normalization=args.score_normalization,
-        device=args.device, augment=augment, width=args.width, lr=args.lr,
-    )
-    result["settings"].update(data_dir=os.path.abspath(args.data), val_dir=os.path.abspath(args.val),
-                              ve=os.path.abspath(args.ve))
-    write_beta_table(args.out, result)
-    for ipc, beta in result["chosen"].items():
-        print(f"IPC {ipc}: beta {beta:g}")
-    print(f"beta table written to {args.out}")
-    return 0
-
-
 __all__ = [
     "SCORE_NORMALIZATIONS",
-    "add_calibrate_parser",
     "best_beta",
     "beta_for_ipc",
     "calibrate_beta",
@@ -535,7 +445,6 @@ __all__ = [
     "parse_betas",
     "parse_ipcs",
     "read_beta_table",
-    "run_calibrate",
     "score_samples",
     "selection_probabilities",
     "write_beta_table",

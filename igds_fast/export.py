@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 
 from .errors import IGDSInputError
+from .sampling.compiled.config import DTYPES
+from .sampling.compiled.low_precision import LowPrecisionUNet, low_precision_copy
 
 ONNX_OPSET = 18
 CHECK_TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2}  # relative L2 error vs the float32 UNet
@@ -84,8 +86,6 @@ def export_unet_onnx(unet: nn.Module, path: str, batch_size: int, dtype: str = "
     The user's module is not modified. Report: path, files (with bytes), dtype, batch_size, inputs,
     output_shape, check ("onnxruntime" with max_rel_error, or "structure").
     """
-    from .sampling.compiled import DTYPES, LowPrecisionUNet, low_precision_copy
-
     _check_export_arguments(unet, path, batch_size, dtype)
     path = os.path.abspath(path)
     copy = LowPrecisionUNet(low_precision_copy(unet, DTYPES[dtype], channels_last=False), DTYPES[dtype], False)
@@ -143,51 +143,4 @@ def _check_onnx(path: str, unet: nn.Module, inputs: tuple, names: list[str], dty
     return {**found, "check": "onnxruntime", "rel_error": error}
 
 
-# ---- command line ----------------------------------------------------------------------------------
-def add_export_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export-unet",
-        help="export the prior UNet to ONNX at one batch size (and build a TensorRT engine from it)",
-        description=(
-            "Write the compiled backend's low-precision UNet as ONNX at a static batch size, checked "
-            "against the float32 UNet with onnxruntime; with --engine, also build a TensorRT engine "
-            "for this GPU (needs tensorrt and CUDA), to pass as --compile-options '{\"unet_engine\": PATH}'."
-        ),
-    )
-    parser.add_argument("--prior", required=True, help="ADM checkpoint (with --preset) or a prior file from train-prior")
-    parser.add_argument("--preset", default=None, help="architecture of an ADM --prior checkpoint")
-    parser.add_argument("--batch-size", type=int, required=True, help="the one batch size the graph/engine runs")
-    parser.add_argument("--dtype", choices=EXPORT_DTYPES, default="fp16", help="weight/compute dtype (default: fp16)")
-    parser.add_argument("--out", required=True, metavar="UNET.onnx", help="ONNX file to write")
-    parser.add_argument("--engine", default=None, metavar="UNET.plan", help="also build a TensorRT engine here")
-    parser.add_argument("--workspace-gib", type=float, default=None, help="TensorRT builder workspace limit")
-    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
-    parser.set_defaults(handler=run_export)
-
-
-def run_export(args) -> int:
-    """The `export-unet` subcommand."""
-    if args.engine is not None:
-        if not torch.cuda.is_available():
-            raise IGDSInputError("--engine builds a TensorRT engine for a CUDA GPU; none is available here")
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise IGDSInputError("--engine needs the tensorrt package: pip install tensorrt") from None
-    from .distill import _load_prior_unet, describe_prior_file
-
-    unet = _load_prior_unet(describe_prior_file(args.prior, args.preset), "cpu")
-    report = export_unet_onnx(unet, args.out, args.batch_size, args.dtype, check=not args.no_check)
-    detail = f", rel. error {report['rel_error']:.1e}" if "rel_error" in report else ""
-    print(f"export-unet: {report['path']} ({sum(report['files'].values()) / 2**20:.1f} MiB, {args.dtype}, "
-          f"batch {args.batch_size}; check: {report['check']}{detail})")
-    if args.engine is not None:
-        from .sampling.compiled.tensorrt import build_engine
-
-        built = build_engine(args.out, args.engine, args.workspace_gib)
-        print(f"export-unet: TensorRT {built['tensorrt']} engine {built['engine']} "
-              f"({built['bytes'] / 2**20:.1f} MiB) for {built['device']}")
-    return 0
-
-
-__all__ = ["EXPORT_DTYPES", "ExportCheckError", "add_export_parser", "run_export", "INPUT_NAMES", "OUTPUT_NAME", "export_unet_onnx", "unet_export_inputs"]
+__all__ = ["EXPORT_DTYPES", "ExportCheckError", "INPUT_NAMES", "OUTPUT_NAME", "export_unet_onnx", "unet_export_inputs"]

@@ -67,6 +67,21 @@ class EncoderPreprocess(nn.Module):
         # and float32 inputs the correctly rounded ones.
         self.register_buffer("mean_buffer", torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std_buffer", torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1), persistent=False)
+        # What every call would rebuild (the statistics in x's dtype, the resize matrices), built once
+        # per (shape, device, dtype) in eager mode. Under torch.compile the graph builds them itself.
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def _cached(self, key: tuple, build) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return build()
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = build()
+        return value
+
+    def _apply(self, fn, recurse=True):
+        self._cache.clear()  # .to() / .half() move the buffers: cached copies would be stale
+        return super()._apply(fn, recurse)
 
     @property
     def channels(self) -> int:
@@ -89,14 +104,22 @@ class EncoderPreprocess(nn.Module):
             # guidance gradient only ever needs this exact, deterministic map. Antialiased
             # downsampling would widen the filter with the scale and change the function.
             if _resize_by_matmul(x):
-                x = bilinear_resize_matmul(x, self.resolution)
+                height, width = x.shape[-2:]
+                rows, cols = (
+                    self._cached(("resize", side, x.device, x.dtype),
+                                 lambda side=side: bilinear_matrix(side, self.resolution, x.device, x.dtype))
+                    for side in (height, width)
+                )
+                x = bilinear_resize_matmul(x, self.resolution, rows, cols)
             else:
                 x = F.interpolate(
                     x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False,
                     antialias=False,
                 )
         # The output keeps x's dtype (float64 for gradcheck, half/bf16 for a low-precision encoder).
-        return (x - self.mean_buffer.to(x.dtype)) / self.std_buffer.to(x.dtype)
+        mean = self._cached(("mean", x.device, x.dtype), lambda: self.mean_buffer.to(x.dtype))
+        std = self._cached(("std", x.device, x.dtype), lambda: self.std_buffer.to(x.dtype))
+        return (x - mean) / std
 
     def extra_repr(self) -> str:
         return f"resolution={self.resolution}, mean={self.mean}, std={self.std}"
@@ -129,11 +152,17 @@ def bilinear_matrix(in_size: int, out_size: int, device, dtype) -> torch.Tensor:
     return matrix.to(dtype)
 
 
-def bilinear_resize_matmul(x: torch.Tensor, size: int) -> torch.Tensor:
-    """x [B, C, H, W] -> [B, C, size, size], bilinear (align_corners=False), as A_h @ x @ A_w^T."""
+def bilinear_resize_matmul(x: torch.Tensor, size: int, rows: torch.Tensor | None = None,
+                           cols: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, C, H, W] -> [B, C, size, size], bilinear (align_corners=False), as A_h @ x @ A_w^T.
+
+    rows / cols: A_h [size, H] and A_w [size, W] when the caller keeps them (`bilinear_matrix`).
+    """
     height, width = x.shape[-2:]
-    rows = bilinear_matrix(height, size, x.device, x.dtype)
-    cols = rows if width == height else bilinear_matrix(width, size, x.device, x.dtype)
+    if rows is None:
+        rows = bilinear_matrix(height, size, x.device, x.dtype)
+    if cols is None:
+        cols = rows if width == height else bilinear_matrix(width, size, x.device, x.dtype)
     return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
 
 

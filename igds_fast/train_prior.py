@@ -26,9 +26,7 @@ settings. `load_prior(path)` rebuilds `(unet, schedule_config, class_names)`.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -36,11 +34,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .artifacts import parse_json_header
 from .diffusion import NOISE_SCHEDULES, DiffusionSchedule, ScheduleConfig
 from .errors import IGDSInputError
-from .imageio import write_bytes_atomic
-from .models.adm import ADMUNet, check_state_dict
+from .models.adm import ADMUNet
 
 FORMAT_NAME = "igds_prior"
 FORMAT_VERSION = 1
@@ -178,8 +174,7 @@ def diffusion_losses(
     if schedule.num_steps != schedule.config.diffusion_steps:
         raise IGDSInputError("diffusion_losses needs the un-respaced training schedule")
     ndim = x0.dim()
-    abar = schedule.gather(schedule.alphas_cumprod, t, ndim)
-    x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+    x_t = schedule.q_sample(x0, t, noise)
     output = unet(x_t, t, labels)
     channels = x0.shape[1]
     eps, v = schedule.split_model_output(output, channels, bool(unet.learn_sigma))
@@ -341,166 +336,3 @@ def train_prior(
         loss_curve=curve,
     )
     return ema.shadow.eval(), config.schedule_config(), report
-
-
-# ---- artifact -------------------------------------------------------------------------------------
-
-
-def save_prior(
-    path: str | os.PathLike,
-    unet: ADMUNet,
-    flags: dict,
-    schedule_config: ScheduleConfig,
-    class_names: Sequence[str],
-    training: dict | None = None,
-) -> None:
-    """Write the prior as one safetensors file (weights + `igds_prior` JSON header), atomically."""
-    from safetensors.torch import save
-
-    header = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "flags": dict(flags),
-        "diffusion": {
-            "noise_schedule": schedule_config.noise_schedule,
-            "diffusion_steps": schedule_config.diffusion_steps,
-            "fixed_variance": schedule_config.fixed_variance,
-        },
-        "class_names": [str(name) for name in class_names],
-        "training": training or {},
-    }
-    # clone(): safetensors refuses tensors sharing storage.
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in unet.state_dict().items()}
-    data = save(tensors, metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
-    write_bytes_atomic(path, data)
-
-
-def read_prior_header(path: str | os.PathLike) -> dict:
-    """The validated JSON header of a prior file (no tensors read): one-line errors for any defect."""
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise IGDSInputError(f"prior file not found: {path}")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error type for every format defect
-        raise IGDSInputError(f"{path} is not a readable safetensors file: {' '.join(str(exc).split())[:200]}") from exc
-    header = parse_json_header(metadata, path, METADATA_KEY, FORMAT_NAME, FORMAT_VERSION, "prior")
-    for key in ("flags", "diffusion", "class_names"):
-        if key not in header:
-            raise IGDSInputError(f"{path}: prior header lacks {key!r}")
-    return header
-
-
-def is_prior_file(path: str | os.PathLike) -> bool:
-    """True when `path` is a safetensors file carrying an `igds_prior` header."""
-    try:
-        read_prior_header(path)
-    except IGDSInputError:
-        return False
-    return True
-
-
-def load_prior(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ADMUNet, ScheduleConfig, list[str]]:
-    """(EMA UNet in eval mode on `device`, training ScheduleConfig, class names) from a prior file.
-
-    The ScheduleConfig has sampling_steps = diffusion_steps; respace with `dataclasses.replace`.
-    """
-    from safetensors.torch import load_file
-
-    path = os.fspath(path)
-    header = read_prior_header(path)
-    try:
-        unet = ADMUNet.from_flags(**header["flags"])
-        diffusion = header["diffusion"]
-        schedule_config = ScheduleConfig(
-            noise_schedule=diffusion["noise_schedule"],
-            diffusion_steps=int(diffusion["diffusion_steps"]),
-            sampling_steps=str(int(diffusion["diffusion_steps"])),
-            fixed_variance=diffusion.get("fixed_variance", "small"),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IGDSInputError(f"{path}: bad prior header ({type(exc).__name__}: {exc})") from exc
-    except IGDSInputError as exc:
-        raise IGDSInputError(f"{path}: {exc}") from exc
-    class_names = [str(name) for name in header["class_names"]]
-    if unet.num_classes is not None and unet.num_classes != len(class_names):
-        raise IGDSInputError(f"{path}: the UNet has {unet.num_classes} classes but the header names {len(class_names)}")
-    state = load_file(path)
-    check_state_dict(unet, state, f"prior {path}")
-    unet.load_state_dict(state)
-    return unet.to(device).eval(), schedule_config, class_names
-
-
-# ---- command line ---------------------------------------------------------------------------------
-
-
-def add_train_prior_parser(subparsers) -> None:
-    """Declare `igds-fast train-prior` (sets handler=run_train_prior)."""
-    defaults = PriorTrainConfig()
-    parser = subparsers.add_parser(
-        "train-prior",
-        help="train a small ADM DDPM prior on an image folder (or the built-in digits)",
-        description=(
-            "Train an ADM-architecture DDPM (eps-prediction MSE + the hybrid VB term for the learned "
-            "variance, AdamW, EMA) and save it as one safetensors file usable as `distill --prior FILE`."
-        ),
-    )
-    data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", metavar="DIR", help="ImageFolder: DIR/<class>/<image>")
-    data.add_argument("--digits", action="store_true", help="scikit-learn's digits (fixed 70/30 split, train part)")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--image-size", type=int, default=16, help="side the images are resized/cropped to (default: 16)")
-    parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = grayscale, 3 = RGB (default: 3; digits: 1)")
-    for name, kind in (("num_channels", int), ("channel_mult", str), ("num_res_blocks", int),
-                       ("attention_resolutions", str), ("num_head_channels", int), ("dropout", float),
-                       ("noise_schedule", str), ("steps", int), ("batch_size", int), ("lr", float),
-                       ("warmup_steps", int), ("weight_decay", float), ("grad_clip", float), ("ema_decay", float),
-                       ("seed", int)):
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
-                            help=f"(default: {getattr(defaults, name)!r})")
-    parser.add_argument("--fixed-sigma", action="store_true", help="no learned variance (MSE only; sample with beta~)")
-    parser.add_argument("--unconditional", action="store_true", help="no class conditioning")
-    parser.add_argument("--horizontal-flip", action="store_true", help="random horizontal flips while training")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.set_defaults(handler=run_train_prior)
-
-
-def run_train_prior(args) -> int:
-    """The `train-prior` subcommand: load data, train, save atomically; returns the exit code."""
-    import sys
-
-    out_folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_folder):
-        raise IGDSInputError(f"output folder {out_folder!r} does not exist")
-    config = PriorTrainConfig(
-        num_channels=args.num_channels, channel_mult=args.channel_mult, num_res_blocks=args.num_res_blocks,
-        attention_resolutions=args.attention_resolutions, num_head_channels=args.num_head_channels,
-        dropout=args.dropout, class_cond=not args.unconditional, learn_sigma=not args.fixed_sigma,
-        noise_schedule=args.noise_schedule, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay, horizontal_flip=args.horizontal_flip, seed=args.seed,
-    )
-    if args.digits:
-        from .data import load_digits_split
-
-        images, labels, _, _ = load_digits_split(image_size=args.image_size)
-        class_names = [str(digit) for digit in range(10)]
-    else:
-        from .data import load_image_folder
-
-        images, labels, class_names, _ = load_image_folder(args.data, args.image_size, channels=args.channels)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-    def progress(step, steps, loss):
-        print(f"train-prior: step {step}/{steps} loss {loss:.4f}", file=sys.stderr, flush=True)
-
-    unet, schedule_config, report = train_prior(images, labels, class_names, config, device=device, progress=progress)
-    flags = config.unet_flags(images.shape[-1], images.shape[1], len(class_names))
-    save_prior(args.out, unet, flags, schedule_config, class_names,
-               {"config": asdict(config), "report": report.to_dict()})
-    print(f"train-prior: {report.steps} steps in {report.wall_time_s:.1f}s (final loss {report.final_loss:.4f}); "
-          f"wrote {args.out}")
-    return 0

@@ -42,14 +42,12 @@ full-batch classifier (13k ImageNette images x 2048 = 107 MB).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
 import math
 import numbers
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -60,6 +58,8 @@ import torch.nn.functional as F
 
 from .errors import IGDSInputError
 from .evaluate.augment import crop_and_flip
+from .guidance.objective import centroid_kl, contextual_kl
+from .threads import cpu_threads, torch_threads
 from .models.resnet import ARCHS, NORMS, ResNet, build_resnet, load_moco_encoder
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
 from .ve import VariationalEstimator, compute_log_centroids
@@ -72,12 +72,6 @@ INIT_SCHEMES = ("none", "moco")
 # ceil-rounded): instance norm of a 1x1 map is a constant, so such a trunk outputs constants.
 _LAST_STAGE_1X1_MAX_RESOLUTION = 32
 _FEATURE_BATCH = 256  # images per no-grad forward when extracting features / BN statistics
-# Auto thread policy on CPU (as the evaluation harness): below this many "pixel-channels" per
-# batch (batch x resolution^2 x 64 stem channels) every op is so small that OpenMP fork/join costs
-# more than a second thread gains, and on a shared machine a descheduled worker stalls every
-# barrier. Measured for the digits VE (ResNet-18, 16x16, batch 256) on 2 busy cores: forward +
-# backward 0.65 s with one thread, 1.7-9.4 s with two.
-SMALL_WORK_LIMIT = 1 << 23
 
 
 def _is_real(value) -> bool:
@@ -124,7 +118,8 @@ class VETrainConfig:
     recompute_bn_stats: re-estimate BatchNorm statistics on clean training images after training.
     seed, device (None = cuda if available), init ("none" | "moco:PATH").
     num_threads (CPU only): torch intra-op threads while training; None = 1 thread for small work
-    (see `SMALL_WORK_LIMIT`), else the process setting. Restored afterwards.
+    (igds_fast.threads.SMALL_WORK_LIMIT of batch x resolution^2 x 64; the digits VE measured
+    0.65 s per forward + backward on one thread, 1.7-9.4 s on two busy cores), else the process setting. Restored afterwards.
     """
 
     arch: str = "resnet18"
@@ -286,18 +281,13 @@ def feature_log_softmax(features: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.log_softmax(features / tau, dim=1)
 
 
-def kl_to_centroids(log_p: torch.Tensor, log_q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample KL(P_i || Q_{y_i}) = sum_j P_ij (log P_ij - log Q_{y_i, j}); log_p [B, d], log_q [C, d] -> [B]."""
-    return (log_p.exp() * (log_p - log_q[labels])).sum(dim=1)
-
-
 def cmi_term(features: torch.Tensor, labels: torch.Tensor, log_q: torch.Tensor, tau: float) -> torch.Tensor:
     """E[KL(P_x || Q_y)] over a batch (0-dim, differentiable in `features`; log_q is a constant).
 
     The VE loss subtracts lambda times this, so gradient descent on the loss moves the features
     *up* this term: each sample's feature softmax moves away from its class centroid.
     """
-    return kl_to_centroids(feature_log_softmax(features, tau), log_q.detach(), labels).mean()
+    return contextual_kl(features, labels, log_q.detach(), tau).mean()
 
 
 @torch.no_grad()
@@ -579,25 +569,6 @@ def image_statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[flo
 # ---- training -------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _thread_policy(config: VETrainConfig, device: torch.device, batch_size: int):
-    """torch intra-op threads for the run (CPU only): config.num_threads, or 1 for small work."""
-    previous = torch.get_num_threads()
-    threads = previous
-    if device.type == "cpu":
-        if config.num_threads is not None:
-            threads = config.num_threads
-        elif batch_size * config.resolution ** 2 * 64 <= SMALL_WORK_LIMIT:
-            threads = 1
-    if threads != previous:
-        torch.set_num_threads(threads)
-    try:
-        yield threads
-    finally:
-        if threads != previous:
-            torch.set_num_threads(previous)
-
-
 def _build_encoder(config: VETrainConfig) -> ResNet:
     scheme, path = parse_init(config.init)
     if scheme == "moco":
@@ -738,7 +709,7 @@ class _MoCoTrainer:
             # Update first, then use: every class in the batch has a centroid, and with momentum 0
             # Q_y is exactly this batch's class mean.
             update_log_centroids(self.log_q, self.seen, log_p, labels, config.centroid_momentum)
-        kl = kl_to_centroids(log_p, self.log_q.detach(), labels).mean()
+        kl = centroid_kl(log_p, self.log_q.detach(), labels).mean()
         loss = infonce - config.lambda_cmi * kl if config.lambda_cmi > 0 else infonce
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -751,7 +722,7 @@ def _split_report(ve_parts, features, labels, entropy) -> dict:
     weight, bias, log_q, tau = ve_parts
     logits = F.linear(features, weight, bias)
     information, cross_entropy = prototype_information(logits, labels, entropy)
-    kl = kl_to_centroids(feature_log_softmax(features.double(), tau), log_q.double(), labels.long())
+    kl = contextual_kl(features.double(), labels.long(), log_q.double(), tau)
     return {
         "images": int(features.shape[0]),
         "accuracy": float((logits.argmax(dim=1) == labels).double().mean() * 100.0),
@@ -856,7 +827,8 @@ def train_ve(
     encoder = _build_encoder(config)  # a bad MoCo checkpoint fails here, before training
     train_labels = train_labels.to(torch.long)
 
-    with _thread_policy(config, device, min(config.batch_size, train_images.shape[0])) as threads:
+    batch_size = min(config.batch_size, train_images.shape[0])
+    with torch_threads(cpu_threads(device, config.num_threads, batch_size * config.resolution ** 2 * 64)) as threads:
         ve, report = _train_stages(train_images, train_labels, val_images, val_labels, class_names, config,
                                    encoder, preprocess, mean, std, device, log)
     report["threads"] = threads if device.type == "cpu" else None
@@ -872,128 +844,16 @@ def train_ve(
     return ve, report
 
 
-# ---- command line ---------------------------------------------------------------------------------
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
-
-
-def add_train_ve_parser(subparsers) -> None:
-    """Declare `igds-fast train-ve` (handler: `run_train_ve`)."""
-    defaults = VETrainConfig()
-    parser = subparsers.add_parser(
-        "train-ve",
-        help="train the variational estimator (MoCo + CMI encoder, linear classifier, centroids)",
-        description=(
-            "Train the IGDS variational estimator on an ImageFolder (IGDS_SPEC section 2): MoCo v2 "
-            "instance discrimination minus lambda * E KL(P_x || Q_y), then a linear classifier on the "
-            "frozen features and the class centroids log Q. Writes the VE bundle (safetensors) and "
-            "<out>.report.json with the prototype / contextual information estimates."
-        ),
-    )
-    parser.add_argument("--data", required=True, metavar="DIR", help="training set: DIR/<class>/<images>")
-    parser.add_argument("--val", default=None, metavar="DIR", help="held-out set of the same classes (report only)")
-    parser.add_argument("--out", required=True, metavar="VE_SAFETENSORS", help="where to write the VE bundle")
-    parser.add_argument("--arch", choices=ARCHS, default=defaults.arch)
-    parser.add_argument("--resolution", type=int, default=defaults.resolution, help="encoder input side")
-    parser.add_argument("--image-size", type=int, default=None, help="side images are loaded at (default: --resolution)")
-    parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = grayscale, 3 = RGB (default 3)")
-    parser.add_argument("--softplus-beta", type=float, default=defaults.softplus_beta, help="0 = ReLU (default 3.0)")
-    parser.add_argument("--norm", choices=NORMS, default=defaults.norm)
-    parser.add_argument("--mean", type=_float_list, default=None, help="per-channel mean, [0,1] units (default: auto)")
-    parser.add_argument("--std", type=_float_list, default=None, help="per-channel std, [0,1] units (default: auto)")
-    parser.add_argument("--tau", type=float, default=defaults.tau, help="temperature of P = softmax(z/tau)")
-    parser.add_argument("--lambda", dest="lambda_cmi", type=float, default=defaults.lambda_cmi,
-                        help="weight of the CMI term (0 = plain MoCo)")
-    parser.add_argument("--centroid-update", choices=CENTROID_UPDATES, default=defaults.centroid_update)
-    parser.add_argument("--centroid-momentum", type=float, default=defaults.centroid_momentum)
-    parser.add_argument("--moco-dim", type=int, default=defaults.moco_dim)
-    parser.add_argument("--queue-size", type=int, default=defaults.queue_size)
-    parser.add_argument("--moco-momentum", type=float, default=defaults.moco_momentum)
-    parser.add_argument("--moco-temperature", type=float, default=defaults.moco_temperature)
-    parser.add_argument("--bn-splits", type=int, default=defaults.bn_splits, help="shuffle-BN groups (1 = off)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="0 = keep the initial encoder")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--crop-scale", type=_float_list, default=defaults.crop_scale, help="low,high area fraction")
-    parser.add_argument("--no-flip", action="store_true", help="no horizontal flips in the views")
-    parser.add_argument("--jitter", type=float, default=defaults.jitter)
-    parser.add_argument("--classifier-optimizer", choices=CLASSIFIER_OPTIMIZERS, default=defaults.classifier_optimizer)
-    parser.add_argument("--classifier-epochs", type=int, default=defaults.classifier_epochs)
-    parser.add_argument("--classifier-lr", type=float, default=defaults.classifier_lr)
-    parser.add_argument("--classifier-weight-decay", type=float, default=defaults.classifier_weight_decay)
-    parser.add_argument("--keep-bn-stats", action="store_true", help="do not recompute BN statistics on clean images")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--init", default="none", help="'none' or 'moco:PATH' (a MoCo v1/v2 checkpoint)")
-    parser.add_argument("--on-corrupt", choices=("skip", "fail"), default="skip")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    parser.set_defaults(handler=run_train_ve)
-
-
-def run_train_ve(args: argparse.Namespace) -> int:
-    """`igds-fast train-ve`: load the folders, train, write the bundle and its report atomically."""
-    from .data import load_image_folder, scan_image_folder
-    from .imageio import write_json_atomic
-
-    out_folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_folder):
-        raise IGDSInputError(f"output folder {out_folder!r} does not exist")
-    config = VETrainConfig(
-        arch=args.arch, in_channels=args.channels,
-        softplus_beta=None if args.softplus_beta == 0 else args.softplus_beta, norm=args.norm,
-        resolution=args.resolution, mean=args.mean, std=args.std, tau=args.tau, moco_dim=args.moco_dim,
-        queue_size=args.queue_size, moco_momentum=args.moco_momentum, moco_temperature=args.moco_temperature,
-        bn_splits=args.bn_splits, lambda_cmi=args.lambda_cmi, centroid_update=args.centroid_update,
-        centroid_momentum=args.centroid_momentum, epochs=args.epochs, batch_size=args.batch_size,
-        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, crop_scale=args.crop_scale,
-        horizontal_flip=not args.no_flip, jitter=args.jitter, classifier_optimizer=args.classifier_optimizer,
-        classifier_epochs=args.classifier_epochs, classifier_lr=args.classifier_lr,
-        classifier_weight_decay=args.classifier_weight_decay, recompute_bn_stats=not args.keep_bn_stats,
-        seed=args.seed, device=args.device, init=args.init,
-    )
-    image_size = args.image_size if args.image_size is not None else args.resolution
-    # Structure of both trees first (cheap), then decode.
-    class_names, _ = scan_image_folder(args.data)
-    if args.val is not None:
-        scan_image_folder(args.val, class_names, ignore_unlisted=True)
-    train_x, train_y, class_names, _ = load_image_folder(
-        args.data, image_size, channels=args.channels, on_corrupt=args.on_corrupt, class_names=class_names)
-    val_x = val_y = None
-    if args.val is not None:
-        val_x, val_y, _, _ = load_image_folder(args.val, image_size, channels=args.channels,
-                                               on_corrupt=args.on_corrupt, class_names=class_names,
-                                               ignore_unlisted=True)
-    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    ve, report = train_ve(train_x, train_y, class_names, config, val_x, val_y, log=log)
-    ve.save(args.out)
-    report["data_dir"] = os.path.abspath(args.data)
-    report["val_dir"] = None if args.val is None else os.path.abspath(args.val)
-    report["bundle"] = os.path.abspath(args.out)
-    write_json_atomic(args.out + ".report.json", report)
-    print(f"VE written to {args.out} (report: {args.out}.report.json)")
-    return 0
-
-
 __all__ = [
     "VETrainConfig",
-    "add_train_ve_parser",
     "cmi_term",
     "extract_features",
     "fit_linear_classifier",
     "info_nce_loss",
-    "kl_to_centroids",
     "label_entropy",
     "parse_init",
     "prototype_information",
     "random_view",
-    "run_train_ve",
     "train_ve",
     "update_log_centroids",
 ]

@@ -20,10 +20,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .artifacts import parse_json_header
+from .artifacts import parse_json_header, read_safetensors
 from .errors import IGDSInputError
 from .models.resnet import ARCHS, NORMS, ResNet, build_resnet, load_trunk_state
 from .preprocess import EncoderPreprocess
@@ -202,15 +201,7 @@ class VariationalEstimator(nn.Module):
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "VariationalEstimator":
         """Read a bundle written by `save`; every defect gives a one-line IGDSInputError."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise IGDSInputError(f"VE bundle not found: {path}")
-        try:
-            with safe_open(path, framework="pt", device="cpu") as bundle:
-                metadata = bundle.metadata() or {}
-                tensors = {key: bundle.get_tensor(key) for key in bundle.keys()}
-        except Exception as exc:  # safetensors raises its own error type for every format defect
-            reason = " ".join(str(exc).split())[:200]
-            raise IGDSInputError(f"{path} is not a readable safetensors file: {reason}") from exc
+        metadata, tensors = read_safetensors(path, "VE bundle", with_tensors=True)
         header = _parse_header(metadata, path)
         try:
             ve = cls._from_parts(header, tensors)
@@ -385,10 +376,16 @@ def accumulate_log_centroids(
     return accumulator.compute()
 
 
+def load_ve(path: str | os.PathLike, device: str | torch.device = "cpu") -> VariationalEstimator:
+    """The VE bundle at `path` (written by `igds-fast train-ve` / `VariationalEstimator.save`), in eval mode."""
+    return VariationalEstimator.load(path, device).eval()
+
+
 __all__ = [
     "FORMAT_VERSION",
     "LogCentroidAccumulator",
     "VariationalEstimator",
+    "load_ve",
     "accumulate_log_centroids",
     "compute_log_centroids",
 ]

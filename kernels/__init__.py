@@ -6,7 +6,7 @@ its docstring:
     guidance_head      kernels/guidance_head.py   igds_fast.guidance.objective.igds_objective_and_grad
     philox_normal      kernels/philox.py          interface of igds_fast.seeding.seeded_normal
     predict_x0         kernels/ddpm_update.py     DiffusionSchedule.predict_x0
-    fused_ddpm_update  kernels/ddpm_update.py     the update block of sampler.EagerStep
+    fused_ddpm_update  kernels/ddpm_update.py     igds_fast.sampling.step.StepOps.update
     encoder_preprocess kernels/preprocess.py      igds_fast.preprocess.EncoderPreprocess
 
 On a machine without a GPU they run under TRITON_INTERPRET=1, which Triton reads when a kernel is

@@ -9,8 +9,8 @@ import contextlib
 import torch
 
 from igds_fast.errors import IGDSInputError
+from igds_fast.seeding import MASK64
 
-MASK64 = (1 << 64) - 1
 
 # Test hook: when True, scratch buffers are filled with NaN instead of left uninitialised, so a
 # kernel that forgets to write part of its workspace cannot pass by reading stale but correct

@@ -1,7 +1,7 @@
 """The DDPM reverse step as two elementwise kernels: the x0 prediction and the fused update.
 
 Eager references: `igds_fast.diffusion.DiffusionSchedule.predict_x0 / posterior_mean / log_variance`
-and the update block of `igds_fast.sampler.EagerStep.__call__`. Per element of image b at respaced
+and `igds_fast.sampling.step.StepOps.update`. Per element of image b at respaced
 step i (every coefficient read from the schedule's device tables by a device-side index i):
 
     x0_hat  = clip(sqrt_recip_abar[i] * x_t - sqrt_recipm1_abar[i] * eps, -1, 1)     (clip optional)
@@ -217,7 +217,7 @@ def fused_ddpm_update(
 ):
     """x_{i-1} [B, C, H, W] = mu + [grad given] scale * sigma^2 * grad + [i > 0] sigma * n.
 
-    The update block of `EagerStep.__call__` in one pass (module docstring). x: x_t [B, C, H, W];
+    `StepOps.update` in one pass (module docstring). x: x_t [B, C, H, W];
     model_output: UNet output [B, 2C or C, H, W]; step_index: device integer tensor holding i;
     schedule: DiffusionSchedule or StepTables (build StepTables once per sampler);
     grad: dJ/dx0_hat [B, C, H, W] or None (= unguided step, g never read); scale: Python float s;

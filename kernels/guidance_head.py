@@ -3,7 +3,7 @@
 Eager reference: `igds_fast.guidance.objective.igds_objective_and_grad` (same arguments, same results).
 Shapes: z [B, d] (fp32, bf16 or fp16; every product accumulates in fp32), labels [B] (int32/int64),
 W [C, d], b [C], log Q [C, d], group_ids [B] (None = labels). Outputs J [B] and dJ/dz [B, d], both
-ALWAYS fp32 whatever z's dtype (the caller casts the gradient, as `image_guidance` does).
+ALWAYS fp32 whatever z's dtype (the caller casts the gradient, as `IGDSGuidance` does).
 
     logits   = z W^T + b                 lse_c = logsumexp_c logits        p = exp(logits - lse_c)
     proto    = logits_y - lse_c          d/dz  = (onehot_y - p) W

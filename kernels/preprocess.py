@@ -25,6 +25,14 @@ the forward computes it (so candidates that do not touch h contribute 0). Determ
 no atomics; 8 B/input element plus cached re-reads of dL/dy.
 
 `EncoderPreprocessFunction` is the autograd wrapper (no gradient for mean/std: they are buffers).
+
+Not on a product path yet, and why it stays: the kernel path's preprocess is the VE's own
+`EncoderPreprocess` (on CUDA two GEMMs with the bilinear matrices, cached per batch shape, inside
+the compiled encoder, where inductor fuses the affine maps around them). Whether this gather kernel
+beats that there is a GPU measurement (`bench/kernels.py`, "preprocess forward/backward", against
+the eager sequence), not yet made: no GPU has been lent to this project's sessions. It is tested
+against the eager reference (tests/test_kernels_preprocess.py), so wiring it into
+`sampling.fused.KernelOps` is a one-line change once a GPU run shows it faster.
 """
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from igds_fast.calibrate import (
-    add_calibrate_parser,
     best_beta,
     beta_for_ipc,
     calibrate_beta,
@@ -18,11 +17,11 @@ from igds_fast.calibrate import (
     gumbel_noise,
     normalize_scores,
     read_beta_table,
-    run_calibrate,
     score_samples,
     selection_probabilities,
     write_beta_table,
 )
+from igds_fast.cli.calibrate import add_parser as add_calibrate_parser, run as run_calibrate
 from igds_fast.data import load_digits_split
 from igds_fast.errors import IGDSInputError
 from igds_fast.evaluate.augment import AugmentConfig

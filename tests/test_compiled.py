@@ -43,9 +43,9 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from factories import digits_adm, randomize_, tiny_adm, tiny_ve
+from host_reads import SyncingOpRecorder, host_reads
 from igds_fast.sampling.compiled import (
     ATTENTION_IMPLEMENTATIONS,
     CONV_UNET_INDUCTOR_OPTIONS,
@@ -493,44 +493,6 @@ def test_nonfinite_gradient_raises_after_the_batch_like_eager():
 GPU_TEST_COMPILE = {"mode": "default", "inductor_options": {}}
 
 
-HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
-# ATen ops that read a device value back to the host from C++ (no Python method call to see):
-# scalar reads (a 0-d tensor used as a basic index, .item() in C++), and ops whose output size
-# depends on the data.
-SYNCING_ATEN_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
-                    "unique_consecutive", "equal", "is_nonzero", "repeat_interleave")
-
-
-class _SyncingOpRecorder(TorchDispatchMode):
-    def __init__(self, calls):
-        super().__init__()
-        self.calls = calls
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in SYNCING_ATEN_OPS:
-            self.calls.append(f"aten.{name}")
-        return func(*args, **(kwargs or {}))
-
-
-def host_reads(monkeypatch):
-    """Records every tensor-to-host read (what synchronises with a GPU) from now on, in a list.
-
-    Python-level reads (Tensor.item, bool(), ...) by patching torch.Tensor. Reads made inside ATen
-    (e.g. `table[i]` with a 0-d tensor i) need `with _SyncingOpRecorder(calls):` around the code too.
-    """
-    calls = []
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def recording(self, *args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, recording)
-    return calls
-
-
 @pytest.mark.parametrize("mode, gamma", [("x0", 0.0), ("x0", 0.3), ("xt", 0.3)])
 def test_steps_before_the_last_read_nothing_back_to_the_host(mode, gamma, monkeypatch):
     # The CPU stand-in for the GPU test's sync-debug mode: between begin_batch and the last step the
@@ -547,14 +509,14 @@ def test_steps_before_the_last_read_nothing_back_to_the_host(mode, gamma, monkey
     step = compiled._step
     x, batch = step.begin_batch(x, labels, seeds, None)
     calls = host_reads(monkeypatch)
-    with _SyncingOpRecorder(calls):
+    with SyncingOpRecorder(calls):
         for i in (3, 2, 1):  # the loop of Sampler.sample
             x = step.advance(x, i, batch)
     assert calls == [], f"host reads inside the step loop: {sorted(set(calls))}"
     eager.step(x.clone(), 2, labels, None, None, seeds)
     assert calls, "the recorder saw no host read in the eager step on its own (its finite check)"
     del calls[:]
-    with _SyncingOpRecorder(calls):  # the dispatch recorder sees a read made inside ATen
+    with SyncingOpRecorder(calls):  # the dispatch recorder sees a read made inside ATen
         torch.arange(4)[torch.tensor(2)]
     assert calls == ["aten._local_scalar_dense"]
     del calls[:]

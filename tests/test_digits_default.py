@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from igds_fast.distill import add_distill_parser, run_distill
+from igds_fast.cli.distill import add_parser as add_distill_parser, run as run_distill
 from igds_fast.errors import IGDSInputError
 from igds_fast.presets.digits import CLASS_NAMES, DigitsSettings, format_table, random_subset
 

@@ -15,21 +15,16 @@ from PIL import Image
 from factories import randomize_, tiny_ve
 from igds_fast.guidance import GuidanceConfig
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
-from igds_fast.distill import (
-    BATCH_NAME,
-    CONFIG_NAME,
-    DistillConfig,
-    add_distill_parser,
-    distill,
-    run_distill,
-)
+from igds_fast.cli.distill import add_parser as add_distill_parser, run as run_distill
+from igds_fast.distill import BATCH_NAME, CONFIG_NAME, DistillConfig, distill
 from igds_fast.errors import IGDSInputError
 from igds_fast.imageio import make_composite, to_uint8
 from igds_fast.models.adm import ADMUNet
 from igds_fast.progress import Progress, format_duration
 from igds_fast.sampling import Sampler
 from igds_fast.seeding import image_seed
-from igds_fast.train_prior import PriorTrainConfig, save_prior
+from igds_fast.models.priors import save_prior
+from igds_fast.train_prior import PriorTrainConfig
 
 CLASSES = ["cat", "dog", "owl", "emu"]
 STEPS = 6
@@ -195,19 +190,23 @@ def test_a_gamma_folder_resumes_with_the_batch_size_it_was_started_with(models, 
     assert not (plain / BATCH_NAME).exists()
 
 
-def _distill_command(models, out):
+def _distill_args(models, out):
     return [
-        sys.executable, "-m", "igds_fast.distill", "--prior", models["prior"], "--ve", models["ve"],
+        "--prior", models["prior"], "--ve", models["ve"],
         "--ipc", "4", "--composite", "4", "--batch-size", "4", "--steps", str(STEPS), "--seed", "11",
         "--scale", "3", "--beta", "0.2", "--out", str(out), "--device", "cpu", "--quiet",
     ]
+
+
+def _distill_command(models, out):
+    return [sys.executable, "-m", "igds_fast", "distill", *_distill_args(models, out)]
 
 
 def test_sigkill_at_a_random_moment_then_rerun_equals_an_uninterrupted_run(models, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
     # The uninterrupted run, in this process (one thread, like the subprocesses): the same parser and code.
-    assert run_distill(_parse(_distill_command(models, reference)[3:])) == 0
+    assert run_distill(_parse(_distill_args(models, reference))) == 0
     total = 4 * 4
     assert len(file_states(reference)) == total
 

@@ -7,10 +7,10 @@ import subprocess
 import sys
 import time
 
-from test_distill import _distill_command, _parse, file_states, listing, models  # noqa: F401 (fixture)
-from igds_fast.distill import run_distill
+from test_distill import _distill_args, _parse, file_states, listing, models  # noqa: F401 (fixture)
+from igds_fast.cli.distill import run as run_distill
 
-TOTAL = 4 * 4  # _distill_command: 4 classes x IPC 4
+TOTAL = 4 * 4  # _distill_args: 4 classes x IPC 4
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -24,7 +24,7 @@ def torchrun_command(nproc, distill_args):
     # Loopback rendezvous only: a standalone rendezvous that needs a network hangs where it is down.
     return [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "igds_fast.distill", *distill_args,
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "igds_fast", "distill", *distill_args,
     ]
 
 
@@ -44,9 +44,9 @@ def children(pid):
 
 def test_two_ranks_write_the_same_folder_as_one(models, tmp_path):
     one = tmp_path / "one"
-    assert run_distill(_parse(_distill_command(models, one)[3:])) == 0
+    assert run_distill(_parse(_distill_args(models, one))) == 0
     two = tmp_path / "two"
-    result = subprocess.run(torchrun_command(2, _distill_command(models, two)[3:]), env=ENV,
+    result = subprocess.run(torchrun_command(2, _distill_args(models, two)), env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert listing(two) == listing(one)
@@ -61,9 +61,9 @@ def test_two_ranks_write_the_same_folder_as_one(models, tmp_path):
 
 def test_a_rank_killed_midway_then_rerun_completes_the_same_folder(models, tmp_path):
     reference = tmp_path / "reference"
-    assert run_distill(_parse(_distill_command(models, reference)[3:])) == 0
+    assert run_distill(_parse(_distill_args(models, reference))) == 0
     out = tmp_path / "killed"
-    launcher = subprocess.Popen(torchrun_command(2, _distill_command(models, out)[3:]), env=ENV,
+    launcher = subprocess.Popen(torchrun_command(2, _distill_args(models, out)), env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while len(file_states(out)) < 2 and time.monotonic() < deadline and launcher.poll() is None:
@@ -75,7 +75,7 @@ def test_a_rank_killed_midway_then_rerun_completes_the_same_folder(models, tmp_p
     launcher.wait(timeout=120)  # the agent tears the other rank down: no hang
     assert launcher.returncode != 0
     assert len(file_states(out)) < TOTAL
-    result = subprocess.run(torchrun_command(2, _distill_command(models, out)[3:]), env=ENV,
+    result = subprocess.run(torchrun_command(2, _distill_args(models, out)), env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [n for _, _, names in os.walk(out) for n in names if n.endswith(".tmp")] == []
@@ -83,7 +83,7 @@ def test_a_rank_killed_midway_then_rerun_completes_the_same_folder(models, tmp_p
 
 
 def test_bad_input_is_reported_once_and_every_rank_exits_non_zero(models, tmp_path):
-    args = _distill_command(models, tmp_path / "out")[3:]
+    args = _distill_args(models, tmp_path / "out")
     args[args.index("--ve") + 1] = str(tmp_path / "missing_ve.safetensors")
     started = time.monotonic()
     result = subprocess.run(torchrun_command(2, args), env=ENV, capture_output=True, text=True, timeout=180)
@@ -95,10 +95,10 @@ def test_bad_input_is_reported_once_and_every_rank_exits_non_zero(models, tmp_pa
 
 def test_batch_invariant_folders_do_not_depend_on_batch_size_or_world_size(models, tmp_path):
     one = tmp_path / "one"
-    args = _distill_command(models, one)[3:] + ["--batch-invariant"]
+    args = _distill_args(models, one) + ["--batch-invariant"]
     assert run_distill(_parse(args)) == 0
     two = tmp_path / "two"
-    args = _distill_command(models, two)[3:] + ["--batch-invariant"]
+    args = _distill_args(models, two) + ["--batch-invariant"]
     args[args.index("--batch-size") + 1] = "8"
     result = subprocess.run(torchrun_command(2, args), env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

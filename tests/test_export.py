@@ -109,7 +109,8 @@ def test_bad_export_arguments_are_one_line_errors(tmp_path):
 
 
 def test_cli_exports_a_prior_file_and_refuses_an_engine_without_cuda(tmp_path, capsys):
-    from igds_fast.train_prior import PriorTrainConfig, save_prior
+    from igds_fast.models.priors import save_prior
+    from igds_fast.train_prior import PriorTrainConfig
 
     arch = PriorTrainConfig(num_channels=32, channel_mult="1,2", num_res_blocks=1, noise_schedule="linear")
     flags = arch.unet_flags(16, 3, 2)

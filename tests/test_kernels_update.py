@@ -29,7 +29,7 @@ def step_inputs(batch, shape, learn_sigma, device="cpu"):
 
 
 def eager_update(schedule, x, model_output, i, learn_sigma, grad, scale, noise, clip):
-    """The update block of EagerStep.__call__, verbatim in its math."""
+    """StepOps.update (the eager step's update), verbatim in its math."""
     eps, v = schedule.split_model_output(model_output, x.shape[1], learn_sigma)
     x0 = schedule.predict_x0(x, eps, i, clip=clip)
     mean = schedule.posterior_mean(x0, x, i)

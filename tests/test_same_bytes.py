@@ -25,7 +25,8 @@ from PIL import Image
 from factories import randomize_, tiny_ve
 from igds_fast import cli
 from igds_fast.models.adm import ADMUNet
-from igds_fast.train_prior import PriorTrainConfig, save_prior
+from igds_fast.models.priors import save_prior
+from igds_fast.train_prior import PriorTrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

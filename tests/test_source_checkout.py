@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = """
 import sys
 sys.meta_path = [f for f in sys.meta_path if 'Editable' not in type(f).__name__ and 'editable' not in str(f)]
-import igds_fast.kernels, igds_fast.profiling, igds_fast.sampling.compiled
+import igds_fast.kernels, igds_fast.profiling, igds_fast.sampling.compiled.step
 print(igds_fast.__file__)
 print(igds_fast.kernels.__file__)
 print(igds_fast.profiling.__file__)

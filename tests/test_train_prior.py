@@ -7,15 +7,8 @@ import torch
 from factories import randomize_
 from igds_fast.diffusion import DiffusionSchedule
 from igds_fast.errors import IGDSInputError
-from igds_fast.train_prior import (
-    PriorTrainConfig,
-    diffusion_losses,
-    is_prior_file,
-    load_prior,
-    read_prior_header,
-    save_prior,
-    train_prior,
-)
+from igds_fast.models.priors import is_prior_file, load_prior, read_prior_header, save_prior
+from igds_fast.train_prior import PriorTrainConfig, diffusion_losses, train_prior
 
 gd = pytest.importorskip("guided_diffusion.gaussian_diffusion")
 
@@ -179,7 +172,7 @@ def test_command_line_trains_and_saves_a_prior_distill_can_read(tmp_path, capsys
 
     from PIL import Image
 
-    from igds_fast.train_prior import add_train_prior_parser, run_train_prior
+    from igds_fast.cli.train_prior import add_parser as add_train_prior_parser, run as run_train_prior
 
     rng = torch.Generator().manual_seed(3)
     for name in ("ant", "bee"):

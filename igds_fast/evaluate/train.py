@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from igds_fast.errors import IGDSInputError
 from igds_fast.evaluate.augment import AugmentConfig, augment_batch
+from igds_fast.threads import cpu_threads, torch_threads
 from igds_fast.evaluate.networks import build_eval_network
 
 # IPC thresholds -> epochs (paper Table 8): <= 10 -> 2000, <= 50 -> 1500, else 1000.
@@ -47,11 +48,6 @@ EPOCHS_BY_IPC = ((10, 2000), (50, 1500), (math.inf, 1000))
 FULL_BATCH_LIMIT = 256
 MINIBATCH_SIZE = 64
 TEST_BATCH_SIZE = 500
-# Auto thread policy (CPU): below this many "pixel-channels" per training batch (batch x H x W x
-# first-layer width), every op is so small that OpenMP fork/join costs more than a second thread
-# gains, and on a busy machine a descheduled worker stalls each barrier (measured: 100x slower
-# for a tiny ConvNet with 2 threads on 2 shared cores). Such runs use one thread.
-SMALL_WORK_LIMIT = 1 << 23
 SCHEDULES = ("constant", "step", "cosine")
 
 
@@ -213,7 +209,7 @@ def evaluate_distilled(
     ``FULL_BATCH_LIMIT`` images, else 64. Seeds are ``base_seed, base_seed+1, ...``.
     ``augment``: None = the protocol (:class:`AugmentConfig` defaults); pass
     ``AugmentConfig(horizontal_flip=False)`` for digits. ``num_threads`` (CPU only): torch
-    intra-op threads while training; None picks 1 for small work (see ``SMALL_WORK_LIMIT``) and
+    intra-op threads while training; None picks 1 for small work (igds_fast.threads; measured 100x slower for a tiny ConvNet on 2 threads of 2 shared cores) and
     leaves the process setting otherwise. The previous setting is restored afterwards.
 
     Returns a JSON-serialisable dict: network, ipc, epochs, num_classes, seeds, accuracies
@@ -264,20 +260,12 @@ def evaluate_distilled(
 
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
         raise IGDSInputError(f"num_threads must be a positive integer, got {num_threads!r}")
-    previous_threads = torch.get_num_threads()
-    threads = previous_threads
-    if device.type == "cpu":
-        if num_threads is not None:
-            threads = num_threads
-        elif batch_size * image_size * image_size * width <= SMALL_WORK_LIMIT:
-            threads = 1
+    threads = cpu_threads(device, num_threads, batch_size * image_size * image_size * width)
 
     started = time.perf_counter()
     seed_list = [base_seed + offset for offset in range(seeds)]
     accuracies = []
-    if threads != previous_threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for seed in seed_list:
             model = train_one_seed(
                 network_factory, train_x_d, train_y_d, epochs, seed, lr, batch_size, schedule,
@@ -287,9 +275,6 @@ def evaluate_distilled(
             accuracies.append(accuracy)
             if progress is not None:
                 progress(f"{network_name} seed {seed}: {accuracy:.2f}%")
-    finally:
-        if threads != previous_threads:
-            torch.set_num_threads(previous_threads)
     return {
         "network": network_name,
         "ipc": int(ipc),

@@ -39,11 +39,19 @@ def prototype_log_prob(z, labels, weight, bias):
     return torch.log_softmax(logits, dim=1).gather(1, labels.long()[:, None]).squeeze(1)
 
 
-def contextual_kl(z, labels, log_centroids, tau: float):
-    """KL(softmax(z / tau) || Q_y) per sample, the softmax over the d feature coordinates: [B]."""
-    log_p = torch.log_softmax(z / tau, dim=1)
+def centroid_kl(log_p, log_centroids, labels):
+    """KL(P_i || Q_{y_i}) = sum_j P_ij (log P_ij - log Q_{y_i, j}) per sample: log P [B, d], log Q [C, d] -> [B].
+
+    The one place the contextual KL is written: the guidance objective, the VE's CMI training term
+    and beta calibration's scores all compute it here.
+    """
     log_q = log_centroids.index_select(0, labels.long())
     return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def contextual_kl(z, labels, log_centroids, tau: float):
+    """KL(softmax(z / tau) || Q_y) per sample, the softmax over the d feature coordinates: [B]."""
+    return centroid_kl(torch.log_softmax(z / tau, dim=1), log_centroids, labels)
 
 
 def diversity_infonce(z, group_ids, tau: float):

@@ -63,8 +63,6 @@ near-prototypical, and a 4-minute CPU prior does not match them.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -77,9 +75,16 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..calibrate import beta_for_ipc
+from ..data import load_digits_split, load_image_folder
+from ..distill import DistillConfig, distill
 from ..errors import IGDSInputError
+from ..evaluate import AugmentConfig, evaluate_distilled
 from ..imageio import write_json_atomic
-from ..train_prior import PriorTrainConfig
+from ..models.priors import read_prior_header, save_prior
+from ..train_prior import PriorTrainConfig, train_prior
+from ..threads import torch_threads
+from ..train_ve import VETrainConfig, train_ve
 
 CLASS_NAMES = [str(digit) for digit in range(10)]
 IMAGE_SIZE = 16
@@ -144,21 +149,7 @@ class DigitsSettings:
 
     def beta_for(self, ipc: int) -> float:
         """beta of an IPC: its entry, else the nearest smaller IPC's (beta grows with IPC)."""
-        from ..calibrate import beta_for_ipc
-
         return beta_for_ipc({int(k): float(v) for k, v in self.beta_by_ipc.items()}, ipc, log=None)
-
-
-@contextlib.contextmanager
-def _threads(count: int | None):
-    previous = torch.get_num_threads()
-    if count is not None and count != previous:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if count is not None and count != previous:
-            torch.set_num_threads(previous)
 
 
 def _read_json(path: str):
@@ -174,8 +165,6 @@ def _read_json(path: str):
 
 def ensure_prior(work_dir: str, settings: DigitsSettings, train_x, train_y, log) -> tuple[str, dict]:
     """WORK/prior.safetensors trained with `settings.prior` on the split (reused when it matches)."""
-    from ..train_prior import read_prior_header, save_prior, train_prior
-
     path = os.path.join(work_dir, "prior.safetensors")
     key = {"config": dataclasses.asdict(settings.prior), "data": SPLIT}
     if os.path.isfile(path):
@@ -207,8 +196,6 @@ def ensure_prior(work_dir: str, settings: DigitsSettings, train_x, train_y, log)
 
 def ensure_ve(work_dir: str, settings: DigitsSettings, train_x, train_y, test_x, test_y, log) -> tuple[str, dict]:
     """WORK/ve.safetensors from `train_ve` with `VETrainConfig.digits(**ve_overrides)` (reused when it matches)."""
-    from ..train_ve import VETrainConfig, train_ve
-
     path = os.path.join(work_dir, "ve.safetensors")
     sidecar = os.path.join(work_dir, "ve_train.json")
     config = VETrainConfig.digits(device=settings.device, num_threads=settings.threads, **settings.ve_overrides)
@@ -235,8 +222,6 @@ def ensure_ve(work_dir: str, settings: DigitsSettings, train_x, train_y, test_x,
 
 def distill_set(work_dir, prior_path, ve_path, method, ipc, seed, settings: DigitsSettings, log) -> tuple[str, dict]:
     """One generated set through `distill()` (ddpm: scale 0; igds: the settings' scale and beta)."""
-    from ..distill import DistillConfig, distill
-
     out = os.path.join(work_dir, "distilled", f"{method}_ipc{ipc}_seed{seed}")
     guided = method == "igds"
     config = DistillConfig(
@@ -251,8 +236,6 @@ def distill_set(work_dir, prior_path, ve_path, method, ipc, seed, settings: Digi
 
 
 def load_distilled(folder: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..data import load_image_folder
-
     images, labels, _, _ = load_image_folder(folder, IMAGE_SIZE, channels=1, class_names=CLASS_NAMES,
                                              on_corrupt="fail", num_workers=1)
     return images, labels
@@ -271,8 +254,6 @@ def random_subset(train_x, train_y, ipc: int, seed: int) -> tuple[torch.Tensor, 
 
 
 def evaluate_set(images, labels, test_x, test_y, seed: int, settings: DigitsSettings) -> float:
-    from ..evaluate import AugmentConfig, evaluate_distilled
-
     result = evaluate_distilled(
         images, labels, test_x, test_y, network=settings.eval_network, epochs=settings.eval_epochs,
         seeds=1, base_seed=seed, device=settings.device, augment=AugmentConfig(horizontal_flip=False),
@@ -286,15 +267,13 @@ def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: 
 
     Also writes WORK/results.json (atomically).
     """
-    from ..data import load_digits_split
-
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     started = time.perf_counter()
     os.makedirs(work_dir, exist_ok=True)
     timings: dict[str, float] = {}
     accuracies = {method: {ipc: [] for ipc in settings.ipcs} for method in METHODS}
     generation: dict[str, dict] = {}
-    with _threads(settings.threads):
+    with torch_threads(settings.threads):
         train_x, train_y, test_x, test_y = load_digits_split(**SPLIT)
         stage = time.perf_counter()
         prior_path, prior_info = ensure_prior(work_dir, settings, train_x, train_y, log)
@@ -391,36 +370,3 @@ def clear_work_dir(work_dir: str) -> None:
     distilled = os.path.join(work_dir, "distilled")
     if os.path.isdir(distilled):
         shutil.rmtree(distilled)
-
-
-
-def run_digits_cli(args: argparse.Namespace) -> int:
-    """`igds-fast distill` without models: run the digits pipeline with the command's overrides."""
-    overrides = {}
-    if args.ipc is not None:
-        overrides["ipcs"] = (args.ipc,)
-    if args.scale is not None:
-        overrides["scale"] = args.scale
-    if args.beta is not None:
-        overrides["beta_by_ipc"] = {1: args.beta}
-    if args.beta_table is not None:
-        from ..calibrate import read_beta_table
-
-        overrides["beta_by_ipc"] = read_beta_table(args.beta_table)
-    if args.steps is not None:
-        overrides["sampling_steps"] = args.steps
-    if args.eval_seeds is not None:
-        overrides["seeds"] = args.eval_seeds
-    if args.device is not None:
-        overrides["device"] = args.device
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
-    settings = DigitsSettings.fast(**overrides) if args.fast else DigitsSettings(**overrides)
-    work_dir = args.work_dir or DEFAULT_WORK_DIR
-    if args.force:
-        clear_work_dir(work_dir)
-    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    results = run_digits(settings, work_dir, log)
-    print(format_table(results))
-    print(f"results written to {os.path.join(work_dir, 'results.json')}")
-    return 0

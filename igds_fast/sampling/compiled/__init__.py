@@ -1,28 +1,28 @@
-"""The compiled backend: low-precision compiled copies, the step in one CUDA graph, its self-check."""
-from .attention import ATTENTION_IMPLEMENTATIONS, faster_attention, set_attention, traces_in_one_graph, xformers_available
-from .config import ATTENTION_BACKENDS, COMPILE_BACKENDS, COMPILE_MODES, CONV_UNET_INDUCTOR_OPTIONS, DTYPES, CompileConfig
-from .low_precision import LowPrecisionFeatures, LowPrecisionUNet, low_precision_copy
-from .memory import CPU_BATCH_SIZE, choose_batch_size, estimate_step_memory, graphs_per_batch_shape
-from .step import CompiledStep
+"""The compiled backend: low-precision compiled copies, the step in one CUDA graph, its self-check.
 
-__all__ = [
-    "ATTENTION_BACKENDS",
-    "ATTENTION_IMPLEMENTATIONS",
-    "COMPILE_BACKENDS",
-    "COMPILE_MODES",
-    "CONV_UNET_INDUCTOR_OPTIONS",
-    "CPU_BATCH_SIZE",
-    "CompileConfig",
-    "CompiledStep",
-    "DTYPES",
-    "LowPrecisionFeatures",
-    "LowPrecisionUNet",
-    "choose_batch_size",
-    "estimate_step_memory",
-    "faster_attention",
-    "graphs_per_batch_shape",
-    "low_precision_copy",
-    "set_attention",
-    "traces_in_one_graph",
-    "xformers_available",
-]
+Importing the package loads only its configuration (`CompileConfig`); the step, the copies and the
+memory sizing load on first use (they import the Triton kernels and with them triton).
+"""
+import importlib
+
+from .config import ATTENTION_BACKENDS, COMPILE_BACKENDS, COMPILE_MODES, CONV_UNET_INDUCTOR_OPTIONS, DTYPES, CompileConfig
+
+# name -> the module of this package that defines it
+_ON_FIRST_USE = {
+    "ATTENTION_IMPLEMENTATIONS": "attention", "faster_attention": "attention", "set_attention": "attention",
+    "traces_in_one_graph": "attention", "xformers_available": "attention",
+    "LowPrecisionFeatures": "low_precision", "LowPrecisionUNet": "low_precision", "low_precision_copy": "low_precision",
+    "CPU_BATCH_SIZE": "memory", "choose_batch_size": "memory", "estimate_step_memory": "memory",
+    "graphs_per_batch_shape": "memory",
+    "CompiledStep": "step",
+}
+
+
+def __getattr__(name: str):
+    if name in _ON_FIRST_USE:
+        return getattr(importlib.import_module(f"{__name__}.{_ON_FIRST_USE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ATTENTION_BACKENDS", "COMPILE_BACKENDS", "COMPILE_MODES", "CONV_UNET_INDUCTOR_OPTIONS", "CompileConfig",
+           "DTYPES", *_ON_FIRST_USE]

@@ -67,7 +67,7 @@ class CompileConfig:
         engine's own precision — dtype then applies to the encoder only). None = torch.compile.
     self_check: compare the first step of the run with the eager float32 step on the same batch
         and stop with one line naming the part and module when they disagree beyond the dtype's
-        tolerance (igds_fast.self_check; costs one eager step on a few images, once per run).
+        tolerance (sampling/compiled/self_check.py; costs one eager step on a few images, once per run).
     """
 
     dtype: str = "bf16"

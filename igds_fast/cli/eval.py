@@ -1,27 +1,16 @@
-"""The ``igds-fast`` command line.
-
-One subcommand = one pair of functions: ``_add_<cmd>_parser(subparsers)`` declares its arguments
-and sets ``handler=_run_<cmd>``; ``_run_<cmd>(args) -> int`` does the work and returns the exit
-code. To add a command, write the pair and append the ``_add_...`` function to ``SUBCOMMANDS``.
-
-Errors: an IGDSInputError anywhere prints ``igds-fast: error: <message>`` to stderr and exits 2
-(argparse's own usage errors exit 2 the same way).
-"""
+"""`igds-fast eval`: train networks on a distilled image folder, test them on a real validation folder."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
-from igds_fast.cpu_math import request_reproducible_cpu_math
+from igds_fast.cli import PROG
 from igds_fast.errors import IGDSInputError
 
-PROG = "igds-fast"
 
-
-# ---------------------------------------------------------------------------------------- eval
-def _add_eval_parser(subparsers) -> None:
+def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="train networks on a distilled image folder, test on a real validation folder",
@@ -53,7 +42,7 @@ def _add_eval_parser(subparsers) -> None:
                         help="unreadable images: skip and count them, or stop (default: skip)")
     parser.add_argument("--out", default=None, metavar="RESULTS_JSON", help="write the results here (atomically)")
     parser.add_argument("--quiet", action="store_true", help="no per-seed progress on stderr")
-    parser.set_defaults(handler=_run_eval)
+    parser.set_defaults(handler=run)
 
 
 def _first_image_side(root: str, class_name: str) -> int:
@@ -89,7 +78,7 @@ def format_results_table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def _run_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from igds_fast.data import load_image_folder, scan_image_folder
     from igds_fast.evaluate.augment import AugmentConfig
     from igds_fast.evaluate.networks import build_eval_network
@@ -141,77 +130,3 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.out is not None:
         print(f"results written to {args.out}")
     return 0
-
-
-# ------------------------------------------------------------------------------------ plumbing
-def _add_train_ve_parser(subparsers) -> None:
-    from igds_fast.train_ve import add_train_ve_parser
-
-    add_train_ve_parser(subparsers)
-
-
-def _add_calibrate_parser(subparsers) -> None:
-    from igds_fast.calibrate import add_calibrate_parser
-
-    add_calibrate_parser(subparsers)
-
-
-def _add_train_prior_parser(subparsers) -> None:
-    from igds_fast.train_prior import add_train_prior_parser
-
-    add_train_prior_parser(subparsers)
-
-
-def _add_distill_parser(subparsers) -> None:
-    from igds_fast.distill import add_distill_parser
-
-    add_distill_parser(subparsers)
-
-
-def _add_export_parser(subparsers) -> None:
-    from igds_fast.export import add_export_parser
-
-    add_export_parser(subparsers)
-
-
-SUBCOMMANDS: list[Callable] = [
-    _add_distill_parser, _add_train_prior_parser, _add_train_ve_parser, _add_calibrate_parser, _add_eval_parser,
-    _add_export_parser,
-]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every registered subcommand."""
-    from igds_fast import __version__
-
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Fast Information-Guided Diffusion Sampling (IGDS) for dataset distillation."
-    )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers.required = True
-    for add_parser in SUBCOMMANDS:
-        add_parser(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point: parse ``argv`` (default sys.argv[1:]), run the subcommand, return its exit code.
-
-    Before anything imports torch (the subcommand parsers import their modules), MKL is put in its
-    reproducible mode unless the user set MKL_CBWR: the commands promise byte-identical outputs
-    on a CPU (igds_fast.cpu_math).
-    """
-    request_reproducible_cpu_math()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except IGDSInputError as exc:
-        if not getattr(exc, "quiet", False):  # under torchrun only rank 0 reports a bad input
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,29 @@
+"""`igds-fast distill`: sample IPC images per class with IGDS and write them as an image folder.
+
+    OUT/<class>/<index:05d>.png    exactly IPC files per class (<class> = wnid or class name)
+    OUT/manifest.json              every setting, versions, per-image seeds and labels, wall time, images/s
+    OUT/preview.png                one row per class (at most 20 classes, 10 images each)
+    OUT/.igds_config.json          the settings that determine the pixels, written first
+
+config.py (DistillConfig, defaults), plan.py (checks and the job list, before any model loads),
+folder.py (settings file, resume, preview), run.py (the batches, the sampler, torchrun), manifest.py.
+"""
+from .config import DEFAULT_BATCH_SIZE, DEFAULT_BETA_TABLE, DEFAULT_SCALE, DEFAULT_STEPS, DistillConfig
+from .folder import BATCH_NAME, CONFIG_NAME, MANIFEST_NAME, PREVIEW_NAME
+from .plan import Plan, plan_distill
+from .run import distill
+
+__all__ = [
+    "BATCH_NAME",
+    "CONFIG_NAME",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_BETA_TABLE",
+    "DEFAULT_SCALE",
+    "DEFAULT_STEPS",
+    "DistillConfig",
+    "MANIFEST_NAME",
+    "PREVIEW_NAME",
+    "Plan",
+    "distill",
+    "plan_distill",
+]

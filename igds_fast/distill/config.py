@@ -1,0 +1,73 @@
+"""The settings of a distillation run (`DistillConfig`) and the defaults of the method's free values."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Placeholder beta per IPC (IGDS_SPEC section 6): the paper's calibrated values did not survive
+# text extraction; it only states that beta is small at IPC 1 and grows with IPC. These numbers
+# follow that shape and nothing more -- calibrate them for a real data set with
+# `igds-fast calibrate-beta` and pass `--beta-table beta.json`.
+DEFAULT_BETA_TABLE: dict[int, float] = {1: 0.0, 10: 0.1, 20: 0.2, 50: 0.5, 100: 1.0}
+# Guidance scale s in mu~ = mu + s sigma^2 g. The paper's value is lost too: 1.0 is classifier
+# guidance's neutral setting (Dhariwal & Nichol use 1.0 for their conditional 256 model); a placeholder.
+DEFAULT_SCALE = 1.0
+DEFAULT_STEPS = 250  # the paper runs 250 respaced DDPM steps
+DEFAULT_BATCH_SIZE = 32
+CONFIG_FORMAT = "igds_distill_config"
+MANIFEST_FORMAT = "igds_distill_manifest"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DistillConfig:
+    """Every setting of a distillation run (the CLI fills this; `distill()` runs it).
+
+    Prior (exactly one): prior + preset (ADM checkpoint), diffusers (folder), or prior alone (a file
+    written by igds_fast.train_prior). ve: VE bundle. classes: class spec (list name, file, indices or
+    class ids; None = every VE class in VE order). ipc: output images per class. beta / beta_table
+    (None / None = DEFAULT_BETA_TABLE). scale: guidance scale (0 = plain DDPM). steps: respaced
+    sampling steps. composite: samples per output image (1 or 4; None = 4 for ADM presets, as the
+    paper, else 1). batch_size: samples per sampler call (None = DEFAULT_BATCH_SIZE for the eager
+    backend; the compiled backend chooses it from free device memory, the smallest choice of all
+    ranks under torchrun, and pads a short last batch that follows full ones to it, so no new
+    graph is compiled and captured).
+    seed: global seed of every image seed.
+    force: clear a folder of another configuration. device: torch device (None = cuda if available).
+    tau / gamma / mode / head / noise / backend: GuidanceConfig and Sampler options (None tau = the
+    VE's; None noise = "philox" for the compiled backend, which draws its noise in-kernel, else
+    "torch"). compile_options: CompileConfig fields for the compiled backend (dict; e.g.
+    {"dtype": "fp16"}). noise_schedule: the diffusion of a diffusers prior (its UNet folder does not record it).
+    progress: report progress on stderr. prior_class_names: the class list of a diffusers prior
+    that is conditional on neither ImageNet-1K nor the VE's list (None = infer).
+    """
+
+    ve: str
+    out: str
+    ipc: int
+    prior: str | None = None
+    preset: str | None = None
+    diffusers: str | None = None
+    classes: str | None = None
+    beta: float | None = None
+    beta_table: str | None = None
+    scale: float = DEFAULT_SCALE
+    steps: int = DEFAULT_STEPS
+    composite: int | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    force: bool = False
+    device: str | None = None
+    tau: float | None = None
+    gamma: float = 0.0
+    mode: str = "x0"
+    head: str = "autograd"
+    noise: str | None = None
+    backend: str = "eager"
+    compile_options: dict | None = None
+    noise_schedule: str = "linear"
+    progress: bool = True
+    prior_class_names: list[str] | None = field(default=None)
+    batch_invariant: bool = False
+
+
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_BETA_TABLE", "DEFAULT_SCALE", "DEFAULT_STEPS", "DistillConfig"]

@@ -1,0 +1,186 @@
+"""Planning a run: every cheap check (arguments, files, class lists) and the job list, before any model loads.
+
+Priors: a guided-diffusion ADM checkpoint (`--prior PATH --preset adm256-cond|adm256-uncond|
+adm128-cond|adm64-cond`), a diffusers UNet2DModel folder (`--diffusers DIR`), or a prior trained by
+`igds-fast train-prior` (`--prior FILE`, recognised by its header; it brings its own class list and
+diffusion settings): `igds_fast.models.priors`.
+
+Labels: the guidance label of a class is its position in the VE's class list; the prior is
+conditioned on the class's index in the prior's class list (ImageNet-1K's sorted wnids for ADM
+checkpoints and 1000-class diffusers priors; the file's own list for our priors; none for
+unconditional priors).
+
+beta: `--beta`, else `--beta-table` (from `igds-fast calibrate-beta`), else `DEFAULT_BETA_TABLE`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..artifacts import file_fingerprint
+from ..calibrate import beta_for_ipc, read_beta_table
+from ..classes import resolve_classes
+from ..diffusion import ScheduleConfig
+from ..errors import IGDSInputError
+from ..guidance import GuidanceConfig
+from ..jobs import COMPOSITE_SIZES, ImageJob, build_jobs, check_folder_name, check_positive_int
+from ..models.priors import PriorSpec, describe_prior
+from ..sampling.compiled.config import CompileConfig
+from ..ve import VariationalEstimator
+from .config import CONFIG_FORMAT, DEFAULT_BETA_TABLE, FORMAT_VERSION, DistillConfig
+
+
+@dataclass
+class Plan:
+    """A validated run: what to sample, with what, and where (nothing loaded but the VE)."""
+
+    config: DistillConfig
+    ve: object
+    prior: PriorSpec
+    class_keys: list[str]
+    ve_labels: list[int]
+    prior_labels: list[int | None]
+    prior_class_map: list[int] | None
+    beta: float
+    beta_source: str
+    composite: int
+    pixel_settings: dict
+    jobs: list[ImageJob]
+    device: torch.device
+
+
+def _resolve_beta(config: DistillConfig) -> tuple[float, str]:
+    if config.beta is not None:
+        if config.beta_table is not None:
+            raise IGDSInputError("give --beta or --beta-table, not both")
+        return float(config.beta), "given"
+    if config.beta_table is not None:
+        table = read_beta_table(config.beta_table)
+        return beta_for_ipc(table, config.ipc), f"table {os.path.abspath(config.beta_table)}"
+    return beta_for_ipc(DEFAULT_BETA_TABLE, config.ipc, log=None), "default table (placeholder, uncalibrated)"
+
+
+def _check_scalars(config: DistillConfig) -> None:
+    check_positive_int(config.ipc, "IPC")
+    check_positive_int(config.steps, "steps")
+    if config.batch_size is not None:
+        check_positive_int(config.batch_size, "batch size")
+    if config.composite is not None and config.composite not in COMPOSITE_SIZES:
+        raise IGDSInputError(f"composite must be one of {COMPOSITE_SIZES}, got {config.composite!r}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise IGDSInputError(f"seed must be a non-negative integer, got {config.seed!r}")
+    if not config.out:
+        raise IGDSInputError("give an output folder (--out)")
+    if os.path.exists(config.out) and not os.path.isdir(config.out):
+        raise IGDSInputError(f"output path {config.out!r} exists and is not a folder")
+
+
+def compile_config(config: DistillConfig):
+    """The validated CompileConfig of a compiled run (one-line IGDSInputError on a bad option)."""
+    options = config.compile_options
+    if options is not None and not isinstance(options, dict):
+        raise IGDSInputError(f"compile options must be a JSON object, got {type(options).__name__}")
+    return CompileConfig.from_options(options)
+
+
+def plan_distill(config: DistillConfig) -> Plan:
+    """Validate everything cheap (arguments, files, class lists) and build the job list.
+
+    Loads the VE (small) and reads the prior's header only; every defect is a one-line
+    IGDSInputError raised before any model is built or sampled.
+    """
+    _check_scalars(config)
+    if not config.ve:
+        raise IGDSInputError("give a variational estimator (--ve PATH)")
+    if not os.path.isfile(config.ve):
+        raise IGDSInputError(f"VE bundle not found: {config.ve}")
+    beta, beta_source = _resolve_beta(config)
+    device = torch.device(config.device) if config.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ve = VariationalEstimator.load(config.ve, device="cpu")
+    ve_names = list(ve.class_names)
+    spec = describe_prior(config.prior, config.preset, config.diffusers, ve_names, config.noise_schedule,
+                          config.prior_class_names)
+    # The guidance settings are validated here, before any model is built.
+    GuidanceConfig(scale=config.scale, beta=beta, tau=config.tau, gamma=config.gamma, mode=config.mode, head=config.head)
+    schedule_config = ScheduleConfig(sampling_steps=str(config.steps), **spec.schedule)
+
+    if spec.class_names is not None:
+        prior_index = {name: i for i, name in enumerate(spec.class_names)}
+        missing = [name for name in ve_names if name not in prior_index]
+        if missing:
+            raise IGDSInputError(
+                f"{len(missing)} VE class(es) are not in the prior's class list (e.g. {', '.join(missing[:3])})"
+            )
+        prior_class_map = [prior_index[name] for name in ve_names]
+        universe = spec.class_names
+    else:
+        prior_class_map, universe = None, ve_names
+    if config.classes is None:
+        classes = ve_names
+    else:
+        classes, _ = resolve_classes(config.classes, universe)
+    ve_index = {name: i for i, name in enumerate(ve_names)}
+    outside = [name for name in classes if name not in ve_index]
+    if outside:
+        raise IGDSInputError(f"class {outside[0]!r} is not in the VE's class list ({len(outside)} such)")
+    for name in classes:
+        check_folder_name(name)
+    ve_labels = [ve_index[name] for name in classes]
+    prior_labels = [prior_class_map[label] if prior_class_map is not None else None for label in ve_labels]
+    composite = config.composite if config.composite is not None else (4 if spec.kind == "adm" else 1)
+    jobs = build_jobs(classes, ve_labels, config.ipc, config.seed, composite)
+    if config.batch_size is not None and config.batch_size < composite:
+        raise IGDSInputError(f"batch size {config.batch_size} cannot hold one composite image ({composite} samples)")
+
+    pixel_settings = {
+        "format": CONFIG_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "prior_kind": spec.kind,
+        "prior_preset": spec.preset,
+        "prior_fingerprint": spec.fingerprint,
+        "diffusion": dataclasses.asdict(schedule_config),
+        "ve_fingerprint": file_fingerprint(config.ve),
+        "classes": list(classes),
+        "ipc": config.ipc,
+        "composite": composite,
+        "seed": config.seed,
+        "scale": float(config.scale),
+        "beta": float(beta),
+        "tau": None if config.tau is None else float(config.tau),
+        "gamma": float(config.gamma),
+        "mode": config.mode,
+        "head": config.head,
+        "noise": config.noise or ("philox" if config.backend == "compiled" else "torch"),
+        "backend": config.backend,
+    }
+    if pixel_settings["noise"] == "torch":
+        pixel_settings["noise_source"] = torch_noise_source(device)
+    if config.backend == "compiled":
+        options = compile_config(config)
+        # The compute dtypes change the pixels; the other compile options only change the speed.
+        pixel_settings["compile"] = {"dtype": options.dtype, "encoder_dtype": options.encoder_dtype or options.dtype}
+        if options.unet_engine is not None:  # the engine's precision replaces the UNet dtype
+            pixel_settings["compile"]["unet_engine"] = file_fingerprint(options.unet_engine)
+    elif config.compile_options:
+        raise IGDSInputError("compile options apply to --backend compiled only")
+    return Plan(config, ve, spec, list(classes), ve_labels, prior_labels, prior_class_map, beta, beta_source,
+                composite, pixel_settings, jobs, device)
+
+
+def torch_noise_source(device: torch.device) -> str:
+    """Which generator "torch" noise comes from, for the folder's pixel settings.
+
+    torch noise is drawn by the device's own generator: the CPU's (mt19937) and CUDA's (Philox, laid
+    out by the launch geometry, which depends on the GPU's multiprocessor count) give different noise
+    for the same seed, so a folder is resumed only where its noise is the same. "philox" noise is
+    the same on every device (the Triton kernel and its numpy reference agree bit for bit).
+    """
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+__all__ = ["Plan", "compile_config", "plan_distill", "torch_noise_source"]

@@ -1,0 +1,162 @@
+"""Running a distillation: the batches, the sampler, the atomic writes, torchrun sharding, the manifest.
+
+Resume: every file appears only by an atomic rename, so an existing image is complete. Work is cut
+into fixed batches of the full job list (interleaving classes); a rerun skips the batches whose
+images all exist and re-samples a partly written batch with exactly its original members, writing
+only its missing files. Because a batch is always computed with the same members, a resumed run's
+files equal an uninterrupted run's byte for byte (eager backend; same batch size, device and thread
+count — on CUDA through `sampling.fp32_reference_math` and atomic-free backward passes; with
+another batch size images agree to float rounding, or byte for byte with `batch_invariant`). With
+gamma != 0 the batch size decides which images are coupled, so it is saved (`.igds_batch.json`) and
+a resume reuses it; another --batch-size is refused. A rerun whose pixel settings differ from
+`.igds_config.json` is refused, naming the setting; `force` clears the folder's images first.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from ..diffusion import DiffusionSchedule, ScheduleConfig
+from ..distributed import agree_min, barrier, gather_to_main, init_distributed, main_first, rank_device, shard, shutdown
+from ..guidance import GuidanceConfig
+from ..imageio import make_composite, save_png_atomic, write_json_atomic
+from ..jobs import batch_jobs, batch_samples, is_done
+from ..models.priors import load_prior_unet
+from ..progress import Progress
+from ..sampling import Sampler
+from .config import DEFAULT_BATCH_SIZE, DistillConfig
+from .folder import BATCH_NAME, MANIFEST_NAME, coupled_batch_size, prepare_output, write_preview
+from .manifest import build_manifest
+from .plan import Plan, compile_config, plan_distill
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: Plan | None = None) -> dict:
+    """Run (or resume) a distillation; returns the manifest dict (also written to OUT/manifest.json)."""
+    started = time.perf_counter()
+    # Under torchrun: rank 0 validates the inputs and prepares the folder first; the other ranks wait,
+    # so a bad input fails once with one message. A single process runs the same code unchanged.
+    ctx = init_distributed(config.device)
+    plan = plan if plan is not None else main_first(ctx, lambda: plan_distill(config))
+    device = torch.device(rank_device(ctx, str(plan.device))) if ctx.enabled else plan.device
+    out = config.out
+
+    def prepare() -> tuple[int, int | None]:
+        if ctx.is_main:
+            done = prepare_output(out, plan.pixel_settings, plan.class_keys, config.force, log)
+        else:
+            done = sum(1 for job in plan.jobs if is_done(job, out))
+        return done, coupled_batch_size(out, config, plan.composite)
+
+    already, saved_batch_size = main_first(ctx, prepare)
+    total_images = len(plan.jobs)
+
+    def build_sampler():
+        unet = load_prior_unet(plan.prior, device)
+        schedule = DiffusionSchedule(ScheduleConfig(**plan.pixel_settings["diffusion"]), device=device)
+        guidance = GuidanceConfig(
+            scale=float(config.scale), beta=float(plan.beta), tau=config.tau, gamma=float(config.gamma),
+            mode=config.mode, head=config.head,
+        )
+        options = compile_config(config) if config.backend == "compiled" else None
+        return Sampler(unet, schedule, plan.ve.to(device), guidance, backend=config.backend,
+                       prior_class_map=plan.prior_class_map, noise=plan.pixel_settings["noise"],
+                       batch_invariant=config.batch_invariant, backend_options=options)
+
+    sampler = None
+    batch_size = config.batch_size or saved_batch_size
+    pad = config.backend == "compiled"  # static shapes: a short last batch reuses the full batches' graphs
+    if batch_size is None:
+        if pad and already < total_images:
+            # Every rank sees the same folder, so all of them take this branch and meet in agree_min.
+            sampler = build_sampler()
+            batch_size = agree_min(ctx, sampler.preferred_batch_size or DEFAULT_BATCH_SIZE)
+        else:
+            batch_size = DEFAULT_BATCH_SIZE
+    batch_size = max(plan.composite, batch_size - batch_size % plan.composite)  # whole composites only
+    if config.gamma and saved_batch_size is None and ctx.is_main:
+        write_json_atomic(os.path.join(out, BATCH_NAME), {"batch_size": batch_size})
+    batches = list(batch_jobs(plan.jobs, batch_size))
+    # Fixed batches, dealt round-robin: a batch has the same members whatever the world size, and the
+    # ranks share the work still to do after a resume equally.
+    todo = shard([batch for batch in batches if not all(is_done(job, out) for job in batch)], ctx)
+    written = 0
+    sampled = 0
+    sampling_seconds = 0.0
+    if todo:
+        log(
+            f"distill: {len(plan.class_keys)} classes x IPC {config.ipc} = {total_images} images "
+            f"({plan.composite} sample(s) each), {total_images - already} to make, beta {plan.beta:g} "
+            f"({plan.beta_source}), scale {config.scale:g}, {config.steps} steps, batch {batch_size}, "
+            f"backend {config.backend}, device {plan.device}"
+        )
+        sampler = sampler or build_sampler()
+        progress = Progress(total_images, unit="img", label="distill", initial=already, enabled=config.progress)
+        progress.start()
+        sampling_start = time.perf_counter()
+        for batch_number, batch in enumerate(todo):
+            samples = batch_samples(batch)
+            group_ids = None
+            if config.gamma:
+                # The diversity term couples the samples of one class in the batch (IGDS_SPEC section 4).
+                group_ids = [sample.label for sample in samples]
+            # Pad a short batch only after a full one: then its graphs exist and padding replaces a new
+            # compile and capture; a run whose only batch is short just runs at its own size.
+            pad_to = batch_size if pad and batch_number > 0 else None
+            images = sampler.sample([s.label for s in samples], [s.seed for s in samples], group_ids=group_ids,
+                                    pad_to=pad_to)
+            images = images.detach().to("cpu", torch.float32)
+            sampled += len(samples)
+            for position, job in enumerate(batch):
+                if is_done(job, out):
+                    continue  # written before an interruption: never rewritten
+                members = images[position * plan.composite : (position + 1) * plan.composite]
+                image = make_composite(members) if plan.composite == 4 else members[0]
+                save_png_atomic(os.path.join(out, job.relative_path), image)
+                written += 1
+                progress.update(1)
+        sampling_seconds = time.perf_counter() - sampling_start
+        progress.close()
+    elif ctx.enabled and already < total_images:
+        log(f"distill: rank {ctx.rank} has no share of the {total_images - already} images left")
+    else:
+        log(f"distill: {out} already holds all {total_images} images of this configuration; nothing to sample")
+
+    rank_stats = {
+        "rank": ctx.rank,
+        "device": str(device),
+        "batch_size": batch_size,
+        "images_written": written,
+        "samples_generated": sampled,
+        "sampling_time_s": round(sampling_seconds, 3),
+        "images_per_s": round(written / sampling_seconds, 4) if sampling_seconds > 0 else None,
+    }
+    report = getattr(getattr(sampler, "_step", None), "self_check_report", None)
+    if report is not None:  # the compiled backend's first-step errors against the eager float32 step
+        rank_stats["self_check"] = {part["part"]: float(f"{part['error']:.3g}") for part in report["parts"]}
+    gathered = gather_to_main(ctx, rank_stats)
+    if not ctx.is_main:
+        barrier(ctx)  # leave the process group together with rank 0: a lone teardown can abort gloo
+        shutdown(ctx)
+        return {"run": {"world_size": ctx.world_size, "ranks": [rank_stats]}}  # no "images": rank 0 merges
+    written = sum(stats["images_written"] for stats in gathered)
+    sampled = sum(stats["samples_generated"] for stats in gathered)
+    sampling_seconds = max(stats["sampling_time_s"] for stats in gathered)  # the ranks ran in parallel
+    preview = write_preview(out, plan.class_keys, config.ipc)
+    wall = time.perf_counter() - started
+    manifest = build_manifest(plan, written, sampled, sampling_seconds, wall, preview is not None)
+    manifest["run"].update(world_size=ctx.world_size, ranks=gathered, batch_size=batch_size)
+    write_json_atomic(os.path.join(out, MANIFEST_NAME), manifest)
+    barrier(ctx)
+    shutdown(ctx)
+    return manifest
+
+
+__all__ = ["distill"]

@@ -1,0 +1,212 @@
+"""Priors on disk: describing, loading and saving them (ADM checkpoints, diffusers folders, our files).
+
+Three kinds: a guided-diffusion ADM checkpoint (`256x256_diffusion.pt` with its preset), a diffusers
+`UNet2DModel` folder, and a prior trained by `igds-fast train-prior` — ours: one safetensors file
+with the EMA weights (ADMUNet state-dict keys) and a JSON header under the metadata key
+`igds_prior` holding the create_model flags, the diffusion (ScheduleConfig) fields, the class names
+and the training settings. `describe_prior` identifies any of them from its header only (class
+list, diffusion, fingerprint); `load_prior_unet` then loads the weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save
+
+from ..artifacts import file_fingerprint, folder_fingerprint, parse_json_header, read_safetensors
+from ..classes import imagenet_wnids
+from ..diffusion import ScheduleConfig
+from ..errors import IGDSInputError
+from ..imageio import write_bytes_atomic
+from .adm import ADM_DIFFUSION_FLAGS, ADM_PRESETS, ADMUNet, check_state_dict, load_adm
+from .diffusers_unet import load_diffusers_unet
+
+FORMAT_NAME = "igds_prior"
+FORMAT_VERSION = 1
+METADATA_KEY = "igds_prior"
+
+
+def save_prior(
+    path: str | os.PathLike,
+    unet: ADMUNet,
+    flags: dict,
+    schedule_config: ScheduleConfig,
+    class_names: Sequence[str],
+    training: dict | None = None,
+) -> None:
+    """Write the prior as one safetensors file (weights + `igds_prior` JSON header), atomically."""
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "flags": dict(flags),
+        "diffusion": {
+            "noise_schedule": schedule_config.noise_schedule,
+            "diffusion_steps": schedule_config.diffusion_steps,
+            "fixed_variance": schedule_config.fixed_variance,
+        },
+        "class_names": [str(name) for name in class_names],
+        "training": training or {},
+    }
+    # clone(): safetensors refuses tensors sharing storage.
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in unet.state_dict().items()}
+    data = save(tensors, metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
+    write_bytes_atomic(path, data)
+
+
+def read_prior_header(path: str | os.PathLike) -> dict:
+    """The validated JSON header of a prior file (no tensors read): one-line errors for any defect."""
+    path = os.fspath(path)
+    metadata, _ = read_safetensors(path, "prior file")
+    header = parse_json_header(metadata, path, METADATA_KEY, FORMAT_NAME, FORMAT_VERSION, "prior")
+    for key in ("flags", "diffusion", "class_names"):
+        if key not in header:
+            raise IGDSInputError(f"{path}: prior header lacks {key!r}")
+    return header
+
+
+def is_prior_file(path: str | os.PathLike) -> bool:
+    """True when `path` is a safetensors file carrying an `igds_prior` header."""
+    try:
+        read_prior_header(path)
+    except IGDSInputError:
+        return False
+    return True
+
+
+def load_prior(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ADMUNet, ScheduleConfig, list[str]]:
+    """(EMA UNet in eval mode on `device`, training ScheduleConfig, class names) from a prior file.
+
+    The ScheduleConfig has sampling_steps = diffusion_steps; respace with `dataclasses.replace`.
+    """
+    path = os.fspath(path)
+    header = read_prior_header(path)
+    try:
+        unet = ADMUNet.from_flags(**header["flags"])
+        diffusion = header["diffusion"]
+        schedule_config = ScheduleConfig(
+            noise_schedule=diffusion["noise_schedule"],
+            diffusion_steps=int(diffusion["diffusion_steps"]),
+            sampling_steps=str(int(diffusion["diffusion_steps"])),
+            fixed_variance=diffusion.get("fixed_variance", "small"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IGDSInputError(f"{path}: bad prior header ({type(exc).__name__}: {exc})") from exc
+    except IGDSInputError as exc:
+        raise IGDSInputError(f"{path}: {exc}") from exc
+    class_names = [str(name) for name in header["class_names"]]
+    if unet.num_classes is not None and unet.num_classes != len(class_names):
+        raise IGDSInputError(f"{path}: the UNet has {unet.num_classes} classes but the header names {len(class_names)}")
+    state = load_file(path)
+    check_state_dict(unet, state, f"prior {path}")
+    unet.load_state_dict(state)
+    return unet.to(device).eval(), schedule_config, class_names
+
+
+@dataclass
+class PriorSpec:
+    """What is known about a prior before its weights are loaded (for validation and the config)."""
+
+    kind: str  # "adm" | "igds" | "diffusers"
+    path: str
+    preset: str | None
+    class_names: list[str] | None  # None = unconditional
+    schedule: dict  # ScheduleConfig fields except sampling_steps
+    fingerprint: dict
+
+
+def describe_prior(prior: str | None, preset: str | None, diffusers: str | None, ve_class_names: list[str],
+                   noise_schedule: str = "linear", prior_class_names: list[str] | None = None) -> PriorSpec:
+    """Identify a prior, its class list and diffusion without loading its weights (one-line errors).
+
+    Exactly one of prior (an ADM checkpoint with its `preset`, or a file written by train-prior) and
+    diffusers (a UNet2DModel folder, with the `noise_schedule` its folder does not record; its class
+    list is ImageNet-1K's for 1000 classes, the VE's for as many classes as the VE, else
+    `prior_class_names`).
+    """
+    given = [name for name, value in (("--prior", prior), ("--diffusers", diffusers)) if value]
+    if len(given) != 1:
+        raise IGDSInputError("give exactly one prior: --prior PATH [--preset NAME] or --diffusers DIR")
+    if diffusers:
+        directory = os.path.abspath(diffusers)
+        config_path = os.path.join(directory, "config.json")
+        if not os.path.isfile(config_path):
+            raise IGDSInputError(f"not a diffusers model folder (no config.json): {diffusers}")
+        if preset:
+            raise IGDSInputError("--preset applies to --prior checkpoints, not to --diffusers folders")
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                unet_config = json.load(handle)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise IGDSInputError(f"cannot read {config_path}: {exc}") from exc
+        num_classes = unet_config.get("num_class_embeds")
+        if prior_class_names is not None:
+            class_names = list(prior_class_names)
+        elif not num_classes:
+            class_names = None
+        elif int(num_classes) == 1000:
+            class_names = imagenet_wnids()
+        elif int(num_classes) == len(ve_class_names):
+            class_names = list(ve_class_names)  # a prior trained on the VE's own classes, same order
+        else:
+            raise IGDSInputError(
+                f"the diffusers prior has {num_classes} classes, neither ImageNet-1K's 1000 nor the VE's "
+                f"{len(ve_class_names)}: its class list is unknown"
+            )
+        schedule = {"noise_schedule": noise_schedule, "diffusion_steps": 1000, "fixed_variance": "large"}
+        return PriorSpec("diffusers", directory, None, class_names, schedule, folder_fingerprint(directory))
+
+    return describe_prior_file(prior, preset)
+
+
+def describe_prior_file(prior: str, preset: str | None) -> PriorSpec:
+    """A --prior file: an ADM checkpoint (with its preset) or a prior written by train-prior."""
+    path = os.path.abspath(prior)
+    if not os.path.isfile(path):
+        raise IGDSInputError(f"prior checkpoint not found: {prior}")
+    if preset:
+        if preset not in ADM_PRESETS:
+            raise IGDSInputError(f"unknown ADM preset {preset!r}; available: {', '.join(sorted(ADM_PRESETS))}")
+        flags = ADM_PRESETS[preset]
+        class_names = imagenet_wnids() if flags.get("class_cond") else None
+        schedule = {**ADM_DIFFUSION_FLAGS[preset], "fixed_variance": "large"}
+        return PriorSpec("adm", path, preset, class_names, schedule, file_fingerprint(path))
+
+    try:
+        header = read_prior_header(path)
+    except IGDSInputError as exc:
+        raise IGDSInputError(
+            f"{exc}; for a guided-diffusion checkpoint pass --preset ({', '.join(sorted(ADM_PRESETS))})"
+        ) from None
+    class_names = [str(name) for name in header["class_names"]] if header["flags"].get("class_cond") else None
+    schedule = {
+        "noise_schedule": header["diffusion"]["noise_schedule"],
+        "diffusion_steps": int(header["diffusion"]["diffusion_steps"]),
+        "fixed_variance": header["diffusion"].get("fixed_variance", "small"),
+    }
+    return PriorSpec("igds", path, None, class_names, schedule, file_fingerprint(path))
+
+
+def load_prior_unet(spec: PriorSpec, device):
+    """The UNet a PriorSpec describes, loaded onto `device` in eval mode."""
+    if spec.kind == "adm":
+        return load_adm(spec.path, spec.preset, device=device)
+    if spec.kind == "diffusers":
+        return load_diffusers_unet(spec.path, device=device)
+    unet, _, _ = load_prior(spec.path, device=device)
+    return unet
+
+
+__all__ = [
+    "PriorSpec",
+    "describe_prior",
+    "describe_prior_file",
+    "is_prior_file",
+    "load_prior",
+    "load_prior_unet",
+    "read_prior_header",
+    "save_prior",
+]
