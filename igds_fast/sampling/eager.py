@@ -66,15 +66,13 @@ class EagerStep:
         self.context = context
         self.ops = StepOps(context)
         self.batch_invariant = bool(batch_invariant)
-        # Device-resident step indices (views of one arange): what a tracker records.
+        # Device-resident step indices (views of one arange): the index the kernels read (FusedStep).
+        # The torch operations use the host i.
         self.step_indices = torch.arange(context.num_steps, dtype=torch.int64, device=context.device)
 
     def numerics(self):
         """The numerics of this backend's steps: the true float32 reference, or PyTorch's defaults."""
         return fp32_reference_math(self.context.device) if self.context.reference_numerics else contextlib.nullcontext()
-
-    # The true float32 numerics whatever reference_numerics says: for fast paths checking themselves.
-    reference_math = staticmethod(fp32_reference_math)
 
     # ---- the seam ---------------------------------------------------------------------------------
     def begin_batch(self, x, labels, seeds, group_ids=None):

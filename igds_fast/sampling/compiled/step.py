@@ -65,7 +65,7 @@ from ...errors import IGDSInputError
 from ...kernels import StepTables, ddpm_update, philox_normal, predict_x0, seeds_to_tensor
 from ...kernels._common import on_device
 from ...profiling import nvtx_range
-from ..eager import EagerStep
+from ..eager import fp32_reference_math
 from ..fused import KernelOps
 from ..step import NonFiniteTracker, StepContext, StepInputs, StepOps, reverse_step
 from .attention import resolve_attention
@@ -137,7 +137,6 @@ class CompiledStep:
         self.config = CompileConfig.from_options(backend_options).for_device(self.device)
         cfg = self.config
         _check_triton_runs_here(self.device)
-        self.reference = EagerStep(context)  # the first-step self-check's float32 reference
         self.tables = StepTables(context.schedule)  # fp32, contiguous, on the device: built once
         self.step_indices = torch.arange(context.num_steps, dtype=torch.int64, device=self.device)
         self.dtype, self.encoder_dtype = DTYPES[cfg.dtype], DTYPES[cfg.encoder_dtype]
@@ -279,7 +278,6 @@ class CompiledStep:
         """
         c = self.context
         cfg = c.config
-        reference_math = self.reference.reference_math
         reference_guidance = c.guidance  # the eager head (GuidanceConfig.head) and the float32 encoder
         unet_tolerances = SELF_CHECK_TOLERANCES[self.config.dtype]
         encoder_tolerances = SELF_CHECK_TOLERANCES[self.config.encoder_dtype]
@@ -289,7 +287,7 @@ class CompiledStep:
         timesteps = c.schedule.timestep_map[i].expand(rows.numel())
         prior_labels = None if b.prior_labels is None else b.prior_labels[rows]
         results = []
-        with reference_math(self.device), torch.no_grad():
+        with fp32_reference_math(self.device), torch.no_grad():
             expected_output = c.unet(x_rows, timesteps, prior_labels)
         results.append(compare("unet", self.last_model_output[rows], expected_output, unet_tolerances["unet"]))
 
@@ -303,16 +301,16 @@ class CompiledStep:
             x0_rows = x0[rows]
             with torch.enable_grad():
                 fast_features = self.ops.guidance.features(x0.detach().requires_grad_(True)).detach()
-            with reference_math(self.device), torch.no_grad():
+            with fp32_reference_math(self.device), torch.no_grad():
                 expected_features = reference_guidance.features(x0_rows)
             results.append(compare("features", fast_features[rows], expected_features, encoder_tolerances["features"]))
             # The Triton head (always fp32) on the reference features against the reference head.
             _, fast_head = self.ops.guidance.head_gradient(expected_features, labels, groups)
-            with reference_math(self.device):
+            with fp32_reference_math(self.device):
                 _, expected_head = reference_guidance.head_gradient(expected_features, labels, groups)
             results.append(compare("head", fast_head, expected_head, encoder_tolerances["head"]))
             _, fast_grad = self.ops.guidance(x0, b.labels, b.group_ids)
-            with reference_math(self.device):
+            with fp32_reference_math(self.device):
                 _, expected_grad = reference_guidance(x0_rows, labels, groups)
             results.append(compare("gradient", fast_grad[rows], expected_grad, encoder_tolerances["gradient"]))
 
@@ -349,7 +347,6 @@ class CompiledStep:
         """(where, what, culprit) of a failed self-check part, locating the module on its worst image."""
         c = self.context
         cfg = self.config
-        reference_math = self.reference.reference_math
         compiled_note = f", torch.compile backend {cfg.backend}" if cfg.compile else ""
         part = result["part"]
         if part == "step":
@@ -359,7 +356,7 @@ class CompiledStep:
             where = f"UNet copy ({cfg.dtype}{compiled_note})"
             if isinstance(self.unet_lp, LowPrecisionUNet):
                 copy = self.unet_lp
-                with reference_math(self.device):
+                with fp32_reference_math(self.device):
                     found = first_diverging_module(
                         c.unet, copy.unet, lambda: c.unet(x_rows, timesteps, prior_labels),
                         lambda: copy(x_rows, timesteps, prior_labels), result["tolerance"],
@@ -374,7 +371,7 @@ class CompiledStep:
         ve = c.guidance.ve
         features = self.features_lp
         if isinstance(features, LowPrecisionFeatures) and isinstance(getattr(ve, "encoder", None), nn.Module):
-            with reference_math(self.device):
+            with fp32_reference_math(self.device):
                 found = first_diverging_module(
                     ve.encoder, features.encoder, lambda: ve.features(x0_rows), lambda: features(x0_rows),
                     result["tolerance"],
