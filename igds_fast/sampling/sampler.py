@@ -20,6 +20,7 @@ import torch
 from ..diffusion import DiffusionSchedule
 from ..errors import IGDSInputError
 from ..guidance import GuidanceConfig, IGDSGuidance
+from ..models.protocols import as_prior, check_estimator
 from ..seeding import INITIAL_NOISE_STREAM
 from .backends import build_step, resolve_noise_source
 from .step import StepContext
@@ -71,24 +72,17 @@ class Sampler:
             raise IGDSInputError(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
         if not isinstance(reference_numerics, bool):
             raise IGDSInputError(f"reference_numerics must be True or False, got {reference_numerics!r}")
-        for name in ("image_size", "in_channels", "learn_sigma"):
-            if not hasattr(unet, name):
-                raise IGDSInputError(f"the prior must have an attribute {name!r} (image_size, in_channels, "
-                                     f"learn_sigma, num_classes), got {type(unet).__name__}")
+        unet = as_prior(unet)  # guided-diffusion's UNetModel as it is (models.protocols)
         self.unet, self.schedule, self.ve, self.guidance = unet, schedule, ve, guidance
         self.backend = backend
         self.channels = int(unet.in_channels)
         self.image_size = int(unet.image_size)
         self.learn_sigma = bool(unet.learn_sigma)
+        check_estimator(ve, self.channels)
         self.num_classes = int(ve.num_classes)
         self.device = schedule.device
         self.guidance_fn = IGDSGuidance.from_config(ve, guidance)
         self.tau = self.guidance_fn.tau
-        encoder_channels = len(ve.preprocess.mean)
-        if encoder_channels != self.channels:
-            raise IGDSInputError(
-                f"the VE encoder reads {encoder_channels}-channel images but the prior makes {self.channels}"
-            )
         in_kernel_noise = use_kernels or backend == "compiled"
         if noise is None:
             noise = "philox" if in_kernel_noise else "torch"

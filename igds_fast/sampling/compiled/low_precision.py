@@ -19,15 +19,26 @@ def low_precision_copy(module: nn.Module, dtype: torch.dtype, channels_last: boo
     original plus the low-precision copy, never two full-precision copies. Modules that must keep
     float32 statistics do so by themselves (ADM's GroupNorm32 promotes its input and weights).
     """
+    # A foreign UNet (models.protocols.ForeignUNet) keeps its own convention: convolutions only.
+    convs_only = getattr(module, "low_precision_convs_only", False)
+    low = None
+    if convs_only:
+        low = {id(p) for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+               for p in m.parameters(recurse=False)}
     memo: dict[int, Any] = {}
     for tensor in list(module.parameters()) + list(module.buffers()):
         if id(tensor) in memo:
             continue
-        cast = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach().clone()
+        to_low = tensor.is_floating_point() and (low is None or id(tensor) in low)
+        cast = tensor.detach().to(dtype) if to_low else tensor.detach().clone()
         if channels_last and cast.dim() == 4:
             cast = cast.contiguous(memory_format=torch.channels_last)
         memo[id(tensor)] = nn.Parameter(cast, requires_grad=False) if isinstance(tensor, nn.Parameter) else cast
     duplicate = copy.deepcopy(module, memo)
+    if convs_only:  # its forward casts the input to its own `dtype` attribute
+        for sub in duplicate.modules():
+            if isinstance(vars(sub).get("dtype"), torch.dtype):
+                sub.dtype = dtype
     return duplicate.requires_grad_(False).eval()
 
 

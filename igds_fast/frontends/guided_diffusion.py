@@ -1,0 +1,209 @@
+"""IGDS guidance for the guided-diffusion family of samplers: `IGDSConditioner`.
+
+guided-diffusion (openai), DiT's `diffusion/`, MinimaxDiffusion, IGD and their forks sample with a
+`GaussianDiffusion` / `SpacedDiffusion` whose `p_sample` computes `p_mean_var` (mean, variance,
+log_variance, pred_xstart) and, given a `cond_fn`, shifts the mean by `condition_mean`:
+
+    mean~ = mean + variance * cond_fn(x_t, t, **model_kwargs)
+
+IGDS's shift is `mean + scale * variance * dJ/dx0` at the x0 prediction (mode "x0"), or dJ/dx_t
+through the UNet (mode "xt"); J = log p(y|x0) + beta KL - gamma InfoNCE from an `IGDSGuidance`.
+Three ways to hand it to such a sampler, none of which imports its code:
+
+    conditioner = IGDSConditioner(guidance, scale=1.0, label_map=...)
+    conditioner.patch(diffusion, model)         # diffusion.condition_mean computes IGDS at pred_xstart
+    diffusion.p_sample_loop(model, shape, noise=noise, cond_fn=conditioner.cond_fn, model_kwargs={"y": y})
+
+    conditioner.bind(model, diffusion)          # an unpatched diffusion: cond_fn runs the UNet itself
+    diffusion.p_sample_loop(..., cond_fn=conditioner.cond_fn, ...)         (one more UNet forward a step)
+
+    # forks whose p_sample_loop takes cond_fn_with_grad=True (IGD): p_mean_var computed with grad
+    diffusion.p_sample_loop(..., cond_fn=conditioner.cond_fn_with_grad, cond_fn_with_grad=True, ...)
+
+Labels: the model's `y` are the prior's classes (ImageNet indices for an ImageNet ADM or DiT); the
+VE's classes come from `label_map` (prior class -> VE class; -1 or absent = not a VE class, an error
+if sampled). An unconditional prior has no `y`: give the VE labels with `set_labels`.
+"""
+from __future__ import annotations
+
+import types
+from typing import Mapping, Sequence
+
+import torch
+
+from ..errors import IGDSInputError
+from ..guidance import GRADIENT_MODES, IGDSGuidance
+
+
+class IGDSConditioner:
+    """The IGDS gradient in the form the guided-diffusion family takes (module docstring).
+
+    guidance: the IGDSGuidance (VE, beta, tau, gamma, head); scale: the guidance scale s (>= 0);
+    label_map: prior class -> VE class, a sequence (index = prior class), a mapping or a tensor,
+    -1 for classes outside the VE; None = the same indices. mode: "x0" or "xt"; clip_denoised: the
+    x0 clipping the diffusion's own sampling uses (guided-diffusion's `clip_denoised`), for the
+    routes where this object predicts x0 itself. group_ids: diversity groups (gamma != 0) of the
+    batch; None = the VE labels.
+    """
+
+    def __init__(self, guidance: IGDSGuidance, scale: float = 1.0, label_map=None, mode: str = "x0",
+                 clip_denoised: bool = True, group_ids=None):
+        if not isinstance(guidance, IGDSGuidance):
+            raise IGDSInputError(f"guidance must be an IGDSGuidance, got {type(guidance).__name__}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
+            raise IGDSInputError(f"scale must be a number >= 0, got {scale!r}")
+        if mode not in GRADIENT_MODES:
+            raise IGDSInputError(f"mode must be one of {GRADIENT_MODES}, got {mode!r}")
+        self.guidance, self.scale, self.mode = guidance, float(scale), mode
+        self.clip_denoised = bool(clip_denoised)
+        self.label_map = _label_table(label_map)
+        self.group_ids = group_ids
+        self.labels: torch.Tensor | None = None
+        self.model = self.diffusion = None
+
+    # ---- set-up ------------------------------------------------------------------------------------
+    def bind(self, model, diffusion) -> "IGDSConditioner":
+        """The UNet and diffusion the cond_fn route predicts x0 with (and the xt mode differentiates)."""
+        self.model, self.diffusion = model, diffusion
+        return self
+
+    def set_labels(self, labels) -> "IGDSConditioner":
+        """VE labels [B] of the batch, for an unconditional prior (no `y` in model_kwargs); None = from y."""
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        return self
+
+    def patch(self, diffusion, model=None):
+        """Make `diffusion.condition_mean` (and `condition_mean_with_grad` where it exists) apply IGDS.
+
+        The diffusion object's own p_sample then passes the p_mean_var it computed: in mode x0 the
+        gradient is taken at its pred_xstart (no extra UNet call); mode xt differentiates through
+        the UNet (`model`, required) from x_t. Returns the diffusion (patched in place, this
+        instance only); `unpatch` restores it.
+        """
+        if self.mode == "xt" and model is None and self.model is None:
+            raise IGDSInputError("patch(diffusion, model): mode xt differentiates through the UNet: pass the model")
+        self.bind(model if model is not None else self.model, diffusion)
+        conditioner = self
+
+        def condition_mean(diffusion_self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+            grad = conditioner._gradient_at(p_mean_var, x, t, model_kwargs or {}, indices_given=True)
+            return p_mean_var["mean"].float() + p_mean_var["variance"] * grad.float()
+
+        def condition_mean_with_grad(diffusion_self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+            return condition_mean(diffusion_self, cond_fn, p_mean_var, x, t, model_kwargs)
+
+        diffusion.condition_mean = types.MethodType(condition_mean, diffusion)
+        if hasattr(type(diffusion), "condition_mean_with_grad"):
+            diffusion.condition_mean_with_grad = types.MethodType(condition_mean_with_grad, diffusion)
+        return diffusion
+
+    @staticmethod
+    def unpatch(diffusion):
+        """Undo `patch` (the class's own condition_mean again)."""
+        for name in ("condition_mean", "condition_mean_with_grad"):
+            vars(diffusion).pop(name, None)
+        return diffusion
+
+    # ---- the cond_fn routes --------------------------------------------------------------------------
+    def cond_fn(self, x, t, **model_kwargs) -> torch.Tensor:
+        """scale * dJ/dx for an unpatched diffusion's condition_mean (t: the timesteps it passes).
+
+        Predicts x0 itself with the bound model and diffusion (`bind`): a forward pass without
+        gradient in mode x0, through autograd from x_t in mode xt.
+        """
+        if self.model is None or self.diffusion is None:
+            raise IGDSInputError("cond_fn predicts x0 with the UNet: call bind(model, diffusion) first (or patch)")
+        return self._gradient_at(None, x, t, model_kwargs, indices_given=False)
+
+    def cond_fn_with_grad(self, x, t, p_mean_var, **model_kwargs) -> torch.Tensor:
+        """scale * dJ/dx for forks that compute p_mean_var with autograd on (cond_fn_with_grad=True).
+
+        Mode x0 takes the gradient at the detached pred_xstart; mode xt differentiates
+        pred_xstart w.r.t. x (the fork enabled autograd for it).
+        """
+        return self._gradient_from(p_mean_var["pred_xstart"], x, model_kwargs)
+
+    # ---- the gradient ----------------------------------------------------------------------------------
+    def _gradient_at(self, p_mean_var, x, t, model_kwargs, indices_given: bool) -> torch.Tensor:
+        if self.mode == "x0" and p_mean_var is not None:
+            return self._gradient_from(p_mean_var["pred_xstart"].detach(), None, model_kwargs)
+        indices = t if indices_given else self._indices(t)
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(self.mode == "xt")
+            out = self.diffusion.p_mean_variance(self.model, x_in, indices, clip_denoised=self.clip_denoised,
+                                                 model_kwargs=model_kwargs)
+            x0 = out["pred_xstart"] if self.mode == "xt" else out["pred_xstart"].detach()
+            return self._gradient_from(x0, x_in if self.mode == "xt" else None, model_kwargs)
+
+    def _gradient_from(self, x0, x, model_kwargs) -> torch.Tensor:
+        labels = self._ve_labels(model_kwargs, x0)
+        group_ids = None if self.group_ids is None else torch.as_tensor(self.group_ids, device=x0.device)
+        wrt = x if self.mode == "xt" else None
+        if wrt is not None and not x0.requires_grad:
+            raise IGDSInputError("mode xt needs pred_xstart computed from x with autograd on")
+        _, grad = self.guidance(x0.float() if wrt is None else x0, labels, group_ids, wrt=wrt)
+        return self.scale * grad
+
+    def _ve_labels(self, model_kwargs, x0) -> torch.Tensor:
+        if self.labels is not None:
+            labels = self.labels.to(x0.device)
+        elif model_kwargs.get("y") is not None:
+            y = torch.as_tensor(model_kwargs["y"]).to(x0.device).long()
+            if self.label_map is None:
+                labels = y
+            else:
+                table = self.label_map.to(x0.device)
+                if bool(((y < 0) | (y >= table.numel())).any()):
+                    raise IGDSInputError(f"prior labels outside the label map of {table.numel()} classes")
+                labels = table[y]
+            if bool((labels < 0).any()):
+                bad = sorted(set(y[labels < 0].tolist()))
+                raise IGDSInputError(f"prior classes {bad[:10]} are not VE classes (label_map -1)")
+        else:
+            raise IGDSInputError("no labels: an unconditional prior's batch needs set_labels(VE labels)")
+        if labels.shape != (x0.shape[0],):
+            raise IGDSInputError(f"got {labels.numel()} labels for a batch of {x0.shape[0]}")
+        return labels
+
+    def _indices(self, t: torch.Tensor) -> torch.Tensor:
+        """The diffusion's step indices of the timesteps a (spaced) diffusion passes its cond_fn."""
+        diffusion = self.diffusion
+        timesteps = t
+        if getattr(diffusion, "rescale_timesteps", False):
+            original = getattr(diffusion, "original_num_steps", diffusion.num_timesteps)
+            timesteps = torch.round(t.float() * original / 1000.0)
+        timesteps = timesteps.long()
+        table = getattr(diffusion, "timestep_map", None)
+        if table is None:
+            return timesteps
+        table = torch.as_tensor(table, dtype=torch.long, device=t.device)
+        return torch.searchsorted(table, timesteps)
+
+
+def _label_table(label_map) -> torch.Tensor | None:
+    """prior class -> VE class as a long tensor (-1 = not a VE class), from a sequence, mapping or tensor."""
+    if label_map is None:
+        return None
+    if torch.is_tensor(label_map):
+        return label_map.long().cpu()
+    if isinstance(label_map, Mapping):
+        if not label_map:
+            raise IGDSInputError("label_map is empty")
+        table = torch.full((max(int(k) for k in label_map) + 1,), -1, dtype=torch.long)
+        for prior, ve in label_map.items():
+            table[int(prior)] = int(ve)
+        return table
+    if isinstance(label_map, Sequence):
+        return torch.tensor([int(v) for v in label_map], dtype=torch.long)
+    raise IGDSInputError(f"label_map must be a sequence, mapping or tensor, got {type(label_map).__name__}")
+
+
+def label_map_from_class_map(prior_class_map: Sequence[int], num_prior_classes: int) -> torch.Tensor:
+    """The inverse of a Sampler's prior_class_map (VE class -> prior class): prior class -> VE class."""
+    table = torch.full((int(num_prior_classes),), -1, dtype=torch.long)
+    for ve_class, prior_class in enumerate(prior_class_map):
+        table[int(prior_class)] = ve_class
+    return table
+
+
+__all__ = ["IGDSConditioner", "label_map_from_class_map"]
