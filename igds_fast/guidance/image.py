@@ -19,7 +19,7 @@ import torch
 from ..errors import IGDSInputError
 from ..profiling import nvtx_range
 from .config import GuidanceConfig
-from .objective import igds_objective, igds_objective_and_grad
+from .objective import contextual_kl, diversity_infonce, igds_objective, igds_objective_and_grad, prototype_log_prob
 
 Head = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -57,8 +57,9 @@ class IGDSGuidance:
     Call: x0 [B, C, H, W], the encoder's input before preprocessing (the x0 prediction); labels [B]
     (VE classes); group_ids [B] (diversity groups; None = the labels); wrt: the tensor to
     differentiate with respect to — None = the detached x0 itself (x0 mode); in x_t mode it is x_t,
-    and x0 must have been computed from it with autograd enabled. NVTX: igds/encoder/forward,
-    igds/head, igds/encoder/backward.
+    and x0 must have been computed from it with autograd enabled; return_features: also return the
+    (detached) features z [B, d] (for a trace of the objective's terms, `terms`). NVTX:
+    igds/encoder/forward, igds/head, igds/encoder/backward.
     """
 
     def __init__(self, ve, beta: float = 0.0, tau: float | None = None, gamma: float = 0.0,
@@ -88,7 +89,20 @@ class IGDSGuidance:
         ve = self.ve
         return self.head(z, labels, ve.weight, ve.bias, ve.log_centroids, self.beta, self.tau, self.gamma, group_ids)
 
-    def __call__(self, image: torch.Tensor, labels, group_ids=None, wrt: torch.Tensor | None = None):
+    def terms(self, z: torch.Tensor, labels, group_ids=None) -> torch.Tensor:
+        """The objective's terms per image [B, 4]: log p(y|x0), KL(P || Q_y), InfoNCE N (0 when gamma = 0),
+        VE top-1 agreement (1.0 / 0.0). Torch ops only, no host read (capturable in a CUDA graph)."""
+        ve = self.ve
+        z = z.detach().float()
+        log_prob = prototype_log_prob(z, labels, ve.weight, ve.bias)
+        kl = contextual_kl(z, labels, ve.log_centroids, self.tau)
+        infonce = (diversity_infonce(z, labels if group_ids is None else group_ids, self.tau) if self.gamma != 0.0
+                   else torch.zeros_like(kl))
+        top1 = ((z @ ve.weight.t() + ve.bias).argmax(dim=1) == labels).to(kl.dtype)
+        return torch.stack([log_prob, kl, infonce, top1], dim=1)
+
+    def __call__(self, image: torch.Tensor, labels, group_ids=None, wrt: torch.Tensor | None = None,
+                 return_features: bool = False):
         with torch.enable_grad():
             if wrt is None:
                 image = image.detach().requires_grad_(True)
@@ -99,6 +113,8 @@ class IGDSGuidance:
                 objective, grad_features = self.head_gradient(features.detach(), labels, group_ids)
             with nvtx_range("igds/encoder/backward"):
                 (grad,) = torch.autograd.grad(features, wrt, grad_outputs=grad_features.to(features.dtype))
+        if return_features:
+            return objective, grad, features.detach()
         return objective, grad
 
 

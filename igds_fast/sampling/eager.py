@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from .step import NonFiniteTracker, StepContext, StepInputs, StepOps, reverse_step
+from .step import GuidanceTrace, NonFiniteTracker, StepContext, StepInputs, StepOps, reverse_step
 
 
 @contextlib.contextmanager
@@ -41,22 +41,24 @@ def fp32_reference_math(device: torch.device):
 
 
 class BatchState:
-    """What stays the same for a batch: labels, prior labels, groups, noise keys, finite tracker.
+    """What stays the same for a batch: labels, prior labels, groups, noise keys, finite tracker, trace.
 
     Built once per batch (`begin_batch`), so no step re-gathers the class map or re-copies seeds.
-    members: batch-invariant mode's parts, each stepped alone (None: the whole batch at once).
+    members: batch-invariant mode's parts, each stepped alone (None: the whole batch at once);
+    trace: the GuidanceTrace the guided steps write (None: not traced).
     """
 
-    def __init__(self, context: StepContext, labels, seeds, group_ids, members=None):
+    def __init__(self, context: StepContext, labels, seeds, group_ids, members=None, trace: bool = False):
         self.labels = labels
         self.prior_labels = context.prior_labels(labels)
         self.group_ids = group_ids
         self.seeds = None if seeds is None else context.noise_keys(seeds, context.device)
         self.members = members
         self.tracker = NonFiniteTracker(labels.shape[0], context.device) if context.config.check_finite else None
+        self.trace = GuidanceTrace(context.num_steps, labels.shape[0], context.device) if trace else None
 
     def inputs(self, i: int, index, noise=None) -> StepInputs:
-        return StepInputs(i, index, self.labels, self.prior_labels, self.group_ids, self.seeds, noise)
+        return StepInputs(i, index, self.labels, self.prior_labels, self.group_ids, self.seeds, noise, self.trace)
 
 
 class EagerStep:
@@ -69,31 +71,39 @@ class EagerStep:
         # Device-resident step indices (views of one arange): the index the kernels read (FusedStep).
         # The torch operations use the host i.
         self.step_indices = torch.arange(context.num_steps, dtype=torch.int64, device=context.device)
+        self.last_model_output: torch.Tensor | None = None  # of the latest step (the loop's callback)
 
     def numerics(self):
         """The numerics of this backend's steps: the true float32 reference, or PyTorch's defaults."""
         return fp32_reference_math(self.context.device) if self.context.reference_numerics else contextlib.nullcontext()
 
     # ---- the seam ---------------------------------------------------------------------------------
-    def begin_batch(self, x, labels, seeds, group_ids=None):
+    def begin_batch(self, x, labels, seeds, group_ids=None, trace: bool = False):
         """(x, BatchState) of a new batch; the loop then calls advance(x, i, state) for i = N-1 .. 0."""
-        return x, BatchState(self.context, labels, seeds, group_ids, self._members(labels, group_ids, x.shape[0]))
+        members = self._members(labels, group_ids, x.shape[0])
+        return x, BatchState(self.context, labels, seeds, group_ids, members, trace)
 
     def advance(self, x, i: int, state: BatchState, noise=None) -> torch.Tensor:
         """x_{i-1} from x_i = x within a batch (the caller holds `numerics()`)."""
         inputs = state.inputs(i, self.step_indices[i], noise)
         if state.members is None:
-            return reverse_step(self.ops, x, inputs, state.tracker)[0]
+            out, self.last_model_output = reverse_step(self.ops, x, inputs, state.tracker)
+            return out
         if inputs.noise is None and inputs.seeds is not None and i > 0:
             inputs.noise = self.context.noise_source(inputs.seeds, i, x.shape[1:], x.device)
         out = torch.empty_like(x)
+        model_output = None
         for rows in state.members:
             part = StepInputs(
                 i, inputs.index, inputs.labels[rows], None if inputs.prior_labels is None else inputs.prior_labels[rows],
                 None if inputs.group_ids is None else inputs.group_ids[rows], None,
-                None if inputs.noise is None else inputs.noise[rows],
+                None if inputs.noise is None else inputs.noise[rows], inputs.trace,
             )
-            out[rows] = reverse_step(self.ops, x[rows], part, state.tracker, rows)[0]
+            out[rows], part_output = reverse_step(self.ops, x[rows], part, state.tracker, rows)
+            if model_output is None:
+                model_output = x.new_empty((x.shape[0], *part_output.shape[1:]))
+            model_output[rows] = part_output
+        self.last_model_output = model_output
         return out
 
     def finish_batch(self, state: BatchState) -> None:

@@ -144,7 +144,8 @@ class Sampler:
         """The backend's own batch size (compiled: given, or chosen from free device memory), else None."""
         return getattr(self._step, "batch_size", None)
 
-    def sample(self, labels, seeds, group_ids=None, pad_to: int | None = None) -> torch.Tensor:
+    def sample(self, labels, seeds, group_ids=None, pad_to: int | None = None, x_T: torch.Tensor | None = None,
+               callback=None, trace: bool = False):
         """Images [B, C, H, W] in [-1, 1] for VE class `labels` [B], each keyed by its seed [B].
 
         pad_to: run the batch at this size (>= B) and return its first B images. Static-shape backends
@@ -152,9 +153,26 @@ class Sampler:
         batches for a short last batch instead of capturing new ones. The filler rows repeat the last
         image's label and seed and sit in diversity groups of their own, so they change no real
         image's guidance (with gamma = 0 the images are independent anyway).
+        x_T: the initial noise [B, C, H, W] (None: drawn from each image's seed); the step noise still
+            comes from the seeds.
+        callback: called after every step as callback(i, timestep, x, x0) — i the respaced index (N-1
+            .. 0), timestep the training step it samples, x = x_{i-1} [B, C, H, W] and x0 = the step's
+            x0 prediction [B, C, H, W] (views: clone to keep) — as diffusers' callback_on_step_end; a
+            returned tensor replaces x. It reads the device at every step: for inspection, not speed.
+        trace: also return the guidance terms of every guided step (sampling.step.TRACE_TERMS), kept
+            on the device and read once after the last step: (images, {term: [N, B]}) (row i =
+            respaced index i; NaN where a step is not guided).
         """
         labels, seeds, group_ids = self._validate_batch(labels, seeds, group_ids)
         count = labels.numel()
+        if callback is not None and not callable(callback):
+            raise IGDSInputError(f"callback must be callable, got {type(callback).__name__}")
+        shape = (self.channels, self.image_size, self.image_size)
+        if x_T is not None:
+            if not torch.is_tensor(x_T) or tuple(x_T.shape) != (count, *shape):
+                raise IGDSInputError(f"x_T must be a tensor of shape {(count, *shape)}, got "
+                                     f"{tuple(x_T.shape) if torch.is_tensor(x_T) else type(x_T).__name__}")
+            x_T = x_T.to(self.device, torch.float32)
         if group_ids is None and self.guidance.gamma != 0:
             # The head's default groups made explicit: padded and unpadded batches then have the same
             # kind of batch (one set of static buffers and graphs in the compiled backend).
@@ -163,15 +181,33 @@ class Sampler:
             if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < count:
                 raise IGDSInputError(f"pad_to must be an integer >= the batch size {count}, got {pad_to!r}")
             labels, seeds, group_ids = _pad_batch(labels, seeds, group_ids, pad_to)
-        shape = (self.channels, self.image_size, self.image_size)
+            if x_T is not None:
+                x_T = torch.cat([x_T, x_T[-1:].expand(pad_to - count, *shape)])
         step = self._step
         with step.numerics():
-            x = self.noise_source(seeds, INITIAL_NOISE_STREAM, shape, self.device)
-            x, batch = step.begin_batch(x, labels, seeds, group_ids)
+            x = self.noise_source(seeds, INITIAL_NOISE_STREAM, shape, self.device) if x_T is None else x_T
+            x, batch = step.begin_batch(x, labels, seeds, group_ids, trace=trace)
             for i in reversed(range(self.schedule.num_steps)):
+                before = x.clone() if callback is not None else None  # the compiled step updates x in place
                 x = step.advance(x, i, batch)
+                if callback is not None:
+                    x = self._call_back(callback, i, before, x, count)
             step.finish_batch(batch)
-        return x[:count].clamp(-1.0, 1.0)
+        images = x[:count].clamp(-1.0, 1.0)
+        if not trace:
+            return images
+        return images, {name: values[:, :count] for name, values in batch.trace.read().items()}
+
+    def _call_back(self, callback, i: int, before: torch.Tensor, x: torch.Tensor, count: int) -> torch.Tensor:
+        """Run a per-step callback on (i, timestep, x_{i-1}, x0_hat); copy a returned replacement into x."""
+        eps, _ = self.schedule.split_model_output(self._step.last_model_output, self.channels, self.learn_sigma)
+        x0 = self.schedule.predict_x0(before, eps, i, clip=self.guidance.clip_x0)
+        replacement = callback(i, int(self.schedule.timestep_map[i]), x[:count], x0[:count])
+        if replacement is not None:
+            if not torch.is_tensor(replacement) or replacement.shape != x[:count].shape:
+                raise IGDSInputError(f"the callback must return None or a tensor of shape {tuple(x[:count].shape)}")
+            x[:count].copy_(replacement)  # in place: the compiled backend's x is its static buffer
+        return x
 
     # ---- validation ---------------------------------------------------------------------------
     def _validate_batch(self, labels, seeds, group_ids):

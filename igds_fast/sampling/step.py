@@ -83,7 +83,8 @@ class StepInputs:
     from memory, so a captured graph replays for every i); labels [B] (VE classes) and prior_labels
     on the device; group_ids [B] or None; seeds: per-image noise keys (the noise source's form: a
     list of ints for "torch", an int64 device tensor for "philox") or None; noise: an explicit
-    [B, C, H, W] noise tensor or None (then drawn from seeds, or none at all without seeds).
+    [B, C, H, W] noise tensor or None (then drawn from seeds, or none at all without seeds); trace:
+    where the guided steps record their guidance terms (GuidanceTrace), or None.
     """
 
     i: int
@@ -93,6 +94,7 @@ class StepInputs:
     group_ids: torch.Tensor | None
     seeds: object
     noise: torch.Tensor | None = None
+    trace: "GuidanceTrace | None" = None
 
 
 class NonFiniteTracker:
@@ -127,6 +129,34 @@ class NonFiniteTracker:
         )
 
 
+TRACE_TERMS = ("log_p_y", "kl", "infonce", "grad_norm", "top1")
+
+
+class GuidanceTrace:
+    """Per step and image, the guidance terms TRACE_TERMS [N, B, 5] in a device buffer (NaN: not guided).
+
+    log p(y|x0), KL(P || Q_y), the InfoNCE term, ||dJ/dx||, VE top-1 agreement — recorded by the
+    guided steps without any host read (capturable), read once after the batch (`read`).
+    """
+
+    def __init__(self, num_steps: int, batch: int, device):
+        self.values = torch.full((num_steps, batch, len(TRACE_TERMS)), float("nan"), device=device)
+        self.rows = torch.arange(batch, device=device)
+
+    def reset(self) -> None:
+        self.values.fill_(float("nan"))
+
+    def record(self, index: torch.Tensor, terms: torch.Tensor, grad: torch.Tensor, rows=None) -> None:
+        row = torch.cat([terms[:, :3], grad.detach().flatten(1).float().norm(dim=1, keepdim=True), terms[:, 3:]], dim=1)
+        rows = self.rows if rows is None else rows
+        self.values.index_put_((index.reshape(1).expand(rows.shape[0]), rows), row)
+
+    def read(self) -> dict[str, torch.Tensor]:
+        """{term: [N, B] float32 on the CPU}, row i = respaced index i (one host read)."""
+        values = self.values.cpu()
+        return {name: values[:, :, k] for k, name in enumerate(TRACE_TERMS)}
+
+
 class StepOps:
     """The operations of one step (torch ops; subclasses swap them for kernels or compiled copies).
 
@@ -155,15 +185,20 @@ class StepOps:
         return c.schedule.predict_x0(x, eps, self.step_index(inputs), clip=c.config.clip_x0)
 
     def unet_and_gradient(self, x, inputs: StepInputs):
-        """(UNet output, x0_hat, dJ/dx_t) with autograd through the UNet (guidance mode xt)."""
+        """(UNet output, x0_hat, dJ/dx_t, features z or None) with autograd through the UNet (mode xt)."""
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             with nvtx_range("igds/unet"):
                 model_output = self.unet(x_in, inputs)
             x0 = StepOps.predict_x0(self, x_in, model_output, inputs)  # torch ops: autograd sees them
             with nvtx_range("igds/guidance"):
-                _, grad = self.guidance(x0, inputs.labels, inputs.group_ids, wrt=x_in)
-        return model_output.detach(), x0.detach(), grad
+                grad, features = self.guide(x0, inputs, wrt=x_in)
+        return model_output.detach(), x0.detach(), grad, features
+
+    def guide(self, x0, inputs: StepInputs, wrt=None):
+        """(dJ/d wrt, features z when the step is traced else None) from the step's guidance."""
+        out = self.guidance(x0, inputs.labels, inputs.group_ids, wrt=wrt, return_features=inputs.trace is not None)
+        return out[1], (out[2] if inputs.trace is not None else None)
 
     def update(self, x, model_output, x0, grad, inputs: StepInputs) -> torch.Tensor:
         """x_{i-1} = posterior mean (+ scale * variance * grad) (+ std * noise for i > 0)."""
@@ -193,9 +228,9 @@ def reverse_step(ops: StepOps, x: torch.Tensor, inputs: StepInputs, tracker: Non
     """
     context = ops.context
     guided = context.guided(inputs.i)
-    x0 = grad = None
+    x0 = grad = features = None
     if guided and context.config.mode == "xt":
-        model_output, x0, grad = ops.unet_and_gradient(x, inputs)
+        model_output, x0, grad, features = ops.unet_and_gradient(x, inputs)
     else:
         with torch.no_grad(), nvtx_range("igds/unet"):
             model_output = ops.unet(x, inputs)
@@ -203,11 +238,13 @@ def reverse_step(ops: StepOps, x: torch.Tensor, inputs: StepInputs, tracker: Non
             with torch.no_grad():
                 x0 = ops.predict_x0(x, model_output, inputs)
             with nvtx_range("igds/guidance"):
-                _, grad = ops.guidance(x0, inputs.labels, inputs.group_ids)
+                grad, features = ops.guide(x0, inputs)
     with torch.no_grad(), nvtx_range("igds/update"):
         if guided and tracker is not None:
             tracker.record(grad, ops.step_index(inputs), rows)
+        if guided and inputs.trace is not None:
+            inputs.trace.record(inputs.index, ops.guidance.terms(features, inputs.labels, inputs.group_ids), grad, rows)
         return ops.update(x, model_output, x0, grad, inputs), model_output
 
 
-__all__ = ["NonFiniteTracker", "StepContext", "StepInputs", "StepOps", "reverse_step"]
+__all__ = ["GuidanceTrace", "NonFiniteTracker", "StepContext", "StepInputs", "StepOps", "TRACE_TERMS", "reverse_step"]

@@ -67,7 +67,7 @@ from ...kernels._common import on_device
 from ...profiling import nvtx_range
 from ..eager import fp32_reference_math
 from ..fused import KernelOps
-from ..step import NonFiniteTracker, StepContext, StepInputs, StepOps, reverse_step
+from ..step import GuidanceTrace, NonFiniteTracker, StepContext, StepInputs, StepOps, reverse_step
 from .attention import resolve_attention
 from .config import DTYPES, CompileConfig
 from .low_precision import LowPrecisionFeatures, LowPrecisionUNet, low_precision_copy
@@ -82,7 +82,8 @@ class _BatchBuffers:
     x [B, C, H, W] fp32 (x_t in, x_{t-1} out), noise [B, C, H, W] (only for explicitly given noise),
     labels [B] int64, prior_labels [B] int64 (None for an unconditional prior), seeds [B] int64
     (Philox keys; has_seeds False when none were given), group_ids [B] int64 or None, index 0-d
-    int64 (respaced step i), tracker (latest respaced index with a non-finite gradient, per image).
+    int64 (respaced step i), tracker (latest respaced index with a non-finite gradient, per image),
+    trace (the GuidanceTrace of a traced batch; `tracing` says whether this batch records it).
     """
 
     def __init__(self, batch: int, image_shape, device, with_groups: bool, conditional: bool):
@@ -95,12 +96,15 @@ class _BatchBuffers:
         self.group_ids = torch.zeros(batch, dtype=torch.long, device=device) if with_groups else None
         self.index = torch.zeros((), dtype=torch.long, device=device)
         self.tracker = NonFiniteTracker(batch, device)
+        self.trace: GuidanceTrace | None = None
+        self.tracing = False
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def inputs(self, i: int, noise_kind: str) -> StepInputs:
         return StepInputs(i, self.index, self.labels, self.prior_labels, self.group_ids,
-                          self.seeds if noise_kind == "philox" else None, self.noise if noise_kind == "tensor" else None)
+                          self.seeds if noise_kind == "philox" else None, self.noise if noise_kind == "tensor" else None,
+                          self.trace if self.tracing else None)
 
 
 @contextlib.contextmanager
@@ -183,10 +187,19 @@ class CompiledStep:
         return _cudnn_benchmark(self.device.type == "cuda" and self.config.cudnn_benchmark)
 
     # ---- the seam -------------------------------------------------------------------------------
-    def begin_batch(self, x, labels, seeds, group_ids=None):
-        """Copy a new batch (x_T, labels, seeds, group ids) into its static buffers: (static x, buffers)."""
+    def begin_batch(self, x, labels, seeds, group_ids=None, trace: bool = False):
+        """Copy a new batch (x_T, labels, seeds, group ids) into its static buffers: (static x, buffers).
+
+        trace: the guided steps record their guidance terms into the buffers' GuidanceTrace (its own
+        graphs: a traced and an untraced batch of one shape replay different graphs).
+        """
         with on_device(self.device):
             buffers = self._bind(x, labels, seeds, group_ids, reset=True)
+            buffers.tracing = bool(trace)
+            if trace:
+                if buffers.trace is None:
+                    buffers.trace = GuidanceTrace(self.context.num_steps, x.shape[0], self.device)
+                buffers.trace.reset()
         return buffers.x, buffers
 
     def advance(self, x, i: int, buffers: _BatchBuffers, noise=None) -> torch.Tensor:
@@ -229,6 +242,7 @@ class CompiledStep:
         """One step on its own: the inputs are copied into the static buffers at every call."""
         with on_device(self.device), self.numerics():
             buffers = self._bind(x, labels, seeds, group_ids, reset=i == self.context.num_steps - 1)
+            buffers.tracing = False
             result = self.advance(buffers.x, i, buffers, noise)
             if i == 0:
                 self.finish_batch(buffers)  # the one host synchronisation of a trajectory, after its last step
@@ -321,7 +335,12 @@ class CompiledStep:
         # so its guidance sees another x0_hat.)
         step_grad = None
         if c.guided(i):
-            step_grad = self.ops.unet_and_gradient(x_before, b.inputs(i, "none"))[2] if cfg.mode == "xt" else fast_grad
+            if cfg.mode == "xt":
+                inputs = b.inputs(i, "none")
+                inputs.trace = None
+                step_grad = self.ops.unet_and_gradient(x_before, inputs)[2]
+            else:
+                step_grad = fast_grad
         if noise_kind == "tensor":
             noise = b.noise[rows]
         elif noise_kind == "philox" and i > 0:
@@ -392,7 +411,7 @@ class CompiledStep:
 
     # ---- CUDA graphs --------------------------------------------------------------------------------
     def _replay(self, b: _BatchBuffers, i: int, noise_kind: str) -> torch.Tensor:
-        key = (self.context.guided(i), noise_kind)
+        key = (self.context.guided(i), noise_kind, b.tracing)
         entry = b.graphs.get(key)
         if entry is None:
             try:
@@ -417,6 +436,7 @@ class CompiledStep:
         b.index only.
         """
         saved_x, saved_bad = b.x.clone(), b.tracker.latest.clone()
+        saved_trace = b.trace.values.clone() if b.tracing else None
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), nvtx_range("igds/graph/warmup"):
@@ -425,6 +445,8 @@ class CompiledStep:
                 b.x.copy_(saved_x)
         torch.cuda.current_stream(self.device).wait_stream(side)
         b.tracker.latest.copy_(saved_bad)
+        if saved_trace is not None:
+            b.trace.values.copy_(saved_trace)
         if b.pool is None:
             b.pool = torch.cuda.graph_pool_handle()
         if self._capture_stream is None:
