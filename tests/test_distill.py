@@ -510,3 +510,24 @@ def test_a_compiled_run_with_a_numerics_fault_stops_in_one_line_before_writing(m
     assert errors[0].startswith("igds-fast: error: compiled backend self-check failed at the first step"), errors
     assert "module 'middle_block.1' (AttentionBlock)" in errors[0]
     assert not list(out.rglob("*.png"))  # nothing was written
+
+
+def test_trace_writes_the_guidance_terms_per_class_and_leaves_the_pixels(models, tmp_path):
+    from PIL import Image as PILImage
+
+    plain = distill(make_config(models, tmp_path / "plain", classes="dog,cat", composite=1))
+    traced = distill(make_config(models, tmp_path / "traced", classes="dog,cat", composite=1, trace=True))
+    assert listing(tmp_path / "plain") == {k: v for k, v in listing(tmp_path / "traced").items()
+                                           if k not in ("trace.json", "trace.png")}
+    assert plain["images"] == traced["images"]
+    document = json.loads((tmp_path / "traced" / "trace.json").read_text())
+    assert document["terms"] == ["log_p_y", "kl", "infonce", "grad_norm", "top1"]
+    assert document["sampling_step"] == list(range(STEPS)) and len(document["timestep"]) == STEPS
+    assert document["timestep"] == sorted(document["timestep"], reverse=True)  # from noise to image
+    assert set(document["classes"]) == {"dog", "cat"} and document["images"] == {"dog": 2, "cat": 2}
+    for terms in document["classes"].values():
+        assert all(v is not None and v >= 0 for v in terms["kl"]) and all(v > 0 for v in terms["grad_norm"])
+    with PILImage.open(tmp_path / "traced" / "trace.png") as image:
+        assert image.size[0] >= 5 * 300 and image.mode == "RGB"
+    with pytest.raises(IGDSInputError, match="--trace applies to a distillation run"):
+        run_distill(_parse(["--preset", "digits", "--trace"]))

@@ -72,6 +72,8 @@ def add_parser(subparsers) -> None:
     run_group.add_argument("--force", action="store_true", help="clear an output folder of another configuration")
     run_group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     run_group.add_argument("--quiet", action="store_true", help="no progress output")
+    run_group.add_argument("--trace", action="store_true",
+                           help="also write OUT/trace.json and OUT/trace.png: the guidance terms of every step per class")
     demo = parser.add_argument_group("digits demo (--preset digits or no models)")
     demo.add_argument("--work-dir", default=None, help="cache of the demo's trained pieces and outputs (default: ./igds_work/digits)")
     demo.add_argument("--eval-seeds", type=int, default=None, help="evaluation seeds per method (default: 3)")
@@ -126,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, force=args.force,
         device=args.device, tau=args.tau, gamma=args.gamma, mode=args.mode, head=args.head, noise=args.noise,
         backend=args.backend, noise_schedule=args.noise_schedule, progress=not args.quiet,
-        batch_invariant=args.batch_invariant, compile_options=_compile_options(args),
+        batch_invariant=args.batch_invariant, compile_options=_compile_options(args), trace=args.trace,
     )
     manifest = distill(config)
     if "images" not in manifest:
@@ -140,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_digits(args: argparse.Namespace) -> int:
     """`igds-fast distill` without models: run the digits pipeline with the command's overrides."""
+    if args.trace:
+        raise IGDSInputError("--trace applies to a distillation run (--prior/--ve), not to the digits demo")
     overrides = {}
     if args.ipc is not None:
         overrides["ipcs"] = (args.ipc,)

@@ -37,7 +37,8 @@ class DistillConfig:
     VE's; None noise = "philox" for the compiled backend, which draws its noise in-kernel, else
     "torch"). compile_options: CompileConfig fields for the compiled backend (dict; e.g.
     {"dtype": "fp16"}). noise_schedule: the diffusion of a diffusers prior (its UNet folder does not record it).
-    progress: report progress on stderr. prior_class_names: the class list of a diffusers prior
+    progress: report progress on stderr. trace: write OUT/trace.json and OUT/trace.png, the guidance
+    terms of every step per class (distill/trace.py; no effect on the pixels). prior_class_names: the class list of a diffusers prior
     that is conditional on neither ImageNet-1K nor the VE's list (None = infer).
     """
 
@@ -68,6 +69,7 @@ class DistillConfig:
     progress: bool = True
     prior_class_names: list[str] | None = field(default=None)
     batch_invariant: bool = False
+    trace: bool = False
 
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_BETA_TABLE", "DEFAULT_SCALE", "DEFAULT_STEPS", "DistillConfig"]

@@ -32,6 +32,7 @@ from .config import DEFAULT_BATCH_SIZE, DistillConfig
 from .folder import BATCH_NAME, MANIFEST_NAME, coupled_batch_size, prepare_output, write_preview
 from .manifest import build_manifest
 from .plan import Plan, compile_config, plan_distill
+from .trace import TraceAccumulator
 
 
 def _stderr(message: str) -> None:
@@ -90,6 +91,8 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     written = 0
     sampled = 0
     sampling_seconds = 0.0
+    schedule_map = DiffusionSchedule(ScheduleConfig(**plan.pixel_settings["diffusion"])).timestep_map.tolist()
+    traces = TraceAccumulator(len(schedule_map), plan.class_keys)
     if todo:
         log(
             f"distill: {len(plan.class_keys)} classes x IPC {config.ipc} = {total_images} images "
@@ -98,6 +101,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
             f"backend {config.backend}, device {plan.device}"
         )
         sampler = sampler or build_sampler()
+        class_position = {label: position for position, label in enumerate(plan.ve_labels)}
         progress = Progress(total_images, unit="img", label="distill", initial=already, enabled=config.progress)
         progress.start()
         sampling_start = time.perf_counter()
@@ -111,7 +115,10 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
             # compile and capture; a run whose only batch is short just runs at its own size.
             pad_to = batch_size if pad and batch_number > 0 else None
             images = sampler.sample([s.label for s in samples], [s.seed for s in samples], group_ids=group_ids,
-                                    pad_to=pad_to)
+                                    pad_to=pad_to, trace=config.trace)
+            if config.trace:
+                images, trace = images
+                traces.add(trace, [class_position[s.label] for s in samples])
             images = images.detach().to("cpu", torch.float32)
             sampled += len(samples)
             for position, job in enumerate(batch):
@@ -141,11 +148,18 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     report = getattr(getattr(sampler, "_step", None), "self_check_report", None)
     if report is not None:  # the compiled backend's first-step errors against the eager float32 step
         rank_stats["self_check"] = {part["part"]: float(f"{part['error']:.3g}") for part in report["parts"]}
+    if config.trace:
+        rank_stats["trace"] = traces.to_state()
     gathered = gather_to_main(ctx, rank_stats)
     if not ctx.is_main:
         barrier(ctx)  # leave the process group together with rank 0: a lone teardown can abort gloo
         shutdown(ctx)
         return {"run": {"world_size": ctx.world_size, "ranks": [rank_stats]}}  # no "images": rank 0 merges
+    if config.trace:
+        merged = TraceAccumulator(len(schedule_map), plan.class_keys)
+        for stats in gathered:
+            merged.merge(stats.pop("trace"))
+        merged.write(out, schedule_map)
     written = sum(stats["images_written"] for stats in gathered)
     sampled = sum(stats["samples_generated"] for stats in gathered)
     sampling_seconds = max(stats["sampling_time_s"] for stats in gathered)  # the ranks ran in parallel
