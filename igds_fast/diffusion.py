@@ -18,6 +18,7 @@ Notation (respaced process with N kept steps, index i = 0 .. N-1, i = N-1 is pur
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ import torch
 
 from .errors import IGDSInputError
 
-NOISE_SCHEDULES = ("linear", "cosine")
+NOISE_SCHEDULES = ("linear", "cosine", "scaled_linear")
 FIXED_VARIANCES = ("small", "large")
 
 
@@ -55,9 +56,20 @@ def cosine_betas(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
     return np.array(betas, dtype=np.float64)
 
 
-def named_betas(name: str, num_steps: int) -> np.ndarray:
+def named_betas(name: str, num_steps: int, beta_start: float | None = None, beta_end: float | None = None) -> np.ndarray:
+    """float64 [num_steps] betas of a named schedule.
+
+    "linear": guided-diffusion's (`linear_betas`), or np.linspace(beta_start, beta_end) when both are
+    given (diffusers' "linear"); "scaled_linear": linspace(sqrt(start), sqrt(end))^2 (diffusers'
+    latent-diffusion schedule; start and end required); "cosine": Nichol & Dhariwal's (diffusers'
+    "squaredcos_cap_v2").
+    """
     if name == "linear":
-        return linear_betas(num_steps)
+        if beta_start is None:
+            return linear_betas(num_steps)
+        return np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
+    if name == "scaled_linear":
+        return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=np.float64) ** 2
     if name == "cosine":
         return cosine_betas(num_steps)
     raise IGDSInputError(f"unknown noise schedule {name!r}; expected one of {NOISE_SCHEDULES}")
@@ -121,12 +133,17 @@ class ScheduleConfig:
     sampling_steps: kept steps, guided-diffusion's `timestep_respacing` ("250", "ddim25", "10,20").
     fixed_variance: variance for priors without learned sigma: "large" = beta (guided-diffusion's
         default FIXED_LARGE, first entry beta~_1) or "small" = beta~ (posterior variance).
+    beta_start / beta_end: the beta range of a "linear" schedule given explicitly (diffusers'
+        scheduler configs; None = guided-diffusion's scaled 1e-4 .. 2e-2) or of "scaled_linear"
+        (required there).
     """
 
     noise_schedule: str = "linear"
     diffusion_steps: int = 1000
     sampling_steps: str = "250"
     fixed_variance: str = "large"
+    beta_start: float | None = None
+    beta_end: float | None = None
 
     def __post_init__(self):
         if self.noise_schedule not in NOISE_SCHEDULES:
@@ -139,8 +156,25 @@ class ScheduleConfig:
             raise IGDSInputError(
                 f"fixed_variance must be one of {FIXED_VARIANCES}, got {self.fixed_variance!r}"
             )
+        given = (self.beta_start is not None, self.beta_end is not None)
+        if given[0] != given[1]:
+            raise IGDSInputError("give both beta_start and beta_end, or neither")
+        if self.noise_schedule == "cosine" and given[0]:
+            raise IGDSInputError("the cosine schedule has no beta range (beta_start / beta_end)")
+        if self.noise_schedule == "scaled_linear" and not given[0]:
+            raise IGDSInputError("the scaled_linear schedule needs beta_start and beta_end")
+        if given[0] and not 0 < self.beta_start < self.beta_end < 1:
+            raise IGDSInputError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start!r}, {self.beta_end!r}")
         object.__setattr__(self, "sampling_steps", str(self.sampling_steps))
         space_timesteps(self.diffusion_steps, self.sampling_steps)  # validates the spec early
+
+    def to_dict(self) -> dict:
+        """The fields as a dict, the beta range only when given (folders written before it stay comparable)."""
+        fields = dataclasses.asdict(self)
+        for name in ("beta_start", "beta_end"):
+            if fields[name] is None:
+                del fields[name]
+        return fields
 
 
 class DiffusionSchedule:
@@ -166,7 +200,7 @@ class DiffusionSchedule:
 
     def __init__(self, config: ScheduleConfig = ScheduleConfig(), device="cpu", dtype=torch.float32):
         self.config = config
-        base_betas = named_betas(config.noise_schedule, config.diffusion_steps)
+        base_betas = named_betas(config.noise_schedule, config.diffusion_steps, config.beta_start, config.beta_end)
         kept = space_timesteps(config.diffusion_steps, config.sampling_steps)
         base_abar = np.cumprod(1.0 - base_betas)
         # Respacing: betas recomputed from the kept alpha-bars (guided-diffusion's SpacedDiffusion).

@@ -1,4 +1,5 @@
 """A diffusers UNet2DModel loaded from a local folder behaves like calling it directly."""
+import json
 import sys
 
 import pytest
@@ -79,3 +80,92 @@ def test_sampler_runs_a_diffusers_prior(diffusers, tmp_path):
                       GuidanceConfig(scale=1.0, beta=0.2))
     images = sampler.sample([0, 4], [7, 8])
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all() and images.std() > 0.01
+
+
+# ---- the scheduler config: the sampler's step against DDPMScheduler.step --------------------------
+SCHEDULER_CASES = [
+    # (prediction_type, variance_type, beta schedule settings, out_channels)
+    ("epsilon", "fixed_small", dict(beta_schedule="linear", beta_start=0.0002, beta_end=0.03), 3),
+    ("v_prediction", "fixed_small", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), 3),
+    ("v_prediction", "learned_range", dict(beta_schedule="squaredcos_cap_v2"), 6),
+    ("sample", "fixed_large", dict(beta_schedule="linear"), 3),
+]
+
+
+def pipeline_root(diffusers, folder, prediction, variance, betas, out_channels, **scheduler):
+    tiny_unet2d(diffusers, None, out_channels=out_channels).save_pretrained(folder / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=50, prediction_type=prediction, variance_type=variance,
+                            **betas, **scheduler).save_pretrained(folder / "scheduler")
+    return folder
+
+
+@pytest.mark.parametrize("prediction, variance, betas, out_channels", SCHEDULER_CASES)
+def test_our_step_is_the_diffusers_schedulers_step(diffusers, tmp_path, monkeypatch, prediction, variance, betas,
+                                                   out_channels):
+    from factories import tiny_ve
+    from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
+    from igds_fast.guidance import GuidanceConfig
+    from igds_fast.models.diffusers_unet import read_scheduler_config
+    from igds_fast.sampling import Sampler
+    from diffusers.schedulers import scheduling_ddpm
+
+    root = pipeline_root(diffusers, tmp_path, prediction, variance, betas, out_channels)
+    spec = read_scheduler_config(root)
+    assert spec.prediction_type == prediction and spec.learned_range == (variance == "learned_range")
+    prior = load_diffusers_unet(root, prediction_type=spec.prediction_type, schedule=spec.schedule)
+    schedule = DiffusionSchedule(ScheduleConfig(**spec.schedule, sampling_steps="50"))  # every training step
+    sampler = Sampler(prior, schedule, tiny_ve(num_classes=4), GuidanceConfig(scale=0.0, clip_x0=spec.clip_sample))
+    scheduler = diffusers.DDPMScheduler.from_pretrained(root / "scheduler")
+    x = torch.randn(2, 3, 16, 16)
+    noise = torch.randn_like(x)
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *args, **kwargs: noise.clone())
+    for t in (49, 30, 5, 1):
+        ours = sampler.step(x, t, torch.tensor([0, 1]), noise)
+        with torch.no_grad():
+            output = prior.model(x, torch.full((2,), t), return_dict=False)[0]
+        theirs = scheduler.step(output, t, x).prev_sample
+        # diffusers keeps its schedule in float32 (cumprod over 50 steps), ours is float64-computed
+        torch.testing.assert_close(ours, theirs, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(thresholding=True), "thresholding is not implemented"),
+    (dict(variance_type="learned"), "variance_type 'learned'"),
+    (dict(clip_sample_range=2.0), "clip_sample_range 2.0"),
+    (dict(beta_schedule="sigmoid"), "beta_schedule 'sigmoid'"),
+])
+def test_a_scheduler_setting_the_sampler_lacks_is_refused_in_one_line(diffusers, tmp_path, setting, message):
+    from igds_fast.models.diffusers_unet import read_scheduler_config
+
+    settings = dict(prediction="epsilon", variance="fixed_small", betas={}, out_channels=3)
+    if "variance_type" in setting:
+        settings["variance"] = setting.pop("variance_type")
+    if "beta_schedule" in setting:
+        settings["betas"] = {"beta_schedule": setting.pop("beta_schedule")}
+    root = pipeline_root(diffusers, tmp_path, settings["prediction"], settings["variance"], settings["betas"],
+                         settings["out_channels"], **setting)
+    with pytest.raises(IGDSInputError, match=message) as info:
+        read_scheduler_config(root)
+    assert "\n" not in str(info.value)
+
+
+def test_distill_reads_a_pipeline_root(diffusers, tmp_path):
+    from factories import tiny_ve
+    from igds_fast.distill import DistillConfig, distill
+
+    root = pipeline_root(diffusers, tmp_path / "pipe", "v_prediction", "fixed_small",
+                         dict(beta_schedule="linear"), 3)
+    ve = tiny_ve(num_classes=2)
+    ve.class_names = ["a", "b"]
+    ve.save(tmp_path / "ve.safetensors")
+    common = dict(ve=str(tmp_path / "ve.safetensors"), diffusers=str(root), ipc=1, steps=5, device="cpu",
+                  progress=False, prior_class_names=None)
+    manifest = distill(DistillConfig(out=str(tmp_path / "out"), **common))
+    settings = json.loads((tmp_path / "out" / ".igds_config.json").read_text())
+    assert settings["prediction_type"] == "v_prediction" and settings["diffusion"]["beta_start"] == 0.0001
+    assert len(manifest["images"]) == 2
+    with pytest.raises(IGDSInputError, match="sets the noise schedule: drop --noise-schedule"):
+        distill(DistillConfig(out=str(tmp_path / "out2"), noise_schedule="cosine", **common))
+    pipeline_root(diffusers, tmp_path / "mismatch", "epsilon", "learned_range", {}, 3)
+    with pytest.raises(IGDSInputError, match="does not fit a UNet with 3 output channels"):
+        distill(DistillConfig(out=str(tmp_path / "out3"), **{**common, "diffusers": str(tmp_path / "mismatch")}))

@@ -32,8 +32,8 @@ def add_parser(subparsers) -> None:
     source.add_argument("--preset", choices=sorted(ADM_PRESETS) + ["digits"],
                         help="architecture of an ADM --prior checkpoint; 'digits' runs the built-in demo")
     source.add_argument("--diffusers", metavar="DIR", help="a local diffusers UNet2DModel folder")
-    source.add_argument("--noise-schedule", choices=("linear", "cosine"), default="linear",
-                        help="diffusion of a --diffusers prior (default: linear)")
+    source.add_argument("--noise-schedule", choices=("linear", "cosine"), default=None,
+                        help="diffusion of a --diffusers UNet folder without a scheduler config (default: linear)")
     source.add_argument("--ve", help="variational estimator bundle (.safetensors)")
     what = parser.add_argument_group("what to sample")
     what.add_argument("--classes", help="imagewoof | imagenette | imagenet100 | imagenet1k | FILE | indices like 0-9,17 "

@@ -36,7 +36,8 @@ class DistillConfig:
     tau / gamma / mode / head / noise / backend: GuidanceConfig and Sampler options (None tau = the
     VE's; None noise = "philox" for the compiled backend, which draws its noise in-kernel, else
     "torch"). compile_options: CompileConfig fields for the compiled backend (dict; e.g.
-    {"dtype": "fp16"}). noise_schedule: the diffusion of a diffusers prior (its UNet folder does not record it).
+    {"dtype": "fp16"}). noise_schedule: the diffusion of a diffusers prior without a scheduler config
+    (None = linear; refused when the folder has one).
     progress: report progress on stderr. trace: write OUT/trace.json and OUT/trace.png, the guidance
     terms of every step per class (distill/trace.py; no effect on the pixels). prior_class_names: the class list of a diffusers prior
     that is conditional on neither ImageNet-1K nor the VE's list (None = infer).
@@ -65,7 +66,7 @@ class DistillConfig:
     noise: str | None = None
     backend: str = "eager"
     compile_options: dict | None = None
-    noise_schedule: str = "linear"
+    noise_schedule: str | None = None
     progress: bool = True
     prior_class_names: list[str] | None = field(default=None)
     batch_invariant: bool = False

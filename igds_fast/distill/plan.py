@@ -14,7 +14,6 @@ beta: `--beta`, else `--beta-table` (from `igds-fast calibrate-beta`), else `DEF
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -141,7 +140,7 @@ def plan_distill(config: DistillConfig) -> Plan:
         "prior_kind": spec.kind,
         "prior_preset": spec.preset,
         "prior_fingerprint": spec.fingerprint,
-        "diffusion": dataclasses.asdict(schedule_config),
+        "diffusion": schedule_config.to_dict(),
         "ve_fingerprint": file_fingerprint(config.ve),
         "classes": list(classes),
         "ipc": config.ipc,
@@ -158,6 +157,11 @@ def plan_distill(config: DistillConfig) -> Plan:
     }
     if pixel_settings["noise"] == "torch":
         pixel_settings["noise_source"] = torch_noise_source(device)
+    # Only where they differ from the defaults: folders written before these settings stay resumable.
+    if spec.prediction_type != "epsilon":
+        pixel_settings["prediction_type"] = spec.prediction_type
+    if not spec.clip_x0:
+        pixel_settings["clip_x0"] = False
     if config.backend == "compiled":
         options = compile_config(config)
         # The compute dtypes change the pixels; the other compile options only change the speed.

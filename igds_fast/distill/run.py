@@ -64,7 +64,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         schedule = DiffusionSchedule(ScheduleConfig(**plan.pixel_settings["diffusion"]), device=device)
         guidance = GuidanceConfig(
             scale=float(config.scale), beta=float(plan.beta), tau=config.tau, gamma=float(config.gamma),
-            mode=config.mode, head=config.head,
+            mode=config.mode, head=config.head, clip_x0=plan.prior.clip_x0,
         )
         options = compile_config(config) if config.backend == "compiled" else None
         return Sampler(unet, schedule, plan.ve.to(device), guidance, backend=config.backend,

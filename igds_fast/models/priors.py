@@ -23,7 +23,7 @@ from ..diffusion import ScheduleConfig
 from ..errors import IGDSInputError
 from ..imageio import write_bytes_atomic
 from .adm import ADM_DIFFUSION_FLAGS, ADM_PRESETS, ADMUNet, check_state_dict, load_adm
-from .diffusers_unet import load_diffusers_unet
+from .diffusers_unet import load_diffusers_unet, read_scheduler_config, unet_folder
 
 FORMAT_NAME = "igds_prior"
 FORMAT_VERSION = 1
@@ -116,14 +116,17 @@ class PriorSpec:
     class_names: list[str] | None  # None = unconditional
     schedule: dict  # ScheduleConfig fields except sampling_steps
     fingerprint: dict
+    prediction_type: str = "epsilon"  # diffusers priors: what the UNet predicts (turned into eps on load)
+    clip_x0: bool = True  # the x0 clipping the prior was sampled with (diffusers' clip_sample)
 
 
 def describe_prior(prior: str | None, preset: str | None, diffusers: str | None, ve_class_names: list[str],
-                   noise_schedule: str = "linear", prior_class_names: list[str] | None = None) -> PriorSpec:
+                   noise_schedule: str | None = None, prior_class_names: list[str] | None = None) -> PriorSpec:
     """Identify a prior, its class list and diffusion without loading its weights (one-line errors).
 
     Exactly one of prior (an ADM checkpoint with its `preset`, or a file written by train-prior) and
-    diffusers (a UNet2DModel folder, with the `noise_schedule` its folder does not record; its class
+    diffusers (a pipeline root with unet/ and scheduler/, or a UNet2DModel folder; its diffusion
+    from the scheduler config, or `noise_schedule` (default linear) when there is none; its class
     list is ImageNet-1K's for 1000 classes, the VE's for as many classes as the VE, else
     `prior_class_names`).
     """
@@ -131,10 +134,8 @@ def describe_prior(prior: str | None, preset: str | None, diffusers: str | None,
     if len(given) != 1:
         raise IGDSInputError("give exactly one prior: --prior PATH [--preset NAME] or --diffusers DIR")
     if diffusers:
-        directory = os.path.abspath(diffusers)
+        directory = unet_folder(os.path.abspath(diffusers))
         config_path = os.path.join(directory, "config.json")
-        if not os.path.isfile(config_path):
-            raise IGDSInputError(f"not a diffusers model folder (no config.json): {diffusers}")
         if preset:
             raise IGDSInputError("--preset applies to --prior checkpoints, not to --diffusers folders")
         try:
@@ -156,8 +157,20 @@ def describe_prior(prior: str | None, preset: str | None, diffusers: str | None,
                 f"the diffusers prior has {num_classes} classes, neither ImageNet-1K's 1000 nor the VE's "
                 f"{len(ve_class_names)}: its class list is unknown"
             )
-        schedule = {"noise_schedule": noise_schedule, "diffusion_steps": 1000, "fixed_variance": "large"}
-        return PriorSpec("diffusers", directory, None, class_names, schedule, folder_fingerprint(directory))
+        scheduler = read_scheduler_config(os.path.abspath(diffusers), noise_schedule or "linear")
+        if scheduler.source is not None and noise_schedule is not None:
+            raise IGDSInputError(f"{scheduler.source} sets the noise schedule: drop --noise-schedule")
+        out, channels = int(unet_config.get("out_channels", 0)), int(unet_config.get("in_channels", 0))
+        if scheduler.source is not None and scheduler.learned_range != (out == 2 * channels):
+            raise IGDSInputError(
+                f"{scheduler.source}: variance_type {'learned_range' if scheduler.learned_range else 'fixed'} does not "
+                f"fit a UNet with {out} output channels for {channels} input channels"
+            )
+        fingerprint = folder_fingerprint(directory)
+        if scheduler.source is not None:
+            fingerprint["scheduler_config.json"] = file_fingerprint(scheduler.source)
+        return PriorSpec("diffusers", directory, None, class_names, scheduler.schedule, fingerprint,
+                         scheduler.prediction_type, scheduler.clip_sample)
 
     return describe_prior_file(prior, preset)
 
@@ -195,7 +208,7 @@ def load_prior_unet(spec: PriorSpec, device):
     if spec.kind == "adm":
         return load_adm(spec.path, spec.preset, device=device)
     if spec.kind == "diffusers":
-        return load_diffusers_unet(spec.path, device=device)
+        return load_diffusers_unet(spec.path, device=device, prediction_type=spec.prediction_type, schedule=spec.schedule)
     unet, _, _ = load_prior(spec.path, device=device)
     return unet
 

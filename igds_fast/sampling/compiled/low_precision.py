@@ -25,11 +25,14 @@ def low_precision_copy(module: nn.Module, dtype: torch.dtype, channels_last: boo
     if convs_only:
         low = {id(p) for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
                for p in m.parameters(recurse=False)}
+    # Buffers a module names in `low_precision_keep` stay float32 (e.g. a schedule table it converts with).
+    keep = {id(buffer) for m in module.modules() for name in getattr(m, "low_precision_keep", ())
+            if (buffer := getattr(m, name, None)) is not None}
     memo: dict[int, Any] = {}
     for tensor in list(module.parameters()) + list(module.buffers()):
         if id(tensor) in memo:
             continue
-        to_low = tensor.is_floating_point() and (low is None or id(tensor) in low)
+        to_low = tensor.is_floating_point() and (low is None or id(tensor) in low) and id(tensor) not in keep
         cast = tensor.detach().to(dtype) if to_low else tensor.detach().clone()
         if channels_last and cast.dim() == 4:
             cast = cast.contiguous(memory_format=torch.channels_last)
