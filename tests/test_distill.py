@@ -456,9 +456,9 @@ def test_compiled_backend_chooses_its_batch_pads_the_last_and_matches_eager(mode
     calls = []
     original_sample = Sampler.sample
 
-    def recording_sample(self, labels, seeds, group_ids=None, pad_to=None):
+    def recording_sample(self, labels, seeds, group_ids=None, pad_to=None, **options):
         calls.append((len(labels), pad_to))
-        return original_sample(self, labels, seeds, group_ids, pad_to)
+        return original_sample(self, labels, seeds, group_ids, pad_to, **options)
 
     monkeypatch.setattr(Sampler, "sample", recording_sample)
     manifest = distill(make_config(models, tmp_path / "compiled", backend="compiled", compile_options=options,
