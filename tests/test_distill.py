@@ -531,3 +531,28 @@ def test_trace_writes_the_guidance_terms_per_class_and_leaves_the_pixels(models,
         assert image.size[0] >= 5 * 300 and image.mode == "RGB"
     with pytest.raises(IGDSInputError, match="--trace applies to a distillation run"):
         run_distill(_parse(["--preset", "digits", "--trace"]))
+
+
+def test_timestep_respacing_and_the_npz_export(models, tmp_path):
+    from igds_fast import cli
+
+    out = tmp_path / "respaced"
+    args = ["--prior", models["prior"], "--ve", models["ve"], "--ipc", "2", "--classes", "dog,cat", "--composite", "1",
+            "--out", str(out), "--device", "cpu", "--quiet", "--timestep-respacing", "3,2"]
+    assert cli.main(["distill", *args]) == 0
+    settings = json.loads((out / CONFIG_NAME).read_text())
+    assert settings["diffusion"]["sampling_steps"] == "3,2"
+    with pytest.raises(IGDSInputError, match="give --steps or --timestep-respacing, not both"):
+        run_distill(_parse(args + ["--steps", "5"]))
+    with pytest.raises(IGDSInputError, match="--timestep-respacing applies to a distillation run"):
+        run_distill(_parse(["--preset", "digits", "--timestep-respacing", "ddim5"]))
+    assert cli.main(["export-npz", str(out), "--out", str(tmp_path / "samples.npz")]) == 0
+    with np.load(tmp_path / "samples.npz", allow_pickle=False) as archive:
+        images, labels = archive["arr_0"], archive["arr_1"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [entry["prior_label"] for entry in manifest["images"]]
+    for k, entry in enumerate(manifest["images"]):
+        assert np.array_equal(images[k], png_pixels(out / entry["path"]))
+    assert cli.main(["export-npz", str(tmp_path), "--out", str(tmp_path / "x.npz")]) == 2  # no manifest.json
+    assert not (tmp_path / "x.npz").exists()

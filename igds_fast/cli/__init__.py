@@ -23,7 +23,7 @@ PROG = "igds-fast"
 
 # The command modules of igds_fast.cli, in the order `igds-fast --help` lists their commands. Each
 # defines add_parser(subparsers), which sets handler=run, and run(args) -> exit code.
-COMMANDS = ("distill", "train_prior", "train_ve", "calibrate", "eval", "export")
+COMMANDS = ("distill", "train_prior", "train_ve", "calibrate", "eval", "export", "export_npz")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,9 @@ def add_parser(subparsers) -> None:
     guidance.add_argument("--beta-table", default=None, help="beta per IPC from calibrate-beta (JSON)")
     guidance.add_argument("--scale", type=float, default=None, help=f"guidance scale (default: {DEFAULT_SCALE}; 0 = plain DDPM)")
     guidance.add_argument("--steps", type=int, default=None, help=f"respaced sampling steps (default: {DEFAULT_STEPS})")
+    guidance.add_argument("--timestep-respacing", default=None, metavar="SPEC",
+                          help="guided-diffusion's timestep_respacing instead of --steps: 250, ddim50, 10,20,30 "
+                               "(sections of the training steps, each sampled evenly)")
     guidance.add_argument("--tau", type=float, default=None, help="feature-softmax temperature (default: the VE's)")
     guidance.add_argument("--gamma", type=float, default=0.0, help="diversity (InfoNCE) term weight (default: 0)")
     guidance.add_argument("--mode", choices=("x0", "xt"), default="x0", help="gradient w.r.t. x0_hat or x_t")
@@ -109,6 +112,15 @@ def _compile_options(args: argparse.Namespace) -> dict | None:
     return options or None
 
 
+def _steps(args: argparse.Namespace) -> int | str:
+    """--steps or --timestep-respacing (not both); the default step count without either."""
+    if args.steps is not None and args.timestep_respacing is not None:
+        raise IGDSInputError("give --steps or --timestep-respacing, not both")
+    if args.timestep_respacing is not None:
+        return args.timestep_respacing
+    return DEFAULT_STEPS if args.steps is None else args.steps
+
+
 def run(args: argparse.Namespace) -> int:
     """The `distill` subcommand: the digits demo or one distillation run. Returns the exit code."""
     if _uses_digits_demo(args):
@@ -123,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         ve=args.ve, out=args.out, ipc=args.ipc, prior=args.prior, preset=args.preset, diffusers=args.diffusers,
         classes=args.classes, beta=args.beta, beta_table=args.beta_table,
         scale=DEFAULT_SCALE if args.scale is None else args.scale,
-        steps=DEFAULT_STEPS if args.steps is None else args.steps,
+        steps=_steps(args),
         composite=args.composite,
         batch_size=args.batch_size, seed=args.seed, force=args.force,
         device=args.device, tau=args.tau, gamma=args.gamma, mode=args.mode, head=args.head, noise=args.noise,
@@ -142,8 +154,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_digits(args: argparse.Namespace) -> int:
     """`igds-fast distill` without models: run the digits pipeline with the command's overrides."""
-    if args.trace:
-        raise IGDSInputError("--trace applies to a distillation run (--prior/--ve), not to the digits demo")
+    for flag, value in (("--trace", args.trace), ("--timestep-respacing", args.timestep_respacing)):
+        if value:
+            raise IGDSInputError(f"{flag} applies to a distillation run (--prior/--ve), not to the digits demo")
     overrides = {}
     if args.ipc is not None:
         overrides["ipcs"] = (args.ipc,)

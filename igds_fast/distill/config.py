@@ -26,7 +26,8 @@ class DistillConfig:
     written by igds_fast.train_prior). ve: VE bundle. classes: class spec (list name, file, indices or
     class ids; None = every VE class in VE order). ipc: output images per class. beta / beta_table
     (None / None = DEFAULT_BETA_TABLE). scale: guidance scale (0 = plain DDPM). steps: respaced
-    sampling steps. composite: samples per output image (1 or 4; None = 4 for ADM presets, as the
+    sampling steps, an int or guided-diffusion's timestep_respacing string ("250", "ddim50",
+    "10,20,30"). composite: samples per output image (1 or 4; None = 4 for ADM presets, as the
     paper, else 1). batch_size: samples per sampler call (None = DEFAULT_BATCH_SIZE for the eager
     backend; the compiled backend chooses it from free device memory, the smallest choice of all
     ranks under torchrun, and pads a short last batch that follows full ones to it, so no new
@@ -53,7 +54,7 @@ class DistillConfig:
     beta: float | None = None
     beta_table: str | None = None
     scale: float = DEFAULT_SCALE
-    steps: int = DEFAULT_STEPS
+    steps: int | str = DEFAULT_STEPS
     composite: int | None = None
     batch_size: int | None = None
     seed: int = 0

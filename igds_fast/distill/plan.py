@@ -64,7 +64,11 @@ def _resolve_beta(config: DistillConfig) -> tuple[float, str]:
 
 def _check_scalars(config: DistillConfig) -> None:
     check_positive_int(config.ipc, "IPC")
-    check_positive_int(config.steps, "steps")
+    if isinstance(config.steps, str):  # a timestep respacing ("250", "ddim50", "10,20,30"): ScheduleConfig checks it
+        if not config.steps.strip():
+            raise IGDSInputError("the timestep respacing is empty")
+    else:
+        check_positive_int(config.steps, "steps")
     if config.batch_size is not None:
         check_positive_int(config.batch_size, "batch size")
     if config.composite is not None and config.composite not in COMPOSITE_SIZES:

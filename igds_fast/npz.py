@@ -1,0 +1,81 @@
+"""A distilled folder as one .npz in guided-diffusion's evaluator format, written image by image.
+
+    arr_0   uint8 [N, H, W, 3]   the images in the manifest's order (grayscale repeated to RGB, as the
+                                 evaluator's Inception network reads RGB)
+    arr_1   int64 [N]            the prior's class of each image (ImageNet index for ImageNet priors),
+                                 or the VE's class where the prior is unconditional
+
+guided-diffusion's `evaluations/evaluator.py` and the sample scripts of its forks read `arr_0` (and
+the labels from `arr_1`). The archive is written member by member with the .npy header first, so
+memory stays at one image whatever the folder's size (np.savez would hold the whole array); it
+appears only by an atomic rename when complete.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+from .errors import IGDSInputError
+
+
+def _npy_header(dtype, shape) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                   "fortran_order": False, "shape": tuple(shape)})
+    return buffer.getvalue()  # write_array_header_1_0 writes the magic string too
+
+
+def _read_rgb(path: str) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def export_npz(folder: str, out: str) -> dict:
+    """Write `folder`'s images (its manifest.json) to `out` (.npz); returns {"images", "shape", "path"}."""
+    manifest_path = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        raise IGDSInputError(f"{folder} has no manifest.json: not a finished igds-fast distill folder")
+    with open(manifest_path, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    images = manifest.get("images") or []
+    if not images:
+        raise IGDSInputError(f"{manifest_path} lists no images")
+    missing = [entry["path"] for entry in images if not os.path.isfile(os.path.join(folder, entry["path"]))]
+    if missing:
+        raise IGDSInputError(f"{len(missing)} image(s) of the manifest are missing, e.g. {missing[0]}")
+    first = _read_rgb(os.path.join(folder, images[0]["path"]))
+    shape = (len(images), *first.shape)
+    labels = np.array([entry["label"] if entry.get("prior_label") is None else entry["prior_label"]
+                       for entry in images], dtype=np.int64)
+    out_folder = os.path.dirname(os.path.abspath(out)) or "."
+    if not os.path.isdir(out_folder):
+        raise IGDSInputError(f"output folder {out_folder!r} does not exist")
+    handle, temporary = tempfile.mkstemp(dir=out_folder, prefix=".", suffix=".npz.tmp")
+    os.close(handle)
+    try:
+        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+                member.write(_npy_header(np.uint8, shape))
+                for entry in images:
+                    pixels = _read_rgb(os.path.join(folder, entry["path"]))
+                    if pixels.shape != first.shape:
+                        raise IGDSInputError(f"{entry['path']} is {pixels.shape}, the first image {first.shape}")
+                    member.write(np.ascontiguousarray(pixels).tobytes())
+            with archive.open("arr_1.npy", "w") as member:
+                member.write(_npy_header(np.int64, labels.shape))
+                member.write(labels.tobytes())
+        os.replace(temporary, out)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    return {"images": shape[0], "shape": list(shape), "path": os.path.abspath(out)}
+
+
+__all__ = ["export_npz"]
