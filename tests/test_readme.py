@@ -42,3 +42,35 @@ def test_the_python_api_example_runs_as_written(tmp_path, monkeypatch):
     assert grad.shape == images.shape and torch.isfinite(grad).all() and grad.abs().max() > 0
     assert namespace["class_map"] == [3, 0]
     assert set(imported) <= set(__import__("igds_fast").__all__)
+
+
+def front_end_snippets() -> list[str]:
+    text = open(README, encoding="utf-8").read()
+    section = text[text.index("## For front-end authors"):text.index("## Backends")]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_the_three_front_end_routes_run_as_written(tmp_path, monkeypatch):
+    script_util = __import__("pytest").importorskip("guided_diffusion.script_util")
+    snippets = front_end_snippets()
+    assert len(snippets) == 3
+    namespace: dict = {}
+    options_code = snippets[0].split("model, diffusion =")[0]
+    exec(compile(options_code, "README.md", "exec"), namespace)  # noqa: S102 (the snippet's own options)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        model, _ = script_util.create_model_and_diffusion(**namespace["options"])
+        randomize_(model, 0.05)
+        torch.save(model.state_dict(), tmp_path / "model.pt")
+        ve = tiny_ve(num_classes=2, channels=3, resolution=16)
+    ve.class_names = ["n02099601", "n02110185"]
+    ve.save(tmp_path / "ve.safetensors")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["images"].shape == (2, 3, 16, 16) and torch.isfinite(namespace["images"]).all()
+    assert namespace["samples"].shape == (2, 3, 16, 16) and torch.isfinite(namespace["samples"]).all()
+    grad = namespace["grad"]
+    assert grad.shape == (2, 3, 16, 16) and grad.abs().max() > 0
+    assert "condition_mean" in vars(namespace["diffusion"])  # route 2 patched that object only
