@@ -73,3 +73,35 @@ def digits_adm(scale: float = 0.05):
 
     unet = ADMUNet.from_flags(**PriorTrainConfig().unet_flags(16, 1, 10))
     return randomize_(unet, scale).eval()
+
+
+def tiny_dit(input_size=8, depth=2, hidden_size=32, num_heads=2, num_classes=4, difffit_blocks=0, scale=0.05):
+    """A DiT of the original layout (4 latent channels, patch 2, learned sigma, a null class), random weights."""
+    from igds_fast.models.dit import DiT
+
+    dit = DiT(input_size=input_size, patch_size=2, in_channels=4, hidden_size=hidden_size, depth=depth,
+              num_heads=num_heads, num_classes=num_classes, difffit_blocks=difffit_blocks)
+    pos_embed = dit.pos_embed.detach().clone()
+    randomize_(dit, scale)
+    with torch.no_grad():
+        dit.pos_embed.copy_(pos_embed)  # the fixed sin-cos table, as every checkpoint holds it
+    return dit.eval()
+
+
+def tiny_vae(latent_channels=4, scale_factor=2, scaling_factor=0.18215):
+    """A diffusers AutoencoderKL of SD's layout, small: block_out_channels (8, 16[, ...]), random weights."""
+    from diffusers import AutoencoderKL
+
+    blocks = int(math.log2(scale_factor)) + 1
+    channels = tuple(8 * 2 ** k for k in range(blocks))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=scaling_factor,
+    )
+    randomize_(vae, 0.1)
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.uniform_(0.5, 1.5)
+    return vae.eval()

@@ -116,7 +116,7 @@ def test_first_diverging_module_names_the_innermost_faulty_module():
 
 def test_the_tolerance_table_covers_every_dtype_and_part():
     for dtype in compiled_module.DTYPES:
-        assert set(SELF_CHECK_TOLERANCES[dtype]) == {"unet", "features", "head", "gradient", "step"}
+        assert set(SELF_CHECK_TOLERANCES[dtype]) == {"unet", "decoder", "features", "head", "gradient", "step"}
     assert SELF_CHECK_TOLERANCES["bf16"]["unet"] < 0.1  # an output off by 10% must fail in every dtype
     assert all(parts["features"] < 0.1 and parts["unet"] < 0.1 for parts in SELF_CHECK_TOLERANCES.values())
 

@@ -4,11 +4,14 @@
     (J [B], dJ/dz [B, d])  = head(z, labels, W, b, log Q, beta, tau, gamma, group_ids)
     dJ/dx                  = vector-Jacobian product of z w.r.t. x with dJ/dz      [B, C, H, W]
 
+A latent prior (DiT + VAE) puts its decoder in front: x is the latent [B, 4, S, S], the encoder sees
+decode(x) [B, 3, 8S, 8S], and dJ/dx is the vector-Jacobian product through encoder and decoder.
+
 One object, built once from the VE and the guidance settings, is the only way any step computes the
 guidance, and the way a front end gets the IGDS gradient for its own sampler. The head is
 swappable (autograd through `igds_objective`, the closed forms, or the fused Triton kernel) and so
-is the encoder forward (the compiled backend passes its low-precision compiled copy); the encoder
-backward is always torch autograd.
+is the encoder forward (the compiled backend passes its low-precision compiled copy) and the decoder
+(likewise); their backward is always torch autograd.
 """
 from __future__ import annotations
 
@@ -53,17 +56,21 @@ class IGDSGuidance:
         [C, d], `tau`); beta, gamma: the contextual and diversity weights; tau: None = the VE's;
     head: a GuidanceConfig.head name or a head callable (the signature of `autograd_head`);
     features: image -> z [B, d], differentiable; None = `ve.features`.
+    decoder: latent -> image [B, C', H', W'] in ~[-1, 1], differentiable (models.vae.LatentDecoder:
+        a latent prior's VAE), run in front of the encoder; None = the prior's samples are images.
 
-    Call: x0 [B, C, H, W], the encoder's input before preprocessing (the x0 prediction); labels [B]
+    Call: x0 [B, C, H, W], the x0 prediction (an image, or a latent with a decoder); labels [B]
     (VE classes); group_ids [B] (diversity groups; None = the labels); wrt: the tensor to
     differentiate with respect to — None = the detached x0 itself (x0 mode); in x_t mode it is x_t,
     and x0 must have been computed from it with autograd enabled; return_features: also return the
     (detached) features z [B, d] (for a trace of the objective's terms, `terms`). NVTX:
-    igds/encoder/forward, igds/head, igds/encoder/backward.
+    igds/decoder/forward, igds/encoder/forward, igds/head, igds/encoder/backward, igds/decoder/backward
+    (the decoder's ranges only with a decoder).
     """
 
     def __init__(self, ve, beta: float = 0.0, tau: float | None = None, gamma: float = 0.0,
-                 head: str | Head = "autograd", features: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 head: str | Head = "autograd", features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 decoder: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.ve = ve
         self.beta, self.gamma = float(beta), float(gamma)
         self.tau = float(ve.tau if tau is None else tau)
@@ -71,18 +78,31 @@ class IGDSGuidance:
             raise IGDSInputError(f"tau must be positive, got {self.tau}")
         self.head = resolve_head(head) if isinstance(head, str) else head
         self.features = ve.features if features is None else features
+        self.decoder = decoder
 
     @classmethod
     def from_config(cls, ve, config: GuidanceConfig, **operations) -> "IGDSGuidance":
-        """The guidance of a GuidanceConfig (beta, tau, gamma, head); `operations` override head/features."""
+        """The guidance of a GuidanceConfig (beta, tau, gamma, head); `operations`: head, features, decoder."""
         settings = dict(beta=config.beta, tau=config.tau, gamma=config.gamma, head=config.head)
         settings.update(operations)
         return cls(ve, **settings)
 
-    def with_operations(self, head: str | Head | None = None, features=None) -> "IGDSGuidance":
-        """The same guidance computed by another head and/or encoder forward (the fast backends')."""
+    def with_operations(self, head: str | Head | None = None, features=None, decoder=None) -> "IGDSGuidance":
+        """The same guidance computed by another head, encoder forward and/or decoder (the fast backends')."""
         return IGDSGuidance(self.ve, self.beta, self.tau, self.gamma, self.head if head is None else head,
-                            self.features if features is None else features)
+                            self.features if features is None else features,
+                            self.decoder if decoder is None else decoder)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """The image the encoder sees: decoder(x0) for a latent prior, else x0 itself."""
+        if self.decoder is None:
+            return x0
+        with nvtx_range("igds/decoder/forward"):
+            return self.decoder(x0)
+
+    def encode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Features z [B, d] of the x0 prediction (decoded first for a latent prior), differentiable."""
+        return self.features(self.decode(x0))
 
     def head_gradient(self, z: torch.Tensor, labels, group_ids=None):
         """(J [B], dJ/dz [B, d]) of features z: the head alone."""
@@ -107,12 +127,20 @@ class IGDSGuidance:
             if wrt is None:
                 image = image.detach().requires_grad_(True)
                 wrt = image
+            decoded = self.decode(image)
             with nvtx_range("igds/encoder/forward"):
-                features = self.features(image)
+                features = self.features(decoded)
             with nvtx_range("igds/head"):
                 objective, grad_features = self.head_gradient(features.detach(), labels, group_ids)
-            with nvtx_range("igds/encoder/backward"):
-                (grad,) = torch.autograd.grad(features, wrt, grad_outputs=grad_features.to(features.dtype))
+            grad_features = grad_features.to(features.dtype)
+            if self.decoder is None:
+                with nvtx_range("igds/encoder/backward"):
+                    (grad,) = torch.autograd.grad(features, wrt, grad_outputs=grad_features)
+            else:  # two products, so a profile shows the decoder's share of the backward on its own
+                with nvtx_range("igds/encoder/backward"):
+                    (grad_decoded,) = torch.autograd.grad(features, decoded, grad_outputs=grad_features)
+                with nvtx_range("igds/decoder/backward"):
+                    (grad,) = torch.autograd.grad(decoded, wrt, grad_outputs=grad_decoded.to(decoded.dtype))
         if return_features:
             return objective, grad, features.detach()
         return objective, grad

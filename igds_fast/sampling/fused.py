@@ -35,13 +35,16 @@ from .step import StepContext, StepInputs, StepOps
 class KernelOps(StepOps):
     """The step's operations on the Triton kernels (x0 prediction, guidance head, fused update).
 
-    tables: the fp32 coefficient tables (built once); unet_fn / features: what runs the UNet and the
-    encoder forward (the context's float32 models, or the compiled backend's copies); out_in_place:
+    tables: the fp32 coefficient tables (built once); unet_fn / features / decoder: what runs the UNet,
+    the encoder forward and a latent prior's decoder (the context's float32 models, or the compiled
+    backend's copies); out_in_place:
     the update writes x_{i-1} over x_t (the compiled backend's static buffer).
     """
 
-    def __init__(self, context: StepContext, tables: StepTables, unet_fn=None, features=None, out_in_place=False):
-        super().__init__(context, unet_fn, context.guidance.with_operations(head=guidance_head, features=features))
+    def __init__(self, context: StepContext, tables: StepTables, unet_fn=None, features=None, out_in_place=False,
+                 decoder=None):
+        super().__init__(context, unet_fn,
+                         context.guidance.with_operations(head=guidance_head, features=features, decoder=decoder))
         self.tables = tables
         self.out_in_place = out_in_place
 

@@ -25,6 +25,8 @@ from ..seeding import INITIAL_NOISE_STREAM
 from .backends import build_step, resolve_noise_source
 from .step import StepContext
 
+DECODE_CHUNK = 8  # latents decoded at once by Sampler.decode (the decoder's activations are large)
+
 
 class Sampler:
     """Guided DDPM sampling with a diffusion prior and a variational estimator.
@@ -46,12 +48,17 @@ class Sampler:
     reference_numerics: (eager backend, CUDA) run under `fp32_reference_math` — float32 without TF32,
         deterministic cuDNN — as the reference must; False = PyTorch's defaults (TF32 convolutions,
         cudnn.benchmark as set): what bench/sampler.py times as the plain-PyTorch baseline.
+    decoder: a latent prior's decoder (models.vae.LatentDecoder: z -> image, differentiable; with
+        in_channels = the prior's, out_channels = the VE's): the guidance decodes every x0 prediction
+        before the VE sees it (the gradient flows back through it), and `sample` returns decoded
+        images. None = the prior's samples are images.
     backend: "eager" (float32 reference: no compile, no graphs) or "compiled"
         (`sampling.compiled.CompiledStep`: low-precision compiled UNet, CUDA-graph-captured step),
         configured by `backend_options` (a `CompileConfig` or its fields as a dict).
 
     Attributes: guidance (the GuidanceConfig), guidance_fn (the eager IGDSGuidance), context (what
-    every step reads), tau, channels, image_size, learn_sigma, num_classes, device, noise_source.
+    every step reads), tau, channels, image_size, learn_sigma, num_classes, device, noise_source,
+    decoder (or None).
     """
 
     def __init__(
@@ -67,6 +74,7 @@ class Sampler:
         backend_options=None,
         batch_invariant: bool = False,
         reference_numerics: bool = True,
+        decoder=None,
     ):
         if not isinstance(guidance, GuidanceConfig):
             raise IGDSInputError(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
@@ -78,10 +86,12 @@ class Sampler:
         self.channels = int(unet.in_channels)
         self.image_size = int(unet.image_size)
         self.learn_sigma = bool(unet.learn_sigma)
-        check_estimator(ve, self.channels)
+        self.decoder = decoder
+        self.batch_invariant = bool(batch_invariant)
+        check_estimator(ve, self.channels if decoder is None else _decoder_out_channels(decoder, self.channels))
         self.num_classes = int(ve.num_classes)
         self.device = schedule.device
-        self.guidance_fn = IGDSGuidance.from_config(ve, guidance)
+        self.guidance_fn = IGDSGuidance.from_config(ve, guidance, decoder=decoder)
         self.tau = self.guidance_fn.tau
         in_kernel_noise = use_kernels or backend == "compiled"
         if noise is None:
@@ -145,8 +155,12 @@ class Sampler:
         return getattr(self._step, "batch_size", None)
 
     def sample(self, labels, seeds, group_ids=None, pad_to: int | None = None, x_T: torch.Tensor | None = None,
-               callback=None, trace: bool = False):
+               callback=None, trace: bool = False, decode: bool = True):
         """Images [B, C, H, W] in [-1, 1] for VE class `labels` [B], each keyed by its seed [B].
+
+        With a decoder (a latent prior) the loop runs on latents [B, C, S, S] and the result is their
+        decoded images [B, C', H', W'] clamped to [-1, 1] (`decode`); decode=False returns the final
+        latents themselves (not clamped). x_T, the callback's x and x0 are latents then.
 
         pad_to: run the batch at this size (>= B) and return its first B images. Static-shape backends
         (compiled: one compile and one CUDA graph per batch shape) reuse the graphs of their full
@@ -165,6 +179,10 @@ class Sampler:
         """
         labels, seeds, group_ids = self._validate_batch(labels, seeds, group_ids)
         count = labels.numel()
+        if not isinstance(decode, bool):
+            raise IGDSInputError(f"decode must be True or False, got {decode!r}")
+        if not decode and self.decoder is None:
+            raise IGDSInputError("decode=False applies to a latent prior (a Sampler with a decoder) only")
         if callback is not None and not callable(callback):
             raise IGDSInputError(f"callback must be callable, got {type(callback).__name__}")
         shape = (self.channels, self.image_size, self.image_size)
@@ -193,10 +211,28 @@ class Sampler:
                 if callback is not None:
                     x = self._call_back(callback, i, before, x, count)
             step.finish_batch(batch)
-        images = x[:count].clamp(-1.0, 1.0)
+        if self.decoder is None:
+            images = x[:count].clamp(-1.0, 1.0)
+        else:
+            images = self.decode(x[:count]) if decode else x[:count].clone()  # x may be a static buffer
         if not trace:
             return images
         return images, {name: values[:, :count] for name, values in batch.trace.read().items()}
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images [B, C', H', W'] in [-1, 1] of latents [B, C, S, S]: the float32 decoder, in chunks.
+
+        Always the user's float32 decoder under the sampler's numerics (one decode per image is 1/N of
+        the guided decodes a run makes: not worth a second precision); DECODE_CHUNK images at a time,
+        one at a time when batch_invariant (an image's bytes then do not depend on its batch).
+        """
+        if self.decoder is None:
+            raise IGDSInputError("this sampler has no decoder: its samples are images already")
+        chunk = 1 if self.batch_invariant else DECODE_CHUNK
+        with torch.no_grad(), self._step.numerics():
+            parts = [self.decoder(latents[start:start + chunk].to(self.device, torch.float32))
+                     for start in range(0, latents.shape[0], chunk)]
+        return torch.cat(parts).clamp(-1.0, 1.0)
 
     def _call_back(self, callback, i: int, before: torch.Tensor, x: torch.Tensor, count: int) -> torch.Tensor:
         """Run a per-step callback on (i, timestep, x_{i-1}, x0_hat); copy a returned replacement into x."""
@@ -227,6 +263,20 @@ class Sampler:
             if group_ids.numel() != labels.numel():
                 raise IGDSInputError(f"got {labels.numel()} labels but {group_ids.numel()} group ids")
         return labels.to(self.device), seeds, group_ids
+
+
+def _decoder_out_channels(decoder, prior_channels: int) -> int:
+    """The decoder's image channels, after checking it fits the prior (one-line errors)."""
+    if not callable(decoder):
+        raise IGDSInputError(f"the decoder must be callable as decoder(z), got {type(decoder).__name__}")
+    missing = [name for name in ("in_channels", "out_channels") if not hasattr(decoder, name)]
+    if missing:
+        raise IGDSInputError(f"the decoder {type(decoder).__name__} lacks {', '.join(missing)} "
+                             "(models.vae.LatentDecoder has them)")
+    if int(decoder.in_channels) != prior_channels:
+        raise IGDSInputError(f"the decoder reads {decoder.in_channels}-channel latents but the prior makes "
+                             f"{prior_channels}")
+    return int(decoder.out_channels)
 
 
 def _pad_batch(labels: torch.Tensor, seeds: list[int], group_ids, size: int):

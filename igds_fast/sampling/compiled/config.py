@@ -39,11 +39,13 @@ class CompileConfig:
         debugging). GroupNorm statistics and the attention softmax stay fp32 whatever the dtype.
     encoder_dtype: compute dtype of the VE encoder copy; None = `dtype`. The guidance head, the x0
         prediction and the update always compute in fp32.
+    decoder_dtype: compute dtype of a latent prior's decoder copy (the VAE the guidance decodes every
+        x0 prediction with); None = `encoder_dtype`. The final images are decoded by the float32 decoder.
     channels_last: NHWC memory format for both copies (tensor-core convolutions want it).
     compile: torch.compile the UNet (and the encoder, see `compile_encoder`); False = run the
         low-precision copies eagerly (still graph-captured on CUDA).
-    compile_encoder: also compile the encoder forward (its input-gradient backward is then compiled by
-        AOTAutograd).
+    compile_encoder: also compile the guidance path's forward — the encoder, and a latent prior's
+        decoder — (their input-gradient backward is then compiled by AOTAutograd).
     backend: torch.compile backend, "inductor" (default) or "aot_eager" (dynamo + AOTAutograd, no
         code generation: the cheap CPU test mode).
     mode: inductor mode, "default" or "max-autotune-no-cudagraphs"; None = the latter on CUDA,
@@ -72,6 +74,7 @@ class CompileConfig:
 
     dtype: str = "bf16"
     encoder_dtype: str | None = None
+    decoder_dtype: str | None = None
     channels_last: bool = True
     compile: bool = True
     compile_encoder: bool = True
@@ -88,9 +91,9 @@ class CompileConfig:
     self_check: bool = True
 
     def __post_init__(self):
-        for name in ("dtype", "encoder_dtype"):
+        for name in ("dtype", "encoder_dtype", "decoder_dtype"):
             value = getattr(self, name)
-            if not (value is None and name == "encoder_dtype") and value not in DTYPES:
+            if not (value is None and name != "dtype") and value not in DTYPES:
                 raise IGDSInputError(f"compile {name} must be one of {tuple(DTYPES)}, got {value!r}")
         for name in ("channels_last", "compile", "compile_encoder", "cuda_graphs", "cudnn_benchmark", "self_check"):
             if not isinstance(getattr(self, name), bool):
@@ -155,6 +158,7 @@ class CompileConfig:
             inductor_options=options,
             cuda_graphs=self.cuda_graphs and cuda,
             encoder_dtype=self.encoder_dtype or self.dtype,
+            decoder_dtype=self.decoder_dtype or self.encoder_dtype or self.dtype,
         )
 
     def compile_kwargs(self) -> dict[str, Any]:

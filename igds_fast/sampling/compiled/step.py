@@ -144,6 +144,7 @@ class CompiledStep:
         self.tables = StepTables(context.schedule)  # fp32, contiguous, on the device: built once
         self.step_indices = torch.arange(context.num_steps, dtype=torch.int64, device=self.device)
         self.dtype, self.encoder_dtype = DTYPES[cfg.dtype], DTYPES[cfg.encoder_dtype]
+        self.decoder_dtype = DTYPES[cfg.decoder_dtype]
 
         unet = context.unet
         if not isinstance(unet, nn.Module):
@@ -166,14 +167,21 @@ class CompiledStep:
         else:  # a duck-typed VE without a ResNet trunk: its own features(), as given
             self.features_lp = ve.features
 
-        unet_fn, features_fn = self.unet_lp, self.features_lp
+        decoder = context.guidance.decoder  # a latent prior's VAE decoder, or None
+        self.decoder_lp = (low_precision_copy(decoder, self.decoder_dtype, cfg.channels_last)
+                           if isinstance(decoder, nn.Module) else decoder)
+
+        unet_fn, features_fn, decoder_fn = self.unet_lp, self.features_lp, self.decoder_lp
         if cfg.compile:
             kwargs = cfg.compile_kwargs()
             if cfg.unet_engine is None:
                 unet_fn = torch.compile(self.unet_lp, **kwargs)
             if cfg.compile_encoder:
                 features_fn = torch.compile(self.features_lp, **kwargs)
-        self.ops = KernelOps(context, self.tables, unet_fn=unet_fn, features=features_fn, out_in_place=True)
+                if isinstance(self.decoder_lp, nn.Module):
+                    decoder_fn = torch.compile(self.decoder_lp, **kwargs)
+        self.ops = KernelOps(context, self.tables, unet_fn=unet_fn, features=features_fn, out_in_place=True,
+                             decoder=decoder_fn)
         self.use_graphs = cfg.cuda_graphs
         self._buffers: dict[tuple[int, bool], _BatchBuffers] = {}
         self._chosen_batch_size: int | None = None
@@ -313,10 +321,18 @@ class CompiledStep:
                 x0 = predict_x0(x_before, self.last_model_output, b.index, self.tables, c.learn_sigma,
                                 clip=cfg.clip_x0)
             x0_rows = x0[rows]
+            if reference_guidance.decoder is not None:
+                # The decoded image the encoder sees (a latent prior), fast copy vs float32 decoder.
+                with torch.no_grad():
+                    fast_image = self.ops.guidance.decode(x0)
+                with fp32_reference_math(self.device), torch.no_grad():
+                    expected_image = reference_guidance.decode(x0_rows)
+                results.append(compare("decoder", fast_image[rows], expected_image,
+                                       SELF_CHECK_TOLERANCES[self.config.decoder_dtype]["decoder"]))
             with torch.enable_grad():
-                fast_features = self.ops.guidance.features(x0.detach().requires_grad_(True)).detach()
+                fast_features = self.ops.guidance.encode(x0.detach().requires_grad_(True)).detach()
             with fp32_reference_math(self.device), torch.no_grad():
-                expected_features = reference_guidance.features(x0_rows)
+                expected_features = reference_guidance.encode(x0_rows)
             results.append(compare("features", fast_features[rows], expected_features, encoder_tolerances["features"]))
             # The Triton head (always fp32) on the reference features against the reference head.
             _, fast_head = self.ops.guidance.head_gradient(expected_features, labels, groups)
@@ -382,17 +398,30 @@ class CompiledStep:
                     )
                 return where, "UNet output", self._culprit(found, cfg.dtype, "UNet", cfg.compile)
             return "TensorRT UNet engine", "UNet output", f"engine {cfg.unet_engine}"
+        if part == "decoder":
+            where = f"decoder copy ({cfg.decoder_dtype}{compiled_note if cfg.compile_encoder else ''})"
+            decoder, copy = c.guidance.decoder, self.decoder_lp
+            if isinstance(decoder, nn.Module) and isinstance(copy, nn.Module):
+                with fp32_reference_math(self.device):
+                    found = first_diverging_module(decoder, copy, lambda: decoder(x0_rows), lambda: copy(x0_rows),
+                                                   result["tolerance"])
+                return where, "decoded image", self._culprit(found, cfg.decoder_dtype, "decoder",
+                                                             cfg.compile and cfg.compile_encoder)
+            return where, "decoded image", None
         where = f"VE encoder copy ({cfg.encoder_dtype}{compiled_note if cfg.compile_encoder else ''})"
         if part == "head":
             return "Triton guidance head", "dJ/dz of the reference features", None
         if part == "gradient":  # features and head agree
-            return where, "guidance gradient dJ/dx0", "features and head agree: the encoder's input-gradient backward differs"
+            backward = "decoder's and encoder's" if c.guidance.decoder is not None else "encoder's"
+            return where, "guidance gradient dJ/dx0", f"features and head agree: the {backward} input-gradient backward differs"
         ve = c.guidance.ve
         features = self.features_lp
         if isinstance(features, LowPrecisionFeatures) and isinstance(getattr(ve, "encoder", None), nn.Module):
             with fp32_reference_math(self.device):
+                with torch.no_grad():  # the encoder's input: the decoded image of a latent prior
+                    image = c.guidance.decode(x0_rows)
                 found = first_diverging_module(
-                    ve.encoder, features.encoder, lambda: ve.features(x0_rows), lambda: features(x0_rows),
+                    ve.encoder, features.encoder, lambda: ve.features(image), lambda: features(image),
                     result["tolerance"],
                 )
             return where, "encoder features", self._culprit(found, cfg.encoder_dtype, "encoder",
@@ -504,7 +533,8 @@ class CompiledStep:
         """Peak bytes above the current allocation of one guided step at `batch`, uncompiled."""
         c = self.context
         compiled_ops = self.ops
-        self.ops = KernelOps(c, self.tables, unet_fn=self.unet_lp, features=self.features_lp, out_in_place=True)
+        self.ops = KernelOps(c, self.tables, unet_fn=self.unet_lp, features=self.features_lp, out_in_place=True,
+                             decoder=self.decoder_lp)
         try:
             torch.cuda.synchronize(self.device)
             base = torch.cuda.memory_allocated(self.device)
