@@ -8,6 +8,8 @@ The public API (what a user or another IGDS front end needs), loaded on first us
     CompileConfig                                  the compiled backend's settings
     VariationalEstimator, load_ve                  the variational estimator
     load_adm, load_prior                           guided-diffusion ADM checkpoints, priors of train-prior
+    load_dit, ClassifierFreeGuidance               a DiT / MinimaxDiffusion checkpoint and its CFG mix
+    load_vae, LatentDecoder                        a latent prior's VAE decoder (a local diffusers folder)
 """
 import importlib as _importlib
 import os as _os
@@ -26,6 +28,10 @@ _PUBLIC = {
     "load_ve": "igds_fast.ve",
     "load_adm": "igds_fast.models.adm",
     "load_prior": "igds_fast.models.priors",
+    "load_dit": "igds_fast.models.dit",
+    "ClassifierFreeGuidance": "igds_fast.models.cfg",
+    "load_vae": "igds_fast.models.vae",
+    "LatentDecoder": "igds_fast.models.vae",
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from factories import tiny_adm, tiny_ve
+from tolerances import tolerance
 from igds_fast import DiffusionSchedule, GuidanceConfig, Sampler, ScheduleConfig
 from igds_fast.errors import IGDSInputError
 from igds_fast.frontends import IGDSConditioner, label_map_from_class_map
@@ -100,7 +101,8 @@ def test_p_sample_loop_with_the_conditioner_equals_our_sample(parts, monkeypatch
     final = diffusion.p_sample_loop(unet, (2, *shape), noise=x_T, clip_denoised=True, cond_fn=lambda *a, **k: None,
                                     model_kwargs={"y": torch.tensor(PRIOR_MAP)[labels]})
     assert left == []
-    torch.testing.assert_close(final.clamp(-1, 1), expected, **TOLERANCE)
+    # A whole 20-step trajectory: per-step rounding passes through UNet and encoder again every step.
+    torch.testing.assert_close(final.clamp(-1, 1), expected, **tolerance(torch.float32, "trajectory"))
 
 
 def test_the_with_grad_route_of_forks(parts, monkeypatch):

@@ -133,6 +133,59 @@ def test_bench_flop_counts_match_the_issue(bench):
     assert 14e9 < flops["encoder"] < 18e9  # ResNet-50 forward + input backward at 224^2: ~16 GFLOP
 
 
+def test_bench_latent_flop_counts_match_dit_and_the_issue(bench):
+    # DiT-XL/2 at 256 px: 118.6 GMAC per forward (DiT's paper, Table 4, its "Gflops" are multiply-adds),
+    # twice that under classifier-free guidance; SD's VAE decoder ~311 GMAC per 256 px image forward and
+    # about as much for its input-gradient backward; every part counted = its forward-hook formula.
+    pytest.importorskip("diffusers")
+    stats = bench.MODEL_STATS.latent_step_stats(bench.DIT_PRESETS["dit-xl2-256"], bench.MODEL_STATS.sd_vae_config(256))
+    parts = stats["parts"]
+    assert parts["dit"]["flops"] / 2e9 == pytest.approx(118.6, rel=0.01)
+    assert parts["cfg_dit"]["flops"] == 2 * parts["dit"]["flops"]
+    assert parts["decoder_forward"]["flops"] / 2e9 == pytest.approx(311, rel=0.01)
+    assert parts["decoder_backward"]["flops"] == pytest.approx(parts["decoder_forward"]["flops"], rel=0.01)
+    assert parts["encoder_backward"]["flops"] == parts["encoder_forward"]["flops"]  # ResNet-50 at 224: conv only
+    for name, part in parts.items():
+        assert part["flops"] == sum(part["formula"].values()), name
+    assert round(stats["params"] / 1e6, 1) == 674.8 and stats["frozen_params"] == 256 * 1152  # pos_embed apart
+    assert 0.70 < stats["decoder_share"] < 0.73
+    flops = bench.latent_flops_per_image_step("dit-xl2-256")
+    assert flops["total"] == stats["guided"] == flops["unet"] + flops["decoder"] + flops["encoder"]
+    assert flops["unguided"] == flops["unet"] == parts["cfg_dit"]["flops"]
+
+
+def test_bench_sampler_dit_tiny_run_reports_guided_and_unguided_rows(bench, tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    monkeypatch.setattr(bench, "RESULTS", str(tmp_path / "RESULTS.md"))
+    out = tmp_path / "rows.json"
+    options = json.dumps({"backend": "aot_eager", "dtype": "fp32", "channels_last": False})
+    argv = [
+        "--presets", "dit-tiny", "--batch-sizes", "2", "--warmup", "1", "--steps", "1", "--compile-options", options,
+        "--check-fidelity", "--fidelity-steps", "2", "--json", str(out), "--append-results",
+    ]
+    assert bench.main(argv) == 0
+    found = json.loads(out.read_text())
+    rows = {(row["variant"], row["guidance"]): row for row in found["rows"]}
+    assert set(rows) == {(v, g) for v in ("eager-fp32", "eager-bf16", "compiled") for g in ("igds", "none")}
+    for (variant, guidance), row in rows.items():
+        assert "error" not in row, row
+        assert row["ms_per_step"] > 0 and row["tflops"] > 0 and row["steps_per_image"] == 50
+        assert row["s_per_image"] == pytest.approx(row["ms_per_step"] / 1e3 * 50 / 2)
+        assert (row.get("decoder_ms", 0) > 0 and 0 < row["decoder_share"]) == (guidance == "igds")
+    assert rows[("eager-fp32", "none")]["vs_eager_fp32"] == pytest.approx(1.0)
+    guided, unguided = rows[("eager-fp32", "igds")], rows[("eager-fp32", "none")]
+    assert guided["unguided_gflop"] == guided["unet_gflop"] < guided["unet_gflop"] + guided["decoder_gflop"]
+    # TFLOP/s of each row from its own count: the unguided step is the CFG forward alone (batch 2)
+    assert unguided["tflops"] == pytest.approx(unguided["unguided_gflop"] * 2 / unguided["ms_per_step"])
+    total = guided["unet_gflop"] + guided["decoder_gflop"] + guided["encoder_gflop"]
+    assert guided["tflops"] == pytest.approx(total * 2 / guided["ms_per_step"])
+    check = found["fidelity"][0]
+    assert check["x_rel"] < 1e-4 and check["unet_rel"] < 1e-4  # fp32 compiled vs eager
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "| dit-tiny | compiled | none | 2 |" in report and "s/image @50" in report
+    assert "decoder share" in report and "| preset | variant | batch | ms/step" not in report  # no ADM table
+
+
 def test_torch_trace_writes_a_chrome_trace_with_the_step_phases(tmp_path):
     script = load_script("profiling/torch_trace.py", "igds_torch_trace_under_test")
     out = tmp_path / "trace"
@@ -163,9 +216,10 @@ def test_gpu_check_dry_run_plans_every_part(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     summary = (tmp_path / "SUMMARY.md").read_text()
-    for part in ("env", "tests", "selfcheck", "adm256", "adm256-ma", "adm64", "kernels", "nsys", "flags"):
+    for part in ("env", "tests", "selfcheck", "adm256", "adm256-ma", "adm64", "kernels", "nsys", "flags", "dit256"):
         assert f"| {part} | planned (dry run) |" in summary
     assert "pytest_gpu_select" in result.stdout and "--presets adm256" in result.stdout
+    assert "--presets dit-xl2-256" in result.stdout
     assert "bench/self_check.py --models digits,adm256" in result.stdout
 
 
@@ -197,8 +251,10 @@ def test_bench_self_check_measures_within_the_tolerance_table(capsys):
     args = script.parse_args(["--models", "tiny,digits", "--dtypes", "bf16,fp32", "--steps", "4"])
     rows = [script.measure(model, dtype, args) for model in ("tiny", "digits") for dtype in ("bf16", "fp32")]
     assert SELF_CHECK_TOLERANCES == before
+    pixel_prior_parts = [part for part in PARTS if part != "decoder"]  # no decoder: a pixel prior
     for row in rows:
-        for part in PARTS:
+        assert [part for part in PARTS if part in row] == pixel_prior_parts, row
+        for part in pixel_prior_parts:
             assert 0 <= row[part] <= SELF_CHECK_TOLERANCES[row["dtype"]][part], row
     assert rows[0]["unet"] > 1e-4 and rows[1]["unet"] < 1e-5  # bf16 really rounds; fp32 copies are exact
 

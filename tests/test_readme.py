@@ -74,3 +74,55 @@ def test_the_three_front_end_routes_run_as_written(tmp_path, monkeypatch):
     grad = namespace["grad"]
     assert grad.shape == (2, 3, 16, 16) and grad.abs().max() > 0
     assert "condition_mean" in vars(namespace["diffusion"])  # route 2 patched that object only
+
+
+def minimax_dit_command() -> list[str]:
+    """The `igds-fast distill` arguments of the README's Minimax-DiT recipe, as written."""
+    import shlex
+
+    text = open(README, encoding="utf-8").read()
+    section = text[text.index("## The Minimax-DiT recipe"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    lines = [line.split("#", 1)[0].rstrip() for line in block.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line) for line in lines if line.strip()]
+    assert len(commands) == 1 and commands[0][:2] == ["igds-fast", "distill"], commands
+    return commands[0][2:]
+
+
+def test_the_minimax_dit_recipe_runs_as_written(tmp_path, monkeypatch):
+    """The recipe's command on random-weight files of the real layouts at its paths (a MinimaxDiffusion
+    training checkpoint, an AutoencoderKL folder, a VE bundle, a beta table); small shapes, CPU, IPC 1."""
+    import argparse
+
+    from factories import tiny_dit, tiny_vae
+    from igds_fast.calibrate import write_beta_table
+    from igds_fast.classes import class_list
+    from igds_fast.cli.distill import add_parser, run
+
+    argv = minimax_dit_command()
+    values = {flag: argv[argv.index(flag) + 1] for flag in ("--prior", "--vae", "--ve", "--beta-table", "--out")}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        dit = tiny_dit(input_size=8, depth=1, hidden_size=384, num_heads=6, num_classes=1000, difffit_blocks=1)
+        vae = tiny_vae()
+        ve = tiny_ve(num_classes=10, channels=3, resolution=16)
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(os.path.dirname(values["--prior"]), exist_ok=True)
+    torch.save({"model": dit.state_dict(), "ema": dit.state_dict(), "opt": {},
+                "args": argparse.Namespace(model="DiT-XL/2")}, values["--prior"])
+    vae.save_pretrained(values["--vae"])
+    ve.class_names = class_list("imagewoof")
+    ve.save(values["--ve"])
+    write_beta_table(values["--beta-table"], {"chosen": {1: 0.0, 10: 0.1}})
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    # As written, but IPC 1 instead of 10 (100 images at 50 steps cost minutes on 2 CPU cores) and on the
+    # CPU, quietly (the recipe's default device is the GPU when there is one).
+    argv[argv.index("--ipc") + 1] = "1"
+    assert run(parser.parse_args(["distill", *argv, "--quiet", "--device", "cpu"])) == 0
+    out = values["--out"]
+    manifest = __import__("json").load(open(os.path.join(out, "manifest.json")))
+    assert manifest["pixel_settings"]["prior_kind"] == "dit"
+    assert manifest["pixel_settings"]["diffusion"]["sampling_steps"] == "50"
+    assert manifest["pixel_settings"]["latent"]["cfg_scale"] == 4.0
+    assert len(manifest["images"]) == 10 and manifest["settings"]["composite"] == 1

@@ -7,10 +7,13 @@ import os
 import sys
 
 from igds_fast.calibrate import read_beta_table
-from igds_fast.distill import DEFAULT_BATCH_SIZE, DEFAULT_SCALE, DEFAULT_STEPS, DistillConfig, distill
+from igds_fast.distill import (DEFAULT_BATCH_SIZE, DEFAULT_CFG_CHANNELS, DEFAULT_CFG_SCALE, DEFAULT_DIT_STEPS,
+                               DEFAULT_SCALE, DEFAULT_STEPS, DistillConfig, distill)
 from igds_fast.errors import IGDSInputError
 from igds_fast.jobs import COMPOSITE_SIZES
 from igds_fast.models.adm import ADM_PRESETS
+from igds_fast.models.dit import DIT_PRESETS
+from igds_fast.models.priors import PRIOR_KINDS
 from igds_fast.presets.digits import DEFAULT_WORK_DIR, DigitsSettings, clear_work_dir, format_table, run_digits
 
 
@@ -28,9 +31,18 @@ def add_parser(subparsers) -> None:
         ),
     )
     source = parser.add_argument_group("models")
-    source.add_argument("--prior", help="ADM checkpoint (.pt/.safetensors, with --preset) or a prior file from train_prior")
-    source.add_argument("--preset", choices=sorted(ADM_PRESETS) + ["digits"],
-                        help="architecture of an ADM --prior checkpoint; 'digits' runs the built-in demo")
+    source.add_argument("--prior", help="ADM checkpoint (.pt/.safetensors, with --preset), DiT / MinimaxDiffusion "
+                                        "checkpoint (recognised by its keys), or a prior file from train_prior")
+    source.add_argument("--preset", choices=sorted(ADM_PRESETS) + sorted(DIT_PRESETS) + ["digits"],
+                        help="architecture of an ADM or DiT --prior checkpoint; 'digits' runs the built-in demo")
+    source.add_argument("--prior-kind", choices=PRIOR_KINDS, default=None,
+                        help="what --prior is (default: from --preset, the file's header or its keys)")
+    source.add_argument("--vae", metavar="DIR",
+                        help="a DiT prior's VAE: a local diffusers AutoencoderKL folder (e.g. sd-vae-ft-mse)")
+    source.add_argument("--cfg-scale", type=float, default=None,
+                        help=f"a DiT prior's classifier-free guidance scale (default: {DEFAULT_CFG_SCALE:g}; 1 = none)")
+    source.add_argument("--cfg-channels", type=int, default=None,
+                        help=f"latent channels CFG guides (default: {DEFAULT_CFG_CHANNELS}, as DiT; 4 = all, as diffusers)")
     source.add_argument("--diffusers", metavar="DIR", help="a local diffusers UNet2DModel folder")
     source.add_argument("--noise-schedule", choices=("linear", "cosine"), default=None,
                         help="diffusion of a --diffusers UNet folder without a scheduler config (default: linear)")
@@ -46,10 +58,15 @@ def add_parser(subparsers) -> None:
     guidance.add_argument("--beta", type=float, default=None, help="weight of the contextual term")
     guidance.add_argument("--beta-table", default=None, help="beta per IPC from calibrate-beta (JSON)")
     guidance.add_argument("--scale", type=float, default=None, help=f"guidance scale (default: {DEFAULT_SCALE}; 0 = plain DDPM)")
-    guidance.add_argument("--steps", type=int, default=None, help=f"respaced sampling steps (default: {DEFAULT_STEPS})")
+    guidance.add_argument("--steps", type=int, default=None,
+                          help=f"respaced sampling steps (default: {DEFAULT_STEPS}; {DEFAULT_DIT_STEPS} for a DiT prior)")
     guidance.add_argument("--timestep-respacing", default=None, metavar="SPEC",
                           help="guided-diffusion's timestep_respacing instead of --steps: 250, ddim50, 10,20,30 "
                                "(sections of the training steps, each sampled evenly)")
+    guidance.add_argument("--guide-from-step", type=int, default=0, metavar="K",
+                          help="first guided sampling step (0 = the first step from noise; default: 0)")
+    guidance.add_argument("--guide-until-step", type=int, default=None, metavar="K",
+                          help="last guided sampling step, inclusive (default: the last; IGD guides 30-45 of 50)")
     guidance.add_argument("--tau", type=float, default=None, help="feature-softmax temperature (default: the VE's)")
     guidance.add_argument("--gamma", type=float, default=0.0, help="diversity (InfoNCE) term weight (default: 0)")
     guidance.add_argument("--mode", choices=("x0", "xt"), default="x0", help="gradient w.r.t. x0_hat or x_t")
@@ -113,12 +130,12 @@ def _compile_options(args: argparse.Namespace) -> dict | None:
 
 
 def _steps(args: argparse.Namespace) -> int | str:
-    """--steps or --timestep-respacing (not both); the default step count without either."""
+    """--steps or --timestep-respacing (not both); None without either."""
     if args.steps is not None and args.timestep_respacing is not None:
         raise IGDSInputError("give --steps or --timestep-respacing, not both")
     if args.timestep_respacing is not None:
         return args.timestep_respacing
-    return DEFAULT_STEPS if args.steps is None else args.steps
+    return args.steps  # None = the prior's default (DistillConfig.steps)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, tau=args.tau, gamma=args.gamma, mode=args.mode, head=args.head, noise=args.noise,
         backend=args.backend, noise_schedule=args.noise_schedule, progress=not args.quiet,
         batch_invariant=args.batch_invariant, compile_options=_compile_options(args), trace=args.trace,
+        prior_kind=args.prior_kind, vae=args.vae, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
+        guide_from_step=args.guide_from_step, guide_until_step=args.guide_until_step,
     )
     manifest = distill(config)
     if "images" not in manifest:
@@ -154,7 +173,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_digits(args: argparse.Namespace) -> int:
     """`igds-fast distill` without models: run the digits pipeline with the command's overrides."""
-    for flag, value in (("--trace", args.trace), ("--timestep-respacing", args.timestep_respacing)):
+    for flag, value in (("--trace", args.trace), ("--timestep-respacing", args.timestep_respacing),
+                        ("--prior-kind", args.prior_kind), ("--vae", args.vae), ("--cfg-scale", args.cfg_scale),
+                        ("--cfg-channels", args.cfg_channels), ("--guide-from-step", args.guide_from_step),
+                        ("--guide-until-step", args.guide_until_step is not None)):
         if value:
             raise IGDSInputError(f"{flag} applies to a distillation run (--prior/--ve), not to the digits demo")
     overrides = {}

@@ -40,7 +40,10 @@ def run(args) -> int:
             import tensorrt  # noqa: F401
         except ImportError:
             raise IGDSInputError("--engine needs the tensorrt package: pip install tensorrt") from None
-    unet = load_prior_unet(describe_prior_file(args.prior, args.preset), "cpu")
+    spec = describe_prior_file(args.prior, args.preset)
+    if spec.kind == "dit":  # the engine route is ADM's (x0 mode, one UNet call a step); a DiT runs compiled
+        raise IGDSInputError("export-unet exports ADM priors; a DiT prior runs on --backend compiled (torch.compile)")
+    unet = load_prior_unet(spec, "cpu")
     report = export_unet_onnx(unet, args.out, args.batch_size, args.dtype, check=not args.no_check)
     detail = f", rel. error {report['rel_error']:.1e}" if "rel_error" in report else ""
     print(f"export-unet: {report['path']} ({sum(report['files'].values()) / 2**20:.1f} MiB, {args.dtype}, "

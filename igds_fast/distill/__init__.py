@@ -8,7 +8,8 @@
 config.py (DistillConfig, defaults), plan.py (checks and the job list, before any model loads),
 folder.py (settings file, resume, preview), run.py (the batches, the sampler, torchrun), manifest.py.
 """
-from .config import DEFAULT_BATCH_SIZE, DEFAULT_BETA_TABLE, DEFAULT_SCALE, DEFAULT_STEPS, DistillConfig
+from .config import (DEFAULT_BATCH_SIZE, DEFAULT_BETA_TABLE, DEFAULT_CFG_CHANNELS, DEFAULT_CFG_SCALE, DEFAULT_DIT_STEPS,
+                     DEFAULT_SCALE, DEFAULT_STEPS, DistillConfig)
 from .folder import BATCH_NAME, CONFIG_NAME, MANIFEST_NAME, PREVIEW_NAME
 from .plan import Plan, plan_distill
 from .run import distill
@@ -18,6 +19,9 @@ __all__ = [
     "CONFIG_NAME",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_BETA_TABLE",
+    "DEFAULT_CFG_CHANNELS",
+    "DEFAULT_CFG_SCALE",
+    "DEFAULT_DIT_STEPS",
     "DEFAULT_SCALE",
     "DEFAULT_STEPS",
     "DistillConfig",

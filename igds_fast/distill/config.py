@@ -12,6 +12,9 @@ DEFAULT_BETA_TABLE: dict[int, float] = {1: 0.0, 10: 0.1, 20: 0.2, 50: 0.5, 100: 
 # guidance's neutral setting (Dhariwal & Nichol use 1.0 for their conditional 256 model); a placeholder.
 DEFAULT_SCALE = 1.0
 DEFAULT_STEPS = 250  # the paper runs 250 respaced DDPM steps
+DEFAULT_DIT_STEPS = 50  # DiT's and MinimaxDiffusion's sample.py: create_diffusion("50")
+DEFAULT_CFG_SCALE = 4.0  # DiT's sample.py --cfg-scale and MinimaxDiffusion's sampling scale
+DEFAULT_CFG_CHANNELS = 3  # DiT's forward_with_cfg guides the first three latent channels
 DEFAULT_BATCH_SIZE = 32
 CONFIG_FORMAT = "igds_distill_config"
 MANIFEST_FORMAT = "igds_distill_manifest"
@@ -23,11 +26,15 @@ class DistillConfig:
     """Every setting of a distillation run (the CLI fills this; `distill()` runs it).
 
     Prior (exactly one): prior + preset (ADM checkpoint), diffusers (folder), or prior alone (a file
-    written by igds_fast.train_prior). ve: VE bundle. classes: class spec (list name, file, indices or
+    written by igds_fast.train_prior, or a DiT / MinimaxDiffusion checkpoint, recognised by its keys;
+    prior_kind "dit" or a dit-* preset says so explicitly). A DiT prior is latent: vae (a local
+    diffusers AutoencoderKL folder) decodes it, cfg_scale / cfg_channels set its classifier-free
+    guidance (None = DEFAULT_CFG_SCALE / DEFAULT_CFG_CHANNELS; refused for other priors). ve: VE bundle. classes: class spec (list name, file, indices or
     class ids; None = every VE class in VE order). ipc: output images per class. beta / beta_table
     (None / None = DEFAULT_BETA_TABLE). scale: guidance scale (0 = plain DDPM). steps: respaced
     sampling steps, an int or guided-diffusion's timestep_respacing string ("250", "ddim50",
-    "10,20,30"). composite: samples per output image (1 or 4; None = 4 for ADM presets, as the
+    "10,20,30"); None = DEFAULT_DIT_STEPS for a DiT prior, else DEFAULT_STEPS. guide_from_step /
+    guide_until_step: the guided window in sampling order, inclusive (IGD guides 30-45 of 50). composite: samples per output image (1 or 4; None = 4 for ADM presets, as the
     paper, else 1). batch_size: samples per sampler call (None = DEFAULT_BATCH_SIZE for the eager
     backend; the compiled backend chooses it from free device memory, the smallest choice of all
     ranks under torchrun, and pads a short last batch that follows full ones to it, so no new
@@ -54,7 +61,7 @@ class DistillConfig:
     beta: float | None = None
     beta_table: str | None = None
     scale: float = DEFAULT_SCALE
-    steps: int | str = DEFAULT_STEPS
+    steps: int | str | None = None
     composite: int | None = None
     batch_size: int | None = None
     seed: int = 0
@@ -72,6 +79,13 @@ class DistillConfig:
     prior_class_names: list[str] | None = field(default=None)
     batch_invariant: bool = False
     trace: bool = False
+    prior_kind: str | None = None
+    vae: str | None = None
+    cfg_scale: float | None = None
+    cfg_channels: int | None = None
+    guide_from_step: int = 0
+    guide_until_step: int | None = None
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_BETA_TABLE", "DEFAULT_SCALE", "DEFAULT_STEPS", "DistillConfig"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_BETA_TABLE", "DEFAULT_CFG_CHANNELS", "DEFAULT_CFG_SCALE",
+           "DEFAULT_DIT_STEPS", "DEFAULT_SCALE", "DEFAULT_STEPS", "DistillConfig"]

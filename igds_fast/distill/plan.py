@@ -10,6 +10,10 @@ conditioned on the class's index in the prior's class list (ImageNet-1K's sorted
 checkpoints and 1000-class diffusers priors; the file's own list for our priors; none for
 unconditional priors).
 
+A DiT / MinimaxDiffusion checkpoint (`--prior DiT-XL-2-256x256.pt [--prior-kind dit | --preset
+dit-xl2-256]`) is a latent prior: `--vae DIR` decodes it, `--cfg-scale` / `--cfg-channels` set its
+classifier-free guidance, and its steps default to DiT's 50.
+
 beta: `--beta`, else `--beta-table` (from `igds-fast calibrate-beta`), else `DEFAULT_BETA_TABLE`.
 """
 from __future__ import annotations
@@ -19,17 +23,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ..artifacts import file_fingerprint
+from ..artifacts import file_fingerprint, folder_fingerprint
 from ..calibrate import beta_for_ipc, read_beta_table
 from ..classes import resolve_classes
-from ..diffusion import ScheduleConfig
+from ..diffusion import ScheduleConfig, space_timesteps
 from ..errors import IGDSInputError
 from ..guidance import GuidanceConfig
 from ..jobs import COMPOSITE_SIZES, ImageJob, build_jobs, check_folder_name, check_positive_int
 from ..models.priors import PriorSpec, describe_prior
 from ..sampling.compiled.config import CompileConfig
 from ..ve import VariationalEstimator
-from .config import CONFIG_FORMAT, DEFAULT_BETA_TABLE, FORMAT_VERSION, DistillConfig
+from .config import (CONFIG_FORMAT, DEFAULT_BETA_TABLE, DEFAULT_CFG_CHANNELS, DEFAULT_CFG_SCALE, DEFAULT_DIT_STEPS,
+                     DEFAULT_STEPS, FORMAT_VERSION, DistillConfig)
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Plan:
     ve_labels: list[int]
     prior_labels: list[int | None]
     prior_class_map: list[int] | None
+    steps: int | str
     beta: float
     beta_source: str
     composite: int
@@ -64,7 +70,9 @@ def _resolve_beta(config: DistillConfig) -> tuple[float, str]:
 
 def _check_scalars(config: DistillConfig) -> None:
     check_positive_int(config.ipc, "IPC")
-    if isinstance(config.steps, str):  # a timestep respacing ("250", "ddim50", "10,20,30"): ScheduleConfig checks it
+    if config.steps is None:
+        pass  # the prior's default (plan_distill)
+    elif isinstance(config.steps, str):  # a timestep respacing ("250", "ddim50", "10,20,30"): ScheduleConfig checks it
         if not config.steps.strip():
             raise IGDSInputError("the timestep respacing is empty")
     else:
@@ -105,10 +113,16 @@ def plan_distill(config: DistillConfig) -> Plan:
     ve = VariationalEstimator.load(config.ve, device="cpu")
     ve_names = list(ve.class_names)
     spec = describe_prior(config.prior, config.preset, config.diffusers, ve_names, config.noise_schedule,
-                          config.prior_class_names)
+                          config.prior_class_names, config.prior_kind)
+    latent = _check_latent_options(config, spec)
     # The guidance settings are validated here, before any model is built.
-    GuidanceConfig(scale=config.scale, beta=beta, tau=config.tau, gamma=config.gamma, mode=config.mode, head=config.head)
-    schedule_config = ScheduleConfig(sampling_steps=str(config.steps), **spec.schedule)
+    GuidanceConfig(scale=config.scale, beta=beta, tau=config.tau, gamma=config.gamma, mode=config.mode, head=config.head,
+                   guide_from_step=config.guide_from_step, guide_until_step=config.guide_until_step)
+    steps = config.steps if config.steps is not None else (DEFAULT_DIT_STEPS if spec.kind == "dit" else DEFAULT_STEPS)
+    schedule_config = ScheduleConfig(sampling_steps=str(steps), **spec.schedule)
+    num_steps = len(space_timesteps(schedule_config.diffusion_steps, schedule_config.sampling_steps))
+    if config.guide_from_step >= num_steps:
+        raise IGDSInputError(f"--guide-from-step {config.guide_from_step} is past the last of {num_steps} sampling steps")
 
     if spec.class_names is not None:
         prior_index = {name: i for i, name in enumerate(spec.class_names)}
@@ -166,16 +180,51 @@ def plan_distill(config: DistillConfig) -> Plan:
         pixel_settings["prediction_type"] = spec.prediction_type
     if not spec.clip_x0:
         pixel_settings["clip_x0"] = False
+    if config.guide_from_step != 0 or config.guide_until_step is not None:
+        pixel_settings["guide_window"] = [config.guide_from_step, config.guide_until_step]
+    if latent is not None:
+        pixel_settings["latent"] = latent
     if config.backend == "compiled":
         options = compile_config(config)
         # The compute dtypes change the pixels; the other compile options only change the speed.
         pixel_settings["compile"] = {"dtype": options.dtype, "encoder_dtype": options.encoder_dtype or options.dtype}
+        if latent is not None:
+            pixel_settings["compile"]["decoder_dtype"] = options.decoder_dtype or options.encoder_dtype or options.dtype
         if options.unet_engine is not None:  # the engine's precision replaces the UNet dtype
             pixel_settings["compile"]["unet_engine"] = file_fingerprint(options.unet_engine)
     elif config.compile_options:
         raise IGDSInputError("compile options apply to --backend compiled only")
-    return Plan(config, ve, spec, list(classes), ve_labels, prior_labels, prior_class_map, beta, beta_source,
+    return Plan(config, ve, spec, list(classes), ve_labels, prior_labels, prior_class_map, steps, beta, beta_source,
                 composite, pixel_settings, jobs, device)
+
+
+def _check_latent_options(config: DistillConfig, spec: PriorSpec) -> dict | None:
+    """The latent prior's pixel settings (VAE fingerprint, CFG scale and channels), or None for a pixel prior.
+
+    A DiT needs --vae; --vae, --cfg-scale and --cfg-channels are refused for any other prior.
+    """
+    if not spec.latent:
+        given = [flag for flag, value in (("--vae", config.vae), ("--cfg-scale", config.cfg_scale),
+                                          ("--cfg-channels", config.cfg_channels)) if value is not None]
+        if given:
+            raise IGDSInputError(f"{', '.join(given)} apply to a latent (DiT) prior only; this prior is {spec.kind}")
+        return None
+    if not config.vae:
+        raise IGDSInputError("a DiT prior samples latents: give --vae DIR (a local diffusers AutoencoderKL folder, "
+                             "e.g. stabilityai/sd-vae-ft-mse)")
+    vae_dir = os.path.abspath(config.vae)
+    if os.path.isdir(os.path.join(vae_dir, "vae")) and not os.path.isfile(os.path.join(vae_dir, "config.json")):
+        vae_dir = os.path.join(vae_dir, "vae")  # a pipeline root
+    if not os.path.isfile(os.path.join(vae_dir, "config.json")):
+        raise IGDSInputError(f"--vae {config.vae} is not a diffusers AutoencoderKL folder (no config.json)")
+    cfg_scale = DEFAULT_CFG_SCALE if config.cfg_scale is None else config.cfg_scale
+    channels = DEFAULT_CFG_CHANNELS if config.cfg_channels is None else config.cfg_channels
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not cfg_scale >= 0:
+        raise IGDSInputError(f"the CFG scale must be a number >= 0, got {cfg_scale!r}")
+    latent_channels = int(spec.flags["in_channels"])
+    if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= latent_channels:
+        raise IGDSInputError(f"--cfg-channels must be in [1, {latent_channels}], got {channels!r}")
+    return {"vae_fingerprint": folder_fingerprint(vae_dir), "cfg_scale": float(cfg_scale), "cfg_channels": channels}
 
 
 def torch_noise_source(device: torch.device) -> str:

@@ -25,7 +25,9 @@ from ..distributed import agree_min, barrier, gather_to_main, init_distributed, 
 from ..guidance import GuidanceConfig
 from ..imageio import make_composite, save_png_atomic, write_json_atomic
 from ..jobs import batch_jobs, batch_samples, is_done
+from ..models.cfg import ClassifierFreeGuidance
 from ..models.priors import load_prior_unet
+from ..models.vae import load_vae
 from ..progress import Progress
 from ..sampling import Sampler
 from .config import DEFAULT_BATCH_SIZE, DistillConfig
@@ -61,15 +63,21 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
 
     def build_sampler():
         unet = load_prior_unet(plan.prior, device)
+        decoder = None
+        latent = plan.pixel_settings.get("latent")
+        if latent is not None:  # a DiT: classifier-free guidance with its null class, decoded by the VAE
+            unet = ClassifierFreeGuidance(unet, latent["cfg_scale"], latent["cfg_channels"])
+            decoder = load_vae(config.vae, device)
         schedule = DiffusionSchedule(ScheduleConfig(**plan.pixel_settings["diffusion"]), device=device)
         guidance = GuidanceConfig(
             scale=float(config.scale), beta=float(plan.beta), tau=config.tau, gamma=float(config.gamma),
             mode=config.mode, head=config.head, clip_x0=plan.prior.clip_x0,
+            guide_from_step=config.guide_from_step, guide_until_step=config.guide_until_step,
         )
         options = compile_config(config) if config.backend == "compiled" else None
         return Sampler(unet, schedule, plan.ve.to(device), guidance, backend=config.backend,
                        prior_class_map=plan.prior_class_map, noise=plan.pixel_settings["noise"],
-                       batch_invariant=config.batch_invariant, backend_options=options)
+                       batch_invariant=config.batch_invariant, backend_options=options, decoder=decoder)
 
     sampler = None
     batch_size = config.batch_size or saved_batch_size
@@ -97,7 +105,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         log(
             f"distill: {len(plan.class_keys)} classes x IPC {config.ipc} = {total_images} images "
             f"({plan.composite} sample(s) each), {total_images - already} to make, beta {plan.beta:g} "
-            f"({plan.beta_source}), scale {config.scale:g}, {config.steps} steps, batch {batch_size}, "
+            f"({plan.beta_source}), scale {config.scale:g}, {plan.steps} steps, batch {batch_size}, "
             f"backend {config.backend}, device {plan.device}"
         )
         sampler = sampler or build_sampler()

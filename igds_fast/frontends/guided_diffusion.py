@@ -23,6 +23,33 @@ Three ways to hand it to such a sampler, none of which imports its code:
 Labels: the model's `y` are the prior's classes (ImageNet indices for an ImageNet ADM or DiT); the
 VE's classes come from `label_map` (prior class -> VE class; -1 or absent = not a VE class, an error
 if sampled). An unconditional prior has no `y`: give the VE labels with `set_labels`.
+
+Classifier-free guidance batches (DiT's and MinimaxDiffusion's `sample.py`): their loop runs the
+doubled batch through `model.forward_with_cfg`,
+
+    z = cat([z, z]); y = cat([y, null * ones(B)])                       x: 2B rows [sample; copy]
+    conditioner = IGDSConditioner(guidance, scale, label_map, mode, clip_denoised=False)
+    conditioner.patch(diffusion, model.forward_with_cfg)                 (or bind: the cond_fn route)
+    samples = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False,
+                                      model_kwargs=dict(y=y, cfg_scale=s), cond_fn=conditioner.cond_fn,
+                                      device=device)
+    samples, _ = samples.chunk(2, dim=0)
+
+A batch is a CFG batch when `cfg_scale` is in model_kwargs. It must have an even number 2B of rows,
+and the second half of `y` must be the null class wherever the null class is known (the `null_class`
+argument, else the bound model's: `null_class`, the owner's of a bound method such as
+`dit.forward_with_cfg`, or DiT's `y_embedder` whose table has a row past num_classes; unknown = not
+checked). The halves of x are not compared: DiT's forward_with_cfg reads only x[:B] (and returns the
+same eps for both halves), so the second half is inert. The VE labels are those of y[:B] (through
+label_map; `set_labels` and `group_ids` then describe the B samples), and the IGDS objective is that
+of the first half's x0 prediction pred_xstart[:B] (decoded by the guidance's decoder). The gradient
+is [2B] as condition_mean adds it to the 2B mean: mode x0 gives dJ/dx0 for the first half and zeros
+for the second; mode xt gives dJ/dx of the first-half objective w.r.t. the whole 2B x by autograd
+through forward_with_cfg, which is zero on the second half too for DiT's (it never reads x[B:]). The
+second half's mean is thus not shifted, and as forward_with_cfg re-duplicates x[:B] at every step
+only the first half -- the loop's output samples.chunk(2)[0] -- carries the guidance. DiT samples
+latents with clip_denoised=False: pass clip_denoised=False here too (the xt mode and the cond_fn
+route predict x0 themselves with this setting).
 """
 from __future__ import annotations
 
@@ -43,11 +70,12 @@ class IGDSConditioner:
     -1 for classes outside the VE; None = the same indices. mode: "x0" or "xt"; clip_denoised: the
     x0 clipping the diffusion's own sampling uses (guided-diffusion's `clip_denoised`), for the
     routes where this object predicts x0 itself. group_ids: diversity groups (gamma != 0) of the
-    batch; None = the VE labels.
+    batch; None = the VE labels. null_class: the prior's null class for classifier-free guidance
+    batches (`cfg_scale` in model_kwargs: module docstring); None = the bound model's if it has one.
     """
 
     def __init__(self, guidance: IGDSGuidance, scale: float = 1.0, label_map=None, mode: str = "x0",
-                 clip_denoised: bool = True, group_ids=None):
+                 clip_denoised: bool = True, group_ids=None, null_class: int | None = None):
         if not isinstance(guidance, IGDSGuidance):
             raise IGDSInputError(f"guidance must be an IGDSGuidance, got {type(guidance).__name__}")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
@@ -58,6 +86,10 @@ class IGDSConditioner:
         self.clip_denoised = bool(clip_denoised)
         self.label_map = _label_table(label_map)
         self.group_ids = group_ids
+        if null_class is not None and (isinstance(null_class, bool) or not isinstance(null_class, int)
+                                       or null_class < 0):
+            raise IGDSInputError(f"null_class must be an integer >= 0 or None, got {null_class!r}")
+        self.null_class = null_class
         self.labels: torch.Tensor | None = None
         self.model = self.diffusion = None
 
@@ -121,28 +153,62 @@ class IGDSConditioner:
         Mode x0 takes the gradient at the detached pred_xstart; mode xt differentiates
         pred_xstart w.r.t. x (the fork enabled autograd for it).
         """
-        return self._gradient_from(p_mean_var["pred_xstart"], x, model_kwargs)
+        return self._gradient_from(p_mean_var["pred_xstart"], x, model_kwargs, self._cfg_half(x, model_kwargs))
 
     # ---- the gradient ----------------------------------------------------------------------------------
     def _gradient_at(self, p_mean_var, x, t, model_kwargs, indices_given: bool) -> torch.Tensor:
+        half = self._cfg_half(x, model_kwargs)
         if self.mode == "x0" and p_mean_var is not None:
-            return self._gradient_from(p_mean_var["pred_xstart"].detach(), None, model_kwargs)
+            return self._gradient_from(p_mean_var["pred_xstart"].detach(), None, model_kwargs, half)
         indices = t if indices_given else self._indices(t)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(self.mode == "xt")
+            # model_kwargs as the loop passes them (y, and cfg_scale for a CFG batch's forward_with_cfg)
             out = self.diffusion.p_mean_variance(self.model, x_in, indices, clip_denoised=self.clip_denoised,
                                                  model_kwargs=model_kwargs)
             x0 = out["pred_xstart"] if self.mode == "xt" else out["pred_xstart"].detach()
-            return self._gradient_from(x0, x_in if self.mode == "xt" else None, model_kwargs)
+            return self._gradient_from(x0, x_in if self.mode == "xt" else None, model_kwargs, half)
 
-    def _gradient_from(self, x0, x, model_kwargs) -> torch.Tensor:
+    def _gradient_from(self, x0, x, model_kwargs, half: int | None = None) -> torch.Tensor:
+        """scale * dJ/dx; half = B for a CFG batch of 2B rows: J of x0[:B] alone (module docstring)."""
+        if half is not None:
+            x0 = x0[:half]
+            if model_kwargs.get("y") is not None:
+                model_kwargs = {**model_kwargs, "y": torch.as_tensor(model_kwargs["y"])[:half]}
         labels = self._ve_labels(model_kwargs, x0)
         group_ids = None if self.group_ids is None else torch.as_tensor(self.group_ids, device=x0.device)
         wrt = x if self.mode == "xt" else None
         if wrt is not None and not x0.requires_grad:
             raise IGDSInputError("mode xt needs pred_xstart computed from x with autograd on")
         _, grad = self.guidance(x0.float() if wrt is None else x0, labels, group_ids, wrt=wrt)
+        if half is not None and wrt is None:  # mode x0: the second half (the copy) gets no shift
+            grad = torch.cat([grad, torch.zeros_like(grad)])
         return self.scale * grad
+
+    def _cfg_half(self, x, model_kwargs) -> int | None:
+        """B for a classifier-free guidance batch of 2B rows (`cfg_scale` in model_kwargs), else None."""
+        if "cfg_scale" not in model_kwargs:
+            return None
+        rows = int(x.shape[0])
+        if rows % 2:
+            raise IGDSInputError(f"a classifier-free guidance batch (cfg_scale given) has 2B rows [samples; "
+                                 f"copies], got an odd batch of {rows}")
+        half = rows // 2
+        y = model_kwargs.get("y")
+        if y is None:
+            return half
+        y = torch.as_tensor(y)
+        if y.shape[:1] != (rows,):
+            raise IGDSInputError(f"a classifier-free guidance batch of {rows} rows needs {rows} labels "
+                                 f"[y; null], got y of shape {tuple(y.shape)}")
+        null = self.null_class if self.null_class is not None else _null_class_of(self.model)
+        if null is not None:
+            second = y[half:].long()
+            if bool((second != null).any()):
+                bad = sorted(set(second[second != null].tolist()))
+                raise IGDSInputError(f"a classifier-free guidance batch's labels must be [y; null]: the second "
+                                     f"half has classes {bad[:10]}, not the null class {null}")
+        return half
 
     def _ve_labels(self, model_kwargs, x0) -> torch.Tensor:
         if self.labels is not None:
@@ -178,6 +244,27 @@ class IGDSConditioner:
             return timesteps
         table = torch.as_tensor(table, dtype=torch.long, device=t.device)
         return torch.searchsorted(table, timesteps)
+
+
+def _null_class_of(model) -> int | None:
+    """The null class of a CFG model (or of a bound method's owner, e.g. dit.forward_with_cfg), None if unknown.
+
+    `null_class` (models.dit.DiT, models.cfg.ClassifierFreeGuidance), else DiT's layout (facebookresearch
+    DiT, MinimaxDiffusion): a `y_embedder` whose embedding table has a row past num_classes.
+    """
+    for owner in (model, getattr(model, "__self__", None)):
+        if owner is None:
+            continue
+        null = getattr(owner, "null_class", None)
+        if null is not None:
+            return int(null)
+        embedder = getattr(owner, "y_embedder", None)
+        classes = getattr(embedder, "num_classes", None)
+        table = getattr(embedder, "embedding_table", None)
+        rows = getattr(table, "num_embeddings", None)
+        if isinstance(classes, int) and isinstance(rows, int) and rows > classes:
+            return classes
+    return None
 
 
 def _label_table(label_map) -> torch.Tensor | None:

@@ -19,6 +19,10 @@ DiffFit (MinimaxDiffusion): `difffit_blocks` leading blocks carry learned scales
 block, 56 for its 14. The loaders accept exactly these as extra keys and nothing else. No timm:
 attention is `F.scaled_dot_product_attention` (the original's timm Attention computes the same).
 
+Loaders: load_dit (a preset's size, or preset=None: read off the tensor shapes, num_heads from
+DIT_SIZES' hidden sizes or given), describe_dit_checkpoint / is_dit_checkpoint (keys and shapes only,
+the file memory-mapped), load_diffusers_dit (a DiTTransformer2DModel folder).
+
 Attributes of a prior (models.protocols.PriorUNet): image_size (= input_size, the latent side),
 in_channels, learn_sigma, num_classes; null_class (= num_classes, for classifier-free guidance).
 """
@@ -29,6 +33,7 @@ import inspect
 import json
 import math
 import os
+import zipfile
 from typing import Mapping
 
 import numpy as np
@@ -197,7 +202,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
-        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_pos_embed(hidden_size, grid)).float().unsqueeze(0),
+        self.pos_embed = nn.Parameter(torch.tensor(sincos_pos_embed(hidden_size, grid), dtype=torch.float32).unsqueeze(0),
                                       requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, difffit=k < difffit_blocks)
                                      for k in range(depth)])
@@ -218,11 +223,13 @@ class DiT(nn.Module):
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------
-def _torch_load(path: str):
-    """torch.load with weights_only=True; argparse.Namespace allowed (MinimaxDiffusion keeps its args)."""
+def _torch_load(path: str, mmap: bool = False):
+    """torch.load with weights_only=True; argparse.Namespace allowed (MinimaxDiffusion keeps its args).
+
+    mmap: map the tensors instead of reading them (zip-format files; the describers read shapes only)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001 — an unreadable file is one input error
         raise IGDSInputError(f"cannot read the DiT checkpoint {path}: {type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:200]}") from None
@@ -265,25 +272,98 @@ def check_dit_state(model: DiT, state: Mapping[str, torch.Tensor], source: str) 
                              f"(DiT {tuple(expected[k].shape)})")
 
 
-def load_dit(path: str | os.PathLike, preset: str = "dit-xl2-256", device="cpu", **overrides) -> DiT:
+def dit_flags_from_state(state: Mapping[str, torch.Tensor]) -> dict:
+    """DiT's constructor arguments read off a state dict's shapes (num_heads only where DIT_SIZES knows it).
+
+    x_embedder.proj.weight [D, C, p, p]; pos_embed [1, (S/p)^2, D]; depth = the blocks.N present;
+    blocks.0.mlp.fc1.weight [mlp_ratio D, D]; final_layer.linear.weight [p p C, D] or [p p 2C, D]
+    (learn_sigma); y_embedder.embedding_table.weight [classes + 1, D], read as the original's
+    class_dropout_prob 0.1 with its null row (a model trained without one needs num_classes and
+    class_dropout_prob=0 given). The heads are not in the weights: DIT_SIZES' count for D, else absent.
+    """
+    needed = ("x_embedder.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight", "final_layer.linear.weight",
+              "y_embedder.embedding_table.weight")
+    missing = [key for key in needed if key not in state]
+    if missing:
+        raise IGDSInputError(f"not a DiT state dict: no {missing}")
+    hidden, channels, patch, _ = (int(n) for n in state["x_embedder.proj.weight"].shape)
+    tokens, out = int(state["pos_embed"].shape[-2]), int(state["final_layer.linear.weight"].shape[0])
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens or out not in (patch * patch * channels, 2 * patch * patch * channels):
+        raise IGDSInputError(f"not a DiT state dict: pos_embed of {tokens} tokens (not a square grid) or "
+                             f"final_layer.linear of {out} outputs (patch {patch}, {channels} channels)")
+    flags = dict(input_size=grid * patch, patch_size=patch, in_channels=channels, hidden_size=hidden,
+                 depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+                 mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden, class_dropout_prob=0.1,
+                 num_classes=int(state["y_embedder.embedding_table.weight"].shape[0]) - 1,
+                 learn_sigma=out == 2 * patch * patch * channels)
+    heads = {size["hidden_size"]: size["num_heads"] for size in DIT_SIZES.values()}
+    if hidden in heads:
+        flags["num_heads"] = heads[hidden]
+    return flags
+
+
+def _check_dit_args(preset: str | None, overrides: Mapping) -> None:
+    if preset is not None and preset not in DIT_PRESETS:
+        raise IGDSInputError(f"unknown DiT preset {preset!r}; available: {', '.join(sorted(DIT_PRESETS))} "
+                             "(or None: read the size off the checkpoint)")
+    unknown = sorted(set(overrides) - set(inspect.signature(DiT).parameters))
+    if unknown:
+        raise IGDSInputError(f"unknown DiT arguments {unknown}; DiT takes "
+                             f"{', '.join(inspect.signature(DiT).parameters)}")
+
+
+def dit_flags(state: Mapping[str, torch.Tensor], preset: str | None = None, source: str = "DiT checkpoint",
+              **overrides) -> dict:
+    """All of DiT's constructor arguments for `state`, checked against its keys and shapes (meta device).
+
+    A preset's size (preset None: read off the shapes, dit_flags_from_state), then the overrides;
+    difffit_blocks always from the keys (difffit_blocks_of)."""
+    _check_dit_args(preset, overrides)
+    base = dict(DIT_PRESETS[preset]) if preset is not None else dit_flags_from_state(state)
+    flags = {**base, **overrides, "difffit_blocks": difffit_blocks_of(state)}
+    if "num_heads" not in flags:
+        raise IGDSInputError(f"{source}: a DiT of hidden size {flags.get('hidden_size')} (no DiT_models size): "
+                             "its num_heads is not in the weights, pass num_heads")
+    with torch.device("meta"):
+        model = DiT(**flags)
+    check_dit_state(model, state, source)
+    return dict(model.flags)
+
+
+def load_dit(path: str | os.PathLike, preset: str | None = "dit-xl2-256", device="cpu", **overrides) -> DiT:
     """A DiT from the original's checkpoint layouts: a plain state dict (DiT-XL-2-256x256.pt), a training
-    checkpoint {"model", "ema", "opt", "args"} (its EMA), or MinimaxDiffusion's (with DiffFit scales)."""
+    checkpoint {"model", "ema", "opt", "args"} (its EMA), or MinimaxDiffusion's (with DiffFit scales).
+
+    preset: a DIT_PRESETS name, or None to read the size off the tensor shapes (dit_flags); overrides:
+    DiT constructor arguments over it (e.g. num_classes, input_size)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise IGDSInputError(f"DiT checkpoint not found: {path}")
-    if preset not in DIT_PRESETS:
-        raise IGDSInputError(f"unknown DiT preset {preset!r}; available: {', '.join(sorted(DIT_PRESETS))}")
-    unknown = sorted(set(overrides) - set(inspect.signature(DiT).parameters))
-    if unknown:
-        raise IGDSInputError(f"unknown DiT arguments {unknown}; DiT takes {', '.join(inspect.signature(DiT).parameters)}")
+    _check_dit_args(preset, overrides)
     state = dit_state_dict(_torch_load(path))
-    flags = {**DIT_PRESETS[preset], **overrides, "difffit_blocks": difffit_blocks_of(state)}
-    with torch.device("meta"):
-        model = DiT(**flags)
-    check_dit_state(model, state, path)
-    model = DiT(**flags)
+    model = DiT(**dit_flags(state, preset, path, **overrides))
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def describe_dit_checkpoint(path: str | os.PathLike, preset: str | None = None, **overrides) -> dict:
+    """The DiT constructor arguments of a checkpoint (as load_dit would build it), from its keys and shapes
+    only: the file is memory-mapped, no weight is read. load_dit(path, preset=None, **flags) loads it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise IGDSInputError(f"DiT checkpoint not found: {path}")
+    _check_dit_args(preset, overrides)
+    return dit_flags(dit_state_dict(_torch_load(path, mmap=True)), preset, path, **overrides)
+
+
+def is_dit_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether a file is a torch checkpoint holding DiT weights (any of load_dit's layouts; memory-mapped)."""
+    try:
+        state = dit_state_dict(_torch_load(os.fspath(path), mmap=True))
+    except IGDSInputError:
+        return False
+    return "x_embedder.proj.weight" in state and "y_embedder.embedding_table.weight" in state
 
 
 # ---- diffusers' DiTTransformer2DModel layout ---------------------------------------------------------
@@ -319,7 +399,8 @@ def dit_from_diffusers_state(config: Mapping, state: Mapping[str, torch.Tensor])
     for k in range(1, depth):  # diffusers keeps one copy of the shared embedders per block
         for name in shared:
             if not torch.equal(take(f"transformer_blocks.{k}.norm1.emb.{name}"), state[emb + name]):
-                raise IGDSInputError(f"diffusers DiT: block {k}'s {name} differs from block 0's (not a converted DiT)")
+                raise IGDSInputError(f"diffusers DiT: block {k}'s {name} differs from block 0's "
+                                     "(not a converted DiT)")
     ours = {
         "x_embedder.proj.weight": take("pos_embed.proj.weight"), "x_embedder.proj.bias": take("pos_embed.proj.bias"),
         "t_embedder.mlp.0.weight": take(emb + "timestep_embedder.linear_1.weight"),
@@ -368,5 +449,6 @@ def load_diffusers_dit(directory: str | os.PathLike, device="cpu") -> DiT:
     return dit_from_diffusers_state(config, load_file(weights)).to(device)
 
 
-__all__ = ["DIFFFIT_KEYS", "DIT_PRESETS", "DIT_SIZES", "DiT", "check_dit_state", "difffit_blocks_of",
-           "dit_from_diffusers_state", "dit_state_dict", "load_diffusers_dit", "load_dit", "sincos_pos_embed"]
+__all__ = ["DIFFFIT_KEYS", "DIT_PRESETS", "DIT_SIZES", "DiT", "check_dit_state", "describe_dit_checkpoint",
+           "difffit_blocks_of", "dit_flags", "dit_flags_from_state", "dit_from_diffusers_state", "dit_state_dict",
+           "is_dit_checkpoint", "load_diffusers_dit", "load_dit", "sincos_pos_embed"]

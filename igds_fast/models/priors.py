@@ -1,7 +1,9 @@
 """Priors on disk: describing, loading and saving them (ADM checkpoints, diffusers folders, our files).
 
-Three kinds: a guided-diffusion ADM checkpoint (`256x256_diffusion.pt` with its preset), a diffusers
-`UNet2DModel` folder, and a prior trained by `igds-fast train-prior` — ours: one safetensors file
+Four kinds: a guided-diffusion ADM checkpoint (`256x256_diffusion.pt` with its preset), a DiT or
+MinimaxDiffusion checkpoint (`DiT-XL-2-256x256.pt`, a latent prior: recognised by its keys, its size
+read off its tensor shapes or given by a dit-* preset), a diffusers `UNet2DModel` folder, and a prior
+trained by `igds-fast train-prior` — ours: one safetensors file
 with the EMA weights (ADMUNet state-dict keys) and a JSON header under the metadata key
 `igds_prior` holding the create_model flags, the diffusion (ScheduleConfig) fields, the class names
 and the training settings. `describe_prior` identifies any of them from its header only (class
@@ -24,7 +26,9 @@ from ..errors import IGDSInputError
 from ..imageio import write_bytes_atomic
 from .adm import ADM_DIFFUSION_FLAGS, ADM_PRESETS, ADMUNet, check_state_dict, load_adm
 from .diffusers_unet import load_diffusers_unet, read_scheduler_config, unet_folder
+from .dit import DIT_PRESETS, describe_dit_checkpoint, is_dit_checkpoint, load_dit
 
+PRIOR_KINDS = ("adm", "dit", "igds")
 FORMAT_NAME = "igds_prior"
 FORMAT_VERSION = 1
 METADATA_KEY = "igds_prior"
@@ -110,7 +114,7 @@ def load_prior(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 class PriorSpec:
     """What is known about a prior before its weights are loaded (for validation and the config)."""
 
-    kind: str  # "adm" | "igds" | "diffusers"
+    kind: str  # "adm" | "igds" | "diffusers" | "dit"
     path: str
     preset: str | None
     class_names: list[str] | None  # None = unconditional
@@ -118,18 +122,28 @@ class PriorSpec:
     fingerprint: dict
     prediction_type: str = "epsilon"  # diffusers priors: what the UNet predicts (turned into eps on load)
     clip_x0: bool = True  # the x0 clipping the prior was sampled with (diffusers' clip_sample)
+    flags: dict | None = None  # DiT priors: the DiT constructor's arguments (preset, or read off the shapes)
+
+    @property
+    def latent(self) -> bool:
+        """The prior samples latents that a VAE decodes (DiT)."""
+        return self.kind == "dit"
 
 
 def describe_prior(prior: str | None, preset: str | None, diffusers: str | None, ve_class_names: list[str],
-                   noise_schedule: str | None = None, prior_class_names: list[str] | None = None) -> PriorSpec:
+                   noise_schedule: str | None = None, prior_class_names: list[str] | None = None,
+                   prior_kind: str | None = None) -> PriorSpec:
     """Identify a prior, its class list and diffusion without loading its weights (one-line errors).
 
     Exactly one of prior (an ADM checkpoint with its `preset`, or a file written by train-prior) and
     diffusers (a pipeline root with unet/ and scheduler/, or a UNet2DModel folder; its diffusion
     from the scheduler config, or `noise_schedule` (default linear) when there is none; its class
     list is ImageNet-1K's for 1000 classes, the VE's for as many classes as the VE, else
-    `prior_class_names`).
+    `prior_class_names`). prior_kind: "adm" / "dit" / "igds" to say what a --prior file is (None =
+    from the preset, the header or the keys).
     """
+    if prior_kind is not None and prior_kind not in PRIOR_KINDS:
+        raise IGDSInputError(f"unknown prior kind {prior_kind!r}; expected one of {PRIOR_KINDS}")
     given = [name for name, value in (("--prior", prior), ("--diffusers", diffusers)) if value]
     if len(given) != 1:
         raise IGDSInputError("give exactly one prior: --prior PATH [--preset NAME] or --diffusers DIR")
@@ -138,6 +152,8 @@ def describe_prior(prior: str | None, preset: str | None, diffusers: str | None,
         config_path = os.path.join(directory, "config.json")
         if preset:
             raise IGDSInputError("--preset applies to --prior checkpoints, not to --diffusers folders")
+        if prior_kind is not None:
+            raise IGDSInputError("--prior-kind applies to --prior files, not to --diffusers folders")
         try:
             with open(config_path, encoding="utf-8") as handle:
                 unet_config = json.load(handle)
@@ -172,14 +188,24 @@ def describe_prior(prior: str | None, preset: str | None, diffusers: str | None,
         return PriorSpec("diffusers", directory, None, class_names, scheduler.schedule, fingerprint,
                          scheduler.prediction_type, scheduler.clip_sample)
 
-    return describe_prior_file(prior, preset)
+    return describe_prior_file(prior, preset, prior_kind, ve_class_names, prior_class_names)
 
 
-def describe_prior_file(prior: str, preset: str | None) -> PriorSpec:
-    """A --prior file: an ADM checkpoint (with its preset) or a prior written by train-prior."""
+def describe_prior_file(prior: str, preset: str | None, prior_kind: str | None = None,
+                        ve_class_names: list[str] | None = None, prior_class_names: list[str] | None = None) -> PriorSpec:
+    """A --prior file: an ADM checkpoint (with its preset), a DiT checkpoint or a prior written by train-prior."""
     path = os.path.abspath(prior)
     if not os.path.isfile(path):
         raise IGDSInputError(f"prior checkpoint not found: {prior}")
+    dit = prior_kind == "dit" or preset in DIT_PRESETS
+    if preset and prior_kind is not None and (prior_kind == "dit") != (preset in DIT_PRESETS):
+        raise IGDSInputError(f"--preset {preset} is not a {prior_kind} preset")
+    if not dit and not preset and prior_kind is None and not is_prior_file(path):
+        dit = is_dit_checkpoint(path)  # read off the checkpoint's keys
+    if dit:
+        return _describe_dit(path, preset, ve_class_names, prior_class_names)
+    if prior_kind == "adm" and not preset:
+        raise IGDSInputError(f"an ADM checkpoint needs its --preset ({', '.join(sorted(ADM_PRESETS))})")
     if preset:
         if preset not in ADM_PRESETS:
             raise IGDSInputError(f"unknown ADM preset {preset!r}; available: {', '.join(sorted(ADM_PRESETS))}")
@@ -194,6 +220,8 @@ def describe_prior_file(prior: str, preset: str | None) -> PriorSpec:
         raise IGDSInputError(
             f"{exc}; for a guided-diffusion checkpoint pass --preset ({', '.join(sorted(ADM_PRESETS))})"
         ) from None
+    if prior_kind not in (None, "igds"):
+        raise IGDSInputError(f"{path} is a prior file of igds-fast train-prior, not a {prior_kind} checkpoint")
     class_names = [str(name) for name in header["class_names"]] if header["flags"].get("class_cond") else None
     schedule = {
         "noise_schedule": header["diffusion"]["noise_schedule"],
@@ -203,8 +231,36 @@ def describe_prior_file(prior: str, preset: str | None) -> PriorSpec:
     return PriorSpec("igds", path, None, class_names, schedule, file_fingerprint(path))
 
 
+def _describe_dit(path: str, preset: str | None, ve_class_names: list[str] | None,
+                  prior_class_names: list[str] | None) -> PriorSpec:
+    """A DiT / MinimaxDiffusion checkpoint: its flags (checked against its keys), class list, diffusion.
+
+    Classes: ImageNet-1K's sorted wnids for 1000 classes (DiT's and MinimaxDiffusion's labels are the
+    index in that list), the VE's for as many classes as the VE, else `prior_class_names`. The
+    diffusion is DiT's create_diffusion: 1000 linear betas, learned-range variance, eps prediction,
+    and no x0 clipping (its sample.py passes clip_denoised=False).
+    """
+    flags = describe_dit_checkpoint(path, preset)
+    classes = int(flags["num_classes"])
+    if prior_class_names is not None:
+        if len(prior_class_names) != classes:
+            raise IGDSInputError(f"the DiT has {classes} classes but {len(prior_class_names)} class names were given")
+        class_names = list(prior_class_names)
+    elif classes == 1000:
+        class_names = imagenet_wnids()
+    elif ve_class_names is not None and classes == len(ve_class_names):
+        class_names = list(ve_class_names)
+    else:
+        raise IGDSInputError(f"the DiT has {classes} classes, neither ImageNet-1K's 1000 nor the VE's: "
+                             "its class list is unknown")
+    schedule = {"noise_schedule": "linear", "diffusion_steps": 1000, "fixed_variance": "large"}
+    return PriorSpec("dit", path, preset, class_names, schedule, file_fingerprint(path), clip_x0=False, flags=flags)
+
+
 def load_prior_unet(spec: PriorSpec, device):
-    """The UNet a PriorSpec describes, loaded onto `device` in eval mode."""
+    """The UNet a PriorSpec describes, loaded onto `device` in eval mode (a DiT without its CFG wrapper)."""
+    if spec.kind == "dit":
+        return load_dit(spec.path, preset=None, device=device, **spec.flags)
     if spec.kind == "adm":
         return load_adm(spec.path, spec.preset, device=device)
     if spec.kind == "diffusers":
@@ -214,6 +270,7 @@ def load_prior_unet(spec: PriorSpec, device):
 
 
 __all__ = [
+    "PRIOR_KINDS",
     "PriorSpec",
     "describe_prior",
     "describe_prior_file",

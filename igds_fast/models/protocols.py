@@ -123,7 +123,7 @@ def check_estimator(ve, channels: int) -> None:
     encoder_channels = len(preprocess.mean) if preprocess is not None and hasattr(preprocess, "mean") else None
     if encoder_channels is not None and encoder_channels != channels:
         raise IGDSInputError(f"the VE encoder reads {encoder_channels}-channel images but the prior makes {channels}"
-                             + (" (a latent prior needs its decoder: pass decoder=)" if channels != 3 else ""))
+                             + (" (a latent prior needs its decoder: pass decoder=)" if channels > encoder_channels else ""))
 
 
 __all__ = ["ForeignUNet", "GuidanceEstimator", "PriorUNet", "as_prior", "check_estimator"]

@@ -10,6 +10,7 @@ sees the decoder's own output (the sampler clamps its final images).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -35,7 +36,7 @@ class LatentDecoder(nn.Module):
         if not callable(getattr(vae, "decode", None)) or config is None:
             raise IGDSInputError(f"the VAE must be a diffusers AutoencoderKL (decode and config), got {type(vae).__name__}")
         factor = getattr(config, "scaling_factor", None) if scaling_factor is None else scaling_factor
-        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not (factor > 0 and math.isfinite(factor)):
             raise IGDSInputError(f"the VAE scaling factor must be a positive number, got {factor!r}")
         self.vae = vae.eval().requires_grad_(False)
         self.scaling_factor = float(factor)
@@ -57,7 +58,8 @@ def load_vae(directory: str | os.PathLike, device="cpu", scaling_factor: float |
     """
     path = os.fspath(directory)
     if not os.path.isdir(path):
-        raise IGDSInputError(f"the VAE folder {path} does not exist")
+        raise IGDSInputError(f"the VAE folder {path} " + ("is a file, not a diffusers folder" if os.path.exists(path)
+                                                          else "does not exist"))
     if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "vae", "config.json")):
         path = os.path.join(path, "vae")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -67,7 +69,8 @@ def load_vae(directory: str | os.PathLike, device="cpu", scaling_factor: float |
     except ImportError:
         raise IGDSInputError("reading a VAE needs diffusers: pip install 'igds_fast[diffusers]'") from None
     try:
-        vae = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32,
+                                            low_cpu_mem_usage=False)  # no accelerate needed
     except Exception as exc:  # noqa: BLE001 — an unreadable folder is one input error
         raise IGDSInputError(f"cannot load the VAE from {path}: {type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:200]}") from None

@@ -87,6 +87,9 @@ class Sampler:
         self.image_size = int(unet.image_size)
         self.learn_sigma = bool(unet.learn_sigma)
         self.decoder = decoder
+        if decoder is not None and guidance.clip_x0:
+            raise IGDSInputError("clip_x0=True would clip latents to [-1, 1]: a latent prior samples without clipping "
+                                 "(DiT's clip_denoised=False); pass GuidanceConfig(clip_x0=False)")
         self.batch_invariant = bool(batch_invariant)
         check_estimator(ve, self.channels if decoder is None else _decoder_out_channels(decoder, self.channels))
         self.num_classes = int(ve.num_classes)
