@@ -24,6 +24,11 @@
 #              have no working nsys) a torch.profiler trace of the same run, batch 32 as the adm256 part
 #   flags      adm64 compiled/graphs, mode "default" WITH CONV_UNET_INDUCTOR_OPTIONS: against the adm64
 #              part, what the flags buy (and what they cost in compile time)
+#   dit256     bench/sampler.py dit-xl2-256 (DiT-XL/2 under CFG + SD's VAE decoder + ResNet-50), batch 16:
+#              all variants guided and unguided, mode "default", no flags, the fidelity check; no target
+#              of its own (s/image at 50 steps, the decoder's share of a guided step). Needs diffusers,
+#              which the GPU image lacks: carry its wheel (and importlib_metadata's) as the device
+#              runner's README says, else the part is skipped
 #
 # Every part has its own timeout and the whole run a budget (default 1440 s = 24 min; a part starts
 # only with >= 60 s left and is cut at the budget). The device runner limits ONE command to 600 s,
@@ -33,7 +38,8 @@
 #   bash bench/gpu_check.sh --parts env,tests,kernels --budget 520    # GPU tests + fidelity, kernel table
 #   bash bench/gpu_check.sh --parts adm256,nsys --budget 520          # the s/image, 8x and 2x targets; a trace
 #   bash bench/gpu_check.sh --parts adm64,flags --budget 400          # graphs >= 2x compiled; flags A/B
-# (24 min of commands + a 1-2 min start inside the 30 min), and in a later session: --parts adm256-ma.
+# (24 min of commands + a 1-2 min start inside the 30 min), and in a later session: --parts adm256-ma;
+# the latent prior in a call of its own: --parts dit256 --budget 520 (diffusers carried, see above).
 # Send each call as soon as the last returns: an idle machine is given back after 30 s, and with it
 # the inductor cache in /tmp.
 # torch.compile's caches go to $TORCHINDUCTOR_CACHE_DIR (default /tmp/igds_inductor_cache), shared by
@@ -45,7 +51,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY_RUN=0
-PARTS="env,tests,selfcheck,adm256,adm256-ma,adm64,kernels,nsys,flags"
+PARTS="env,tests,selfcheck,adm256,adm256-ma,adm64,kernels,nsys,flags,dit256"
 BUDGET_S=1440
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -134,7 +140,8 @@ if (( DRY_RUN )); then
   for script in bench/gpu_check.sh profiling/nsys.sh profiling/ncu.sh; do
     bash -n "$script" || { echo "syntax error in $script" >&2; exit 1; }
   done
-  "$PY" -m py_compile bench/sampler.py bench/kernels.py bench/self_check.py profiling/torch_trace.py || exit 1
+  "$PY" -m py_compile bench/sampler.py bench/model_stats.py bench/kernels.py bench/self_check.py \
+    profiling/torch_trace.py || exit 1
   echo "[dry ] scripts parse"
 fi
 
@@ -149,6 +156,7 @@ wanted env && run_part env 60 bash -c '
   nvidia-smi || true
   "$PYTHON" -c "import torch, triton, platform; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"python\", platform.python_version()); print(torch.cuda.get_device_name(), torch.cuda.mem_get_info())"
   "$PYTHON" -c "import xformers; print(\"xformers\", xformers.__version__)" 2>/dev/null || echo "xformers: not installed"
+  "$PYTHON" -c "import diffusers; print(\"diffusers\", diffusers.__version__)" 2>/dev/null || echo "diffusers: not installed"
   command -v nsys && nsys --version || echo "nsys: not found"
   command -v ncu && ncu --version || echo "ncu: not found"
   nproc; free -g'
@@ -190,6 +198,18 @@ fi
 # A/B of the inductor flags at equal mode: the adm64 part ran mode "default" WITHOUT the flags.
 wanted flags && run_part flags 300 "${SAMPLER[@]}" --presets adm64 --batch-sizes 64 --variants compiled,graphs \
   --compile-options '{"mode": "default"}' --json "$RESULTS_DIR/sampler_adm64_conv_flags.json"
+
+# The latent prior (the dit256 part in the header): after the ADM targets, in a call of its own.
+if wanted dit256; then
+  if (( DRY_RUN )) || "$PY" -c "import diffusers" 2>/dev/null; then
+    run_part dit256 480 "${SAMPLER[@]}" --presets dit-xl2-256 --batch-sizes 16 \
+      --compile-options "$SHORT_COMPILE" --check-fidelity --json "$RESULTS_DIR/sampler_dit256.json" --append-results
+  else
+    echo "[skip] dit256: diffusers is not importable (carry its wheel)"
+    STATUS_ROWS+=("| dit256 | skipped: no diffusers | - | - | - |")
+    write_summary
+  fi
+fi
 
 if (( ! DRY_RUN )); then
   cp bench/RESULTS.md "$RESULTS_DIR/RESULTS.md" 2>/dev/null || true
