@@ -14,7 +14,7 @@ The public API (what a user or another IGDS front end needs), loaded on first us
 import importlib as _importlib
 import os as _os
 
-__version__ = "0.1.0"
+from igds_fast._version import __version__
 
 # public name -> the module that defines it
 _PUBLIC = {
@@ -49,14 +49,16 @@ def __dir__():
 def _source_checkout_root(package_dir: str) -> str | None:
     """The checkout root when this package runs uninstalled from a source tree, else None.
 
-    setup.py installs the top-level folders kernels/ and profiling/ as igds_fast.kernels and
-    igds_fast.profiling. A checkout used without installing (the GPU machines, which have no network
-    for pip) has them beside this package instead: returning the root lets `__path__` find them there.
+    pyproject.toml's package-dir installs the top-level folders kernels/ and profiling/ as
+    igds_fast.kernels and igds_fast.profiling. A checkout used without installing (the GPU machines,
+    which have no network for pip) has them beside this package instead: returning the root lets
+    `__path__` find them there. The checkout is recognised by its pyproject.toml beside kernels/ and
+    profiling/.
     """
     root = _os.path.dirname(package_dir)
     if _os.path.isdir(_os.path.join(package_dir, "kernels")):
         return None  # an installed copy: the subpackages are inside
-    markers = ("setup.py", _os.path.join("kernels", "__init__.py"), _os.path.join("profiling", "__init__.py"))
+    markers = ("pyproject.toml", _os.path.join("kernels", "__init__.py"), _os.path.join("profiling", "__init__.py"))
     if all(_os.path.isfile(_os.path.join(root, marker)) for marker in markers):
         return root
     return None

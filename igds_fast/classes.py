@@ -1,4 +1,4 @@
-"""Class lists: ImageNet-1K WordNet ids, ImageWoof / ImageNette subsets, and class selection specs.
+"""Class lists: ImageNet-1K WordNet ids, ImageNet subsets, CIFAR-10's names, and class selection specs.
 
 The lists live as text files in ``igds_fast/data/`` (provenance in ``igds_fast/data/sources.json``):
 
@@ -8,6 +8,10 @@ The lists live as text files in ``igds_fast/data/`` (provenance in ``igds_fast/d
 * ``imagewoof.txt``, ``imagenette.txt``, ``imagenet100.txt`` -- subsets in MinimaxDiffusion's
   order. IGDS_SPEC section 7: the label of a class *in a distilled dataset* is its index in the
   subset list, so the order is part of the protocol and must not be re-sorted.
+* ``tinyimagenet.txt`` -- Tiny ImageNet's 200 WordNet ids in the order of its ``wnids.txt`` (every
+  one an ImageNet-1K class, so an ImageNet prior such as ADM-64 is conditioned on its index there).
+* ``cifar10.txt`` -- CIFAR-10's 10 class names in its label order (not ImageNet classes: a CIFAR-10
+  prior is unconditional, and the names select classes of the VE).
 
 Two label spaces meet here. A *prior* (a class-conditional diffusion model or classifier) knows a
 list of classes, ``prior_classes``, and is conditioned on indices into it. A *selection* picks some
@@ -24,13 +28,19 @@ from typing import NamedTuple, Sequence
 
 from igds_fast.errors import IGDSInputError
 
+# ImageNet-1K subsets (WordNet ids), in the order that gives their distilled labels.
 _SUBSET_FILES = {
     "imagewoof": "imagewoof.txt",
     "imagenette": "imagenette.txt",
     "imagenet100": "imagenet100.txt",
+    "tinyimagenet": "tinyimagenet.txt",
+}
+# Lists of other datasets' class names, in their label order.
+_OTHER_LIST_FILES = {
+    "cifar10": "cifar10.txt",
 }
 IMAGENET1K = "imagenet1k"
-KNOWN_LISTS = (IMAGENET1K, *_SUBSET_FILES)
+KNOWN_LISTS = (IMAGENET1K, *_SUBSET_FILES, *_OTHER_LIST_FILES)
 
 _WNID_PATTERN = re.compile(r"^n\d{8}$")
 _INDEX_PATTERN = re.compile(r"^\d+$")
@@ -87,16 +97,20 @@ def wnid_name(wnid: str, short: bool = True) -> str:
 
 
 def class_list(name: str) -> list[str]:
-    """A named class list: "imagenet1k" (1000 sorted wnids) or a subset in MinimaxDiffusion's order.
+    """A named class list: "imagenet1k" (1000 sorted wnids), an ImageNet subset, or CIFAR-10's names.
 
-    Subsets: "imagewoof", "imagenette", "imagenet100". Case-insensitive; "-" / "_" are ignored
-    ("ImageNet-1K" works). Unknown names raise IGDSInputError listing the known ones.
+    Subsets (wnids): "imagewoof", "imagenette", "imagenet100" (MinimaxDiffusion's order) and
+    "tinyimagenet" (the 200 ids of Tiny ImageNet's wnids.txt, in its order). "cifar10": airplane ...
+    truck in CIFAR-10's label order. Case-insensitive; "-" / "_" are ignored ("ImageNet-1K",
+    "tiny-imagenet", "CIFAR-10" work). Unknown names raise IGDSInputError listing the known ones.
     """
     key = _normalise_list_name(name)
     if key == IMAGENET1K:
         return imagenet_wnids()
     if key in _SUBSET_FILES:
         return list(_cached_list(_SUBSET_FILES[key]))
+    if key in _OTHER_LIST_FILES:
+        return list(_cached_list(_OTHER_LIST_FILES[key]))
     raise IGDSInputError(
         f"unknown class list {name!r}; known lists: {', '.join(KNOWN_LISTS)}"
     )
@@ -173,7 +187,8 @@ def resolve_classes(spec: str, prior_classes: Sequence[str] | None = None) -> Cl
     """Turn a class spec into (classes in distilled-label order, their labels in the prior).
 
     ``spec`` is one of
-      * a list name: "imagewoof", "imagenette", "imagenet100", "imagenet1k" (see :func:`class_list`);
+      * a list name: "imagewoof", "imagenette", "imagenet100", "tinyimagenet", "imagenet1k", "cifar10"
+        (see :func:`class_list`);
       * a path to a text file of class ids, one per line (see :func:`read_class_file`);
       * comma-separated items, each an index ("17"), an inclusive index range ("0-9") or a class id
         of the prior ("n01440764"); e.g. "0-9,17". A purely numeric item is always an index.

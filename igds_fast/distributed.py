@@ -11,6 +11,13 @@ rank that finished its share (or had none) waits for the slowest rank's whole sa
 on a gloo group of its own with a timeout of days (a dead rank is then torchrun's to detect: its
 agent tears the other ranks down).
 
+Progress under torchrun (`ProgressRounds`): one line for the whole job, printed by rank 0. Every
+rank posts its count of finished images after each of its batches as a non-blocking all_reduce on a
+gloo group of its own (END_TIMEOUT_S); rank 0 only polls which of them have completed, so no rank
+ever waits for another in the loop. Every rank posts the same number of rounds (the largest share,
+agreed before the loop; a rank with fewer batches posts its final count for the rest at the end), so
+the collectives always pair up and cannot hang on a rank with one batch less.
+
 Sharding: the pending (unfinished) jobs — a deterministic list — are dealt round-robin, so the ranks
 get equal shares of the work still to do after a resume. Which rank makes an image never changes
 its pixels: an image is keyed by (global seed, class, index), and the eager backend steps
@@ -42,6 +49,7 @@ class DistContext:
     local_rank: int = 0
     backend: str | None = None
     end_group: Any = field(default=None, compare=False, repr=False)  # gloo, END_TIMEOUT_S: gather_to_main
+    progress_group: Any = field(default=None, compare=False, repr=False)  # gloo, END_TIMEOUT_S: ProgressRounds
 
     @property
     def enabled(self) -> bool:
@@ -84,8 +92,10 @@ def init_distributed(
     # Every rank creates it at the same point (group creation is collective). Gloo also keeps the
     # object gather off the GPU whatever the main backend.
     end_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=end_timeout_s))
+    # Progress rounds wait, at worst, for the slowest rank's batch (minutes): the long timeout too.
+    progress_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=end_timeout_s))
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend,
-                       end_group=end_group)
+                       end_group=end_group, progress_group=progress_group)
 
 
 def rank_device(ctx: DistContext, device: str | None) -> str:
@@ -155,6 +165,76 @@ def agree_min(ctx: DistContext, value: int) -> int:
     values = [None] * ctx.world_size
     dist.all_gather_object(values, int(value))
     return min(values)
+
+
+def agree_max(ctx: DistContext, value: int) -> int:
+    """The largest of every rank's `value` (a collective: every rank must call it; else `value`)."""
+    if not ctx.enabled:
+        return value
+    values = [None] * ctx.world_size
+    dist.all_gather_object(values, int(value))
+    return max(values)
+
+
+class ProgressRounds:
+    """Every rank's count of finished items, summed for rank 0 without making any rank wait in its loop.
+
+        rounds = ProgressRounds(ctx, agree_max(ctx, len(my_batches)))
+        for batch in my_batches:
+            ...; rounds.post(my_finished)          # non-blocking
+            others = rounds.others()               # rank 0: the other ranks' total as last known
+        rounds.finish(my_finished, on_round)       # every rank: post the remaining rounds, wait for all
+
+    Round n is an all_reduce (sum) of each rank's count after its n-th batch, issued with
+    async_op=True on `ctx.progress_group`; `others()` takes the completed rounds in order (their
+    sum minus this rank's own part of it) and never blocks. Every rank must post exactly `rounds`
+    times (`finish` posts the rounds a rank has left), so the collectives pair up whatever each
+    rank's share. Single process: nothing is posted and `others()` is 0.
+    """
+
+    def __init__(self, ctx: DistContext, rounds: int):
+        self.ctx, self.rounds = ctx, int(rounds)
+        self.posted = 0
+        self.known_others = 0
+        self._pending: list[tuple[Any, torch.Tensor, int]] = []
+
+    def post(self, count: int) -> None:
+        """This rank's count of finished items after one more of its batches."""
+        if not self.ctx.enabled:
+            return
+        if self.posted >= self.rounds:
+            raise RuntimeError(f"ProgressRounds: more than the {self.rounds} agreed rounds posted")
+        value = torch.tensor([int(count)], dtype=torch.int64)
+        work = dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.ctx.progress_group, async_op=True)
+        self._pending.append((work, value, int(count)))
+        self.posted += 1
+
+    def others(self) -> int:
+        """The other ranks' total at the newest completed round (0 before any; non-blocking)."""
+        while self._pending and self._pending[0][0].is_completed():
+            self._take()
+        return self.known_others
+
+    def finish(self, count: int, on_round: Callable[[int], None] | None = None) -> int:
+        """Post this rank's final `count` for its remaining rounds, then wait for every round.
+
+        on_round(others) after each round completes (rank 0 redraws its progress line as the slower
+        ranks finish). Returns the other ranks' final total.
+        """
+        if not self.ctx.enabled:
+            return 0
+        while self.posted < self.rounds:
+            self.post(count)
+        while self._pending:
+            self._take()
+            if on_round is not None:
+                on_round(self.known_others)
+        return self.known_others
+
+    def _take(self) -> None:
+        work, value, own = self._pending.pop(0)
+        work.wait()  # returns at once for a completed round; raises if a peer failed
+        self.known_others = max(self.known_others, int(value[0]) - own)
 
 
 def barrier(ctx: DistContext) -> None:

@@ -6,10 +6,12 @@ file-space images are uint8 numpy arrays [H, W, C] (C = 1 or 3).
 Atomic writes: the bytes are produced in memory first, written to a temporary file in the target's
 own folder (same file system, so the rename is atomic), flushed and fsync'ed, then moved over the
 final name with ``os.replace``. A crash or error at any point leaves either the old file or no file
-under the final name, never a half-written one, and the temporary file is removed on error.
+under the final name, never a half-written one, and the temporary file is removed on error. A full
+disk (ENOSPC, or an exhausted quota) is raised as a one-line `IGDSDiskFullError` naming the folder.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -21,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from igds_fast.errors import IGDSInputError
+from igds_fast.errors import IGDSDiskFullError, IGDSInputError
+
+# What a full disk (or an exhausted quota) raises: reported in one line naming the folder.
+DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 # Fixed zlib level: PNG bytes depend only on pixels and this level (Pillow writes no timestamp).
 PNG_COMPRESS_LEVEL = 6
@@ -105,7 +110,12 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise IGDSInputError(f"output folder {folder!r} does not exist")
     # Hidden, uniquely named temp file: concurrent writers never collide and globbing for
     # "*.png" never picks up a partial file.
-    fd, temp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        fd, temp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise IGDSDiskFullError(folder) from exc
+        raise
     try:
         # mkstemp creates 0600; outputs are ordinary files, readable as the user's umask allows.
         os.fchmod(fd, 0o666 & ~_current_umask())
@@ -114,11 +124,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_path, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(temp_path)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            raise IGDSDiskFullError(folder) from exc
         raise
     _fsync_folder(folder)
 

@@ -1,6 +1,8 @@
 """Progress reporting for long runs: a one-line bar with rate and ETA on a terminal, log lines elsewhere.
 
     progress = Progress(total=400, unit="img", label="distill")
+    progress.set_partial(12.8)     # optional: work in flight (e.g. 40% of a 32-image batch's steps)
+    progress.set_partial(0)
     progress.update(32)            # after each finished batch
     progress.close()
 
@@ -8,7 +10,8 @@ On a TTY the bar redraws in place (carriage return) at most every `min_interval_
 is not a TTY (a log file, CI, a pipe) every update that is at least `log_interval_s` after the last
 line (and the first and last updates) prints one plain line: no control characters end up in logs.
 The rate counts only work done in this run (a resumed run starts with `initial` done items that do
-not inflate images/s).
+not inflate images/s), including the fraction of unfinished items in flight (`set_partial`), so the
+rate and ETA are known before the first item finishes. `close` does not repeat a line already shown.
 """
 from __future__ import annotations
 
@@ -59,7 +62,9 @@ class Progress:
         self.enabled = enabled
         self.clock = clock
         self.started = clock()
+        self.partial = 0.0  # unfinished items' finished fraction, in items (set_partial)
         self._last_draw = None
+        self._last_shown: tuple | None = None
         isatty = getattr(self.stream, "isatty", None)
         self.is_tty = bool(isatty and isatty())
         self._closed = False
@@ -70,39 +75,51 @@ class Progress:
         return self.clock() - self.started
 
     @property
+    def progressed(self) -> float:
+        """Finished items plus the partial amount in flight (never past the total)."""
+        return min(self.done + self.partial, float(max(self.total, self.done)))
+
+    @property
     def rate(self) -> float:
-        """Items per second finished in this run (0 before any)."""
+        """Items per second done in this run, in-flight fractions included (0 before any)."""
         elapsed = self.elapsed
-        done_here = self.done - self.initial
+        done_here = self.progressed - self.initial
         return done_here / elapsed if elapsed > 0 and done_here > 0 else 0.0
 
     @property
     def eta(self) -> float:
         """Seconds left at the current rate (inf while unknown)."""
         rate = self.rate
-        remaining = max(0, self.total - self.done)
+        remaining = max(0.0, self.total - self.progressed)
         if remaining == 0:
             return 0.0
         return remaining / rate if rate > 0 else float("inf")
 
     def describe(self) -> str:
-        """`label 120/400 img (30%) 2.41 img/s ETA 1m56s`."""
-        percent = 100.0 * self.done / self.total if self.total else 100.0
+        """`label 120/400 img (30%) 2.41 img/s ETA 1m56s` (`120.4/400` while a part is in flight)."""
+        progressed = self.progressed
+        percent = 100.0 * progressed / self.total if self.total else 100.0
         prefix = f"{self.label} " if self.label else ""
+        count = f"{progressed:.1f}" if self.partial else f"{self.done}"
         return (
-            f"{prefix}{self.done}/{self.total} {self.unit} ({percent:.0f}%) "
+            f"{prefix}{count}/{self.total} {self.unit} ({percent:.0f}%) "
             f"{self.rate:.2f} {self.unit}/s ETA {format_duration(self.eta)}"
         )
 
     def bar(self) -> str:
-        filled = int(self.width * self.done / self.total) if self.total else self.width
+        filled = min(self.width, int(self.width * self.progressed / self.total)) if self.total else self.width
         return "[" + "#" * filled + "." * (self.width - filled) + "]"
 
     # ---- output -------------------------------------------------------------------------------
     def update(self, count: int = 1) -> None:
-        """Record `count` more finished items and report if it is time to."""
+        """Record `count` more finished items and report if it is time to (the partial amount stays)."""
         self.done += int(count)
         self._report(final=self.done >= self.total)
+
+    def set_partial(self, items: float) -> None:
+        """Set the amount of unfinished items already done (e.g. 0.4 x a batch 40% through its steps)."""
+        self.partial = max(0.0, min(float(items), float(max(0, self.total - self.done))))
+        self._report(final=False)
 
     def _report(self, final: bool = False) -> None:
         if not self.enabled:
@@ -111,7 +128,11 @@ class Progress:
         interval = self.min_interval_s if self.is_tty else self.log_interval_s
         if not final and self._last_draw is not None and now - self._last_draw < interval:
             return
+        state = (self.done, self.partial)
+        if final and state == self._last_shown:
+            return  # the final state is on screen already (update reached the total, then close)
         self._last_draw = now
+        self._last_shown = state
         if self.is_tty:
             self.stream.write("\r" + self.bar() + " " + self.describe() + "\x1b[K")
         else:

@@ -3,6 +3,18 @@
 #
 #   profiling/nsys.sh [OUTPUT_BASENAME] [-- COMMAND ...]
 #
+# A real run: IGDS_PROFILE_STEPS=A:B opens the window around sampling-loop steps A .. B-1 (0 = the
+# first step from noise, B excluded) of the run's first batch (igds_fast/profiling/window.py), e.g.
+#
+#   IGDS_PROFILE_STEPS=20:30 bash profiling/nsys.sh adm256_run -- \
+#       igds-fast distill --prior 256x256_diffusion.pt --preset adm256-cond --ve ve.safetensors \
+#       --classes imagewoof --ipc 10 --out out/woof --backend compiled
+#
+# (or `igds-fast distill ... --profile-steps 20:30`). Pick A past the first steps when they compile,
+# autotune or capture graphs (the compiled backend's first batch), so the report shows the steady
+# state; every step is an NVTX range igds/step/<k>, k the same loop index. Without a window nothing
+# calls cudaProfilerStart and the report stays empty: the script says so before it starts.
+#
 # Default command: bench/sampler.py, adm256, the compiled+graphs variant, batch 16; the bench calls
 # torch.cuda.profiler.start()/stop() around its timed steps only (--profile VARIANT), so warm-up,
 # torch.compile, autotuning and graph capture stay out of the report. --cuda-graph-trace=node shows
@@ -19,6 +31,9 @@ PY="${PYTHON:-$(command -v python3 || command -v python)}"
 if [[ $# -eq 0 ]]; then
   set -- "$PY" bench/sampler.py --presets adm256 --batch-sizes 16 --variants graphs --profile graphs \
     --warmup 3 --steps 5
+elif [[ -z "${IGDS_PROFILE_STEPS:-}" && " $* " != *" --profile-steps"* && " $* " != *" --profile "* ]]; then
+  echo "nsys.sh: neither IGDS_PROFILE_STEPS=A:B nor --profile-steps A:B is set: unless the command calls" \
+    "cudaProfilerStart itself, nothing will be captured" >&2
 fi
 if ! command -v nsys >/dev/null 2>&1; then
   echo "nsys.sh: nsys (Nsight Systems) is not on PATH; use profiling/torch_trace.py instead" >&2

@@ -5,7 +5,7 @@
 
 Builds the bench's random-weight models (bench/sampler.py presets), runs `--warmup` steps outside
 the profiler (compile, autotuning, graph capture), then profiles `--steps` guided steps, each inside a
-record_function range igds/step/<i>; the igds/unet, igds/guidance (igds/encoder/*, igds/head), igds/update and igds/graph/*
+record_function range igds/step/<k> (k the loop step, 0 = the first from noise, as in Sampler.sample); the igds/unet, igds/guidance (igds/encoder/*, igds/head), igds/update and igds/graph/*
 ranges of the step code appear as well (profiling/nvtx.py emits them while a profiler records).
 Writes OUT/trace.json (gzipped to trace.json.gz above 15 MiB; open in chrome://tracing or https://ui.perfetto.dev) and OUT/summary.txt (the
 operator table sorted by self device time on a GPU, self CPU time otherwise).
@@ -85,8 +85,9 @@ def main(argv=None) -> int:
             x = step.advance(x, i, bound)
         bench.synchronize()
         with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
-            for i in indices[args.warmup: args.warmup + args.steps]:
-                with torch.profiler.record_function(f"igds/step/{i}"):
+            for k, i in enumerate(indices[args.warmup: args.warmup + args.steps], start=args.warmup):
+                # k: the loop step (0 = the first from noise), as Sampler.sample's igds/step/<k> ranges
+                with torch.profiler.record_function(f"igds/step/{k}"):
                     x = step.advance(x, i, bound)
             bench.synchronize()
 

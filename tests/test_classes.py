@@ -120,3 +120,86 @@ def test_resolve_wnids_inline_and_custom_prior_names():
     digits_prior = [str(d) for d in range(10)]
     classes, labels = resolve_classes("7,2", digits_prior)
     assert classes == ["7", "2"] and labels == [7, 2]
+
+
+# ---- Tiny ImageNet and CIFAR-10 (the paper's Tables 3 and 5) ---------------------------------------
+
+
+def _data_file(name):
+    from importlib import resources
+
+    return resources.files("igds_fast").joinpath("data", name)
+
+
+def test_tinyimagenet_is_wnids_txt_200_imagenet_ids_in_file_order():
+    tiny = class_list("tinyimagenet")
+    assert len(tiny) == 200 and len(set(tiny)) == 200
+    assert set(tiny) <= set(imagenet_wnids())
+    assert tiny != sorted(tiny)  # wnids.txt's own order, which gives the distilled labels: never re-sorted
+    # Anchors of tiny-imagenet-200/wnids.txt: its first, second, 23rd and last lines.
+    assert tiny[:2] == ["n02124075", "n04067472"] and tiny[22] == "n01443537" and tiny[-1] == "n02504458"
+    assert [wnid_name(w) for w in (tiny[0], tiny[1], tiny[-1])] == ["Egyptian cat", "reel", "African elephant"]
+    for spelling in ("TinyImageNet", "tiny-imagenet", "tiny_imagenet"):
+        assert class_list(spelling) == tiny
+
+
+def test_tinyimagenet_labels_are_the_imagenet_indices_an_adm64_prior_is_conditioned_on():
+    classes, labels = resolve_classes("tinyimagenet", imagenet_wnids())
+    assert classes == class_list("tinyimagenet")
+    assert labels == [imagenet_wnids().index(w) for w in classes]
+    # Well-known ImageNet-1K labels: Egyptian cat 285, reel 758, goldfish 1, African elephant 386.
+    assert (labels[0], labels[1], labels[22], labels[-1]) == (285, 758, 1, 386)
+
+
+def test_cifar10_names_in_label_order_select_classes_of_the_ve():
+    cifar = class_list("CIFAR-10")
+    assert cifar == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    ve_names = list(reversed(cifar))  # an unconditional prior: the VE's class list is the universe
+    classes, labels = resolve_classes("cifar10", ve_names)
+    assert classes == cifar and labels == [9 - i for i in range(10)]
+    with pytest.raises(IGDSInputError, match="'airplane' from class list 'cifar10' is not in the prior's class list"):
+        resolve_classes("cifar10", imagenet_wnids())
+
+
+def test_every_shipped_list_has_its_provenance_recorded():
+    import hashlib
+    import json
+    from importlib import resources
+
+    sources = json.loads(_data_file("sources.json").read_text(encoding="utf-8"))
+    recorded = set(sources["files"]) | set(sources["other_files"])
+    shipped = {entry.name for entry in resources.files("igds_fast").joinpath("data").iterdir()
+               if entry.name.endswith(".txt")}
+    assert shipped == recorded
+    for entry in sources["other_files"].values():
+        assert entry["repository"].startswith("https://github.com/") and len(entry["commit"]) == 40
+    tiny = sources["other_files"]["tinyimagenet.txt"]
+    assert hashlib.sha256(_data_file("tinyimagenet.txt").read_bytes()).hexdigest() == tiny["sha256"]
+
+
+def test_distill_cli_accepts_classes_tinyimagenet_with_the_adm64_preset(tmp_path, monkeypatch):
+    """`igds-fast distill --prior 64x64_diffusion.pt --preset adm64-cond --classes tinyimagenet`: the plan's labels."""
+    import argparse
+
+    from factories import tiny_ve
+    from igds_fast.cli import distill as distill_cli
+    from igds_fast.distill.plan import plan_distill
+
+    tiny = class_list("tinyimagenet")
+    ve = tiny_ve(num_classes=200)
+    ve.class_names = list(tiny)
+    ve.save(tmp_path / "ve_tiny.safetensors")
+    (tmp_path / "64x64_diffusion.pt").write_bytes(b"not loaded: the plan reads the preset and fingerprints the file")
+    plans = []
+    monkeypatch.setattr(distill_cli, "distill", lambda config: plans.append(plan_distill(config)) or {})
+    parser = argparse.ArgumentParser()
+    distill_cli.add_parser(parser.add_subparsers(dest="command"))
+    argv = ["distill", "--prior", str(tmp_path / "64x64_diffusion.pt"), "--preset", "adm64-cond",
+            "--ve", str(tmp_path / "ve_tiny.safetensors"), "--classes", "tinyimagenet", "--ipc", "1",
+            "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]
+    assert distill_cli.run(parser.parse_args(argv)) == 0
+    (plan,) = plans
+    assert plan.class_keys == tiny and plan.ve_labels == list(range(200))
+    assert plan.prior_labels == [imagenet_wnids().index(w) for w in tiny]
+    assert plan.pixel_settings["diffusion"]["noise_schedule"] == "cosine"  # ADM-64's
+    assert len(plan.jobs) == 200

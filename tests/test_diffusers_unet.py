@@ -169,3 +169,44 @@ def test_distill_reads_a_pipeline_root(diffusers, tmp_path):
     pipeline_root(diffusers, tmp_path / "mismatch", "epsilon", "learned_range", {}, 3)
     with pytest.raises(IGDSInputError, match="does not fit a UNet with 3 output channels"):
         distill(DistillConfig(out=str(tmp_path / "out3"), **{**common, "diffusers": str(tmp_path / "mismatch")}))
+
+
+# ---- where the scheduler config is: pipeline root, flat folder (google/ddpm-*), beside a unet folder ----
+def test_the_scheduler_config_is_found_in_each_layout_and_ambiguity_is_refused(diffusers, tmp_path):
+    from igds_fast.models.diffusers_unet import read_scheduler_config, scheduler_config_path, unet_folder
+
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=40, beta_start=0.0003, variance_type="fixed_large")
+    root = pipeline_root(diffusers, tmp_path / "pipe", "epsilon", "fixed_small", dict(beta_schedule="linear"), 3)
+    assert scheduler_config_path(root) == str(root / "scheduler" / "scheduler_config.json")
+    assert scheduler_config_path(root / "unet") == str(root / "scheduler" / "scheduler_config.json")  # beside it
+
+    flat = tmp_path / "flat"
+    tiny_unet2d(diffusers, None, out_channels=3).save_pretrained(flat)
+    assert scheduler_config_path(flat) is None
+    assert read_scheduler_config(flat).schedule["diffusion_steps"] == 1000  # no config: guided-diffusion's defaults
+    scheduler.save_pretrained(flat)  # save_pretrained writes scheduler_config.json into the folder itself
+    assert unet_folder(flat) == str(flat) and scheduler_config_path(flat) == str(flat / "scheduler_config.json")
+    spec = read_scheduler_config(flat)
+    assert spec.schedule == {"noise_schedule": "linear", "diffusion_steps": 40, "fixed_variance": "large",
+                             "beta_start": 0.0003, "beta_end": 0.02}
+    assert spec.source == str(flat / "scheduler_config.json")
+
+    scheduler.save_pretrained(flat / "scheduler")
+    with pytest.raises(IGDSInputError, match="has two scheduler configs") as info:
+        read_scheduler_config(flat)
+    assert "\n" not in str(info.value)
+
+
+def test_a_pre_0_1_scheduler_config_is_refused_not_read_with_defaults(tmp_path):
+    from igds_fast.models.diffusers_unet import read_scheduler_config
+
+    # An early revision of google/ddpm-cifar10-32 (diffusers 0.0.x): `timesteps`, no `num_train_timesteps`.
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "GaussianDDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+         "timesteps": 1000, "variance_type": "fixed_large"}))
+    with pytest.raises(IGDSInputError, match="pre-0.1 diffusers scheduler config"):
+        read_scheduler_config(tmp_path)
+    (tmp_path / "scheduler_config.json").write_text("[1, 2]")
+    with pytest.raises(IGDSInputError, match="is not a scheduler config"):
+        read_scheduler_config(tmp_path)

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_no_models_runs_the_whole_pipeline_then_reuses_its_cache(tmp_path, capsys):
     work = tmp_path / "work"
-    assert run_distill(_parse(["--fast", "--work-dir", str(work), "--quiet"])) == 0
+    out = tmp_path / "out"  # --out: the sets and the results; --work-dir: the trained pieces
+    argv = ["--fast", "--work-dir", str(work), "--out", str(out), "--quiet"]
+    assert run_distill(_parse(argv)) == 0
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     assert lines[0].startswith("digits (10 classes, 16x16")
@@ -32,7 +34,9 @@ def test_no_models_runs_the_whole_pipeline_then_reuses_its_cache(tmp_path, capsy
     assert set(rows) == {"random real subset", "DDPM, unguided (scale 0)"} | {r for r in rows if r.startswith("IGDS")}
     for line in lines[3:6]:
         assert line.count("\u00b1") == 2  # IPC 1 and IPC 10 columns
-    with open(work / "results.json") as handle:
+    assert sorted(os.listdir(work)) == ["prior.safetensors", "ve.safetensors", "ve_train.json"]
+    assert (out / "results.txt").read_text().splitlines() == lines[:-1]  # the table, without "results written"
+    with open(out / "results.json") as handle:
         results = json.load(handle)
     for method in ("random", "ddpm", "igds"):
         for ipc in ("1", "10"):
@@ -40,7 +44,7 @@ def test_no_models_runs_the_whole_pipeline_then_reuses_its_cache(tmp_path, capsy
             assert len(accuracies) == 3 and all(0.0 <= a <= 100.0 for a in accuracies)
     assert results["prior"]["cached"] is False and results["ve"]["cached"] is False
     # The generated sets are real distill outputs: IPC files per class, manifest, preview.
-    folder = work / "distilled" / "igds_ipc10_seed2"
+    folder = out / "distilled" / "igds_ipc10_seed2"
     assert sorted(os.listdir(folder / "7")) == [f"{i:05d}.png" for i in range(10)]
     with open(folder / "manifest.json") as handle:
         manifest = json.load(handle)
@@ -49,9 +53,9 @@ def test_no_models_runs_the_whole_pipeline_then_reuses_its_cache(tmp_path, capsy
     prior_state = os.stat(work / "prior.safetensors")
     ve_state = os.stat(work / "ve.safetensors")
 
-    assert run_distill(_parse(["--fast", "--work-dir", str(work), "--quiet"])) == 0
+    assert run_distill(_parse(argv)) == 0
     again = capsys.readouterr().out
-    with open(work / "results.json") as handle:
+    with open(out / "results.json") as handle:
         cached = json.load(handle)
     assert cached["prior"]["cached"] is True and cached["ve"]["cached"] is True
     assert os.stat(work / "prior.safetensors").st_mtime_ns == prior_state.st_mtime_ns

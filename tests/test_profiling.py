@@ -93,6 +93,45 @@ def test_ncu_script_profiles_every_kernel_in_its_own_pass(tmp_path):
     assert len(list(tmp_path.glob("rep_*.ncu-rep"))) == 8 and len(list(tmp_path.glob("rep_*.csv"))) == 8
 
 
+FAKE_NSYS = """#!/usr/bin/env bash
+# Stand-in for Nsight Systems: logs its arguments; `profile` writes the report and runs the command.
+echo "$*" >> "$NSYS_LOG"
+[[ "$1" == "profile" ]] || exit 0
+shift
+while [[ "$1" == --* ]]; do
+  [[ "$1" == --output=* ]] && touch "${1#--output=}.nsys-rep"
+  shift
+done
+exec "$@"
+"""
+
+
+def test_nsys_script_profiles_the_command_after_the_separator(tmp_path):
+    # `bash profiling/nsys.sh NAME -- igds-fast distill ...` with IGDS_PROFILE_STEPS: the command runs
+    # under nsys's cudaProfilerApi capture range with the variable set; without a window it warns.
+    fake = tmp_path / "bin" / "nsys"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_NSYS)
+    fake.chmod(0o755)
+    log = tmp_path / "nsys.log"
+    command = [sys.executable, "-c", "import os; print('window', os.environ.get('IGDS_PROFILE_STEPS'))"]
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "NSYS_LOG": str(log)}
+    env.pop("IGDS_PROFILE_STEPS", None)
+    result = subprocess.run(["bash", "profiling/nsys.sh", str(tmp_path / "run"), "--", *command], cwd=REPO,
+                            env={**env, "IGDS_PROFILE_STEPS": "20:30"}, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert "window 20:30" in result.stdout and "nothing will be captured" not in result.stderr
+    profile = log.read_text().splitlines()[0]
+    assert "--capture-range=cudaProfilerApi" in profile and profile.endswith(" ".join(command))
+    result = subprocess.run(["bash", "profiling/nsys.sh", str(tmp_path / "bare"), "--", *command], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0 and "nothing will be captured" in result.stderr
+    result = subprocess.run(["bash", "profiling/nsys.sh", str(tmp_path / "flag"), "--", *command, "--profile-steps",
+                             "1:2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert "nothing will be captured" not in result.stderr
+
+
 def test_nvtx_range_shows_in_torch_profiler_and_is_silent_otherwise():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         with nvtx_range("igds/test-range"):
@@ -115,11 +154,14 @@ def test_bench_sampler_tiny_run_reports_every_column(bench, tmp_path, monkeypatc
     assert bench.main(argv) == 0
     found = json.loads(out.read_text())
     variants = {row["variant"]: row for row in found["rows"]}
-    assert set(variants) == {"eager-fp32", "eager-bf16", "compiled"}  # no graphs without CUDA
+    # no graphs without CUDA; the peers (guided-diffusion's own loop) where guided-diffusion-sdk imports
+    peers = {"gd-fp32", "gd-fp16"} if importlib.util.find_spec("guided_diffusion") else set()
+    assert set(variants) == {"eager-fp32", "eager-bf16", "compiled"} | peers
     for row in variants.values():
         assert row["ms_per_step"] > 0 and row["tflops"] > 0
         assert row["s_per_image"] == pytest.approx(row["ms_per_step"] / 1e3 * 250 / 2)
     assert variants["eager-fp32"]["vs_eager_fp32"] == pytest.approx(1.0)
+    assert variants["compiled"]["overhead_kind"] == "compile" and variants["compiled"]["overhead_s"] >= 0
     check = found["fidelity"][0]
     assert check["x_rel"] < 1e-4 and check["unet_rel"] < 1e-4  # fp32 compiled vs eager
     report = (tmp_path / "RESULTS.md").read_text()
@@ -166,12 +208,15 @@ def test_bench_sampler_dit_tiny_run_reports_guided_and_unguided_rows(bench, tmp_
     assert bench.main(argv) == 0
     found = json.loads(out.read_text())
     rows = {(row["variant"], row["guidance"]): row for row in found["rows"]}
-    assert set(rows) == {(v, g) for v in ("eager-fp32", "eager-bf16", "compiled") for g in ("igds", "none")}
+    peers = ("minimax-b1", "minimax") if importlib.util.find_spec("guided_diffusion") else ()
+    assert set(rows) == {(v, g) for v in ("eager-fp32", "eager-bf16", "compiled", *peers) for g in ("igds", "none")}
     for (variant, guidance), row in rows.items():
         assert "error" not in row, row
         assert row["ms_per_step"] > 0 and row["tflops"] > 0 and row["steps_per_image"] == 50
-        assert row["s_per_image"] == pytest.approx(row["ms_per_step"] / 1e3 * 50 / 2)
-        assert (row.get("decoder_ms", 0) > 0 and 0 < row["decoder_share"]) == (guidance == "igds")
+        assert row["batch"] == (1 if variant == "minimax-b1" else 2)
+        assert row["s_per_image"] == pytest.approx(row["ms_per_step"] / 1e3 * 50 / row["batch"])
+        if variant not in peers:  # the decoder is timed alone for our rows
+            assert (row.get("decoder_ms", 0) > 0 and 0 < row["decoder_share"]) == (guidance == "igds")
     assert rows[("eager-fp32", "none")]["vs_eager_fp32"] == pytest.approx(1.0)
     guided, unguided = rows[("eager-fp32", "igds")], rows[("eager-fp32", "none")]
     assert guided["unguided_gflop"] == guided["unet_gflop"] < guided["unet_gflop"] + guided["decoder_gflop"]
@@ -216,11 +261,28 @@ def test_gpu_check_dry_run_plans_every_part(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     summary = (tmp_path / "SUMMARY.md").read_text()
-    for part in ("env", "tests", "selfcheck", "adm256", "adm256-ma", "adm64", "kernels", "nsys", "flags", "dit256"):
-        assert f"| {part} | planned (dry run) |" in summary
-    assert "pytest_gpu_select" in result.stdout and "--presets adm256" in result.stdout
-    assert "--presets dit-xl2-256" in result.stdout
-    assert "bench/self_check.py --models digits,adm256" in result.stdout
+    calls = {"env": "call 1", "adm256": "call 1", "gputests": "call 1", "digits": "call 1", "dit256": "call 1",
+             "adm64": "call 2", "kernels": "call 2"}
+    for part in ("dit256-compiled", "adm256-ma", "selfcheck", "nsys", "flags", "tests"):
+        calls[part] = "later session"
+    for part, call in calls.items():
+        assert f"| {part} | planned (dry run): {call} |" in summary, part
+    out = result.stdout
+    # call 1 fits the device tool's 540 s command and leads with the targets (after the environment)
+    first_call = out[out.index("[plan] call 1"):out.index("[plan] call 2")]
+    estimates = [int(line.split("(est ")[1].split(" s)")[0]) for line in first_call.splitlines()[1:]]
+    assert 0 < sum(estimates) <= 540 and f"estimate {sum(estimates)} s" in first_call
+    assert [line.split()[1] for line in first_call.splitlines()[1:3]] == ["env", "adm256"]
+    assert "--variants eager-fp32,eager-half,gd-fp16,compiled,graphs" in out and "--check-fidelity" in out
+    assert "pytest_gpu_select" in out and "--presets dit-xl2-256" in out and "minimax-b1" in out
+    assert "bench/self_check.py --models digits " in out and "bench/self_check.py --models digits,adm256" in out
+    # a plan whose first call no longer fits is refused
+    tight = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO,
+        env={**os.environ, "OUT": str(tmp_path / "tight"), "IGDS_GPU_CHECK_CALL1_S": str(sum(estimates) - 1)},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert tight.returncode == 1 and "call 1's estimate" in tight.stderr
 
 
 def test_gpu_selection_plugin_keeps_marked_and_cuda_skipif_tests():

@@ -25,7 +25,7 @@ def test_an_uninstalled_checkout_imports_its_kernels_and_profiling(tmp_path):
     for folder in ("igds_fast", "kernels", "profiling"):
         shutil.copytree(os.path.join(ROOT, folder), checkout / folder,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(os.path.join(ROOT, "setup.py"), checkout / "setup.py")
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), checkout / "pyproject.toml")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", PROBE], cwd=checkout, env=env, capture_output=True, text=True,
                             timeout=120)
@@ -39,7 +39,7 @@ def test_an_uninstalled_checkout_imports_its_kernels_and_profiling(tmp_path):
 def test_an_installed_layout_is_left_alone(tmp_path):
     installed = tmp_path / "site-packages" / "igds_fast"
     (installed / "kernels").mkdir(parents=True)
-    (tmp_path / "site-packages" / "setup.py").write_text("")
+    (tmp_path / "site-packages" / "pyproject.toml").write_text("")
     assert _source_checkout_root(str(installed)) is None
     assert _source_checkout_root(os.path.join(ROOT, "igds_fast")) == ROOT
     stray = tmp_path / "elsewhere" / "igds_fast"  # no kernels/ beside it: nothing to add

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -9,12 +10,21 @@ import sys
 from igds_fast.calibrate import read_beta_table
 from igds_fast.distill import (DEFAULT_BATCH_SIZE, DEFAULT_CFG_CHANNELS, DEFAULT_CFG_SCALE, DEFAULT_DIT_STEPS,
                                DEFAULT_SCALE, DEFAULT_STEPS, DistillConfig, distill)
-from igds_fast.errors import IGDSInputError
+from igds_fast.distributed import QuietRankError, launched_by_torchrun
+from igds_fast.errors import IGDSDiskFullError, IGDSInputError
 from igds_fast.jobs import COMPOSITE_SIZES
 from igds_fast.models.adm import ADM_PRESETS
 from igds_fast.models.dit import DIT_PRESETS
 from igds_fast.models.priors import PRIOR_KINDS
-from igds_fast.presets.digits import DEFAULT_WORK_DIR, DigitsSettings, clear_work_dir, format_table, run_digits
+from igds_fast.presets.digits import (DEFAULT_WORK_DIR, RESULTS_NAME, DigitsSettings, clear_work_dir, describe_run,
+                                     format_table, run_digits)
+from igds_fast.threads import torch_threads
+
+# The flags the digits demo takes; any other flag given with the demo is refused, naming it.
+DEMO_FLAGS = ("--preset", "--ipc", "--scale", "--beta", "--beta-table", "--steps", "--batch-size", "--out", "--force",
+              "--device", "--quiet", "--cpu-threads", "--work-dir", "--eval-seeds", "--fast")
+# The flags that only the demo takes: refused for a distillation run.
+DEMO_ONLY_FLAGS = ("--work-dir", "--eval-seeds", "--fast")
 
 
 def add_parser(subparsers) -> None:
@@ -27,12 +37,14 @@ def add_parser(subparsers) -> None:
             "OUT/<class>/<index>.png, OUT/manifest.json and OUT/preview.png. Reruns resume. "
             "Without --prior/--diffusers/--ve (or with --preset digits) it runs the built-in "
             "scikit-learn digits pipeline: train a small prior and VE (cached in --work-dir), "
-            "distill IPC 1 and 10, evaluate, and print a table."
+            "distill IPC 1 and 10 into --out (default: --work-dir), evaluate, and print a table; "
+            "flags that do not apply to it are refused."
         ),
     )
     source = parser.add_argument_group("models")
     source.add_argument("--prior", help="ADM checkpoint (.pt/.safetensors, with --preset), DiT / MinimaxDiffusion "
-                                        "checkpoint (recognised by its keys), or a prior file from train_prior")
+                                        "checkpoint (recognised by its keys), a prior file from train_prior, or a diffusers "
+                                        "folder (flat as google/ddpm-cifar10-32, or a pipeline root)")
     source.add_argument("--preset", choices=sorted(ADM_PRESETS) + sorted(DIT_PRESETS) + ["digits"],
                         help="architecture of an ADM or DiT --prior checkpoint; 'digits' runs the built-in demo")
     source.add_argument("--prior-kind", choices=PRIOR_KINDS, default=None,
@@ -45,15 +57,18 @@ def add_parser(subparsers) -> None:
                         help=f"latent channels CFG guides (default: {DEFAULT_CFG_CHANNELS}, as DiT; 4 = all, as diffusers)")
     source.add_argument("--diffusers", metavar="DIR", help="a local diffusers UNet2DModel folder")
     source.add_argument("--noise-schedule", choices=("linear", "cosine"), default=None,
-                        help="diffusion of a --diffusers UNet folder without a scheduler config (default: linear)")
+                        help="diffusion of a diffusers folder (--diffusers or --prior DIR) without a scheduler "
+                             "config (default: linear)")
     source.add_argument("--ve", help="variational estimator bundle (.safetensors)")
     what = parser.add_argument_group("what to sample")
-    what.add_argument("--classes", help="imagewoof | imagenette | imagenet100 | imagenet1k | FILE | indices like 0-9,17 "
+    what.add_argument("--classes", help="imagewoof | imagenette | imagenet100 | imagenet1k | tinyimagenet | cifar10 | FILE | "
+                                        "indices like 0-9,17 "
                                         "(default: every VE class)")
     what.add_argument("--ipc", type=int, default=None, help="images per class (required, except for the digits demo)")
     what.add_argument("--composite", type=int, choices=COMPOSITE_SIZES, default=None,
                       help="samples per image: 4 = 2x2 composite (default for ADM presets), 1 = one sample")
-    what.add_argument("--seed", type=int, default=0, help="global seed; image seeds derive from (seed, class, index)")
+    what.add_argument("--seed", type=int, default=None,
+                      help="global seed; image seeds derive from (seed, class, index) (default: 0)")
     guidance = parser.add_argument_group("guidance")
     guidance.add_argument("--beta", type=float, default=None, help="weight of the contextual term")
     guidance.add_argument("--beta-table", default=None, help="beta per IPC from calibrate-beta (JSON)")
@@ -63,19 +78,21 @@ def add_parser(subparsers) -> None:
     guidance.add_argument("--timestep-respacing", default=None, metavar="SPEC",
                           help="guided-diffusion's timestep_respacing instead of --steps: 250, ddim50, 10,20,30 "
                                "(sections of the training steps, each sampled evenly)")
-    guidance.add_argument("--guide-from-step", type=int, default=0, metavar="K",
+    guidance.add_argument("--guide-from-step", type=int, default=None, metavar="K",
                           help="first guided sampling step (0 = the first step from noise; default: 0)")
     guidance.add_argument("--guide-until-step", type=int, default=None, metavar="K",
                           help="last guided sampling step, inclusive (default: the last; IGD guides 30-45 of 50)")
     guidance.add_argument("--tau", type=float, default=None, help="feature-softmax temperature (default: the VE's)")
-    guidance.add_argument("--gamma", type=float, default=0.0, help="diversity (InfoNCE) term weight (default: 0)")
-    guidance.add_argument("--mode", choices=("x0", "xt"), default="x0", help="gradient w.r.t. x0_hat or x_t")
-    guidance.add_argument("--head", choices=("autograd", "analytic", "triton"), default="autograd")
+    guidance.add_argument("--gamma", type=float, default=None, help="diversity (InfoNCE) term weight (default: 0)")
+    guidance.add_argument("--mode", choices=("x0", "xt"), default=None,
+                          help="gradient w.r.t. x0_hat or x_t (default: x0)")
+    guidance.add_argument("--head", choices=("autograd", "analytic", "triton"), default=None,
+                          help="the guidance head of the eager backend (default: autograd)")
     guidance.add_argument("--noise", choices=("torch", "philox"), default=None,
                           help="noise source (default: philox for --backend compiled, else torch)")
-    guidance.add_argument("--backend", choices=("eager", "compiled"), default="eager",
-                          help="eager: the float32 reference; compiled: low-precision torch.compile'd UNet, "
-                               "Triton guidance kernels, the step replayed as one CUDA graph")
+    guidance.add_argument("--backend", choices=("eager", "compiled"), default=None,
+                          help="eager (default): the float32 reference; compiled: low-precision torch.compile'd "
+                               "UNet, Triton guidance kernels, the step replayed as one CUDA graph")
     guidance.add_argument("--compile-dtype", choices=("bf16", "fp16", "fp32"), default=None,
                           help="compiled backend: compute dtype of the UNet and encoder copies (default: bf16)")
     guidance.add_argument("--compile-options", metavar="JSON", default=None,
@@ -88,14 +105,24 @@ def add_parser(subparsers) -> None:
     run_group.add_argument("--batch-size", type=int, default=None,
                      help=f"samples per batch (default: {DEFAULT_BATCH_SIZE}; compiled backend: chosen from free "
                           "device memory; digits demo: 100)")
-    run_group.add_argument("--out", default=None, help="output folder")
+    run_group.add_argument("--out", default=None,
+                           help="output folder (digits demo: its distilled/ sets and results; default: --work-dir)")
     run_group.add_argument("--force", action="store_true", help="clear an output folder of another configuration")
     run_group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    run_group.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                           help="CPU runs: torch intra-op threads of each process (default: 1, whatever the world "
+                                "size, so the bytes do not depend on it; another N gives the bytes of N)")
     run_group.add_argument("--quiet", action="store_true", help="no progress output")
+    run_group.add_argument("--profile-steps", default=None, metavar="A:B",
+                           help="open the CUDA profiler (cudaProfilerStart/Stop: what profiling/nsys.sh captures) "
+                                "around sampling steps A..B-1 of the first batch (0 = the first step from noise, "
+                                "B excluded; default: $IGDS_PROFILE_STEPS; a no-op without CUDA)")
     run_group.add_argument("--trace", action="store_true",
                            help="also write OUT/trace.json and OUT/trace.png: the guidance terms of every step per class")
     demo = parser.add_argument_group("digits demo (--preset digits or no models)")
-    demo.add_argument("--work-dir", default=None, help="cache of the demo's trained pieces and outputs (default: ./igds_work/digits)")
+    demo.add_argument("--work-dir", default=None,
+                      help="cache of the demo's trained prior and VE, and its outputs without --out "
+                           "(default: ./igds_work/digits)")
     demo.add_argument("--eval-seeds", type=int, default=None, help="evaluation seeds per method (default: 3)")
     demo.add_argument("--fast", action="store_true", help="tiny settings (smoke test; numbers are meaningless)")
     parser.set_defaults(handler=run)
@@ -138,30 +165,97 @@ def _steps(args: argparse.Namespace) -> int | str:
     return args.steps  # None = the prior's default (DistillConfig.steps)
 
 
+@functools.lru_cache(maxsize=1)
+def _flag_table() -> tuple[tuple[str, str, object], ...]:
+    """(flag, dest, default) of every option of `distill`, read off the parser itself (so a new flag
+    is covered by the refusals below without being listed there)."""
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    add_parser(subparsers)
+    parser = subparsers.choices["distill"]
+    return tuple((action.option_strings[0], action.dest, action.default)
+                 for action in parser._actions if action.option_strings and action.dest != "help")
+
+
+def given_flags(args: argparse.Namespace) -> list[str]:
+    """The flags given on the command line: those whose value differs from their default (in parser order)."""
+    return [flag for flag, dest, default in _flag_table() if getattr(args, dest, default) != default]
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _resolved_device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cpu_threads(args: argparse.Namespace, device: str) -> int | None:
+    """The intra-op thread count a CPU run is pinned to (--cpu-threads, default 1); None off the CPU.
+
+    Pinned, not inherited: torchrun sets OMP_NUM_THREADS=1 only for more than one rank, and a CPU
+    run's bytes depend on the thread count, so without a fixed count 1 and N ranks would differ.
+    """
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        raise IGDSInputError(f"--cpu-threads must be a positive integer, got {args.cpu_threads}")
+    if not device.startswith("cpu"):
+        if args.cpu_threads is not None:
+            raise IGDSInputError(f"--cpu-threads applies to CPU runs only; this one runs on {device}")
+        return None
+    return _or(args.cpu_threads, 1)
+
+
+def _resumable(exc: IGDSDiskFullError) -> IGDSDiskFullError:
+    """The one line of a full disk during distill: which folder, and that a rerun resumes."""
+    return IGDSDiskFullError(
+        exc.folder,
+        f"no space left on the device holding {exc.folder}: nothing partial was kept; free space (or choose "
+        "another --out) and rerun the same command: it resumes, keeping every finished image",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """The `distill` subcommand: the digits demo or one distillation run. Returns the exit code."""
-    if _uses_digits_demo(args):
-        return _run_digits(args)
+    try:
+        if _uses_digits_demo(args):
+            return _run_digits(args)
+        return _run_distill(args)
+    except IGDSDiskFullError as exc:
+        raise _resumable(exc) from exc
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    demo_only = [flag for flag in given_flags(args) if flag in DEMO_ONLY_FLAGS]
+    if demo_only:
+        raise IGDSInputError(f"{', '.join(demo_only)} {'applies' if len(demo_only) == 1 else 'apply'} to the "
+                             "digits demo (no --prior/--ve), not to a distillation run")
     if not args.ve:
         raise IGDSInputError("give --ve BUNDLE (the variational estimator)")
     if args.ipc is None:
         raise IGDSInputError("give --ipc (images per class)")
     if not args.out:
         raise IGDSInputError("give --out OUT (the output folder)")
+    threads = _cpu_threads(args, _resolved_device(args.device))
     config = DistillConfig(
         ve=args.ve, out=args.out, ipc=args.ipc, prior=args.prior, preset=args.preset, diffusers=args.diffusers,
         classes=args.classes, beta=args.beta, beta_table=args.beta_table,
-        scale=DEFAULT_SCALE if args.scale is None else args.scale,
+        scale=_or(args.scale, DEFAULT_SCALE),
         steps=_steps(args),
         composite=args.composite,
-        batch_size=args.batch_size, seed=args.seed, force=args.force,
-        device=args.device, tau=args.tau, gamma=args.gamma, mode=args.mode, head=args.head, noise=args.noise,
-        backend=args.backend, noise_schedule=args.noise_schedule, progress=not args.quiet,
+        batch_size=args.batch_size, seed=_or(args.seed, 0), force=args.force,
+        device=args.device, tau=args.tau, gamma=_or(args.gamma, 0.0), mode=_or(args.mode, "x0"),
+        head=_or(args.head, "autograd"), noise=args.noise,
+        backend=_or(args.backend, "eager"), noise_schedule=args.noise_schedule, progress=not args.quiet,
         batch_invariant=args.batch_invariant, compile_options=_compile_options(args), trace=args.trace,
         prior_kind=args.prior_kind, vae=args.vae, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
-        guide_from_step=args.guide_from_step, guide_until_step=args.guide_until_step,
+        guide_from_step=_or(args.guide_from_step, 0), guide_until_step=args.guide_until_step,
+        profile_steps=args.profile_steps,
     )
-    manifest = distill(config)
+    with torch_threads(threads):
+        manifest = distill(config)
     if "images" not in manifest:
         return 0  # a non-zero torchrun rank: rank 0 merges the manifest and reports the run
     run = manifest["run"]
@@ -171,15 +265,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_demo_flags(args: argparse.Namespace) -> None:
+    """Refuse, in one line, torchrun and every flag the digits demo does not take."""
+    if launched_by_torchrun():
+        message = ("the digits demo runs in one process: start it without torchrun (igds-fast distill); "
+                   "torchrun shards a distillation run (--prior/--ve)")
+        # Only rank 0 reports it: the other ranks exit non-zero without repeating it.
+        raise IGDSInputError(message) if os.environ.get("RANK", "0") == "0" else QuietRankError(message)
+    refused = [flag for flag in given_flags(args) if flag not in DEMO_FLAGS]
+    if refused:
+        raise IGDSInputError(f"{', '.join(refused)} {'applies' if len(refused) == 1 else 'apply'} to a "
+                             "distillation run (--prior/--ve), not to the digits demo")
+    for flag, path in (("--work-dir", args.work_dir), ("--out", args.out)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise IGDSInputError(f"{flag} {path} exists and is not a folder")
+
+
 def _run_digits(args: argparse.Namespace) -> int:
     """`igds-fast distill` without models: run the digits pipeline with the command's overrides."""
-    for flag, value in (("--trace", args.trace), ("--timestep-respacing", args.timestep_respacing),
-                        ("--prior-kind", args.prior_kind), ("--vae", args.vae), ("--cfg-scale", args.cfg_scale),
-                        ("--cfg-channels", args.cfg_channels), ("--guide-from-step", args.guide_from_step),
-                        ("--guide-until-step", args.guide_until_step is not None)):
-        if value:
-            raise IGDSInputError(f"{flag} applies to a distillation run (--prior/--ve), not to the digits demo")
-    overrides = {}
+    _check_demo_flags(args)
+    overrides = {"threads": _cpu_threads(args, args.device or "cpu")}  # the demo runs on the CPU by default
     if args.ipc is not None:
         overrides["ipcs"] = (args.ipc,)
     if args.scale is not None:
@@ -198,10 +303,12 @@ def _run_digits(args: argparse.Namespace) -> int:
         overrides["batch_size"] = args.batch_size
     settings = DigitsSettings.fast(**overrides) if args.fast else DigitsSettings(**overrides)
     work_dir = args.work_dir or DEFAULT_WORK_DIR
-    if args.force:
-        clear_work_dir(work_dir)
+    out_dir = args.out or work_dir
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    results = run_digits(settings, work_dir, log)
+    log(describe_run(settings, work_dir, out_dir, fast=args.fast))
+    if args.force:
+        clear_work_dir(work_dir, out_dir)
+    results = run_digits(settings, work_dir, log, out_dir=out_dir)
     print(format_table(results))
-    print(f"results written to {os.path.join(work_dir, 'results.json')}")
+    print(f"results written to {os.path.join(out_dir, RESULTS_NAME)}")
     return 0

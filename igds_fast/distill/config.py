@@ -49,6 +49,10 @@ class DistillConfig:
     progress: report progress on stderr. trace: write OUT/trace.json and OUT/trace.png, the guidance
     terms of every step per class (distill/trace.py; no effect on the pixels). prior_class_names: the class list of a diffusers prior
     that is conditional on neither ImageNet-1K nor the VE's list (None = infer).
+    profile_steps: "A:B" — open the CUDA profiler (cudaProfilerStart/Stop, what profiling/nsys.sh
+    captures) around sampling-loop steps A .. B-1 of the first batch (0 = the first step from noise,
+    B excluded; profiling/window.py); None = $IGDS_PROFILE_STEPS if set. No effect on the pixels; a
+    no-op without CUDA.
     """
 
     ve: str
@@ -85,6 +89,7 @@ class DistillConfig:
     cfg_channels: int | None = None
     guide_from_step: int = 0
     guide_until_step: int | None = None
+    profile_steps: str | None = None
 
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_BETA_TABLE", "DEFAULT_CFG_CHANNELS", "DEFAULT_CFG_SCALE",

@@ -13,8 +13,13 @@ import os
 import numpy as np
 import torch
 
-from ..errors import IGDSInputError
-from ..imageio import make_preview_grid, save_png_atomic, write_json_atomic
+from ..errors import IGDSDiskFullError, IGDSInputError
+from ..imageio import (
+    DISK_FULL_ERRNOS,
+    make_preview_grid,
+    save_png_atomic,
+    write_json_atomic,
+)
 from .config import DistillConfig
 
 PREVIEW_MAX_CLASSES = 20
@@ -83,6 +88,16 @@ def _clear_outputs(out: str, class_keys: list[str]) -> None:
             os.unlink(path)
 
 
+def _make_folder(path: str) -> None:
+    """os.makedirs(exist_ok=True); a full disk is the one-line IGDSDiskFullError naming the folder."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise IGDSDiskFullError(os.path.dirname(os.path.abspath(path))) from exc
+        raise
+
+
 def prepare_output(out: str, pixel_settings: dict, class_keys: list[str], force: bool, log) -> int:
     """Make `out` hold this configuration: check or write `.igds_config.json` first, create class folders.
 
@@ -90,7 +105,7 @@ def prepare_output(out: str, pixel_settings: dict, class_keys: list[str], force:
     Refuses (one line) a folder written with other pixel settings, or a non-empty folder that is
     not a distill output, unless `force` (then its images are cleared).
     """
-    os.makedirs(out, exist_ok=True)
+    _make_folder(out)
     config_path = os.path.join(out, CONFIG_NAME)
     if os.path.isfile(config_path):
         try:
@@ -121,7 +136,7 @@ def prepare_output(out: str, pixel_settings: dict, class_keys: list[str], force:
         write_json_atomic(config_path, pixel_settings)  # first: a crash leaves a folder that knows its settings
     for key in class_keys:
         folder = os.path.join(out, key)
-        os.makedirs(folder, exist_ok=True)
+        _make_folder(folder)
         # Temp files left by a writer killed mid-write (SIGKILL, a dead rank): never a finished image.
         # Safe to remove here: no writer of this run has started yet (under torchrun rank 0 prepares
         # the folder while the other ranks wait).

@@ -31,6 +31,7 @@ from ..errors import IGDSInputError
 from ..guidance import GuidanceConfig
 from ..jobs import COMPOSITE_SIZES, ImageJob, build_jobs, check_folder_name, check_positive_int
 from ..models.priors import PriorSpec, describe_prior
+from ..sampling.backends import check_triton_runs_on
 from ..sampling.compiled.config import CompileConfig
 from ..ve import VariationalEstimator
 from .config import (CONFIG_FORMAT, DEFAULT_BETA_TABLE, DEFAULT_CFG_CHANNELS, DEFAULT_CFG_SCALE, DEFAULT_DIT_STEPS,
@@ -110,6 +111,14 @@ def plan_distill(config: DistillConfig) -> Plan:
         raise IGDSInputError(f"VE bundle not found: {config.ve}")
     beta, beta_source = _resolve_beta(config)
     device = torch.device(config.device) if config.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    noise = config.noise or ("philox" if config.backend == "compiled" else "torch")
+    if config.backend == "compiled" or noise == "philox" or config.head == "triton":
+        # Before the VE loads: building a model imports triton (torch._dynamo), after which the
+        # kernels can no longer select the interpreter on a CPU; one message for every Triton path.
+        check_triton_runs_on(device)
+    if config.backend == "compiled" and config.head != "autograd":
+        raise IGDSInputError(f"--head {config.head} applies to the eager backend; the compiled backend always "
+                             "runs the Triton guidance head")
     ve = VariationalEstimator.load(config.ve, device="cpu")
     ve_names = list(ve.class_names)
     spec = describe_prior(config.prior, config.preset, config.diffusers, ve_names, config.noise_schedule,
@@ -170,7 +179,7 @@ def plan_distill(config: DistillConfig) -> Plan:
         "gamma": float(config.gamma),
         "mode": config.mode,
         "head": config.head,
-        "noise": config.noise or ("philox" if config.backend == "compiled" else "torch"),
+        "noise": noise,
         "backend": config.backend,
     }
     if pixel_settings["noise"] == "torch":

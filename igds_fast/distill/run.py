@@ -10,6 +10,12 @@ another batch size images agree to float rounding, or byte for byte with `batch_
 gamma != 0 the batch size decides which images are coupled, so it is saved (`.igds_batch.json`) and
 a resume reuses it; another --batch-size is refused. A rerun whose pixel settings differ from
 `.igds_config.json` is refused, naming the setting; `force` clears the folder's images first.
+
+Progress: one line for the whole job, on rank 0 under torchrun (distributed.ProgressRounds sums the
+ranks' finished images at their batch boundaries without stalling any rank), moving within a batch
+as the device finishes its steps (Sampler.sample's on_steps_done: CUDA events, no host sync).
+Profiling: `profile_steps` / IGDS_PROFILE_STEPS=A:B opens the CUDA profiler around steps A .. B-1 of
+the first batch (profiling/window.py), validated here before any model loads.
 """
 from __future__ import annotations
 
@@ -21,17 +27,35 @@ from typing import Callable
 import torch
 
 from ..diffusion import DiffusionSchedule, ScheduleConfig
-from ..distributed import agree_min, barrier, gather_to_main, init_distributed, main_first, rank_device, shard, shutdown
+from ..distributed import (
+    ProgressRounds,
+    agree_max,
+    agree_min,
+    barrier,
+    gather_to_main,
+    init_distributed,
+    main_first,
+    rank_device,
+    shard,
+    shutdown,
+)
 from ..guidance import GuidanceConfig
 from ..imageio import make_composite, save_png_atomic, write_json_atomic
 from ..jobs import batch_jobs, batch_samples, is_done
 from ..models.cfg import ClassifierFreeGuidance
 from ..models.priors import load_prior_unet
 from ..models.vae import load_vae
+from ..profiling.window import PROFILE_STEPS_ENV, resolve_step_window
 from ..progress import Progress
 from ..sampling import Sampler
 from .config import DEFAULT_BATCH_SIZE, DistillConfig
-from .folder import BATCH_NAME, MANIFEST_NAME, coupled_batch_size, prepare_output, write_preview
+from .folder import (
+    BATCH_NAME,
+    MANIFEST_NAME,
+    coupled_batch_size,
+    prepare_output,
+    write_preview,
+)
 from .manifest import build_manifest
 from .plan import Plan, compile_config, plan_distill
 from .trace import TraceAccumulator
@@ -47,7 +71,12 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     # Under torchrun: rank 0 validates the inputs and prepares the folder first; the other ranks wait,
     # so a bad input fails once with one message. A single process runs the same code unchanged.
     ctx = init_distributed(config.device)
-    plan = plan if plan is not None else main_first(ctx, lambda: plan_distill(config))
+
+    def checked_plan() -> tuple[Plan, object]:
+        checked = plan if plan is not None else plan_distill(config)
+        return checked, _profile_window(config, checked)
+
+    plan, profile_window = main_first(ctx, checked_plan)
     device = torch.device(rank_device(ctx, str(plan.device))) if ctx.enabled else plan.device
     out = config.out
 
@@ -77,7 +106,8 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         options = compile_config(config) if config.backend == "compiled" else None
         return Sampler(unet, schedule, plan.ve.to(device), guidance, backend=config.backend,
                        prior_class_map=plan.prior_class_map, noise=plan.pixel_settings["noise"],
-                       batch_invariant=config.batch_invariant, backend_options=options, decoder=decoder)
+                       batch_invariant=config.batch_invariant, backend_options=options, decoder=decoder,
+                       profile_steps=profile_window)
 
     sampler = None
     batch_size = config.batch_size or saved_batch_size
@@ -96,22 +126,39 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     # Fixed batches, dealt round-robin: a batch has the same members whatever the world size, and the
     # ranks share the work still to do after a resume equally.
     todo = shard([batch for batch in batches if not all(is_done(job, out) for job in batch)], ctx)
+    # The same number of progress rounds on every rank (the largest share), agreed before the loop.
+    rounds = ProgressRounds(ctx, agree_max(ctx, len(todo)))
     written = 0
     sampled = 0
     sampling_seconds = 0.0
     schedule_map = DiffusionSchedule(ScheduleConfig(**plan.pixel_settings["diffusion"])).timestep_map.tolist()
     traces = TraceAccumulator(len(schedule_map), plan.class_keys)
     if todo:
+        sampler = sampler or build_sampler()  # before the progress clock starts: loading is not sampling
+    # One progress line for the job: rank 0's, counting every rank's images (ProgressRounds).
+    progress = None
+    if ctx.is_main and already < total_images:
+        ranks = f" on {ctx.world_size} ranks" if ctx.enabled else ""
         log(
             f"distill: {len(plan.class_keys)} classes x IPC {config.ipc} = {total_images} images "
-            f"({plan.composite} sample(s) each), {total_images - already} to make, beta {plan.beta:g} "
+            f"({plan.composite} sample(s) each), {total_images - already} to make{ranks}, beta {plan.beta:g} "
             f"({plan.beta_source}), scale {config.scale:g}, {plan.steps} steps, batch {batch_size}, "
             f"backend {config.backend}, device {plan.device}"
         )
-        sampler = sampler or build_sampler()
+        if config.progress:
+            progress = Progress(total_images, unit="img", label="distill", initial=already)
+            progress.start()
+    others_shown = 0
+
+    def show_others(others: int) -> None:
+        """Add the other ranks' newly known images to rank 0's line."""
+        nonlocal others_shown
+        if progress is not None and others > others_shown:
+            progress.update(others - others_shown)
+            others_shown = others
+
+    if todo:
         class_position = {label: position for position, label in enumerate(plan.ve_labels)}
-        progress = Progress(total_images, unit="img", label="distill", initial=already, enabled=config.progress)
-        progress.start()
         sampling_start = time.perf_counter()
         for batch_number, batch in enumerate(todo):
             samples = batch_samples(batch)
@@ -122,13 +169,23 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
             # Pad a short batch only after a full one: then its graphs exist and padding replaces a new
             # compile and capture; a run whose only batch is short just runs at its own size.
             pad_to = batch_size if pad and batch_number > 0 else None
+            to_write = sum(1 for job in batch if not is_done(job, out))
+
+            def steps_done(finished: int, num_steps: int, to_write: int = to_write) -> None:
+                if progress is not None:
+                    show_others(rounds.others())
+                    progress.set_partial(to_write * finished / num_steps)
+
             images = sampler.sample([s.label for s in samples], [s.seed for s in samples], group_ids=group_ids,
-                                    pad_to=pad_to, trace=config.trace)
+                                    pad_to=pad_to, trace=config.trace,
+                                    on_steps_done=steps_done if progress is not None else None)
             if config.trace:
                 images, trace = images
                 traces.add(trace, [class_position[s.label] for s in samples])
             images = images.detach().to("cpu", torch.float32)
             sampled += len(samples)
+            if progress is not None:
+                progress.set_partial(0)
             for position, job in enumerate(batch):
                 if is_done(job, out):
                     continue  # written before an interruption: never rewritten
@@ -136,13 +193,18 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
                 image = make_composite(members) if plan.composite == 4 else members[0]
                 save_png_atomic(os.path.join(out, job.relative_path), image)
                 written += 1
-                progress.update(1)
+                if progress is not None:
+                    progress.update(1)
+            rounds.post(written)
+            show_others(rounds.others())
         sampling_seconds = time.perf_counter() - sampling_start
-        progress.close()
     elif ctx.enabled and already < total_images:
         log(f"distill: rank {ctx.rank} has no share of the {total_images - already} images left")
-    else:
+    elif not ctx.enabled or ctx.is_main:
         log(f"distill: {out} already holds all {total_images} images of this configuration; nothing to sample")
+    rounds.finish(written, show_others)  # every rank: its remaining rounds (rank 0 shows the slower ranks)
+    if progress is not None:
+        progress.close()
 
     rank_stats = {
         "rank": ctx.rank,
@@ -179,6 +241,13 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     barrier(ctx)
     shutdown(ctx)
     return manifest
+
+
+def _profile_window(config: DistillConfig, plan: Plan):
+    """The validated CUDA-profiler window (config.profile_steps or $IGDS_PROFILE_STEPS), or None."""
+    num_steps = DiffusionSchedule(ScheduleConfig(**plan.pixel_settings["diffusion"])).num_steps
+    source = "--profile-steps" if config.profile_steps is not None else PROFILE_STEPS_ENV
+    return resolve_step_window(config.profile_steps, num_steps, source)
 
 
 __all__ = ["distill"]

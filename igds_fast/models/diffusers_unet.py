@@ -1,6 +1,6 @@
 """diffusers priors: a `UNet2DModel` behind the ADMUNet call interface, sampled as its scheduler config says.
 
-    spec = read_scheduler_config("path/to/pipeline")    # a pipeline root (unet/ + scheduler/) or a unet folder
+    spec = read_scheduler_config("path/to/pipeline")    # a pipeline root, a flat folder or a unet folder
     unet = load_diffusers_unet("path/to/pipeline", prediction_type=spec.prediction_type, ...)
     eps_and_v = unet(x [B, C, H, W], timesteps [B], y [B] or None)   -> [B, C or 2C, H, W]
 
@@ -9,8 +9,12 @@ num_classes (the config's num_class_embeds, None when unconditional). The sample
 v_prediction or sample (x0) model's output is turned into eps here, from the training schedule's
 alpha-bar at the given timesteps (in float32, whatever the copy's dtype).
 
-The scheduler config (`scheduler/scheduler_config.json`, from the pipeline's save_pretrained) gives
-the training diffusion: num_train_timesteps, beta_schedule (linear, scaled_linear,
+Layouts: a pipeline root (`unet/config.json` + `scheduler/scheduler_config.json`, what a pipeline's
+save_pretrained writes), a flat folder (`config.json`, the weights and `scheduler_config.json` side by
+side: the layout of the public `google/ddpm-cifar10-32` and `google/ddpm-*-256` models), or a bare UNet
+folder (its scheduler, if any, in `../scheduler/`).
+
+The scheduler config gives the training diffusion: num_train_timesteps, beta_schedule (linear, scaled_linear,
 squaredcos_cap_v2) with beta_start / beta_end, prediction_type, variance_type (fixed_small,
 fixed_small_log, fixed_large, fixed_large_log, learned_range) and clip_sample. What the sampler does
 not implement is refused in one line: learned (a direct log variance), trained_betas, thresholding,
@@ -63,17 +67,33 @@ def unet_folder(directory: str | os.PathLike) -> str:
     raise IGDSInputError(f"not a diffusers UNet folder or pipeline root (no config.json, no unet/config.json): {directory}")
 
 
-def read_scheduler_config(directory: str | os.PathLike, noise_schedule: str = "linear") -> SchedulerSpec:
-    """The training diffusion of a diffusers pipeline root or UNet folder, from its scheduler config.
+def scheduler_config_path(directory: str | os.PathLike) -> str | None:
+    """The scheduler config of a diffusers folder, or None when it has none.
 
-    Looks for scheduler/scheduler_config.json in the folder and beside it (a UNet folder inside a
-    pipeline root). Without one: `noise_schedule` over 1000 steps, eps prediction, fixed large
-    variance, clipping — guided-diffusion's defaults, as a bare UNet folder records nothing else.
+    In the folder: scheduler/scheduler_config.json (a pipeline root) or scheduler_config.json (a flat
+    folder, as google/ddpm-cifar10-32); both there is ambiguous and refused. Else beside it:
+    ../scheduler/scheduler_config.json (a UNet folder inside a pipeline root).
     """
     directory = os.path.abspath(os.fspath(directory))
-    candidates = [os.path.join(directory, "scheduler", "scheduler_config.json"),
-                  os.path.join(os.path.dirname(directory), "scheduler", "scheduler_config.json")]
-    path = next((c for c in candidates if os.path.isfile(c)), None)
+    inside = [path for path in (os.path.join(directory, "scheduler", "scheduler_config.json"),
+                                os.path.join(directory, "scheduler_config.json")) if os.path.isfile(path)]
+    if len(inside) > 1:
+        raise IGDSInputError(f"{directory} has two scheduler configs ({inside[0]} and {inside[1]}): keep the one "
+                             "the UNet was trained with")
+    if inside:
+        return inside[0]
+    beside = os.path.join(os.path.dirname(directory), "scheduler", "scheduler_config.json")
+    return beside if os.path.isfile(beside) else None
+
+
+def read_scheduler_config(directory: str | os.PathLike, noise_schedule: str = "linear") -> SchedulerSpec:
+    """The training diffusion of a diffusers pipeline root, flat folder or UNet folder, from its scheduler config.
+
+    Where the config is looked for: `scheduler_config_path`. Without one: `noise_schedule` over 1000
+    steps, eps prediction, fixed large variance, clipping — guided-diffusion's defaults, as a bare UNet
+    folder records nothing else.
+    """
+    path = scheduler_config_path(directory)
     if path is None:
         return SchedulerSpec({"noise_schedule": noise_schedule, "diffusion_steps": 1000, "fixed_variance": "large"})
     try:
@@ -81,6 +101,13 @@ def read_scheduler_config(directory: str | os.PathLike, noise_schedule: str = "l
             config = json.load(handle)
     except (OSError, json.JSONDecodeError) as exc:
         raise IGDSInputError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise IGDSInputError(f"{path} is not a scheduler config (a JSON object)")
+    if "timesteps" in config and "num_train_timesteps" not in config:
+        # diffusers 0.0.x's GaussianDDPMScheduler (an early revision of google/ddpm-cifar10-32): its
+        # keys are not today's, and a key read under another name would silently become a default.
+        raise IGDSInputError(f"{path} is a pre-0.1 diffusers scheduler config (timesteps, no num_train_timesteps): "
+                             "use the model's current revision")
 
     def refuse(what):
         raise IGDSInputError(f"{path}: {what} is not implemented by the sampler (it would sample another model)")
@@ -198,4 +225,5 @@ def load_diffusers_unet(directory: str | os.PathLike, device="cpu", prediction_t
     return DiffusersUNetPrior(model, prediction_type, alphas_cumprod).to(device).eval()
 
 
-__all__ = ["DiffusersUNetPrior", "SchedulerSpec", "load_diffusers_unet", "read_scheduler_config", "unet_folder"]
+__all__ = ["DiffusersUNetPrior", "SchedulerSpec", "load_diffusers_unet", "read_scheduler_config",
+           "scheduler_config_path", "unet_folder"]

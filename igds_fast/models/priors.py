@@ -2,7 +2,8 @@
 
 Four kinds: a guided-diffusion ADM checkpoint (`256x256_diffusion.pt` with its preset), a DiT or
 MinimaxDiffusion checkpoint (`DiT-XL-2-256x256.pt`, a latent prior: recognised by its keys, its size
-read off its tensor shapes or given by a dit-* preset), a diffusers `UNet2DModel` folder, and a prior
+read off its tensor shapes or given by a dit-* preset), a diffusers `UNet2DModel` folder (a pipeline
+root, or flat as `google/ddpm-cifar10-32`; given as --diffusers or as --prior), and a prior
 trained by `igds-fast train-prior` — ours: one safetensors file
 with the EMA weights (ADMUNet state-dict keys) and a JSON header under the metadata key
 `igds_prior` holding the create_model flags, the diffusion (ScheduleConfig) fields, the class names
@@ -135,25 +136,33 @@ def describe_prior(prior: str | None, preset: str | None, diffusers: str | None,
                    prior_kind: str | None = None) -> PriorSpec:
     """Identify a prior, its class list and diffusion without loading its weights (one-line errors).
 
-    Exactly one of prior (an ADM checkpoint with its `preset`, or a file written by train-prior) and
-    diffusers (a pipeline root with unet/ and scheduler/, or a UNet2DModel folder; its diffusion
-    from the scheduler config, or `noise_schedule` (default linear) when there is none; its class
-    list is ImageNet-1K's for 1000 classes, the VE's for as many classes as the VE, else
-    `prior_class_names`). prior_kind: "adm" / "dit" / "igds" to say what a --prior file is (None =
-    from the preset, the header or the keys).
+    Exactly one of prior (an ADM checkpoint with its `preset`, a DiT checkpoint, a file written by
+    train-prior, or a diffusers folder) and diffusers (a diffusers folder). A diffusers folder is a
+    pipeline root with unet/ and scheduler/, a flat folder (config.json, weights and
+    scheduler_config.json side by side, as google/ddpm-cifar10-32) or a UNet2DModel folder; its
+    diffusion comes from the scheduler config, or `noise_schedule` (default linear) when there is
+    none; its class list is ImageNet-1K's for 1000 classes, the VE's for as many classes as the VE,
+    else `prior_class_names`; unconditional (None) without class embeddings. prior_kind: "adm" /
+    "dit" / "igds" to say what a --prior file is (None = from the preset, the header or the keys).
     """
     if prior_kind is not None and prior_kind not in PRIOR_KINDS:
         raise IGDSInputError(f"unknown prior kind {prior_kind!r}; expected one of {PRIOR_KINDS}")
     given = [name for name, value in (("--prior", prior), ("--diffusers", diffusers)) if value]
     if len(given) != 1:
         raise IGDSInputError("give exactly one prior: --prior PATH [--preset NAME] or --diffusers DIR")
+    if prior and os.path.isdir(prior):
+        # A folder given as --prior: only a diffusers folder is one (every other kind is a single file);
+        # unet_folder below refuses any other folder in one line naming it.
+        prior, diffusers = None, prior
+    elif prior and noise_schedule is not None:
+        raise IGDSInputError("--noise-schedule applies to diffusers folders only (a --prior file brings its diffusion)")
     if diffusers:
         directory = unet_folder(os.path.abspath(diffusers))
         config_path = os.path.join(directory, "config.json")
         if preset:
-            raise IGDSInputError("--preset applies to --prior checkpoints, not to --diffusers folders")
+            raise IGDSInputError("--preset applies to checkpoint files, not to diffusers folders")
         if prior_kind is not None:
-            raise IGDSInputError("--prior-kind applies to --prior files, not to --diffusers folders")
+            raise IGDSInputError("--prior-kind applies to checkpoint files, not to diffusers folders")
         try:
             with open(config_path, encoding="utf-8") as handle:
                 unet_config = json.load(handle)

@@ -9,11 +9,16 @@
 3. VE: `igds_fast.train_ve` with `VETrainConfig.digits()` (ResNet-18 / Softplus on 16x16, MoCo +
    linear probe + centroids) -- cached as WORK/ve.safetensors (+ ve_train.json);
 4. distill: `igds_fast.distill.distill` -- the same planner, Sampler and writer as the command --
-   for every IPC, method and seed into WORK/distilled/<method>_ipc<k>_seed<s>/ (resumable: a rerun
-   with the same settings finds the images done);
+   for every IPC, method and seed into OUT/distilled/<method>_ipc<k>_seed<s>/ (OUT: --out, default
+   WORK; resumable: a rerun with the same settings finds the images done);
 5. evaluate: `igds_fast.evaluate.evaluate_distilled` trains ConvNet-3 on each distilled set (and on
    random real subsets of the train split) and tests on the 539 test images;
-6. print one table: random real subset / unguided DDPM (scale 0) / IGDS, mean +- std over seeds.
+6. print one table: random real subset / unguided DDPM (scale 0) / IGDS, mean +- std over seeds
+   (also written to OUT/results.txt, every number to OUT/results.json).
+
+The command prints what it will do, how long it took here and where it writes before it starts
+(`describe_run`); it takes no flag that does not apply to it (igds_fast.cli.distill refuses those)
+and runs in one process (refused under torchrun).
 
 Seeds: seed s draws the random real subset, is the distill global seed of the generated sets, and
 initialises the evaluation network -- so the std covers both the data and the network.
@@ -80,7 +85,7 @@ from ..data import load_digits_split, load_image_folder
 from ..distill import DistillConfig, distill
 from ..errors import IGDSInputError
 from ..evaluate import AugmentConfig, evaluate_distilled
-from ..imageio import write_json_atomic
+from ..imageio import write_bytes_atomic, write_json_atomic
 from ..models.priors import read_prior_header, save_prior
 from ..train_prior import PriorTrainConfig, train_prior
 from ..threads import torch_threads
@@ -90,6 +95,8 @@ CLASS_NAMES = [str(digit) for digit in range(10)]
 IMAGE_SIZE = 16
 SPLIT = {"image_size": IMAGE_SIZE, "test_fraction": 0.3, "seed": 0}
 DEFAULT_WORK_DIR = os.path.join("igds_work", "digits")
+RESULTS_NAME = "results.json"
+TABLE_NAME = "results.txt"
 METHODS = ("random", "ddpm", "igds")
 METHOD_TITLES = {"random": "random real subset", "ddpm": "DDPM, unguided (scale 0)", "igds": "IGDS"}
 
@@ -220,9 +227,10 @@ def ensure_ve(work_dir: str, settings: DigitsSettings, train_x, train_y, test_x,
 # ---- distilled sets and evaluation ---------------------------------------------------------------
 
 
-def distill_set(work_dir, prior_path, ve_path, method, ipc, seed, settings: DigitsSettings, log) -> tuple[str, dict]:
-    """One generated set through `distill()` (ddpm: scale 0; igds: the settings' scale and beta)."""
-    out = os.path.join(work_dir, "distilled", f"{method}_ipc{ipc}_seed{seed}")
+def distill_set(out_dir, prior_path, ve_path, method, ipc, seed, settings: DigitsSettings, log) -> tuple[str, dict]:
+    """One generated set through `distill()` (ddpm: scale 0; igds: the settings' scale and beta),
+    into OUT/distilled/<method>_ipc<k>_seed<s>."""
+    out = os.path.join(out_dir, "distilled", f"{method}_ipc{ipc}_seed{seed}")
     guided = method == "igds"
     config = DistillConfig(
         ve=ve_path, out=out, ipc=ipc, prior=prior_path, scale=settings.scale if guided else 0.0,
@@ -262,14 +270,19 @@ def evaluate_set(images, labels, test_x, test_y, seed: int, settings: DigitsSett
     return float(result["accuracies"][0])
 
 
-def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: Callable[[str], None] | None = None) -> dict:
-    """The whole pipeline; returns {"rows": {method: {ipc: [acc per seed]}}, "timings": ..., ...}.
+def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: Callable[[str], None] | None = None,
+               out_dir: str | None = None) -> dict:
+    """The whole pipeline; returns {"accuracies": {method: {ipc: [acc per seed]}}, "timings_s": ..., ...}.
 
-    Also writes WORK/results.json (atomically).
+    work_dir caches the trained prior and VE; out_dir (default: work_dir) receives the distilled
+    sets (OUT/distilled/) and the results: OUT/results.json and the printed table OUT/results.txt
+    (both atomically).
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    out_dir = out_dir or work_dir
     started = time.perf_counter()
     os.makedirs(work_dir, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     timings: dict[str, float] = {}
     accuracies = {method: {ipc: [] for ipc in settings.ipcs} for method in METHODS}
     generation: dict[str, dict] = {}
@@ -290,7 +303,7 @@ def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: 
                 timings["evaluate"] += time.perf_counter() - stage
                 for method in ("ddpm", "igds"):
                     stage = time.perf_counter()
-                    folder, run = distill_set(work_dir, prior_path, ve_path, method, ipc, seed, settings, log)
+                    folder, run = distill_set(out_dir, prior_path, ve_path, method, ipc, seed, settings, log)
                     generation[f"{method}_ipc{ipc}_seed{seed}"] = run
                     timings["distill"] += time.perf_counter() - stage
                     stage = time.perf_counter()
@@ -315,8 +328,11 @@ def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: 
         "accuracies": {method: {str(ipc): values for ipc, values in rows.items()} for method, rows in accuracies.items()},
         "generation": generation,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "work_dir": os.path.abspath(work_dir),
+        "out": os.path.abspath(out_dir),
     }
-    write_json_atomic(os.path.join(work_dir, "results.json"), results)
+    write_json_atomic(os.path.join(out_dir, RESULTS_NAME), results)
+    write_bytes_atomic(os.path.join(out_dir, TABLE_NAME), (format_table(results) + "\n").encode("utf-8"))
     return results
 
 
@@ -358,15 +374,51 @@ def format_table(results: dict) -> str:
 
 # ---- command line ---------------------------------------------------------------------------------
 
-CACHED_FILES = ("prior.safetensors", "ve.safetensors", "ve_train.json", "results.json")
+CACHED_FILES = ("prior.safetensors", "ve.safetensors", "ve_train.json", RESULTS_NAME, TABLE_NAME)
+OUTPUT_FILES = (RESULTS_NAME, TABLE_NAME)
+
+# Measured wall times of the default settings (module docstring, README): 2-core CPUs, fresh and cached.
+FIRST_RUN_MINUTES = "7-8"
+CACHED_RUN_MINUTES = "1.5"
+FAST_RUN_MINUTES = "1"
 
 
-def clear_work_dir(work_dir: str) -> None:
-    """Remove what the pipeline caches in `work_dir` (and nothing else the folder may hold)."""
-    for name in CACHED_FILES:
-        path = os.path.join(work_dir, name)
-        if os.path.isfile(path):
-            os.unlink(path)
-    distilled = os.path.join(work_dir, "distilled")
-    if os.path.isdir(distilled):
-        shutil.rmtree(distilled)
+def clear_work_dir(work_dir: str, out_dir: str | None = None) -> None:
+    """Remove what the pipeline caches in `work_dir` and writes to `out_dir` (default: work_dir), and
+    nothing else those folders may hold."""
+    for folder, names in ((work_dir, CACHED_FILES), (out_dir or work_dir, OUTPUT_FILES)):
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                os.unlink(path)
+        distilled = os.path.join(folder, "distilled")
+        if os.path.isdir(distilled):
+            shutil.rmtree(distilled)
+
+
+def describe_run(settings: DigitsSettings, work_dir: str, out_dir: str | None = None, fast: bool = False) -> str:
+    """What the demo is about to do, how long it took on a 2-core CPU, and where it writes (printed first)."""
+    out_dir = out_dir or work_dir
+    sets = len(settings.ipcs) * settings.seeds * 2
+    ipcs = ", ".join(str(ipc) for ipc in settings.ipcs)
+    if fast:
+        duration = f"--fast: tiny settings, about {FAST_RUN_MINUTES} minute on a 2-core CPU; its numbers mean nothing"
+    elif settings == DigitsSettings(device=settings.device, batch_size=settings.batch_size):
+        duration = (f"about {FIRST_RUN_MINUTES} minutes on a 2-core CPU the first time, about "
+                    f"{CACHED_RUN_MINUTES} minutes once the prior, VE and sets are cached")
+    else:
+        duration = (f"with the default settings it took {FIRST_RUN_MINUTES} minutes on a 2-core CPU the first "
+                    "time; these settings differ")
+    out = os.path.abspath(out_dir)
+    lines = [
+        "digits demo (no --prior/--ve given): the whole IGDS pipeline on scikit-learn's digits, on the CPU:",
+        f"  train a small diffusion prior ({settings.prior.steps} steps) and a VE, cached in {os.path.abspath(work_dir)};",
+        f"  distil IPC {ipcs} unguided (DDPM) and with IGDS for {settings.seeds} seed(s): {sets} sets, "
+        + f"{settings.sampling_steps} sampling steps;",
+        "  train ConvNet-3 on each set and on random real subsets, then print a test-accuracy table;",
+        f"  {duration};",
+        f"  writes the sets to {os.path.join(out, 'distilled')}{os.sep} and the table to "
+        + f"{os.path.join(out, RESULTS_NAME)} (and {TABLE_NAME}).",
+        "  Your own distillation instead: igds-fast distill --prior CHECKPOINT --ve BUNDLE --ipc N --out DIR.",
+    ]
+    return "\n".join(lines)

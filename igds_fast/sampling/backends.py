@@ -3,8 +3,16 @@
 Imports are lazy here, and only here in the sampling layer: the Triton kernels (and with them
 triton) load only for a backend or noise source that uses them, the compile machinery only for
 the compiled backend.
+
+`check_triton_runs_on` is the one check, shared by every Triton user (the compiled backend, Philox
+noise, the fused step; the distill planner calls it before any model loads), that the kernels can
+run on a device: on a CPU only in Triton's interpreter, which must be chosen before triton loads.
 """
 from __future__ import annotations
+
+import os
+
+import torch
 
 from ..errors import IGDSInputError
 from ..seeding import seeded_normal
@@ -13,6 +21,28 @@ from .step import StepContext
 
 BACKENDS = ("eager", "compiled")
 NOISE_SOURCES = ("torch", "philox")
+# One message for every way of reaching the Triton kernels on a CPU without the interpreter.
+TRITON_ON_CPU_MESSAGE = (
+    "the Triton kernels (--backend compiled, --noise philox, --head triton) run on a CPU only in the Triton "
+    "interpreter: set TRITON_INTERPRET=1 in the environment before igds_fast.kernels (or triton) is first imported"
+)
+
+
+def check_triton_runs_on(device) -> None:
+    """Raise the one-line IGDSInputError TRITON_ON_CPU_MESSAGE when the Triton kernels cannot run on `device`.
+
+    CUDA: they compile. Elsewhere: only interpreted. Importing igds_fast.kernels selects the
+    interpreter on a machine without CUDA if triton is not imported yet (torch imports it on its own
+    through torch._dynamo, e.g. in nn.init), so calling this early, before models are built, both
+    makes the kernels usable and detects when that is too late. Cheap after the first call.
+    """
+    if torch.device(device).type == "cuda":
+        return
+    from ..kernels import ddpm_update
+
+    interpreted = type(ddpm_update._ddpm_update_kernel).__name__ == "InterpretedFunction"
+    if os.environ.get("TRITON_INTERPRET") != "1" or not interpreted:
+        raise IGDSInputError(TRITON_ON_CPU_MESSAGE)
 
 
 def resolve_noise_source(name: str):
@@ -29,7 +59,11 @@ def resolve_noise_source(name: str):
     if name == "philox":
         from ..kernels import philox_normal, seeds_to_tensor
 
-        return philox_normal, seeds_to_tensor
+        def checked_philox_normal(seeds, stream, shape, device, *args, **kwargs):
+            check_triton_runs_on(device)  # else a CPU without the interpreter fails deep inside triton
+            return philox_normal(seeds, stream, shape, device, *args, **kwargs)
+
+        return checked_philox_normal, seeds_to_tensor
     raise IGDSInputError(f"unknown noise source {name!r}; expected one of {NOISE_SOURCES}")
 
 
@@ -47,10 +81,12 @@ def build_step(context: StepContext, backend: str, use_kernels: bool = False, ba
     if backend_options is not None:
         raise IGDSInputError("backend_options apply to the 'compiled' backend only")
     if use_kernels:
+        check_triton_runs_on(context.device)
         from .fused import FusedStep
 
         return FusedStep(context)
     return EagerStep(context, batch_invariant=batch_invariant)
 
 
-__all__ = ["BACKENDS", "NOISE_SOURCES", "build_step", "resolve_noise_source"]
+__all__ = ["BACKENDS", "NOISE_SOURCES", "TRITON_ON_CPU_MESSAGE", "build_step", "check_triton_runs_on",
+           "resolve_noise_source"]

@@ -10,10 +10,16 @@ The loop, for every backend:
     step.finish_batch(batch)                                       the one host read (finite check)
 
 inside `step.numerics()` (the eager reference's float32 settings on CUDA, entered once per batch).
+Every step runs inside an NVTX range `igds/step/<k>`, k the loop iteration (0 = the first step from
+noise), the index `IGDS_PROFILE_STEPS=A:B` names: the first batch in the process opens the CUDA
+profiler around steps A .. B-1 (profiling/window.py), so `profiling/nsys.sh` captures a real run's
+steady state. `on_steps_done` reports finished steps as the device finishes them, read from CUDA
+events (`Event.query`, never a wait), so a progress bar moves within a batch without a host sync.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections import deque
+from typing import Callable, Sequence
 
 import torch
 
@@ -21,6 +27,13 @@ from ..diffusion import DiffusionSchedule
 from ..errors import IGDSInputError
 from ..guidance import GuidanceConfig, IGDSGuidance
 from ..models.protocols import as_prior, check_estimator
+from ..profiling import nvtx_range
+from ..profiling.window import (
+    PROFILE_STEPS_ENV,
+    ProfilerWindow,
+    claim_process_window,
+    resolve_step_window,
+)
 from ..seeding import INITIAL_NOISE_STREAM
 from .backends import build_step, resolve_noise_source
 from .step import StepContext
@@ -55,10 +68,13 @@ class Sampler:
     backend: "eager" (float32 reference: no compile, no graphs) or "compiled"
         (`sampling.compiled.CompiledStep`: low-precision compiled UNet, CUDA-graph-captured step),
         configured by `backend_options` (a `CompileConfig` or its fields as a dict).
+    profile_steps: "A:B" (or (A, B)): open the CUDA profiler around loop steps A .. B-1 (0 = the first
+        step from noise, B excluded) of the first batch sampled in this process (profiling/window.py;
+        a no-op without CUDA). None = $IGDS_PROFILE_STEPS, if set; both set and different is refused.
 
     Attributes: guidance (the GuidanceConfig), guidance_fn (the eager IGDSGuidance), context (what
     every step reads), tau, channels, image_size, learn_sigma, num_classes, device, noise_source,
-    decoder (or None).
+    decoder (or None), profile_window (the StepWindow to profile, or None).
     """
 
     def __init__(
@@ -75,6 +91,7 @@ class Sampler:
         batch_invariant: bool = False,
         reference_numerics: bool = True,
         decoder=None,
+        profile_steps=None,
     ):
         if not isinstance(guidance, GuidanceConfig):
             raise IGDSInputError(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
@@ -94,6 +111,8 @@ class Sampler:
         check_estimator(ve, self.channels if decoder is None else _decoder_out_channels(decoder, self.channels))
         self.num_classes = int(ve.num_classes)
         self.device = schedule.device
+        self.profile_window = resolve_step_window(profile_steps, schedule.num_steps,
+                                                  "profile_steps" if profile_steps is not None else PROFILE_STEPS_ENV)
         self.guidance_fn = IGDSGuidance.from_config(ve, guidance, decoder=decoder)
         self.tau = self.guidance_fn.tau
         in_kernel_noise = use_kernels or backend == "compiled"
@@ -158,7 +177,8 @@ class Sampler:
         return getattr(self._step, "batch_size", None)
 
     def sample(self, labels, seeds, group_ids=None, pad_to: int | None = None, x_T: torch.Tensor | None = None,
-               callback=None, trace: bool = False, decode: bool = True):
+               callback=None, trace: bool = False, decode: bool = True,
+               on_steps_done: Callable[[int, int], None] | None = None):
         """Images [B, C, H, W] in [-1, 1] for VE class `labels` [B], each keyed by its seed [B].
 
         With a decoder (a latent prior) the loop runs on latents [B, C, S, S] and the result is their
@@ -179,6 +199,11 @@ class Sampler:
         trace: also return the guidance terms of every guided step (sampling.step.TRACE_TERMS), kept
             on the device and read once after the last step: (images, {term: [N, B]}) (row i =
             respaced index i; NaN where a step is not guided).
+        on_steps_done: called as on_steps_done(finished, num_steps) when the device has finished
+            `finished` of the batch's steps (1 .. num_steps; non-decreasing, not necessarily every
+            value): on CUDA read from an event recorded after each step and queried (never waited
+            on) before the next, so it never synchronises and may report late; on CPU after every
+            step. The last call, (num_steps, num_steps), comes once the loop's results are read.
         """
         labels, seeds, group_ids = self._validate_batch(labels, seeds, group_ids)
         count = labels.numel()
@@ -188,6 +213,8 @@ class Sampler:
             raise IGDSInputError("decode=False applies to a latent prior (a Sampler with a decoder) only")
         if callback is not None and not callable(callback):
             raise IGDSInputError(f"callback must be callable, got {type(callback).__name__}")
+        if on_steps_done is not None and not callable(on_steps_done):
+            raise IGDSInputError(f"on_steps_done must be callable, got {type(on_steps_done).__name__}")
         shape = (self.channels, self.image_size, self.image_size)
         if x_T is not None:
             if not torch.is_tensor(x_T) or tuple(x_T.shape) != (count, *shape):
@@ -205,15 +232,33 @@ class Sampler:
             if x_T is not None:
                 x_T = torch.cat([x_T, x_T[-1:].expand(pad_to - count, *shape)])
         step = self._step
-        with step.numerics():
-            x = self.noise_source(seeds, INITIAL_NOISE_STREAM, shape, self.device) if x_T is None else x_T
-            x, batch = step.begin_batch(x, labels, seeds, group_ids, trace=trace)
-            for i in reversed(range(self.schedule.num_steps)):
-                before = x.clone() if callback is not None else None  # the compiled step updates x in place
-                x = step.advance(x, i, batch)
-                if callback is not None:
-                    x = self._call_back(callback, i, before, x, count)
-            step.finish_batch(batch)
+        num_steps = self.schedule.num_steps
+        window = None
+        if self.profile_window is not None and claim_process_window():  # the process's first batch only
+            window = ProfilerWindow(self.profile_window, self.device)
+        watch = _StepWatch(on_steps_done, num_steps, self.device) if on_steps_done is not None else None
+        try:
+            with step.numerics():
+                x = self.noise_source(seeds, INITIAL_NOISE_STREAM, shape, self.device) if x_T is None else x_T
+                x, batch = step.begin_batch(x, labels, seeds, group_ids, trace=trace)
+                for k, i in enumerate(reversed(range(num_steps))):  # k: loop iteration, 0 = from noise
+                    if window is not None:
+                        window.before_step(k)
+                    before = x.clone() if callback is not None else None  # the compiled step updates x in place
+                    with nvtx_range(f"igds/step/{k}"):
+                        x = step.advance(x, i, batch)
+                    if callback is not None:
+                        x = self._call_back(callback, i, before, x, count)
+                    if window is not None:
+                        window.after_step(k)
+                    if watch is not None:
+                        watch.issued(k + 1)
+                step.finish_batch(batch)
+        finally:
+            if window is not None:
+                window.close()  # an error inside the window still ends the capture
+        if watch is not None:
+            watch.finished()
         if self.decoder is None:
             images = x[:count].clamp(-1.0, 1.0)
         else:
@@ -266,6 +311,45 @@ class Sampler:
             if group_ids.numel() != labels.numel():
                 raise IGDSInputError(f"got {labels.numel()} labels but {group_ids.numel()} group ids")
         return labels.to(self.device), seeds, group_ids
+
+
+class _StepWatch:
+    """Reports how many steps of a batch the device has finished, without ever waiting for it.
+
+    CUDA: an event recorded on the device's current stream after each issued step; before the next
+    one, the events that have completed (`Event.query`, non-blocking) are taken in order and the
+    newest reported. Elsewhere a step has finished when its call returns.
+    """
+
+    def __init__(self, report: Callable[[int, int], None], num_steps: int, device):
+        self.report, self.num_steps = report, num_steps
+        self.device = torch.device(device)
+        self.pending: deque | None = deque() if self.device.type == "cuda" else None
+        self.reported = 0
+
+    def issued(self, steps: int) -> None:
+        if self.pending is None:
+            self._tell(steps)
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.pending.append((steps, event))
+        finished = None
+        while self.pending and self.pending[0][1].query():
+            finished = self.pending.popleft()[0]
+        if finished is not None:
+            self._tell(finished)
+
+    def finished(self) -> None:
+        """The batch's results are on the host (its finite check read them): every step is done."""
+        if self.pending is not None:
+            self.pending.clear()
+        self._tell(self.num_steps)
+
+    def _tell(self, steps: int) -> None:
+        if steps > self.reported:
+            self.reported = steps
+            self.report(steps, self.num_steps)
 
 
 def _decoder_out_channels(decoder, prior_channels: int) -> int:

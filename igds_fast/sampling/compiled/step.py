@@ -54,7 +54,6 @@ run checks itself against the eager float32 step (`self_check.py`).
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable
 
 import torch
@@ -62,9 +61,10 @@ import torch.nn as nn
 
 from ...errors import IGDSInputError
 # Importing the kernels selects Triton's interpreter on a machine without CUDA (see igds_fast.kernels).
-from ...kernels import StepTables, ddpm_update, philox_normal, predict_x0, seeds_to_tensor
+from ...kernels import StepTables, philox_normal, predict_x0, seeds_to_tensor
 from ...kernels._common import on_device
 from ...profiling import nvtx_range
+from ..backends import check_triton_runs_on
 from ..eager import fp32_reference_math
 from ..fused import KernelOps
 from ..step import GuidanceTrace, NonFiniteTracker, StepContext, StepInputs, StepOps, reverse_step
@@ -552,16 +552,8 @@ class CompiledStep:
 
 
 def _check_triton_runs_here(device: torch.device) -> None:
-    """Fail early (IGDSInputError) when the Triton kernels cannot run on `device`."""
-    if device.type == "cuda":
-        return
-    if os.environ.get("TRITON_INTERPRET") != "1" or type(ddpm_update._ddpm_update_kernel).__name__ != (
-        "InterpretedFunction"
-    ):
-        raise IGDSInputError(
-            "the compiled backend on CPU runs its Triton kernels in the Triton interpreter: set "
-            "TRITON_INTERPRET=1 before igds_fast.kernels (or triton) is first imported"
-        )
+    """Fail early (IGDSInputError) when the Triton kernels cannot run on `device` (the shared check)."""
+    check_triton_runs_on(device)
 
 
 __all__ = ["CompiledStep"]
