@@ -7,21 +7,48 @@
 
 One process, one run, per preset (random weights; zero-initialised ADM output layers re-drawn so
 every layer computes): the ADM prior and a ResNet-50 VE (ResNet-18 for `tiny`) with a 10-class head,
-guidance scale 1, beta 0.5, x0 mode (the paper's setting), Philox noise. Variants, each at every
+guidance scale 1, beta 0.5, x0 mode (the paper's setting). Every row of a batch size samples the
+same (class, seed) jobs: VE classes 0..9 in turn, seeds 1000, 1001, ... Variants, each at every
 batch size:
 
     eager-fp32   backend="eager" timed with PyTorch's defaults (reference_numerics=False: cuDNN may use
-                 TF32 convolutions and benchmark-chosen algorithms) — the faster, conservative
-                 baseline; --check-fidelity compares against the true-fp32 deterministic reference
+                 TF32 convolutions and benchmark-chosen algorithms) and the eager backend's own noise
+                 (torch generators per seed) — the faster, conservative baseline; --check-fidelity
+                 compares against the true-fp32 deterministic reference (Philox noise, as compiled)
     eager-fp16   the same eager step on fp16 copies of the UNet and the encoder (guided-diffusion's
                  use_fp16; bf16 on CPU, where fp16 convolutions are not a fast path)
-    compiled     backend="compiled" (CompileConfig defaults, overridable) with graphs switched off
+    compiled     backend="compiled" (CompileConfig defaults, overridable) with graphs switched off;
+                 Philox noise drawn in the fused update kernel
     graphs       the same CompiledStep object replaying its CUDA graph (GPU only)
 
-Timing: `--warmup` steps first (they include torch.compile, autotuning and graph capture: their
-wall time is reported as "warm-up s"), then `--steps` guided steps timed as one block between device
-synchronisations; seconds per image at 250 steps = (block time / steps) * 250 / batch — scaled from
-the timed steps, not a measured 250-step run (every step of the paper's setting has the same cost).
+The peers, what a user would run instead, on the same weights, jobs and guidance settings, in the same
+process (each row's "x <peer>" = the peer's s/image over the row's, > 1 = the row is faster):
+
+    gd-fp32      ADM presets: guided-diffusion's own code (guided-diffusion-sdk, as a library): its
+                 UNetModel holding our weights (key for key), use_fp16=False, its SpacedDiffusion
+                 respaced to 250 steps, the loop of its p_sample_loop, the IGDS gradient supplied by
+                 igds_fast.frontends.IGDSConditioner (patched condition_mean, mode x0: no extra UNet call)
+    gd-fp16      the same with use_fp16=True and convert_to_fp16() (its fast mode) and a float16 encoder
+                 for the gradient (its classifier_use_fp16)
+    minimax-b1   DiT presets: DiT's diffusion (guided-diffusion's code; DiT's diffusion/ is a copy)
+                 looping DiT's forward_with_cfg (DoubledBatchCFG: [z; z] with [y; null], CFG 4) at batch
+                 1, fp32 with TF32 allowed, 50 steps — as MinimaxDiffusion's sample.py runs it — with the
+                 same IGDS gradient (through the decoder) for the guided rows, none for the unguided
+    minimax      the same at our batch size
+
+The side-by-side table comes first: per preset, guidance and batch, ours compiled+graphs (compiled
+where there are no graphs, on CPU; eager fp32 where nothing was compiled) against the fastest peer.
+--same-math-rounds (default 8 on CPU, 0 on GPU): our eager fp32 step and gd-fp32's step interleaved,
+one step each per round, each side's fastest step kept (load from other processes only adds time),
+their ratio in the JSON's "same_math" (tests/test_bench_peers.py checks it on CPU).
+
+Timing: `--warmup` steps first, each timed alone: the first includes torch.compile, autotuning or
+graph capture, and its time above a steady step is the row's "compile/capture s" (a graphs row's is
+capture alone when the compiled row ran before it at that guidance mode, else compile+capture);
+their sum is "warm-up s". Then `--repeats` blocks of `--steps` steps, each timed between device
+synchronisations, the fastest block kept; seconds per image at 250 steps = (block time / steps) *
+250 / batch — scaled from the timed steps, not a measured 250-step run (every step of the paper's
+setting has the same cost).
 FLOPs per image per step come from torch.utils.flop_counter on the meta device: one UNet forward
 plus one encoder forward and input-gradient backward (convolutions and matmuls; the head and the
 elementwise update are < 0.01% and not counted). Peak: a bf16 matmul 8192^3 measured in the same
@@ -125,7 +152,10 @@ LATENT_STEPS_PER_IMAGE = 50
 CFG_SCALE = MODEL_STATS.CFG_SCALE  # 4.0, DiT's sample.py default
 DEFAULT_BATCHES = {"tiny": (2, 4), "adm64": (16, 64), "adm128": (16, 32), "adm256": (8, 32),
                    "dit-tiny": (2, 4), "dit-xl2-256": (8, 32)}
-VARIANTS = ("eager-fp32", "eager-half", "compiled", "graphs")
+OUR_VARIANTS = ("eager-fp32", "eager-half", "compiled", "graphs")
+# The peers (module docstring): name -> the presets they apply to ("adm": pixel ADM, "latent": DiT).
+PEER_VARIANTS = {"gd-fp32": "adm", "gd-fp16": "adm", "minimax-b1": "latent", "minimax": "latent"}
+VARIANTS = (*OUR_VARIANTS, *PEER_VARIANTS)
 GUIDANCE_MODES = ("igds", "none")  # latent presets: guided and unguided rows (ADM presets: guided only)
 # Acceptance targets (the issue's; never loosened here): (preset, what, limit).
 TARGET_S_PER_IMAGE_ADM256 = 1.05
@@ -269,10 +299,11 @@ def matmul_peak_tflops(dtype=torch.bfloat16) -> tuple[float, int]:
     return 2 * n**3 / seconds / 1e12, n
 
 
-def make_sampler(unet, schedule, ve, class_map, backend="eager", options=None, reference=True, decoder=None) -> Sampler:
+def make_sampler(unet, schedule, ve, class_map, backend="eager", options=None, reference=True, decoder=None,
+                 noise="philox") -> Sampler:
     # A latent's x0 prediction is not clipped (DiT's sample.py: clip_denoised=False).
     guidance = GuidanceConfig(scale=1.0, beta=0.5, clip_x0=decoder is None)
-    return Sampler(unet, schedule, ve, guidance, backend=backend, prior_class_map=class_map, noise="philox",
+    return Sampler(unet, schedule, ve, guidance, backend=backend, prior_class_map=class_map, noise=noise,
                    backend_options=options, reference_numerics=reference,  # (the compiled step ignores it)
                    decoder=decoder)
 
@@ -316,40 +347,75 @@ def time_decoder(sampler: Sampler, batch: int, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def time_steps(sampler: Sampler, batch: int, warmup: int, steps: int, label: str, profile: bool) -> dict:
-    """Run `warmup` then `steps` reverse steps from x_T; time the latter block."""
-    labels = (torch.arange(batch, device=DEVICE) % VE_CLASSES).long()
-    seeds = list(range(1000, 1000 + batch))
-    shape = (sampler.channels, sampler.image_size, sampler.image_size)
-    x = sampler.noise_source(seeds, INITIAL_NOISE_STREAM, shape, DEVICE)
-    step = sampler._step  # the loop of Sampler.sample: the batch bound once, then advance(x, i, bound)
-    x, bound = step.begin_batch(x, labels, seeds, None)
-    indices = list(reversed(range(sampler.schedule.num_steps)))
-    if warmup + steps >= len(indices):
-        raise SystemExit(f"--warmup + --steps must be < the schedule's {len(indices)} steps")
+def timed_loop(advance, num_steps: int, warmup: int, steps: int, repeats: int, label: str, profile: bool) -> dict:
+    """Time a loop of reverse steps; `advance()` runs the next one (x_{i-1} from x_i).
+
+    `warmup` steps first, each timed on its own (the first carries torch.compile, autotuning or graph
+    capture: its time above one steady step is the row's "1st-step overhead"), then `repeats` blocks of
+    `steps` steps, each timed between device synchronisations; step_s = the fastest block's mean (a
+    block slowed by another process on the machine does not count). Memory: peak allocated above the
+    allocation at the start (weights excluded)."""
+    if warmup + steps * repeats >= num_steps:
+        raise SystemExit(f"--warmup + --steps x --repeats must be < the schedule's {num_steps} steps")
     synchronize()
     if GPU:
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if GPU else 0
-    start = time.perf_counter()
-    with step.numerics():  # entered once per batch, as Sampler.sample does
-        with nvtx_range(f"bench/{label}/warmup"):
-            for i in indices[:warmup]:
-                x = step.advance(x, i, bound)
-        synchronize()
-        warmup_s = time.perf_counter() - start
-        if profile:
+    warmup_times, blocks = [], []
+    with nvtx_range(f"bench/{label}/warmup"):
+        for _ in range(warmup):
+            start = time.perf_counter()
+            advance()
+            synchronize()
+            warmup_times.append(time.perf_counter() - start)
+    for block in range(repeats):
+        if profile and block == 0:
             torch.cuda.profiler.start()  # nsys --capture-range=cudaProfilerApi records from here
         start = time.perf_counter()
         with nvtx_range(f"bench/{label}/timed"):
-            for i in indices[warmup:warmup + steps]:
-                x = step.advance(x, i, bound)
+            for _ in range(steps):
+                advance()
             synchronize()
-        seconds = time.perf_counter() - start
-        if profile:
+        blocks.append((time.perf_counter() - start) / steps)
+        if profile and block == 0:
             torch.cuda.profiler.stop()
     peak = (torch.cuda.max_memory_allocated() - base) if GPU else None
-    return {"step_s": seconds / steps, "warmup_s": warmup_s, "work_bytes": peak}
+    step_s = min(blocks)
+    first = warmup_times[0] if warmup_times else None
+    return {"step_s": step_s, "warmup_s": sum(warmup_times), "first_step_s": first,
+            "overhead_s": None if first is None else max(0.0, first - step_s), "block_step_s": blocks,
+            "work_bytes": peak}
+
+
+def batch_jobs(batch: int) -> tuple[torch.Tensor, list[int]]:
+    """The (VE class, seed) jobs every row of a batch size samples: classes 0..9 in turn, seeds 1000+."""
+    return (torch.arange(batch, device=DEVICE) % VE_CLASSES).long(), list(range(1000, 1000 + batch))
+
+
+@contextlib.contextmanager
+def our_loop(sampler: Sampler, batch: int):
+    """advance() running our sampler's next reverse step on the batch's jobs from x_T (Sampler.sample's
+    loop: the batch bound once, then step.advance(x, i, bound) for i = N-1 .. 0, in its numerics)."""
+    labels, seeds = batch_jobs(batch)
+    shape = (sampler.channels, sampler.image_size, sampler.image_size)
+    x = sampler.noise_source(seeds, INITIAL_NOISE_STREAM, shape, DEVICE)
+    step = sampler._step
+    x, bound = step.begin_batch(x, labels, seeds, None)
+    indices = iter(reversed(range(sampler.schedule.num_steps)))
+
+    def advance():
+        nonlocal x
+        x = step.advance(x, next(indices), bound)
+
+    with step.numerics():  # entered once per batch, as Sampler.sample does
+        yield advance
+
+
+def time_steps(sampler: Sampler, batch: int, warmup: int, steps: int, label: str, profile: bool,
+               repeats: int = 1) -> dict:
+    """Run `warmup` then `repeats` x `steps` reverse steps of our sampler from x_T (timed_loop)."""
+    with our_loop(sampler, batch) as advance:
+        return timed_loop(advance, sampler.schedule.num_steps, warmup, steps, repeats, label, profile)
 
 
 def fidelity(eager: Sampler, compiled: Sampler, batch: int, steps: int) -> dict:
@@ -372,7 +438,189 @@ def fidelity(eager: Sampler, compiled: Sampler, batch: int, steps: int) -> dict:
     return {"unet_rel": worst_unet, "x_rel": worst_x, "steps": steps}
 
 
+# ---- the peers ------------------------------------------------------------------------------------
+class DoubledBatchCFG(nn.Module):
+    """DiT's `forward_with_cfg` (its models.py) around our DiT: the loop's doubled batch in and out.
+
+    x [2B, C, H, W] = [z; z] (only x[:B] is read), t [2B], y [2B] = [labels; null], cfg_scale s ->
+    [2B, 2C, H, W]: the DiT runs [x[:B]; x[:B]] with y; the first `guided_channels` eps channels are
+    uncond + s (cond - uncond) for both halves, the rest are the DiT's own rows (DiT's `eps, rest =
+    out[:, :3], out[:, 3:]`). MinimaxDiffusion's sample.py drives it through guided-diffusion's
+    p_sample_loop at B = 1. Written here from that description (DiT's models.py needs timm).
+    """
+
+    def __init__(self, dit: nn.Module, guided_channels: int = 3):
+        super().__init__()
+        self.dit, self.guided_channels, self.null_class = dit, guided_channels, dit.null_class
+
+    def forward(self, x, t, y, cfg_scale):
+        half = x[: len(x) // 2]
+        out = self.dit(torch.cat([half, half]), t, y)
+        g, rows = self.guided_channels, len(half)
+        conditional, unconditional = out[:rows, :g], out[rows:, :g]
+        eps = unconditional + cfg_scale * (conditional - unconditional)
+        return torch.cat([torch.cat([eps, eps]), out[:, g:]], dim=1)
+
+
+@contextlib.contextmanager
+def tf32_allowed():
+    """MinimaxDiffusion's sample.py sets allow_tf32 for matmuls and cuDNN: its rows run so, then restored."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class Peer:
+    """A peer sampler: guided-diffusion's own SpacedDiffusion loop with the IGDS gradient of
+    `igds_fast.frontends.IGDSConditioner` (patched condition_mean, mode x0: the gradient at the loop's
+    own pred_xstart, no extra UNet call), on the same weights and (class, seed) jobs as our rows.
+
+    model: what the loop calls (guided-diffusion's UNetModel, or DoubledBatchCFG); cfg_scale: None for
+    a pixel ADM, else the doubled CFG batch of DiT / MinimaxDiffusion; fixed_batch: 1 for minimax-b1.
+    """
+
+    def __init__(self, name, model, diffusion, conditioner, prior_labels, shape, clip_denoised, cfg_scale=None,
+                 fixed_batch=None, numerics=contextlib.nullcontext):
+        self.name, self.model, self.diffusion, self.conditioner = name, model, diffusion, conditioner
+        self.prior_labels, self.shape, self.clip_denoised = prior_labels, shape, clip_denoised
+        self.cfg_scale, self.fixed_batch, self.numerics = cfg_scale, fixed_batch, numerics
+
+    @contextlib.contextmanager
+    def loop(self, batch: int, guided: bool = True):
+        """advance() running the next iteration of the diffusion's own p_sample_loop_progressive
+        (p_sample_loop is that generator run to its end): one p_sample, the IGDS shift inside."""
+        labels, seeds = batch_jobs(batch)
+        x = PEER_NOISE(seeds, INITIAL_NOISE_STREAM, self.shape, DEVICE)
+        y = self.prior_labels(labels)
+        kwargs = {} if y is None else {"y": y}
+        if self.cfg_scale is not None:  # sample.py: z = cat([z, z]), y = cat([y, null])
+            x = torch.cat([x, x])
+            kwargs = {"y": torch.cat([y, torch.full_like(y, self.model.null_class)]), "cfg_scale": self.cfg_scale}
+        # cond_fn only switches the shift on: the patched condition_mean computes IGDS from p_mean_var.
+        steps = self.diffusion.p_sample_loop_progressive(
+            self.model, tuple(x.shape), noise=x, clip_denoised=self.clip_denoised,
+            cond_fn=self.conditioner.cond_fn if guided else None, model_kwargs=kwargs, device=DEVICE)
+        try:
+            with self.numerics():
+                yield lambda: next(steps)
+        finally:
+            steps.close()
+
+    def time(self, batch: int, warmup: int, steps: int, repeats: int, label: str, guided: bool = True) -> dict:
+        """timed_loop over the peer's own loop (`loop`)."""
+        with self.loop(batch, guided) as advance:
+            return timed_loop(advance, self.diffusion.num_timesteps, warmup, steps, repeats, label, False)
+
+
+def same_math_check(eager: Sampler, peer: Peer, batch: int, rounds: int) -> dict:
+    """Our eager fp32 step against guided-diffusion's fp32 step (gd-fp32) on the same work, interleaved:
+    one warm-up step each, then `rounds` rounds of one step of each (order alternating), every step
+    timed alone between synchronisations; each side's fastest step counts, so load from other processes
+    (which only ever adds time) cancels out of the ratio. ratio = ours / theirs (> 1 = ours slower)."""
+    ours_s, theirs_s = [], []
+    with our_loop(eager, batch) as ours, peer.loop(batch) as theirs:
+        ours()
+        theirs()
+        synchronize()
+        for k in range(rounds):
+            for advance, times in ((ours, ours_s), (theirs, theirs_s))[:: 1 if k % 2 == 0 else -1]:
+                start = time.perf_counter()
+                advance()
+                synchronize()
+                times.append(time.perf_counter() - start)
+    return {"batch": batch, "rounds": rounds, "ours_ms": min(ours_s) * 1e3, "gd_fp32_ms": min(theirs_s) * 1e3,
+            "ratio": min(ours_s) / min(theirs_s)}
+
+
+def _peer_noise():
+    from igds_fast.sampling.backends import resolve_noise_source
+
+    return resolve_noise_source("torch")[0]
+
+
+PEER_NOISE = _peer_noise()  # x_T of the peers' jobs: our eager rows' torch noise, the same seeds
+
+
+def guided_diffusion_modules():
+    """guided-diffusion's own script_util (guided-diffusion-sdk, the original openai code)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # its torch.cuda.amp decorators
+            from guided_diffusion import script_util
+    except ImportError as error:
+        raise RuntimeError("guided-diffusion-sdk is not importable (pip install --no-deps "
+                           "guided-diffusion-sdk==1.0.0, or carry bench/wheels/)") from error
+    return script_util
+
+
+def build_gd_peer(preset: str, unet: ADMUNet, reference: Sampler, class_map, use_fp16: bool) -> Peer:
+    """gd-fp32 / gd-fp16: guided-diffusion's UNetModel (our weights, key for key) with use_fp16 and, for
+    fp16, its convert_to_fp16() torso and a float16 encoder (its classifier_use_fp16), in its own
+    SpacedDiffusion respaced to 250 steps; the IGDS gradient through IGDSConditioner."""
+    from igds_fast.frontends import IGDSConditioner, label_map_from_class_map
+    from igds_fast.guidance import IGDSGuidance
+
+    script_util = guided_diffusion_modules()
+    flags = {k: v for k, v in PRESETS[preset][0].items() if k != "use_fp16"}
+    if not isinstance(flags.get("channel_mult", ""), str):
+        flags["channel_mult"] = ",".join(str(m) for m in flags["channel_mult"])
+    with torch.device(DEVICE):
+        model = script_util.create_model(**{**flags, "dropout": 0.0}, use_checkpoint=False, use_fp16=use_fp16)
+    model.load_state_dict(unet.state_dict(), strict=True)
+    if use_fp16:
+        model.convert_to_fp16()
+    model = model.eval().requires_grad_(False)
+    schedule = ADM_DIFFUSION_FLAGS[PRESETS[preset][1]]
+    diffusion = script_util.create_gaussian_diffusion(
+        steps=schedule["diffusion_steps"], learn_sigma=unet.learn_sigma, noise_schedule=schedule["noise_schedule"],
+        timestep_respacing=str(STEPS_PER_IMAGE))
+    guidance = reference.guidance_fn
+    if use_fp16:
+        guidance = IGDSGuidance.from_config(HalfPrecisionVE(reference.ve, torch.float16), reference.guidance)
+    label_map = None if class_map is None else label_map_from_class_map(class_map, unet.num_classes)
+    conditioner = IGDSConditioner(guidance, reference.guidance.scale, label_map, mode="x0", clip_denoised=True)
+    conditioner.patch(diffusion, model)
+    name = "gd-fp16" if use_fp16 else "gd-fp32"
+    return Peer(name, model, diffusion, conditioner, reference.prior_labels,
+                (reference.channels, reference.image_size, reference.image_size), clip_denoised=True)
+
+
+def build_minimax_peer(prior: ClassifierFreeGuidance, reference: Sampler, class_map, batch_one: bool) -> Peer:
+    """minimax-b1 / minimax: DiT's diffusion (guided-diffusion's code: create_diffusion("50") =
+    linear, 1000 steps, learned sigma, respaced) looping DoubledBatchCFG of the same DiT, fp32 with TF32
+    allowed as MinimaxDiffusion's sample.py; at B = 1 as it samples, or at our batch size."""
+    from igds_fast.frontends import IGDSConditioner, label_map_from_class_map
+
+    script_util = guided_diffusion_modules()
+    model = DoubledBatchCFG(prior.prior, prior.guided_channels).eval()
+    diffusion = script_util.create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="linear",
+                                                      timestep_respacing=str(LATENT_STEPS_PER_IMAGE))
+    label_map = None if class_map is None else label_map_from_class_map(class_map, prior.num_classes)
+    conditioner = IGDSConditioner(reference.guidance_fn, reference.guidance.scale, label_map, mode="x0",
+                                  clip_denoised=False)
+    conditioner.patch(diffusion, model)
+    return Peer("minimax-b1" if batch_one else "minimax", model, diffusion, conditioner, reference.prior_labels,
+                (reference.channels, reference.image_size, reference.image_size), clip_denoised=False,
+                cfg_scale=prior.scale, fixed_batch=1 if batch_one else None, numerics=tf32_allowed)
+
+
 # ---- the run --------------------------------------------------------------------------------------
+def applicable_variants(preset: str, variants) -> list[str]:
+    """The variants of `variants` that run on `preset` here: graphs on CUDA only, each peer on its kind."""
+    kind = "latent" if preset in LATENT_PRESETS else "adm"
+    return [v for v in variants if (GPU or v != "graphs") and PEER_VARIANTS.get(v, kind) == kind]
+
+
+def failure_message(error: Exception) -> str:
+    return "out of memory" if isinstance(error, torch.cuda.OutOfMemoryError) else (
+        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200])
+
+
 def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[dict], list[dict]]:
     rows, checks = [], []
     latent = preset in LATENT_PRESETS
@@ -392,11 +640,13 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
     schedule = DiffusionSchedule(schedule_config, device=DEVICE)
     class_map = list(range(0, 1000, 1000 // VE_CLASSES))[:VE_CLASSES] if unet.num_classes else None
     half_name = "eager-fp16" if half_dtype == torch.float16 else "eager-bf16"
-    variants = [v for v in args.variants if GPU or v != "graphs"]
+    variants = applicable_variants(preset, args.variants)
     options = dict(json.loads(args.compile_options)) if args.compile_options else {}
-    # Timed baselines: plain PyTorch numerics; the fidelity reference: true fp32, deterministic.
-    eager = (make_sampler(unet, schedule, ve, class_map, reference=False, decoder=decoder)
-             if "eager-fp32" in variants else None)
+    # Timed baselines: plain PyTorch numerics and the eager backend's own noise ("torch" generators, as
+    # guided-diffusion's randn; the Philox stream of the compiled rows is a Triton kernel, interpreted
+    # on CPU); the fidelity reference: true fp32, deterministic, Philox (the compiled rows' noise).
+    # The peers take the IGDS guidance (VE, head, decoder) and the class map from `eager`.
+    eager = make_sampler(unet, schedule, ve, class_map, reference=False, decoder=decoder, noise="torch")
     reference = make_sampler(unet, schedule, ve, class_map, decoder=decoder) if args.check_fidelity else None
     half = None
     if "eager-half" in variants:
@@ -404,37 +654,61 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
                                                                                           channels_last=False)
         half_decoder = None if decoder is None else low_precision_copy(decoder, half_dtype, channels_last=False)
         half = make_sampler(half_unet, schedule, HalfPrecisionVE(ve, half_dtype), class_map, reference=False,
-                            decoder=half_decoder)
+                            decoder=half_decoder, noise="torch")
     compiled = None
     if "compiled" in variants or "graphs" in variants:
         compiled = make_sampler(unet, schedule, ve, class_map, "compiled", options, decoder=decoder)
+    peers: dict[str, Peer | Exception] = {}
+
+    def peer_of(variant: str) -> Peer:
+        if variant not in peers:
+            try:
+                if latent:
+                    peers[variant] = build_minimax_peer(unet, eager, class_map, batch_one=variant == "minimax-b1")
+                else:
+                    peers[variant] = build_gd_peer(preset, unet, eager, class_map, use_fp16=variant == "gd-fp16")
+            except Exception as error:  # noqa: BLE001 - a peer that cannot be built is an error row
+                traceback.print_exc()
+                peers[variant] = error
+        if isinstance(peers[variant], Exception):
+            raise peers[variant]
+        return peers[variant]
+
+    compiled_modes = set()  # modes the compiled variant has run (then a graphs row's overhead is capture)
     for batch in args.batch_sizes:
-        measured = {}
         decoder_s = {}  # per sampler (the graphs rows share the compiled sampler's decoder)
         for variant in variants:
-            sampler = {"eager-fp32": eager, "eager-half": half, "compiled": compiled, "graphs": compiled}[variant]
-            if isinstance(sampler._step, CompiledStep):
+            peer = variant in PEER_VARIANTS
+            sampler = None if peer else {"eager-fp32": eager, "eager-half": half, "compiled": compiled,
+                                         "graphs": compiled}[variant]
+            if sampler is not None and isinstance(sampler._step, CompiledStep):
                 sampler._step.use_graphs = variant == "graphs"
             name = half_name if variant == "eager-half" else variant
+            run_batch = 1 if variant == "minimax-b1" else batch
+            if variant == "minimax-b1" and batch != args.batch_sizes[0]:
+                continue  # batch 1 whatever our batch: measured once, compared with every batch
             for mode in modes:
-                label = f"{preset}/{name}/B{batch}" + (f"/{mode}" if latent else "")
+                label = f"{preset}/{name}/B{run_batch}" + (f"/{mode}" if latent else "")
                 profile = GPU and args.profile == variant and batch == args.batch_sizes[-1] and mode == "igds"
-                key = {"preset": preset, "variant": name, "batch": batch}
+                key = {"preset": preset, "variant": name, "batch": run_batch}
                 if latent:
                     key["guidance"] = mode
                 try:
-                    with guidance_scale(sampler, 0.0) if mode == "none" else contextlib.nullcontext():
-                        result = time_steps(sampler, batch, args.warmup, args.steps, label, profile)
+                    if peer:
+                        result = peer_of(variant).time(run_batch, args.warmup, args.steps, args.repeats, label,
+                                                       guided=mode == "igds")
+                    else:
+                        with guidance_scale(sampler, 0.0) if mode == "none" else contextlib.nullcontext():
+                            result = time_steps(sampler, batch, args.warmup, args.steps, label, profile, args.repeats)
                 except Exception as error:  # noqa: BLE001 - one failing variant must not cost the others' rows
-                    message = "out of memory" if isinstance(error, torch.cuda.OutOfMemoryError) else (
-                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200])
+                    message = failure_message(error)
                     rows.append({**key, "error": message})
                     print(f"[bench] {label}: FAILED {message}", file=sys.stderr, flush=True)
                     traceback.print_exc()
                     if GPU:
                         torch.cuda.empty_cache()
                     continue
-                if latent and mode == "igds" and id(sampler) not in decoder_s:
+                if latent and mode == "igds" and sampler is not None and id(sampler) not in decoder_s:
                     try:
                         decoder_s[id(sampler)] = time_decoder(sampler, batch, args.steps)
                     except Exception as error:  # noqa: BLE001 - the step's row stands without it
@@ -443,50 +717,57 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
                               file=sys.stderr, flush=True)
                         if GPU:
                             torch.cuda.empty_cache()
-                measured[(variant, mode)] = result["step_s"]
                 step_flops = flops["unguided"] if mode == "none" else flops["total"]
-                tflops = step_flops * batch / result["step_s"] / 1e12
+                tflops = step_flops * run_batch / result["step_s"] / 1e12
+                overhead_kind = {"compiled": "compile",
+                                 "graphs": "capture" if mode in compiled_modes else "compile+capture"}.get(variant)
+                if variant == "compiled":
+                    compiled_modes.add(mode)
                 row = {
                     **key,
                     "ms_per_step": result["step_s"] * 1e3,
-                    "images_per_s": batch / (result["step_s"] * steps_per_image),
-                    "s_per_image": result["step_s"] * steps_per_image / batch,
+                    "images_per_s": run_batch / (result["step_s"] * steps_per_image),
+                    "s_per_image": result["step_s"] * steps_per_image / run_batch,
                     "tflops": tflops, "peak_fraction": tflops / peak_tflops,
                     "work_gib": None if result["work_bytes"] is None else result["work_bytes"] / 2**30,
-                    "warmup_s": result["warmup_s"],
+                    "warmup_s": result["warmup_s"], "first_step_s": result["first_step_s"],
+                    "overhead_s": result["overhead_s"], "overhead_kind": overhead_kind,
+                    "block_ms_per_step": [b * 1e3 for b in result["block_step_s"]],
+                    "peer": peer, "steps_per_image": steps_per_image,
                 }
                 extra = ""
-                if latent:
-                    row["steps_per_image"] = steps_per_image
-                    if mode == "igds" and decoder_s[id(sampler)] is not None:
-                        row["decoder_ms"] = decoder_s[id(sampler)] * 1e3
-                        row["decoder_share"] = decoder_s[id(sampler)] / result["step_s"]
-                        extra = (f", decoder fwd+bwd {row['decoder_ms']:.2f} ms "
-                                 f"({100 * row['decoder_share']:.0f}% of the step)")
+                if latent and mode == "igds" and sampler is not None and decoder_s[id(sampler)] is not None:
+                    row["decoder_ms"] = decoder_s[id(sampler)] * 1e3
+                    row["decoder_share"] = decoder_s[id(sampler)] / result["step_s"]
+                    extra = (f", decoder fwd+bwd {row['decoder_ms']:.2f} ms "
+                             f"({100 * row['decoder_share']:.0f}% of the step)")
+                if overhead_kind is not None and result["overhead_s"] is not None:
+                    extra += f", {overhead_kind} {result['overhead_s']:.1f} s (1st step above a steady one)"
                 # Progress as it is measured: a run cut short by a timeout still leaves its finished rows.
                 print(f"[bench] {label}: {result['step_s'] * 1e3:.2f} ms/step, "
                       f"{row['s_per_image']:.3f} s/image @{steps_per_image}, {tflops:.2f} TFLOP/s, "
                       f"warm-up {result['warmup_s']:.1f} s{extra}", file=sys.stderr, flush=True)
                 rows.append(row)
-        for row in rows:
-            if row["preset"] == preset and row["batch"] == batch and "ms_per_step" in row:
-                step_s = row["ms_per_step"] / 1e3
-                mode = row.get("guidance", "igds")
-                for field, variant in (("vs_eager_fp32", "eager-fp32"), ("vs_eager_half", "eager-half"),
-                                       ("vs_compiled", "compiled")):
-                    baseline = measured.get((variant, mode))
-                    row[field] = None if baseline is None else baseline / step_s
+        if (batch == args.batch_sizes[0] and args.same_math_rounds and "eager-fp32" in variants
+                and "gd-fp32" in variants and not isinstance(peers.get("gd-fp32"), Exception)):
+            try:
+                checks.append({"preset": preset, "kind": "same-math",
+                               **same_math_check(eager, peer_of("gd-fp32"), batch, args.same_math_rounds)})
+            except Exception:  # noqa: BLE001 - report it, keep the timing rows
+                traceback.print_exc()
         if compiled is not None:
             if args.check_fidelity and batch == args.batch_sizes[0]:
                 compiled._step.use_graphs = GPU and "graphs" in variants
                 try:
-                    checks.append({"preset": preset, "batch": batch, "graphs": compiled._step.use_graphs,
+                    checks.append({"preset": preset, "kind": "fidelity", "batch": batch,
+                                   "graphs": compiled._step.use_graphs,
                                    **fidelity(reference, compiled, batch, args.fidelity_steps)})
                 except Exception:  # noqa: BLE001 - report it, keep the timing rows
                     traceback.print_exc()
             compiled._step.release_graphs()
         if GPU:
             torch.cuda.empty_cache()
+    add_ratios(rows)
     for row in rows:
         row.update(unet_gflop=flops["unet"] / 1e9, encoder_gflop=flops["encoder"] / 1e9)
         if latent:
@@ -499,6 +780,39 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
                                  + (f"/{config.decoder_dtype}" if latent else "")
                                  + f", {config.backend} {config.mode}, attention {compiled._step.attention}")
     return rows, checks
+
+
+def comparable(rows: list[dict], row: dict, variant: str) -> dict | None:
+    """The measured row of `variant` that `row` is compared with: same preset, guidance and batch —
+    minimax-b1 (batch 1 whatever ours) at any batch."""
+    for other in rows:
+        if (other["variant"] == variant and other["preset"] == row["preset"] and "ms_per_step" in other
+                and other.get("guidance", "igds") == row.get("guidance", "igds")
+                and (other["batch"] == row["batch"] or variant == "minimax-b1")):
+            return other
+    return None
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """x eager32 / x eager-half / x compiled (same batch: step-time ratios) and x <peer> (s/image
+    ratios: the peer's s/image over the row's, > 1 = the row is faster) on every measured row."""
+    for row in rows:
+        if "ms_per_step" not in row:
+            continue
+        for field, variant in (("vs_eager_fp32", "eager-fp32"), ("vs_eager_half", "eager-fp16"),
+                               ("vs_eager_half", "eager-bf16"), ("vs_compiled", "compiled")):
+            baseline = comparable(rows, row, variant)
+            if baseline is not None or field not in row:
+                row[field] = None if baseline is None else baseline["ms_per_step"] / row["ms_per_step"]
+        for variant in PEER_VARIANTS:
+            baseline = comparable(rows, row, variant)
+            row[f"vs_{variant}"] = None if baseline is None else baseline["s_per_image"] / row["s_per_image"]
+
+
+def best_peer(rows: list[dict], row: dict) -> dict | None:
+    """The fastest peer row (s/image) comparable with `row`."""
+    found = [r for r in (comparable(rows, row, v) for v in PEER_VARIANTS) if r is not None]
+    return min(found, key=lambda r: r["s_per_image"]) if found else None
 
 
 def target_lines(rows: list[dict]) -> list[str]:
@@ -517,8 +831,12 @@ def target_lines(rows: list[dict]) -> list[str]:
     shown = "-" if value is None else f"{value:.3f} (B={graphs256['batch']})"
     lines.append(f"| adm256 compiled+graphs s/image (250 steps) <= {TARGET_S_PER_IMAGE_ADM256} | {shown} | "
                  f"{status(None if value is None else value <= TARGET_S_PER_IMAGE_ADM256)} |")
+    half = next((r["variant"] for r in rows if r["preset"] == "adm256" and r["variant"].startswith("eager-")
+                 and r["variant"] != "eager-fp32"), "eager-fp16")
     for key, limit, what in (("vs_eager_fp32", TARGET_SPEEDUP_VS_EAGER_FP32, "eager fp32"),
-                             ("vs_eager_half", TARGET_SPEEDUP_VS_EAGER_HALF, "eager fp16")):
+                             ("vs_eager_half", TARGET_SPEEDUP_VS_EAGER_HALF, f"eager fp16 (measured: {half})"),
+                             ("vs_gd-fp16", TARGET_SPEEDUP_VS_EAGER_HALF,
+                              "guided-diffusion's own fp16 sampler (gd-fp16)")):
         ratio = None if graphs256 is None else graphs256.get(key)
         shown = "-" if ratio is None else f"{ratio:.2f}x"
         lines.append(f"| adm256 compiled+graphs >= {limit}x {what} (same batch) | {shown} | "
@@ -528,6 +846,48 @@ def target_lines(rows: list[dict]) -> list[str]:
     lines.append(f"| adm64 B=64 graphs >= {TARGET_GRAPHS_VS_COMPILED_ADM64_B64}x compiled without graphs | "
                  f"{'-' if ratio is None else f'{ratio:.2f}x'} | "
                  f"{status(None if ratio is None else ratio >= TARGET_GRAPHS_VS_COMPILED_ADM64_B64)} |")
+    return lines
+
+
+def overhead(row: dict) -> str:
+    """The compile / capture seconds of a compiled row (its 1st warm-up step above a steady step)."""
+    if row.get("overhead_kind") is None or row.get("overhead_s") is None:
+        return "-"
+    return f"{row['overhead_s']:.1f} ({row['overhead_kind']})"
+
+
+# Our row a peer table line shows, in order of preference (a run without graphs or compile falls back).
+OUR_NAMES = {"graphs": "compiled+graphs", "compiled": "compiled (no graphs)", "eager-fp32": "eager fp32 (not compiled)"}
+
+
+def peer_table(rows: list[dict]) -> list[str]:
+    """The side-by-side table: ours compiled+graphs (compiled where there are no graphs, on CPU) against
+    the fastest peer on the same work, then our eager fp32 step against guided-diffusion's fp32 step."""
+    lines = [("Ours vs the peers (same process, weights, (class, seed) jobs and guidance; s/image at the "
+              "preset's steps; x = the peer's s/image / ours, > 1 = ours faster):"), "",
+             ("| preset | guidance | batch | ours | ours s/image | best peer | peer s/image | x best peer "
+              "| our eager fp32 step / gd-fp32 step |"),
+             "|---|---|---:|---|---:|---|---:|---:|---:|"]
+    groups = []
+    for row in rows:
+        group = (row["preset"], row.get("guidance", "igds"), row["batch"])
+        if not row.get("peer") and group not in groups:
+            groups.append(group)
+    for preset, mode, batch in groups:
+        ours = [r for r in rows if (r["preset"], r.get("guidance", "igds"), r["batch"]) == (preset, mode, batch)
+                and "ms_per_step" in r and r["variant"] in OUR_NAMES]
+        if not ours:
+            continue
+        mine = min(ours, key=lambda r: list(OUR_NAMES).index(r["variant"]))  # graphs, else compiled, else eager
+        name = OUR_NAMES[mine["variant"]]
+        peer = best_peer(rows, mine)
+        eager = comparable(rows, mine, "eager-fp32")
+        same_math = "-" if eager is None or eager.get("vs_gd-fp32") is None else f"{1 / eager['vs_gd-fp32']:.2f}"
+        lines.append(
+            f"| {preset} | {mode} | {batch} | {name} | {mine['s_per_image']:.3f} "
+            f"| {'-' if peer is None else peer['variant'] + ' (B=' + str(peer['batch']) + ')'} "
+            f"| {'-' if peer is None else format(peer['s_per_image'], '.3f')} "
+            f"| {'-' if peer is None else format(peer['s_per_image'] / mine['s_per_image'], '.2f')} | {same_math} |")
     return lines
 
 
@@ -555,23 +915,27 @@ def format_report(rows, checks, peak, peak_n, args, command) -> str:
     else:
         lines.append(f"- timing: {args.warmup} warm-up steps (compile/autotune/capture), then {args.steps} steps timed, "
                      f"guided and unguided; s/image scaled to {LATENT_STEPS_PER_IMAGE} steps")
+    if args.repeats > 1:
+        lines.append(f"- {args.repeats} timed blocks per row, the fastest counts")
+    lines += ["", *peer_table(rows)]
     if adm_rows or not latent_rows:
         lines += [
             "",
             "| preset | variant | batch | ms/step | images/s | s/image @250 | TFLOP/s | % peak | work GiB "
-            "| x eager32 | x eager-half | x compiled | warm-up s |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| x eager32 | x eager-half | x compiled | x gd-fp32 | x gd-fp16 | compile/capture s | warm-up s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
     for r in adm_rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r['variant']} | {r['batch']} | {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['preset']} | {r['variant']} | {r['batch']} | {r['error']} |" + " |" * 12)
             continue
         lines.append(
             f"| {r['preset']} | {r['variant']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['images_per_s']:.3f} "
             f"| {r['s_per_image']:.3f} | {r['tflops']:.2f} | {100 * r['peak_fraction']:.1f}% "
             f"| {num(r['work_gib'], '.2f')} "
             f"| {num(r.get('vs_eager_fp32'), '.2f')} | {num(r.get('vs_eager_half'), '.2f')} "
-            f"| {num(r.get('vs_compiled'), '.2f')} | {r['warmup_s']:.1f} |"
+            f"| {num(r.get('vs_compiled'), '.2f')} | {num(r.get('vs_gd-fp32'), '.2f')} "
+            f"| {num(r.get('vs_gd-fp16'), '.2f')} | {overhead(r)} | {r['warmup_s']:.1f} |"
         )
     if latent_rows:
         lines += [
@@ -582,13 +946,13 @@ def format_report(rows, checks, peak, peak_n, args, command) -> str:
             "",
             f"| preset | variant | guidance | batch | ms/step | images/s | s/image @{LATENT_STEPS_PER_IMAGE} | TFLOP/s "
             "| % peak | work GiB | decoder fwd+bwd ms | decoder share | x eager32 | x eager-half | x compiled "
-            "| warm-up s |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| x minimax-b1 | x minimax | compile/capture s | warm-up s |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
     for r in latent_rows:
         if "error" in r:
             lines.append(f"| {r['preset']} | {r['variant']} | {r['guidance']} | {r['batch']} | {r['error']} |"
-                         + " |" * 11)
+                         + " |" * 14)
             continue
         share = r.get("decoder_share")
         lines.append(
@@ -597,7 +961,8 @@ def format_report(rows, checks, peak, peak_n, args, command) -> str:
             f"| {num(r['work_gib'], '.2f')} | {num(r.get('decoder_ms'), '.2f')} "
             f"| {'-' if share is None else f'{100 * share:.0f}%'} "
             f"| {num(r.get('vs_eager_fp32'), '.2f')} | {num(r.get('vs_eager_half'), '.2f')} "
-            f"| {num(r.get('vs_compiled'), '.2f')} | {r['warmup_s']:.1f} |"
+            f"| {num(r.get('vs_compiled'), '.2f')} | {num(r.get('vs_minimax-b1'), '.2f')} "
+            f"| {num(r.get('vs_minimax'), '.2f')} | {overhead(r)} | {r['warmup_s']:.1f} |"
         )
     flop_rows = {(r["preset"], r["unet_gflop"], r["encoder_gflop"]) for r in adm_rows}
     lines.append("")
@@ -618,11 +983,20 @@ def format_report(rows, checks, peak, peak_n, args, command) -> str:
     configs = sorted({r["config"] for r in rows if "config" in r})
     for config in configs:
         lines.append(f"- compiled config: {config}")
-    if checks:
+    same_math = [c for c in checks if c["kind"] == "same-math"]
+    if same_math:
+        lines += ["", ("Same math, our eager fp32 step vs guided-diffusion's fp32 step (gd-fp32), interleaved "
+                       "step by step, each side's fastest step:"), "",
+                  "| preset | batch | rounds | ours ms | gd-fp32 ms | ours / gd-fp32 |", "|---|---:|---:|---:|---:|---:|"]
+        for c in same_math:
+            lines.append(f"| {c['preset']} | {c['batch']} | {c['rounds']} | {c['ours_ms']:.2f} | {c['gd_fp32_ms']:.2f} "
+                         f"| {c['ratio']:.2f} |")
+    fidelity_checks = [c for c in checks if c["kind"] == "fidelity"]
+    if fidelity_checks:
         lines += ["", "Fidelity, compiled vs eager fp32, teacher-forced (max over steps):", "",
                   "| preset | batch | graphs | steps | UNet output rel L2 | x_{t-1} rel L2 |",
                   "|---|---:|---|---:|---:|---:|"]
-        for c in checks:
+        for c in fidelity_checks:
             lines.append(f"| {c['preset']} | {c['batch']} | {c['graphs']} | {c['steps']} "
                          f"| {c['unet_rel']:.2e} | {c['x_rel']:.2e} |")
     lines += ["", "Targets:", "", "| target | measured | status |", "|---|---|---|", *target_lines(rows)]
@@ -642,6 +1016,11 @@ def parse_args(argv=None):
                         help=f"latent presets: comma-separated, of {GUIDANCE_MODES} (IGDS-guided / unguided rows)")
     parser.add_argument("--warmup", type=int, default=3 if GPU else 1)
     parser.add_argument("--steps", type=int, default=5 if GPU else 2)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed blocks of --steps steps per row; the fastest block counts")
+    parser.add_argument("--same-math-rounds", type=int, default=0 if GPU else 8,
+                        help="ADM presets with eager-fp32 and gd-fp32: rounds of the interleaved step-by-step "
+                             "comparison of the two (0 = off)")
     parser.add_argument("--compile-options", default=None,
                         help='CompileConfig fields as JSON, e.g. \'{"mode": "default", "backend": "aot_eager"}\'')
     parser.add_argument("--half-dtype", choices=("fp16", "bf16"), default="fp16" if GPU else "bf16")
@@ -656,9 +1035,17 @@ def parse_args(argv=None):
     unknown = [p for p in args.presets if p not in PRESETS and p not in LATENT_PRESETS]
     if unknown:
         parser.error(f"unknown presets {unknown}; known: {sorted(PRESETS) + sorted(LATENT_PRESETS)}")
+    explicit_variants = args.variants != parser.get_default("variants")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if any(v not in VARIANTS for v in args.variants):
+    if not args.variants or any(v not in VARIANTS for v in args.variants):
         parser.error(f"variants must be among {VARIANTS}")
+    if explicit_variants:  # a variant asked for by name must run on some preset of the run
+        unused = [v for v in args.variants if not any(v in applicable_variants(p, [v]) for p in args.presets)]
+        if unused:
+            parser.error(f"variants {unused} apply to none of the presets {args.presets} (graphs: CUDA only; "
+                         f"gd-*: the ADM presets; minimax*: the DiT presets)")
+    if args.warmup < 0 or args.steps < 1 or args.repeats < 1 or not 0 <= args.same_math_rounds <= 200:
+        parser.error("--warmup must be >= 0, --steps and --repeats >= 1, --same-math-rounds in [0, 200]")
     args.guidance = [m.strip() for m in args.guidance.split(",") if m.strip()]
     if not args.guidance or any(m not in GUIDANCE_MODES for m in args.guidance):
         parser.error(f"--guidance must be among {GUIDANCE_MODES}")
@@ -682,7 +1069,9 @@ def main(argv=None) -> int:
     print(report)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"rows": rows, "fidelity": checks, "peak_tflops": peak, "command": command}, handle, indent=1)
+            json.dump({"rows": rows, "fidelity": [c for c in checks if c["kind"] == "fidelity"],
+                       "same_math": [c for c in checks if c["kind"] == "same-math"], "peak_tflops": peak,
+                       "command": command}, handle, indent=1)
     if args.append_results:
         with open(RESULTS, "a") as handle:
             handle.write("\n" + report)
