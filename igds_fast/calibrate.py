@@ -31,6 +31,10 @@ Randomness: repeat r (of `seeds`) of IPC k draws one Gumbel vector from a genera
 (seed, k, r) and uses it for *every* beta (common random numbers: the subsets of neighbouring
 betas differ only where beta changes the ranking, so the accuracy differences measure beta, not
 sampling luck); the network of repeat r is initialised and trained with seed `seed + r`.
+
+Data: tensors, or ImageFolders as `igds_fast.data.FolderImages` (held when small, else streamed).
+The scoring is one batched pass; only the drawn subsets (IPC x classes images) are decoded into
+memory; a streamed validation set is read batch by batch for every accuracy.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from .data import FolderImages
 from .errors import IGDSInputError
 from .guidance.objective import contextual_kl
 from .seeding import stream_seed
@@ -95,11 +100,11 @@ def parse_betas(betas: Iterable | str) -> list[float]:
 
 @torch.inference_mode()
 def score_samples(
-    ve: VariationalEstimator, images: torch.Tensor, labels: torch.Tensor, device: str | torch.device | None = None
+    ve: VariationalEstimator, images, labels: torch.Tensor | None, device: str | torch.device | None = None
 ) -> dict[str, torch.Tensor]:
     """VE predictions and contextual scores of real images (CPU tensors).
 
-    images [N, C, H, W] in [-1, 1], labels [N] -> {"predictions": [N] long, "correct": [N] bool,
+    images [N, C, H, W] in [-1, 1] (or a FolderImages, streamed; its labels are used), labels [N] -> {"predictions": [N] long, "correct": [N] bool,
     "scores": [N] float64 with scores_i = KL(P_i || Q_{y_i}) = sum_j P_ij (log P_ij - log Q_{y_i j})}.
     """
     home = ve.log_centroids.device
@@ -111,9 +116,14 @@ def score_samples(
         with torch_threads(threads):
             log_q = ve.log_centroids.to(torch.float64)
             predictions, scores = [], []
-            for start in range(0, images.shape[0], _SCORE_BATCH):
-                batch = images[start:start + _SCORE_BATCH].to(device, torch.float32)
-                batch_labels = labels[start:start + _SCORE_BATCH].to(device, torch.long)
+            count = len(images) if isinstance(images, FolderImages) else images.shape[0]
+            chunks = [slice(start, min(start + _SCORE_BATCH, count)) for start in range(0, count, _SCORE_BATCH)]
+            if isinstance(images, FolderImages):
+                labels = images.labels
+                batches = ((batch, batch_labels.to(torch.long)) for batch, batch_labels, _ in images.batches(chunks, device))
+            else:
+                batches = ((images[c].to(device, torch.float32), labels[c].to(device, torch.long)) for c in chunks)
+            for batch, batch_labels in batches:
                 features = ve.features(batch)
                 predictions.append(ve.logits(features).argmax(dim=1).cpu())
                 scores.append(contextual_kl(features.to(torch.float64), batch_labels, log_q, ve.tau).cpu())
@@ -181,7 +191,15 @@ def draw_subset(
 # ---- calibration ----------------------------------------------------------------------------------
 
 
-def _check_split(images, labels, what: str, num_classes: int, channels: int) -> None:
+def _check_split(images, labels, what: str, num_classes: int, channels: int, class_names=None) -> None:
+    if isinstance(images, FolderImages):
+        if len(images) == 0:
+            raise IGDSInputError(f"no {what} images given")
+        if images.channels != channels:
+            raise IGDSInputError(f"{what} images have {images.channels} channel(s), the VE reads {channels}")
+        if class_names is not None and images.class_names != list(class_names):
+            raise IGDSInputError(f"{what} folder {images.root!r} is not read in the VE's class order")
+        return
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
         raise IGDSInputError(f"{what} images must be a float [N, C, H, W] tensor in [-1, 1]")
     if images.shape[0] == 0:
@@ -232,6 +250,8 @@ def calibrate_beta(
 
     train_images [N, C, H, W] / val_images [M, C, H', W'] float in [-1, 1] (train and val at the same
     side: the network trains on one and tests on the other), labels int in [0, ve.num_classes).
+    Either may be a FolderImages in the VE's class order (labels: None or its own; streamed when
+    large: only the drawn subsets are decoded into memory).
     ipcs / betas: the grid (lists or comma-separated strings). network, epochs (None = the protocol's
     epochs for the IPC), augment (None = the protocol's), width, lr: passed to `evaluate_distilled`.
     seeds: subsets (and networks) per grid cell. Every defect, including an IPC larger than some
@@ -258,9 +278,13 @@ def calibrate_beta(
         raise IGDSInputError(f"score_normalization must be one of {SCORE_NORMALIZATIONS}, got {score_normalization!r}")
     num_classes = ve.num_classes
     channels = ve.encoder.in_channels
-    _check_split(train_images, train_labels, "training", num_classes, channels)
-    _check_split(val_images, val_labels, "validation", num_classes, channels)
-    if train_images.shape[1:] != val_images.shape[1:]:
+    _check_split(train_images, train_labels, "training", num_classes, channels, ve.class_names)
+    _check_split(val_images, val_labels, "validation", num_classes, channels, ve.class_names)
+    if isinstance(train_images, FolderImages):
+        train_labels = train_images.labels
+    if isinstance(val_images, FolderImages):
+        val_labels = val_images.labels
+    if tuple(train_images.shape[1:]) != tuple(val_images.shape[1:]):
         raise IGDSInputError(
             f"training images {tuple(train_images.shape[1:])} and validation images {tuple(val_images.shape[1:])} differ in shape"
         )
@@ -306,8 +330,9 @@ def calibrate_beta(
                 indices = kept[picked]
                 subsets[ipc][beta].append(indices.tolist())
                 mean_scores.append(float(raw_scores[picked].mean()))
+                subset = train_images.gather(indices) if isinstance(train_images, FolderImages) else train_images[indices]
                 result = evaluate_distilled(
-                    train_images[indices], train_labels[indices], val_images, val_labels.to(torch.long),
+                    subset, train_labels[indices], val_images, val_labels.to(torch.long),
                     network=network, epochs=epochs, ipc=ipc, lr=lr, seeds=1, device=device, augment=augment,
                     num_classes=num_classes, width=width, base_seed=seed + repeat,
                 )

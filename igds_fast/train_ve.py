@@ -37,14 +37,24 @@ lambda = 0 is plain MoCo v2. Stages:
 Report (nats): prototype information I(X;Y) ~ H(Y) - CE and contextual information
 H(X|Y) ~ E KL(P_x || Q_y), on the training data and on held-out data if given.
 
+Data: tensors in memory (`train_ve`) or an ImageFolder streamed batch by batch
+(`train_ve_from_source` with `igds_fast.data.FolderImages`): an epoch is one pass of a DataLoader
+over the permutation drawn from the seeded generator, exactly the batches of the in-memory loop,
+so both give the same bundle bit for bit. Every pass over the whole set (BN statistics, features,
+centroids) is batch by batch; nothing of size N x image is held for a streamed set.
 Memory: the frozen features of the whole training set ([N, d] float32) are held once for the
-full-batch classifier (13k ImageNette images x 2048 = 107 MB).
+full-batch classifier (13k ImageNette images x 2048 = 107 MB; 1.28M ImageNet images x 2048 = 10.5 GB).
+
+Resume: with a checkpoint path, the contrastive stage writes its whole state (encoders, heads,
+queue, centroids, optimiser, generator) atomically after every epoch; a rerun with the same config
+and data continues after the last finished epoch and ends with the same bundle as an uninterrupted run.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import numbers
 import os
@@ -56,6 +66,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .artifacts import parse_json_header, read_safetensors
+from .data import FolderImages, TensorImages
 from .errors import IGDSInputError
 from .evaluate.augment import crop_and_flip
 from .guidance.objective import centroid_kl, contextual_kl
@@ -72,6 +84,9 @@ INIT_SCHEMES = ("none", "moco")
 # ceil-rounded): instance norm of a 1x1 map is a constant, so such a trunk outputs constants.
 _LAST_STAGE_1X1_MAX_RESOLUTION = 32
 _FEATURE_BATCH = 256  # images per no-grad forward when extracting features / BN statistics
+CHECKPOINT_FORMAT = "igds_ve_checkpoint"
+CHECKPOINT_VERSION = 1
+_CHECKPOINT_KEY = "igds_ve_checkpoint"
 
 
 def _is_real(value) -> bool:
@@ -407,9 +422,18 @@ def _frozen_bn_statistics(module: nn.Module):
             m.momentum = momentum
 
 
+def _as_source(images):
+    """A FolderImages / TensorImages as it is; a tensor [N, C, H, W] wrapped (labels unused: zeros)."""
+    if isinstance(images, (FolderImages, TensorImages)):
+        return images
+    return TensorImages(images, torch.zeros(images.shape[0], dtype=torch.long))
+
+
 @torch.no_grad()
-def recompute_batchnorm_statistics(encoder: ResNet, preprocess: EncoderPreprocess, images: torch.Tensor, device) -> None:
+def recompute_batchnorm_statistics(encoder: ResNet, preprocess: EncoderPreprocess, images, device) -> None:
     """Replace the BatchNorm running statistics by their exact average over `images` (clean, in [-1, 1]).
+
+    images: a tensor [N, C, H, W] or a FolderImages / TensorImages source (streamed batch by batch).
 
     Cumulative averaging (momentum None) over batches of `_FEATURE_BATCH`; a last batch of one image
     is merged into the previous one (BatchNorm needs two values per channel at 1x1 maps).
@@ -422,9 +446,10 @@ def recompute_batchnorm_statistics(encoder: ResNet, preprocess: EncoderPreproces
         m.reset_running_stats()
         m.momentum = None
     encoder.train()
+    source = _as_source(images)
     try:
-        for chunk in _even_chunks(images.shape[0], _FEATURE_BATCH):
-            encoder.forward_features(preprocess(images[chunk].to(device)))
+        for batch, _, _ in source.batches(_even_chunks(len(source), _FEATURE_BATCH), device):
+            encoder.forward_features(preprocess(batch))
     finally:
         for m, momentum in saved:
             m.momentum = momentum
@@ -442,11 +467,13 @@ def _even_chunks(count: int, batch_size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def extract_features(encoder: ResNet, preprocess: EncoderPreprocess, images: torch.Tensor, device) -> torch.Tensor:
-    """Frozen-encoder features z [N, d] (float32, on `device`) of images [N, C, H, W] in [-1, 1]."""
+def extract_features(encoder: ResNet, preprocess: EncoderPreprocess, images, device) -> torch.Tensor:
+    """Frozen-encoder features z [N, d] (float32, on `device`) of images [N, C, H, W] in [-1, 1]
+    (a tensor, or a FolderImages / TensorImages source streamed batch by batch)."""
     encoder.eval()
-    parts = [encoder.forward_features(preprocess(images[chunk].to(device))).float()
-             for chunk in _even_chunks(images.shape[0], _FEATURE_BATCH)]
+    source = _as_source(images)
+    parts = [encoder.forward_features(preprocess(batch)).float()
+             for batch, _, _ in source.batches(_even_chunks(len(source), _FEATURE_BATCH), device)]
     return torch.cat(parts)
 
 
@@ -652,44 +679,121 @@ class _MoCoTrainer:
         self.queue_pointer = (self.queue_pointer + count) % self.queue_size
 
     @torch.no_grad()
-    def estimate_centroids_over(self, images: torch.Tensor) -> None:
-        """Q over the whole (un-augmented) set with the current query encoder ("epoch" mode)."""
+    def estimate_centroids_over(self, source) -> None:
+        """Q over the whole (un-augmented) set with the current query encoder ("epoch" mode), streamed."""
         from .ve import LogCentroidAccumulator
 
         accumulator = LogCentroidAccumulator(self.log_q.shape[0], self.config.tau)
         with _frozen_bn_statistics(self.encoder_q):
-            for chunk in _even_chunks(images.shape[0], _FEATURE_BATCH):
-                features = self.encoder_q.forward_features(self.preprocess(images[chunk]))
-                accumulator.update(features.float(), self.labels[chunk])
+            for images, labels, _ in source.batches(_even_chunks(len(source), _FEATURE_BATCH), self.device):
+                features = self.encoder_q.forward_features(self.preprocess(images))
+                accumulator.update(features.float(), labels.to(torch.long))
         self.log_q.copy_(accumulator.compute(torch.float32))
         self.seen.fill_(True)
 
-    def train(self, images: torch.Tensor, labels: torch.Tensor, log: Callable[[str], None]) -> list[dict]:
+    # ---- checkpoints (one safetensors file, written atomically after every epoch) ----------------
+
+    _MODULES = ("encoder_q", "head_q", "encoder_k", "head_k")
+
+    def save_checkpoint(self, path: str, key: dict, epoch: int, step: int, history: list[dict]) -> None:
+        from safetensors.torch import save as safetensors_bytes
+
+        from .imageio import write_bytes_atomic
+
+        tensors = {}
+        for name in self._MODULES:
+            for k, v in getattr(self, name).state_dict().items():
+                tensors[f"{name}.{k}"] = v
+        tensors.update(queue=self.queue, queue_ids=self.queue_ids, log_q=self.log_q, seen=self.seen,
+                       generator_state=self.generator.get_state())
+        optimizer_state = self.optimizer.state_dict()
+        scalars = {}
+        for index, state in optimizer_state["state"].items():
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"optimizer.{index}.{k}"] = v
+                else:
+                    scalars[f"{index}.{k}"] = v
+        header = {
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "key": key, "epoch": epoch,
+            "step": step, "queue_pointer": self.queue_pointer, "history": history,
+            "param_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars,
+        }
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        write_bytes_atomic(path, safetensors_bytes(tensors, metadata={_CHECKPOINT_KEY: json.dumps(header)}))
+
+    def load_checkpoint(self, path: str, key: dict) -> tuple[int, int, list[dict]]:
+        """Restore the state saved after an epoch; returns (epochs done, steps done, history)."""
+        metadata, tensors = read_safetensors(path, "VE training checkpoint", with_tensors=True)
+        header = parse_json_header(metadata, path, _CHECKPOINT_KEY, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
+                                   "VE training checkpoint")
+        if header.get("key") != json.loads(json.dumps(key)):
+            saved = header.get("key") or {}
+            differs = sorted(k for k in set(saved) | set(key) if saved.get(k) != json.loads(json.dumps(key.get(k))))
+            raise IGDSInputError(
+                f"checkpoint {path} belongs to another run ({', '.join(differs)} differ); delete it to start afresh"
+            )
+        try:
+            for name in self._MODULES:
+                module = getattr(self, name)
+                prefix = f"{name}."
+                module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            with torch.no_grad():
+                for name in ("queue", "queue_ids", "log_q", "seen"):
+                    getattr(self, name).copy_(tensors[name])
+            self.generator.set_state(tensors["generator_state"])
+            state: dict = {}
+            for k, v in tensors.items():
+                if k.startswith("optimizer."):
+                    _, index, field = k.split(".", 2)
+                    state.setdefault(int(index), {})[field] = v
+            for k, v in header["optimizer_scalars"].items():
+                index, field = k.split(".", 1)
+                state.setdefault(int(index), {})[field] = v
+            self.optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+            self.queue_pointer = int(header["queue_pointer"])
+            return int(header["epoch"]), int(header["step"]), list(header["history"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            reason = " ".join(str(exc).split())[:200]
+            raise IGDSInputError(f"checkpoint {path} does not fit this run: {reason}") from exc
+
+    def train(self, source, log: Callable[[str], None], checkpoint: str | None = None,
+              key: dict | None = None, progress: bool = False) -> list[dict]:
+        """The contrastive epochs over `source` (FolderImages or TensorImages): one shuffled pass each."""
+        from .progress import Progress
+
         config = self.config
-        images = images.to(self.device)
-        self.labels = labels.to(self.device, torch.long)
-        count = images.shape[0]
+        self.labels = source.labels.to(self.device, torch.long)
+        count = len(source)
         steps_per_epoch = count // self.batch_size  # batches of batch_size .. 2*batch_size-1, none tiny
         total_steps = config.epochs * steps_per_epoch
-        history = []
-        step = 0
-        for epoch in range(config.epochs):
+        history: list[dict] = []
+        step = start_epoch = 0
+        if checkpoint is not None and os.path.exists(checkpoint):
+            start_epoch, step, history = self.load_checkpoint(checkpoint, key)
+            log(f"train-ve: resumed from {checkpoint} after epoch {start_epoch}/{config.epochs}")
+        for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             if config.centroid_update == "epoch":
-                self.estimate_centroids_over(images)
+                self.estimate_centroids_over(source)
             order = torch.randperm(count, generator=self.generator, device=self.device)
             sums = {"infonce": 0.0, "kl": 0.0, "loss": 0.0}
-            for batch_ids in order.tensor_split(steps_per_epoch):
+            bar = Progress(total=count, unit="img", label=f"train-ve epoch {epoch + 1}/{config.epochs}", enabled=progress)
+            for images, labels, batch_ids in source.batches(order.tensor_split(steps_per_epoch), self.device):
                 lr = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                terms = self._step(images[batch_ids], self.labels[batch_ids], batch_ids)
-                for key in sums:
-                    sums[key] += terms[key]
+                terms = self._step(images, labels.to(torch.long), batch_ids.to(self.device))
+                for name in sums:
+                    sums[name] += terms[name]
                 step += 1
+                bar.update(images.shape[0])
+            bar.close()
             record = {k: v / steps_per_epoch for k, v in sums.items()}
             record.update(epoch=epoch + 1, seconds=round(time.perf_counter() - started, 3))
             history.append(record)
+            if checkpoint is not None:
+                self.save_checkpoint(checkpoint, key, epoch + 1, step, history)
             log(f"train-ve: epoch {epoch + 1}/{config.epochs} InfoNCE {record['infonce']:.4f} "
                 f"KL(P||Q_y) {record['kl']:.4f} loss {record['loss']:.4f} ({record['seconds']:.1f}s)")
         return history
@@ -732,18 +836,28 @@ def _split_report(ve_parts, features, labels, entropy) -> dict:
     }
 
 
-def _train_stages(train_images, train_labels, val_images, val_labels, class_names, config, encoder, preprocess,
-                  mean, std, device, log) -> tuple[VariationalEstimator, dict]:
-    """Contrastive stage, BN statistics, features, classifier, centroids, report (see `train_ve`)."""
+def _train_stages(train, val, class_names, config, encoder, preprocess, mean, std, device, log,
+                  checkpoint=None, progress=False) -> tuple[VariationalEstimator, dict]:
+    """Contrastive stage, BN statistics, features, classifier, centroids, report (see `train_ve`).
+
+    train / val: FolderImages or TensorImages sources (val may be None)."""
     num_classes = len(class_names)
     history: list[dict] = []
     effective = {"batch_size": None, "queue_size": None}
     contrastive_seconds = 0.0
+    train_labels = train.labels.to(torch.long)
     if config.epochs > 0:
         stage = time.perf_counter()
-        trainer = _MoCoTrainer(encoder, preprocess, config, num_classes, train_images.shape[0], device, log)
+        trainer = _MoCoTrainer(encoder, preprocess, config, num_classes, len(train), device, log)
         effective = {"batch_size": trainer.batch_size, "queue_size": trainer.queue_size}
-        history = trainer.train(train_images, train_labels, log)
+        key = None
+        if checkpoint is not None:
+            run_config = config.to_dict()
+            for volatile in ("device", "num_threads"):  # where it runs, not what it computes
+                run_config.pop(volatile)
+            key = {"config": run_config, "device_type": device.type, "data": train.fingerprint(),
+                   "classes": list(class_names), "mean": list(mean), "std": list(std)}
+        history = trainer.train(train, log, checkpoint=checkpoint, key=key, progress=progress)
         encoder = trainer.encoder_q
         del trainer
         contrastive_seconds = time.perf_counter() - stage
@@ -751,8 +865,8 @@ def _train_stages(train_images, train_labels, val_images, val_labels, class_name
 
     stage = time.perf_counter()
     if config.recompute_bn_stats and config.epochs > 0:
-        recompute_batchnorm_statistics(encoder, preprocess, train_images, device)
-    train_features = extract_features(encoder, preprocess, train_images, device)
+        recompute_batchnorm_statistics(encoder, preprocess, train, device)
+    train_features = extract_features(encoder, preprocess, train, device)
     weight, bias = fit_linear_classifier(
         train_features, train_labels.to(device), num_classes, config.classifier_epochs, config.classifier_lr,
         config.classifier_weight_decay, config.classifier_optimizer, config.seed,
@@ -777,10 +891,11 @@ def _train_stages(train_images, train_labels, val_images, val_labels, class_name
         "train": _split_report(parts, train_features, train_labels.to(device), entropy),
         "seconds": {"contrastive": round(contrastive_seconds, 3), "classifier_and_centroids": round(classifier_seconds, 3)},
     }
-    if val_images is not None:
-        val_features = extract_features(ve.encoder.to(device), preprocess, val_images, device)
+    del train_features
+    if val is not None:
+        val_features = extract_features(ve.encoder.to(device), preprocess, val, device)
         ve.encoder.cpu()
-        report["val"] = _split_report(parts, val_features, val_labels.to(device, torch.long), entropy)
+        report["val"] = _split_report(parts, val_features, val.labels.to(device, torch.long), entropy)
     return ve, report
 
 
@@ -792,6 +907,8 @@ def train_ve(
     val_images: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
     log: Callable[[str], None] = print,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> tuple[VariationalEstimator, dict]:
     """Train a VE (contrastive + CMI encoder, linear classifier, centroids) and report its estimates.
 
@@ -801,9 +918,11 @@ def train_ve(
     config, the effective mean/std / batch / queue sizes, the per-epoch history, H(Y) (nats) and for
     "train" (and "val") accuracy (%), cross-entropy, prototype_information = H(Y) - CE and
     contextual_information = E KL(P_x || Q_y) (nats), and the wall time per stage.
+    checkpoint: a file the contrastive stage saves itself to after every epoch and resumes from
+    (see the module docstring); progress: a per-epoch progress bar on stderr.
     All input defects raise a one-line IGDSInputError before any training.
+    For an ImageFolder streamed from disk use :func:`train_ve_from_source`.
     """
-    started = time.perf_counter()
     config = config if config is not None else VETrainConfig()
     if not isinstance(config, VETrainConfig):
         raise IGDSInputError(f"config must be a VETrainConfig, got {type(config).__name__}")
@@ -813,24 +932,61 @@ def train_ve(
         raise IGDSInputError("give both val_images and val_labels, or neither")
     if val_images is not None:
         _check_data(val_images, val_labels, class_names, config.in_channels, "validation", require_every_class=False)
-    if train_images.shape[0] < 2:
-        raise IGDSInputError(f"need at least 2 training images, got {train_images.shape[0]}")
+    train = TensorImages(train_images, train_labels.to(torch.long))
+    val = None if val_images is None else TensorImages(val_images, val_labels)
+    return train_ve_from_source(train, class_names, config, val, log=log, checkpoint=checkpoint, progress=progress)
+
+
+def _check_source(source, class_names, in_channels: int, what: str) -> None:
+    if not isinstance(source, (FolderImages, TensorImages)):
+        raise IGDSInputError(f"{what} data must be a FolderImages or TensorImages, got {type(source).__name__}")
+    if isinstance(source, FolderImages) and source.class_names != list(class_names):
+        raise IGDSInputError(f"{what} folder {source.root!r} has classes {source.class_names[:5]}, expected {list(class_names)[:5]}")
+    if source.channels != in_channels:
+        raise IGDSInputError(f"{what} images have {source.channels} channel(s), the config says in_channels={in_channels}")
+
+
+def train_ve_from_source(
+    train,
+    class_names: Sequence[str],
+    config: VETrainConfig | None = None,
+    val=None,
+    log: Callable[[str], None] = print,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> tuple[VariationalEstimator, dict]:
+    """`train_ve` on data sources: `igds_fast.data.FolderImages` (an ImageFolder, held or streamed;
+    its class order must be `class_names`) or `TensorImages`. Same results, report and checkpoints."""
+    started = time.perf_counter()
+    config = config if config is not None else VETrainConfig()
+    if not isinstance(config, VETrainConfig):
+        raise IGDSInputError(f"config must be a VETrainConfig, got {type(config).__name__}")
+    class_names = _check_class_names(class_names)
+    _check_source(train, class_names, config.in_channels, "training")
+    if val is not None:
+        _check_source(val, class_names, config.in_channels, "validation")
+    if len(train) < 2:
+        raise IGDSInputError(f"need at least 2 training images, got {len(train)}")
     device = _resolve_device(config.device)
     scheme, _ = parse_init(config.init)
     if config.mean is not None:
         mean, std = config.mean, config.std
     elif scheme == "moco":
         mean, std = IMAGENET_MEAN, IMAGENET_STD  # what MoCo's ImageNet training normalised with
+    elif isinstance(train, FolderImages):
+        mean, std = train.image_statistics()  # exact, from the integer pixel sums of its scan
     else:
-        mean, std = image_statistics(train_images)
+        mean, std = image_statistics(train.images)
     preprocess = EncoderPreprocess(config.resolution, mean, std).to(device)
     encoder = _build_encoder(config)  # a bad MoCo checkpoint fails here, before training
-    train_labels = train_labels.to(torch.long)
+    checkpoint = None if checkpoint is None else os.fspath(checkpoint)
+    if checkpoint is not None and not os.path.isdir(os.path.dirname(os.path.abspath(checkpoint))):
+        raise IGDSInputError(f"checkpoint folder {os.path.dirname(os.path.abspath(checkpoint))!r} does not exist")
 
-    batch_size = min(config.batch_size, train_images.shape[0])
+    batch_size = min(config.batch_size, len(train))
     with torch_threads(cpu_threads(device, config.num_threads, batch_size * config.resolution ** 2 * 64)) as threads:
-        ve, report = _train_stages(train_images, train_labels, val_images, val_labels, class_names, config,
-                                   encoder, preprocess, mean, std, device, log)
+        ve, report = _train_stages(train, val, class_names, config, encoder, preprocess, mean, std, device, log,
+                                   checkpoint=checkpoint, progress=progress)
     report["threads"] = threads if device.type == "cpu" else None
     report["seconds"]["total"] = round(time.perf_counter() - started, 3)
     entropy = report["label_entropy"]
@@ -855,5 +1011,6 @@ __all__ = [
     "prototype_information",
     "random_view",
     "train_ve",
+    "train_ve_from_source",
     "update_log_centroids",
 ]

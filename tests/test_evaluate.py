@@ -172,6 +172,26 @@ def test_evaluate_distilled_learns_and_is_deterministic(rng_seed):
     json.dumps(first)  # serialisable as is
 
 
+def test_measure_accuracy_streams_a_folder_like_the_tensor(tmp_path, rng_seed, monkeypatch):
+    """A streamed FolderImages test set gives the tensor path's accuracy (same batches, same logits)."""
+    from igds_fast.data import FolderImages, load_image_folder
+    from igds_fast.evaluate import measure_accuracy
+
+    monkeypatch.setenv("IGDS_DATA_WORKERS", "0")
+    _write_colour_folder(tmp_path / "val", 4, np.random.default_rng(rng_seed))
+    images, labels, _, _ = load_image_folder(tmp_path / "val", 12)
+    streamed = FolderImages(tmp_path / "val", 12, in_memory=False)
+    torch.manual_seed(rng_seed)
+    model = build_eval_network("convnet3", 3, 3, 12, width=8)
+    for batch_size in (5, 500):
+        expected = measure_accuracy(model, images, labels, batch_size=batch_size)
+        assert measure_accuracy(model, streamed, None, batch_size=batch_size, device="cpu") == expected
+    epochs_seen = []
+    result = evaluate_distilled(images[::4], labels[::4], streamed, None, network="convnet3", epochs=2, seeds=1,
+                                width=8, device="cpu", on_epoch=lambda *args: epochs_seen.append(args))
+    assert result["test_size"] == 12 and epochs_seen == [(0, 1, 2), (0, 2, 2)]
+
+
 def test_evaluate_distilled_minibatch_and_schedules(rng_seed):
     generator = torch.Generator().manual_seed(rng_seed)
     train_x, train_y = _blobs(4, 8, generator)

@@ -7,7 +7,7 @@ import sys
 
 from igds_fast.calibrate import (SCORE_NORMALIZATIONS, calibrate_beta, parse_betas, parse_ipcs,
                                  write_beta_table)
-from igds_fast.data import load_image_folder, scan_image_folder
+from igds_fast.data import FolderImages, scan_image_folder
 from igds_fast.errors import IGDSInputError
 from igds_fast.evaluate.augment import AugmentConfig
 from igds_fast.ve import VariationalEstimator
@@ -66,13 +66,14 @@ def run(args: argparse.Namespace) -> int:
     scan_image_folder(args.val, class_names, ignore_unlisted=True)
     image_size = args.image_size if args.image_size is not None else ve.resolution
     channels = ve.encoder.in_channels
-    train_x, train_y, _, _ = load_image_folder(args.data, image_size, channels=channels, on_corrupt=args.on_corrupt,
-                                               class_names=class_names, ignore_unlisted=True)
-    val_x, val_y, _, _ = load_image_folder(args.val, image_size, channels=channels, on_corrupt=args.on_corrupt,
-                                           class_names=class_names, ignore_unlisted=True)
+    # One decoding pass each (corrupt files); large sets are then streamed, small ones held.
+    train = FolderImages(args.data, image_size, channels=channels, on_corrupt=args.on_corrupt,
+                         class_names=class_names, ignore_unlisted=True, progress=not args.quiet)
+    val = FolderImages(args.val, image_size, channels=channels, on_corrupt=args.on_corrupt,
+                       class_names=class_names, ignore_unlisted=True, progress=not args.quiet)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     result = calibrate_beta(
-        train_x, train_y, val_x, val_y, ve, ipcs, betas, network=args.network, epochs=args.epochs,
+        train, None, val, None, ve, ipcs, betas, network=args.network, epochs=args.epochs,
         seeds=args.seeds, seed=args.seed, log=log, score_normalization=args.score_normalization,
         device=args.device, augment=augment, width=args.width, lr=args.lr,
     )

@@ -79,11 +79,12 @@ def format_results_table(results: Sequence[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from igds_fast.data import load_image_folder, scan_image_folder
+    from igds_fast.data import FolderImages, load_image_folder, scan_image_folder
     from igds_fast.evaluate.augment import AugmentConfig
     from igds_fast.evaluate.networks import build_eval_network
     from igds_fast.evaluate.train import evaluate_distilled
     from igds_fast.imageio import write_json_atomic
+    from igds_fast.progress import Progress
 
     if args.seeds < 1:
         raise IGDSInputError(f"--seeds must be >= 1, got {args.seeds}")
@@ -105,20 +106,32 @@ def run(args: argparse.Namespace) -> int:
     train_x, train_y, _, train_report = load_image_folder(
         args.train, image_size, channels=args.channels, on_corrupt=args.on_corrupt, class_names=class_names
     )
-    val_x, val_y, _, val_report = load_image_folder(
-        args.val, image_size, channels=args.channels, on_corrupt=args.on_corrupt,
-        class_names=class_names, ignore_unlisted=True,
-    )
+    # The real validation set: one decoding pass (corrupt files) now, then held when small or
+    # streamed batch by batch for each seed's accuracy (IGDS_IN_MEMORY_MB).
+    val = FolderImages(args.val, image_size, channels=args.channels, on_corrupt=args.on_corrupt,
+                       class_names=class_names, ignore_unlisted=True, progress=not args.quiet)
+    val_report = val.report
 
     progress = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    bars: dict = {}
+
+    def on_epoch(seed: int, done: int, epochs: int) -> None:
+        if seed not in bars:
+            bars[seed] = Progress(total=epochs, unit="epoch", label=f"eval {args.network} seed {seed}")
+        bars[seed].update(1)
+        if done == epochs:
+            bars[seed].close()
+
     results = evaluate_distilled(
-        train_x, train_y, val_x, val_y, network=args.network, epochs=args.epochs, lr=args.lr,
+        train_x, train_y, val, None, network=args.network, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, seeds=args.seeds, device=args.device, schedule=args.schedule,
         augment=augment, num_classes=len(class_names), width=args.width, progress=progress,
+        on_epoch=None if args.quiet else on_epoch,
     )
     results["classes"] = class_names
     results["train_dir"] = os.path.abspath(args.train)
     results["val_dir"] = os.path.abspath(args.val)
+    results["val_streamed"] = not val.in_memory
     results["train_load"] = {k: v for k, v in train_report.to_dict().items() if k != "skipped_paths"}
     results["val_load"] = {k: v for k, v in val_report.to_dict().items() if k != "skipped_paths"}
     for name, report in (("train", train_report), ("val", val_report)):

@@ -5,11 +5,18 @@ import argparse
 import os
 import sys
 
-from igds_fast.data import load_image_folder, scan_image_folder
+from igds_fast.data import FolderImages, scan_image_folder
 from igds_fast.errors import IGDSInputError
 from igds_fast.imageio import write_json_atomic
 from igds_fast.models.resnet import NORMS
-from igds_fast.train_ve import ARCHS, CENTROID_UPDATES, CLASSIFIER_OPTIMIZERS, OPTIMIZERS, VETrainConfig, train_ve
+from igds_fast.train_ve import (
+    ARCHS,
+    CENTROID_UPDATES,
+    CLASSIFIER_OPTIMIZERS,
+    OPTIMIZERS,
+    VETrainConfig,
+    train_ve_from_source,
+)
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -70,6 +77,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--init", default="none", help="'none' or 'moco:PATH' (a MoCo v1/v2 checkpoint)")
     parser.add_argument("--on-corrupt", choices=("skip", "fail"), default="skip")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="per-epoch training state, resumed by a rerun (default: OUT.checkpoint; removed when done)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(handler=run)
 
@@ -93,23 +102,29 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, init=args.init,
     )
     image_size = args.image_size if args.image_size is not None else args.resolution
-    # Structure of both trees first (cheap), then decode.
+    checkpoint = args.checkpoint if args.checkpoint is not None else args.out + ".checkpoint"
+    # Structure of both trees first (cheap), then one decoding pass each (corrupt files; the pixel
+    # statistics). Large sets are streamed from here on, small ones held (IGDS_IN_MEMORY_MB).
     class_names, _ = scan_image_folder(args.data)
     if args.val is not None:
         scan_image_folder(args.val, class_names, ignore_unlisted=True)
-    train_x, train_y, class_names, _ = load_image_folder(
-        args.data, image_size, channels=args.channels, on_corrupt=args.on_corrupt, class_names=class_names)
-    val_x = val_y = None
+    train = FolderImages(args.data, image_size, channels=args.channels, on_corrupt=args.on_corrupt,
+                         class_names=class_names, progress=not args.quiet)
+    val = None
     if args.val is not None:
-        val_x, val_y, _, _ = load_image_folder(args.val, image_size, channels=args.channels,
-                                               on_corrupt=args.on_corrupt, class_names=class_names,
-                                               ignore_unlisted=True)
+        val = FolderImages(args.val, image_size, channels=args.channels, on_corrupt=args.on_corrupt,
+                           class_names=class_names, ignore_unlisted=True, progress=not args.quiet)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    ve, report = train_ve(train_x, train_y, class_names, config, val_x, val_y, log=log)
+    ve, report = train_ve_from_source(train, class_names, config, val, log=log, checkpoint=checkpoint,
+                                      progress=not args.quiet)
     ve.save(args.out)
     report["data_dir"] = os.path.abspath(args.data)
     report["val_dir"] = None if args.val is None else os.path.abspath(args.val)
     report["bundle"] = os.path.abspath(args.out)
+    report["train_load"] = {k: v for k, v in train.report.to_dict().items() if k != "skipped_paths"}
+    report["streamed"] = not train.in_memory
     write_json_atomic(args.out + ".report.json", report)
+    if os.path.exists(checkpoint):
+        os.unlink(checkpoint)  # the bundle is written: nothing left to resume
     print(f"VE written to {args.out} (report: {args.out}.report.json)")
     return 0

@@ -21,7 +21,9 @@ Protocol (the paper's Appendix F, following IDC / MinimaxDiffusion):
 Speed: the whole distilled set and the test set live on the device; batches are index slices, so
 there is no DataLoader and no per-sample Python. Sets up to ``FULL_BATCH_LIMIT`` images train full
 batch (one step per epoch); larger ones use MinimaxDiffusion's batch size 64. The loop never
-synchronises with the host during training.
+synchronises with the host during training. A test set too large to hold (an
+``igds_fast.data.FolderImages`` that streams) is read batch by batch by DataLoader workers for every
+accuracy measurement instead; a held FolderImages goes to the device as one tensor.
 
 Determinism: seed s fixes the network initialisation (CPU generator, so the same on every device),
 the batch order and every augmentation draw (a generator on the device). On CPU a seed reproduces
@@ -38,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from igds_fast.data import FolderImages
 from igds_fast.errors import IGDSInputError
 from igds_fast.evaluate.augment import AugmentConfig, augment_batch
 from igds_fast.threads import cpu_threads, torch_threads
@@ -76,6 +79,10 @@ def _lr_factor(schedule: str, step: int, total_steps: int) -> float:
 
 def _check_inputs(train_x, train_y, test_x, test_y, num_classes):
     for name, images in (("train_x", train_x), ("test_x", test_x)):
+        if name == "test_x" and isinstance(images, FolderImages):
+            if len(images) == 0:
+                raise IGDSInputError("test_x is empty")
+            continue
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             raise IGDSInputError(f"{name} must be a [N,C,H,W] tensor")
         if images.shape[0] == 0:
@@ -85,7 +92,7 @@ def _check_inputs(train_x, train_y, test_x, test_y, num_classes):
             raise IGDSInputError(f"{name} must be a [N] tensor matching its images")
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise IGDSInputError(f"{name} must hold integer class labels")
-    if train_x.shape[1:] != test_x.shape[1:]:
+    if tuple(train_x.shape[1:]) != tuple(test_x.shape[1:]):
         raise IGDSInputError(
             f"train images {tuple(train_x.shape[1:])} and test images {tuple(test_x.shape[1:])} differ in shape"
         )
@@ -128,8 +135,11 @@ def train_one_seed(
     augment: AugmentConfig,
     weight_decay: float,
     device: torch.device,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> nn.Module:
-    """Train one freshly initialised network (initialised from ``seed``) and return it."""
+    """Train one freshly initialised network (initialised from ``seed``) and return it.
+
+    on_epoch(epochs done) is called after every epoch (host-side only: it adds no device sync)."""
     # Initialise under a CPU RNG seeded with `seed`, without disturbing the caller's RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
@@ -142,7 +152,7 @@ def train_one_seed(
     steps_per_epoch = math.ceil(count / batch_size)
     total_steps = epochs * steps_per_epoch
     step = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         if steps_per_epoch == 1:
             batches = [None]  # full batch: order is irrelevant (CutMix draws its own partners)
         else:
@@ -164,13 +174,27 @@ def train_one_seed(
             loss.backward()
             optimizer.step()
             step += 1
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
     return model
 
 
 @torch.inference_mode()
-def measure_accuracy(model: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor, batch_size: int = TEST_BATCH_SIZE) -> float:
-    """Top-1 accuracy in percent of ``model`` (put in eval mode) on a labelled set."""
+def measure_accuracy(model: nn.Module, test_x, test_y: torch.Tensor | None, batch_size: int = TEST_BATCH_SIZE,
+                     device: torch.device | str | None = None) -> float:
+    """Top-1 accuracy in percent of ``model`` (put in eval mode) on a labelled set.
+
+    test_x: a tensor [N, C, S, S] (with test_y [N]) or a FolderImages (its own labels; test_y
+    ignored), streamed in batches of ``batch_size`` to ``device`` (default: the model's)."""
     model.eval()
+    if isinstance(test_x, FolderImages):
+        if device is None:
+            device = next(model.parameters()).device
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        chunks = [slice(start, min(start + batch_size, len(test_x))) for start in range(0, len(test_x), batch_size)]
+        for images, labels, _ in test_x.batches(chunks, device):
+            correct += (model(images).argmax(dim=1) == labels).sum()
+        return 100.0 * float(correct) / len(test_x)
     correct = torch.zeros((), dtype=torch.int64, device=test_y.device)
     for start in range(0, test_x.shape[0], batch_size):
         logits = model(test_x[start : start + batch_size])
@@ -198,6 +222,7 @@ def evaluate_distilled(
     base_seed: int = 0,
     progress: Callable[[str], None] | None = None,
     num_threads: int | None = None,
+    on_epoch: Callable[[int, int, int], None] | None = None,
 ) -> dict:
     """Train ``seeds`` networks on the distilled set and report their real-test accuracy.
 
@@ -211,10 +236,17 @@ def evaluate_distilled(
     ``AugmentConfig(horizontal_flip=False)`` for digits. ``num_threads`` (CPU only): torch
     intra-op threads while training; None picks 1 for small work (igds_fast.threads; measured 100x slower for a tiny ConvNet on 2 threads of 2 shared cores) and
     leaves the process setting otherwise. The previous setting is restored afterwards.
+    ``test_x`` may be an ``igds_fast.data.FolderImages`` (``test_y``: its labels or None): held
+    sets go to the device whole, streamed ones are read batch by batch for each accuracy.
+    ``on_epoch(seed, epochs done, epochs)`` is called after every training epoch (progress).
 
     Returns a JSON-serialisable dict: network, ipc, epochs, num_classes, seeds, accuracies
     (percent, per seed), mean, std, train/test sizes, the settings used and the wall time.
     """
+    if isinstance(test_x, FolderImages):
+        test_y = test_x.labels
+        if test_x.in_memory:  # small enough to hold: the fast path, same batches and results
+            test_x = test_x.as_float_tensor()
     num_classes = _check_inputs(train_x, train_y, test_x, test_y, num_classes)
     if not isinstance(seeds, int) or seeds < 1:
         raise IGDSInputError(f"seeds must be a positive integer, got {seeds!r}")
@@ -255,8 +287,11 @@ def evaluate_distilled(
 
     train_x_d = train_x.to(device=device, dtype=torch.float32)
     train_y_d = train_y.to(device=device, dtype=torch.int64)
-    test_x_d = test_x.to(device=device, dtype=torch.float32)
-    test_y_d = test_y.to(device=device, dtype=torch.int64)
+    if isinstance(test_x, FolderImages):
+        test_x_d, test_y_d = test_x, None  # streamed per measurement
+    else:
+        test_x_d = test_x.to(device=device, dtype=torch.float32)
+        test_y_d = test_y.to(device=device, dtype=torch.int64)
 
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
         raise IGDSInputError(f"num_threads must be a positive integer, got {num_threads!r}")
@@ -267,11 +302,12 @@ def evaluate_distilled(
     accuracies = []
     with torch_threads(threads):
         for seed in seed_list:
+            epoch_hook = None if on_epoch is None else (lambda done, seed=seed: on_epoch(seed, done, epochs))
             model = train_one_seed(
                 network_factory, train_x_d, train_y_d, epochs, seed, lr, batch_size, schedule,
-                augment, weight_decay, device,
+                augment, weight_decay, device, on_epoch=epoch_hook,
             )
-            accuracy = measure_accuracy(model, test_x_d, test_y_d)
+            accuracy = measure_accuracy(model, test_x_d, test_y_d, device=device)
             accuracies.append(accuracy)
             if progress is not None:
                 progress(f"{network_name} seed {seed}: {accuracy:.2f}%")
@@ -286,7 +322,7 @@ def evaluate_distilled(
         "std": float(np.std(accuracies)),
         "unit": "percent",
         "train_size": int(count),
-        "test_size": int(test_x.shape[0]),
+        "test_size": len(test_x),
         "image_size": int(image_size),
         "channels": int(channels),
         "optimizer": "adam",
