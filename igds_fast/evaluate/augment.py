@@ -11,9 +11,18 @@ following IDC / MinimaxDiffusion. Their facts (from MinimaxDiffusion's ``data.py
   box side ``int(side * sqrt(1 - lambda))`` centred at a uniform random pixel and clipped, and the
   loss weighted by the *actual* kept area after clipping.
 
-MinimaxDiffusion's loader also applies colour jitter and PCA lighting; the paper names only the
-three augmentations above, so those two are left out. Flip is a flag because it is wrong for
-data whose meaning changes when mirrored (digits).
+MinimaxDiffusion's loader also applies colour jitter and PCA lighting after the flip; the IGDS
+paper names only the three augmentations above, so its protocol leaves them out, and the
+``minimax`` protocol (:mod:`igds_fast.evaluate.protocol`) turns them on. Their facts (its
+``misc/utils.py``), per image, on the image in [0, 1]:
+
+* ColorJitter(0.4, 0.4, 0.4): brightness, contrast and saturation in a random order, each
+  ``img.lerp(target, a)`` with ``a ~ U(-0.4, 0.4)``: target 0 (brightness), the mean of the
+  grey image (contrast), the grey image ``0.299 R + 0.587 G + 0.114 B`` (saturation). No clamping.
+* Lighting (AlexNet PCA noise): ``alpha ~ N(0, 0.1)^3``, ``img[c] += sum_j eigvec[c, j] * alpha[j]
+  * eigval[j]`` with ImageNet's eigenvalues (0.2175, 0.0188, 0.0045) and eigenvectors.
+
+Flip is a flag because it is wrong for data whose meaning changes when mirrored (digits).
 
 Everything is a tensor op on the batch (no per-sample Python), and every random draw comes from
 the ``torch.Generator`` passed in (on the images' device), so a seed fixes the result exactly.
@@ -41,8 +50,16 @@ class AugmentConfig:
     horizontal_flip: bool = True
     cutmix_prob: float = 1.0
     cutmix_beta: float = 1.0
+    # MinimaxDiffusion's colour jitter strength (brightness = contrast = saturation); 0 = off.
+    color_jitter: float = 0.0
+    # Standard deviation of the PCA lighting noise; 0 = off.
+    lighting_std: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.color_jitter <= 1.0:
+            raise IGDSInputError(f"color_jitter must be in [0, 1], got {self.color_jitter}")
+        if not self.lighting_std >= 0.0:
+            raise IGDSInputError(f"lighting_std must be >= 0, got {self.lighting_std}")
         low, high = self.crop_scale
         if not 0.0 < low <= high <= 1.0:
             raise IGDSInputError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
@@ -115,6 +132,66 @@ def crop_and_flip(
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     out = F.grid_sample(images.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.to(images.dtype) if images.is_floating_point() else out
+
+
+# ImageNet's RGB PCA (AlexNet), as MinimaxDiffusion's ``Lighting`` uses it.
+IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_PCA_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+_GREY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def _check_rgb(images: torch.Tensor, what: str) -> None:
+    if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise IGDSInputError(f"{what} expects float RGB images [N,3,H,W], got {images.dtype} {tuple(images.shape)}")
+
+
+def color_jitter(images: torch.Tensor, generator: torch.Generator, strength: float = 0.4) -> torch.Tensor:
+    """MinimaxDiffusion's ColorJitter on images in [-1, 1] (applied to ``(x + 1) / 2``, mapped back).
+
+    images: float [N, 3, H, W]. Per image: a uniformly random order of (brightness, contrast,
+    saturation); each op is ``x + a * (target - x)``, ``a ~ U(-strength, strength)``, with target
+    0, mean(grey) or grey (``grey = 0.299 R + 0.587 G + 0.114 B``, broadcast over channels).
+    """
+    _check_rgb(images, "color_jitter")
+    if strength == 0.0:
+        return images
+    batch = images.shape[0]
+    order = torch.argsort(_uniform((batch, 3), generator), dim=1).to(images.device)  # a random permutation per image
+    amounts = _uniform((batch, 3), generator, -strength, strength).to(images.device, images.dtype)
+    weights = torch.tensor(_GREY_WEIGHTS, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    x = (images + 1.0) * 0.5
+    for position in range(3):
+        op = order[:, position].view(-1, 1, 1, 1)
+        grey = (x * weights).sum(dim=1, keepdim=True)
+        targets = (
+            torch.zeros_like(grey),  # brightness: towards black
+            grey.mean(dim=(2, 3), keepdim=True),  # contrast: towards the mean grey level
+            grey,  # saturation: towards the grey image
+        )
+        target = torch.where(op == 0, targets[0], torch.where(op == 1, targets[1], targets[2]))
+        amount = amounts.gather(1, order[:, position : position + 1]).view(-1, 1, 1, 1)
+        x = x + amount * (target - x)
+    return x * 2.0 - 1.0
+
+
+def pca_lighting(images: torch.Tensor, generator: torch.Generator, std: float = 0.1) -> torch.Tensor:
+    """AlexNet-style PCA lighting noise on images in [-1, 1] (as MinimaxDiffusion's on [0, 1]).
+
+    images: float [N, 3, H, W]; per image ``alpha ~ N(0, std)^3`` and channel c gets
+    ``sum_j eigvec[c, j] * alpha[j] * eigval[j]`` added in [0, 1] units (twice that in [-1, 1]).
+    """
+    _check_rgb(images, "pca_lighting")
+    if std == 0.0:
+        return images
+    alpha = torch.randn((images.shape[0], 3), generator=generator, device=generator.device) * std
+    eigvec = torch.tensor(IMAGENET_PCA_EIGVEC, device=alpha.device)
+    eigval = torch.tensor(IMAGENET_PCA_EIGVAL, device=alpha.device)
+    shift = (eigvec[None] * (alpha * eigval)[:, None, :]).sum(dim=2)  # [N, 3]
+    return images + 2.0 * shift.to(images.device, images.dtype).view(-1, 3, 1, 1)
 
 
 def random_horizontal_flip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
@@ -201,11 +278,15 @@ def cutmix(
 def augment_batch(
     images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, config: AugmentConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Crop/flip then CutMix a batch per ``config``: (images, labels, partner_labels, kept_fraction)."""
+    """Crop/flip (then colour jitter and lighting when on) then CutMix a batch per ``config``: (images, labels, partner_labels, kept_fraction)."""
     images = crop_and_flip(
         images, generator, config.crop_scale, config.crop_ratio,
         crop=config.random_resized_crop, flip=config.horizontal_flip,
     )
+    if config.color_jitter > 0.0:
+        images = color_jitter(images, generator, config.color_jitter)
+    if config.lighting_std > 0.0:
+        images = pca_lighting(images, generator, config.lighting_std)
     if config.cutmix_prob > 0.0:
         return cutmix(images, labels, generator, config.cutmix_beta, config.cutmix_prob)
     kept = torch.ones((), device=images.device)
