@@ -106,7 +106,7 @@ def test_the_demo_says_first_what_it_does_how_long_and_where_it_writes(monkeypat
     assert announced.startswith("digits demo (no --prior/--ve given)")
     assert f"cached in {work}" in announced and os.path.join(str(out), "distilled") in announced
     assert os.path.join(str(out), "results.json") in announced and "2-core CPU" in announced
-    assert "7-8 minutes" in announced  # the defaults' measured time
+    assert f"{digits.FIRST_RUN_MINUTES} minutes" in announced  # the defaults' measured time
     assert f"results written to {os.path.join(str(out), 'results.json')}" in capsys.readouterr().out
     # Without --out the outputs go to the work dir; --quiet says nothing.
     assert distill_cli.run(_parse(["--fast", "--work-dir", str(work), "--quiet"])) == 0

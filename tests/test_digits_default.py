@@ -30,16 +30,22 @@ def test_no_models_runs_the_whole_pipeline_then_reuses_its_cache(tmp_path, capsy
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     assert lines[0].startswith("digits (10 classes, 16x16")
-    rows = {line.split("  ")[0]: line for line in lines[3:6]}
-    assert set(rows) == {"random real subset", "DDPM, unguided (scale 0)"} | {r for r in rows if r.startswith("IGDS")}
-    for line in lines[3:6]:
-        assert line.count("\u00b1") == 2  # IPC 1 and IPC 10 columns
+    rows = {line.split("  ")[0]: line for line in lines[3:7]}
+    titles = {"random real subset", "DDPM, unguided (scale 0)"}
+    assert set(rows) == titles | {r for r in rows if r.startswith("IGDS (")} | {r for r in rows if r.startswith("IGDS + S\u00b3")}
+    assert len(rows) == 4
+    for title, line in rows.items():
+        if title.startswith("IGDS + S\u00b3"):  # --fast: S³ at IPC 1 only (G x IPC candidates cost G x the sampling)
+            assert line.count("\u00b1") == 1 and line.rstrip().endswith("-")
+        else:
+            assert line.count("\u00b1") == 2  # IPC 1 and IPC 10 columns
     assert sorted(os.listdir(work)) == ["prior.safetensors", "ve.safetensors", "ve_train.json"]
     assert (out / "results.txt").read_text().splitlines() == lines[:-1]  # the table, without "results written"
     with open(out / "results.json") as handle:
         results = json.load(handle)
-    for method in ("random", "ddpm", "igds"):
-        for ipc in ("1", "10"):
+    for method, ipcs in (("random", ("1", "10")), ("ddpm", ("1", "10")), ("igds", ("1", "10")), ("igds_s3", ("1",))):
+        assert sorted(results["accuracies"][method]) == sorted(ipcs)
+        for ipc in ipcs:
             accuracies = results["accuracies"][method][ipc]
             assert len(accuracies) == 3 and all(0.0 <= a <= 100.0 for a in accuracies)
     assert results["prior"]["cached"] is False and results["ve"]["cached"] is False
@@ -50,6 +56,16 @@ def test_no_models_runs_the_whole_pipeline_then_reuses_its_cache(tmp_path, capsy
         manifest = json.load(handle)
     assert manifest["settings"]["seed"] == 2 and manifest["settings"]["scale"] == results["settings"]["scale"]
     assert os.path.isfile(folder / "preview.png")
+    # The S³ set: IPC images per class picked from G x IPC candidates kept beside it, not inside.
+    selected = out / "distilled" / "igds_s3_ipc1_seed0"
+    assert sorted(n for n in os.listdir(selected) if not n.startswith(".")) == CLASS_NAMES + ["manifest.json",
+                                                                                            "preview.png"]
+    assert sorted(os.listdir(f"{selected}.s3-candidates/3")) == [f"{i:05d}.png" for i in range(5)]
+    with open(selected / "manifest.json") as handle:
+        selection = json.load(handle)["selection"]
+    assert selection["groups"] == 5 and selection["real"]["kind"] == "in-memory"
+    assert sorted(selection["chosen"]) == CLASS_NAMES and all(0 <= g < 5 for g in selection["chosen"].values())
+    assert results["generation"]["igds_s3_ipc1_seed0"]["selection"]["passes"] >= 1
     prior_state = os.stat(work / "prior.safetensors")
     ve_state = os.stat(work / "ve.safetensors")
 
@@ -62,7 +78,7 @@ def test_no_models_runs_the_whole_pipeline_then_reuses_its_cache(tmp_path, capsy
     assert os.stat(work / "ve.safetensors").st_mtime_ns == ve_state.st_mtime_ns
     # Same pieces, same seeds, same sets: the same numbers.
     assert cached["accuracies"] == results["accuracies"]
-    assert again.splitlines()[3:6] == lines[3:6]
+    assert again.splitlines()[3:7] == lines[3:7]
 
 
 def test_random_subsets_are_stratified_and_seeded():

@@ -9,7 +9,8 @@ import sys
 
 from igds_fast.calibrate import read_beta_table
 from igds_fast.distill import (DEFAULT_BATCH_SIZE, DEFAULT_CFG_CHANNELS, DEFAULT_CFG_SCALE, DEFAULT_DIT_STEPS,
-                               DEFAULT_SCALE, DEFAULT_STEPS, DistillConfig, distill)
+                               DEFAULT_SCALE, DEFAULT_STEPS, DistillConfig, distill, distill_with_selection)
+from igds_fast.distill.config import SELECT_METHODS
 from igds_fast.distributed import QuietRankError, launched_by_torchrun
 from igds_fast.errors import IGDSDiskFullError, IGDSInputError
 from igds_fast.jobs import COMPOSITE_SIZES
@@ -119,6 +120,27 @@ def add_parser(subparsers) -> None:
                                 "B excluded; default: $IGDS_PROFILE_STEPS; a no-op without CUDA)")
     run_group.add_argument("--trace", action="store_true",
                            help="also write OUT/trace.json and OUT/trace.png: the guidance terms of every step per class")
+    select = parser.add_argument_group("subgroup selection (S³: sample G x IPC per class, keep the best IPC)")
+    select.add_argument("--select", choices=SELECT_METHODS, default=None,
+                        help="s3: sample --groups subgroups of IPC images per class and keep one per class, "
+                             "close to the class's real centroid and far from the other classes (needs --real)")
+    select.add_argument("--groups", type=int, default=None, metavar="G", help="candidate subgroups per class (default: 5)")
+    select.add_argument("--select-alpha", type=float, default=None, help="weight of the closeness-to-real term (default: 0.4)")
+    select.add_argument("--select-beta", type=float, default=None,
+                        help="weight of the between-class separation term (default: 0.9)")
+    select.add_argument("--select-eps", type=float, default=None, help="added to every distance inside the logs (default: 0)")
+    select.add_argument("--select-max-passes", type=int, default=None,
+                        help="most coordinate-ascent passes (default: 5; 0 = the closest-to-real start)")
+    select.add_argument("--select-encoder", metavar="CKPT", default=None,
+                        help="torchvision-layout ResNet-18/50 checkpoint for the features (224 px, ImageNet "
+                             "normalisation; default: the VE's own encoder)")
+    select.add_argument("--real", metavar="DIR", default=None,
+                        help="ImageFolder of real training images (class folders named as the classes)")
+    select.add_argument("--real-per-class", type=int, default=None, metavar="N",
+                        help="real images per class for the real centroid, drawn with a fixed seed (default: 200)")
+    select.add_argument("--candidates", metavar="DIR", default=None,
+                        help="folder of the G x IPC candidates and the selection's files (default: OUT.s3-candidates "
+                             "beside OUT; never inside OUT)")
     demo = parser.add_argument_group("digits demo (--preset digits or no models)")
     demo.add_argument("--work-dir", default=None,
                       help="cache of the demo's trained prior and VE, and its outputs without --out "
@@ -253,9 +275,13 @@ def _run_distill(args: argparse.Namespace) -> int:
         prior_kind=args.prior_kind, vae=args.vae, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
         guide_from_step=_or(args.guide_from_step, 0), guide_until_step=args.guide_until_step,
         profile_steps=args.profile_steps,
+        select=args.select, groups=args.groups, select_alpha=args.select_alpha, select_beta=args.select_beta,
+        select_eps=args.select_eps, select_max_passes=args.select_max_passes, select_encoder=args.select_encoder,
+        real=args.real, real_per_class=args.real_per_class, candidates=args.candidates,
     )
     with torch_threads(threads):
-        manifest = distill(config)
+        # --select s3: the candidates through distill(), then the selection stages (distill/select_stage.py).
+        manifest = distill_with_selection(config) if config.select else distill(config)
     if "images" not in manifest:
         return 0  # a non-zero torchrun rank: rank 0 merges the manifest and reports the run
     run = manifest["run"]

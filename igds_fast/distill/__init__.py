@@ -6,13 +6,15 @@
     OUT/.igds_config.json          the settings that determine the pixels, written first
 
 config.py (DistillConfig, defaults), plan.py (checks and the job list, before any model loads),
-folder.py (settings file, resume, preview), run.py (the batches, the sampler, torchrun), manifest.py.
+folder.py (settings file, resume, preview), run.py (the batches, the sampler, torchrun), manifest.py,
+select_stage.py (`--select s3`: G x IPC candidates through run.py, then S³ subgroup selection).
 """
 from .config import (DEFAULT_BATCH_SIZE, DEFAULT_BETA_TABLE, DEFAULT_CFG_CHANNELS, DEFAULT_CFG_SCALE, DEFAULT_DIT_STEPS,
                      DEFAULT_SCALE, DEFAULT_STEPS, DistillConfig)
 from .folder import BATCH_NAME, CONFIG_NAME, MANIFEST_NAME, PREVIEW_NAME
 from .plan import Plan, plan_distill
 from .run import distill
+from .select_stage import distill_with_selection
 
 __all__ = [
     "BATCH_NAME",
@@ -29,5 +31,6 @@ __all__ = [
     "PREVIEW_NAME",
     "Plan",
     "distill",
+    "distill_with_selection",
     "plan_distill",
 ]

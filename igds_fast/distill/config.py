@@ -16,6 +16,7 @@ DEFAULT_DIT_STEPS = 50  # DiT's and MinimaxDiffusion's sample.py: create_diffusi
 DEFAULT_CFG_SCALE = 4.0  # DiT's sample.py --cfg-scale and MinimaxDiffusion's sampling scale
 DEFAULT_CFG_CHANNELS = 3  # DiT's forward_with_cfg guides the first three latent channels
 DEFAULT_BATCH_SIZE = 32
+SELECT_METHODS = ("s3",)  # --select: S³ subgroup selection (igds_fast.select, distill/select_stage.py)
 CONFIG_FORMAT = "igds_distill_config"
 MANIFEST_FORMAT = "igds_distill_manifest"
 FORMAT_VERSION = 1
@@ -53,6 +54,15 @@ class DistillConfig:
     captures) around sampling-loop steps A .. B-1 of the first batch (0 = the first step from noise,
     B excluded; profiling/window.py); None = $IGDS_PROFILE_STEPS if set. No effect on the pixels; a
     no-op without CUDA.
+    select: "s3" = sample `groups` x IPC candidates per class and keep the best subgroup of IPC per
+    class (S³; run by `distill_with_selection`, not `distill`); None = plain sampling, and then every
+    option below must stay None. groups / select_alpha / select_beta / select_eps /
+    select_max_passes / real_per_class: `igds_fast.select.S3Config` fields (None = its defaults).
+    select_encoder: a torchvision-layout ResNet-18/50 checkpoint whose features the selection
+    compares (224 px, ImageNet normalisation); None = the VE's own encoder and preprocessing.
+    real: ImageFolder of real training images (class folders named by the class keys) for the real
+    centroids. candidates: folder of the G x IPC candidates and the stage files (None =
+    OUT + ".s3-candidates", beside OUT, never inside it).
     """
 
     ve: str
@@ -90,7 +100,23 @@ class DistillConfig:
     guide_from_step: int = 0
     guide_until_step: int | None = None
     profile_steps: str | None = None
+    select: str | None = None
+    groups: int | None = None
+    select_alpha: float | None = None
+    select_beta: float | None = None
+    select_eps: float | None = None
+    select_max_passes: int | None = None
+    select_encoder: str | None = None
+    real: str | None = None
+    real_per_class: int | None = None
+    candidates: str | None = None
+
+    # The selection options, with the flag that sets each (for the refusals in plan.py).
+    SELECTION_FLAGS = (("groups", "--groups"), ("select_alpha", "--select-alpha"), ("select_beta", "--select-beta"),
+                       ("select_eps", "--select-eps"), ("select_max_passes", "--select-max-passes"),
+                       ("select_encoder", "--select-encoder"), ("real", "--real"),
+                       ("real_per_class", "--real-per-class"), ("candidates", "--candidates"))
 
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_BETA_TABLE", "DEFAULT_CFG_CHANNELS", "DEFAULT_CFG_SCALE",
-           "DEFAULT_DIT_STEPS", "DEFAULT_SCALE", "DEFAULT_STEPS", "DistillConfig"]
+           "DEFAULT_DIT_STEPS", "DEFAULT_SCALE", "DEFAULT_STEPS", "DistillConfig", "SELECT_METHODS"]

@@ -75,6 +75,19 @@ def applicable_settings(plan: Plan) -> dict:
         dropped.update(_COMPILED_ONLY)
     if config.beta is not None or config.beta_table is None:
         dropped.add("beta_table")
+    selection_fields = ["select"] + [name for name, _ in type(config).SELECTION_FLAGS]
+    if config.select is None:
+        dropped.update(selection_fields)
+    else:  # the values the run used (S3Config's defaults filled in), paths absolute
+        chosen = plan.pixel_settings["select"]
+        settings.update(groups=chosen["groups"], select_alpha=chosen["alpha"], select_beta=chosen["beta"],
+                        select_eps=chosen["eps"], select_max_passes=chosen["max_passes"],
+                        real_per_class=chosen["real_per_class"])
+        for key in ("select_encoder", "real", "candidates"):
+            if settings.get(key) is None:
+                dropped.add(key)
+            else:
+                settings[key] = os.path.abspath(settings[key])
     for key in dropped:
         settings.pop(key, None)
     settings.update(steps=plan.steps, noise=plan.pixel_settings["noise"], composite=plan.composite,

@@ -35,7 +35,7 @@ from ..sampling.backends import check_triton_runs_on
 from ..sampling.compiled.config import CompileConfig
 from ..ve import VariationalEstimator
 from .config import (CONFIG_FORMAT, DEFAULT_BETA_TABLE, DEFAULT_CFG_CHANNELS, DEFAULT_CFG_SCALE, DEFAULT_DIT_STEPS,
-                     DEFAULT_STEPS, FORMAT_VERSION, DistillConfig)
+                     DEFAULT_STEPS, FORMAT_VERSION, SELECT_METHODS, DistillConfig)
 
 
 @dataclass
@@ -58,7 +58,8 @@ class Plan:
     device: torch.device
 
 
-def _resolve_beta(config: DistillConfig) -> tuple[float, str]:
+def resolve_beta(config: DistillConfig) -> tuple[float, str]:
+    """(beta, where it came from): --beta, else --beta-table at config.ipc, else DEFAULT_BETA_TABLE."""
     if config.beta is not None:
         if config.beta_table is not None:
             raise IGDSInputError("give --beta or --beta-table, not both")
@@ -90,6 +91,53 @@ def _check_scalars(config: DistillConfig) -> None:
         raise IGDSInputError(f"output path {config.out!r} exists and is not a folder")
 
 
+def check_selection_options(config: DistillConfig):
+    """The validated `S3Config` of a `--select s3` run, or None for plain sampling (cheap, no file read).
+
+    Refused in one line: a selection option without --select s3 (naming it), an unknown --select,
+    an S3 value out of range, a missing --real / --select-encoder path, and a candidates folder that is OUT or lies inside it (an
+    ImageFolder reader of OUT would take it for a class) or holds OUT.
+    """
+    from ..select import S3Config  # the selection library (no model code)
+
+    given = [flag for name, flag in DistillConfig.SELECTION_FLAGS if getattr(config, name) is not None]
+    if config.select is None:
+        if given:
+            raise IGDSInputError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --select s3 only")
+        return None
+    if config.select not in SELECT_METHODS:
+        raise IGDSInputError(f"--select must be one of {', '.join(SELECT_METHODS)}, got {config.select!r}")
+    defaults = S3Config()
+    s3 = S3Config(
+        groups=defaults.groups if config.groups is None else config.groups,
+        alpha=defaults.alpha if config.select_alpha is None else config.select_alpha,
+        beta=defaults.beta if config.select_beta is None else config.select_beta,
+        eps=defaults.eps if config.select_eps is None else config.select_eps,
+        max_passes=defaults.max_passes if config.select_max_passes is None else config.select_max_passes,
+        real_per_class=defaults.real_per_class if config.real_per_class is None else config.real_per_class,
+    )
+    if config.select_encoder is not None and not os.path.isfile(config.select_encoder):
+        raise IGDSInputError(f"--select-encoder checkpoint not found: {config.select_encoder}")
+    if config.real is not None and not os.path.isdir(config.real):
+        raise IGDSInputError(f"--real {config.real} is not a folder (an ImageFolder of real training images)")
+    if config.out:
+        out = os.path.realpath(config.out)
+        candidates = os.path.realpath(candidates_folder(config))
+        if candidates == out or candidates.startswith(out + os.sep):
+            raise IGDSInputError(f"the candidates folder {candidates} must not be inside the output folder {out} "
+                                 "(an image-folder reader would take it for a class)")
+        if out.startswith(candidates + os.sep):
+            raise IGDSInputError(f"the output folder {out} must not be inside the candidates folder {candidates}")
+    return s3
+
+
+def candidates_folder(config: DistillConfig) -> str:
+    """Where a --select run keeps its candidates: --candidates, else OUT.s3-candidates beside OUT."""
+    if config.candidates is not None:
+        return config.candidates
+    return os.path.abspath(config.out).rstrip(os.sep) + ".s3-candidates"
+
+
 def compile_config(config: DistillConfig):
     """The validated CompileConfig of a compiled run (one-line IGDSInputError on a bad option)."""
     options = config.compile_options
@@ -105,11 +153,15 @@ def plan_distill(config: DistillConfig) -> Plan:
     IGDSInputError raised before any model is built or sampled.
     """
     _check_scalars(config)
+    if config.select is not None:
+        # distill() samples only; the selection stages around it live in distill_with_selection.
+        raise IGDSInputError("--select runs through igds_fast.distill.distill_with_selection, not distill()")
+    check_selection_options(config)  # selection options without --select are refused
     if not config.ve:
         raise IGDSInputError("give a variational estimator (--ve PATH)")
     if not os.path.isfile(config.ve):
         raise IGDSInputError(f"VE bundle not found: {config.ve}")
-    beta, beta_source = _resolve_beta(config)
+    beta, beta_source = resolve_beta(config)
     device = torch.device(config.device) if config.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     noise = config.noise or ("philox" if config.backend == "compiled" else "torch")
     if config.backend == "compiled" or noise == "philox" or config.head == "triton":
@@ -249,4 +301,5 @@ def torch_noise_source(device: torch.device) -> str:
     return device.type
 
 
-__all__ = ["Plan", "compile_config", "plan_distill", "torch_noise_source"]
+__all__ = ["Plan", "candidates_folder", "check_selection_options", "compile_config", "plan_distill",
+           "resolve_beta", "torch_noise_source"]

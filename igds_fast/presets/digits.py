@@ -13,8 +13,14 @@
    WORK; resumable: a rerun with the same settings finds the images done);
 5. evaluate: `igds_fast.evaluate.evaluate_distilled` trains ConvNet-3 on each distilled set (and on
    random real subsets of the train split) and tests on the 539 test images;
-6. print one table: random real subset / unguided DDPM (scale 0) / IGDS, mean +- std over seeds
-   (also written to OUT/results.txt, every number to OUT/results.json).
+6. print one table: random real subset / unguided DDPM (scale 0) / IGDS / IGDS + S³, mean +- std
+   over seeds (also written to OUT/results.txt, every number to OUT/results.json).
+
+IGDS + S³: IGDS's sampling (same scale and beta) of S3_GROUPS = 5 x IPC candidates per class, one
+subgroup of IPC kept per class by `distill_with_selection` (igds_fast/distill/select_stage.py) with
+the VE's features and the real centroids of the train split (all of it: ~126 images per class, under
+the N = 200 cap); its candidates go to OUT/distilled/igds_s3_ipc<k>_seed<s>.s3-candidates/. It costs
+5x the IGDS row's sampling; `--fast` runs it at the smallest IPC only.
 
 The command prints what it will do, how long it took here and where it writes before it starts
 (`describe_run`); it takes no flag that does not apply to it (igds_fast.cli.distill refuses those)
@@ -65,6 +71,21 @@ deterministic on one machine):
 IGDS is above unguided sampling by 1.4 points at both IPCs -- within one std at IPC 1, about one
 std at IPC 10 -- and below a random real subset at both: on digits the real images are themselves
 near-prototypical, and a 4-minute CPU prior does not match them.
+
+With the IGDS + S³ row (AMD EPYC 2-core machine, MKL's reproducible mode; a fresh work dir, load
+0.2-2.7): first run 670 s (prior 302 s, VE 60 s, distill 186 s, evaluate 121 s), cached run 127 s
+(evaluation only), --fast 32 s; the other three rows are that machine's (README), and two runs
+printed the same table:
+
+  method                                               IPC 1        IPC 10
+  random real subset                            64.01 +- 4.07  93.44 +- 1.76
+  DDPM, unguided (scale 0)                      62.09 +- 4.64  92.15 +- 0.68
+  IGDS (scale 1; beta 0.0@1, beta 0.2@10)       63.27 +- 5.48  92.52 +- 1.53
+  IGDS + S³ (G 5, real centroids: train split)  72.17 +- 2.88  91.90 +- 0.09
+
+S³ helps at IPC 1 (+8.9 points over IGDS, better on each seed) and not at IPC 10 (-0.6, within the
+std). Its sampling is 5x IGDS's: 0.53 instead of 0.09 s per distilled image at IPC 10 (0.44 vs 0.14 s
+at IPC 1); features, real centroids, selection and copy take about 1 s per set.
 """
 from __future__ import annotations
 
@@ -81,8 +102,8 @@ import numpy as np
 import torch
 
 from ..calibrate import beta_for_ipc
-from ..data import load_digits_split, load_image_folder
-from ..distill import DistillConfig, distill
+from ..data import TensorImages, load_digits_split, load_image_folder
+from ..distill import DistillConfig, distill_with_selection
 from ..errors import IGDSInputError
 from ..evaluate import AugmentConfig, evaluate_distilled
 from ..imageio import write_bytes_atomic, write_json_atomic
@@ -97,8 +118,11 @@ SPLIT = {"image_size": IMAGE_SIZE, "test_fraction": 0.3, "seed": 0}
 DEFAULT_WORK_DIR = os.path.join("igds_work", "digits")
 RESULTS_NAME = "results.json"
 TABLE_NAME = "results.txt"
-METHODS = ("random", "ddpm", "igds")
-METHOD_TITLES = {"random": "random real subset", "ddpm": "DDPM, unguided (scale 0)", "igds": "IGDS"}
+METHODS = ("random", "ddpm", "igds", "igds_s3")
+METHOD_TITLES = {"random": "random real subset", "ddpm": "DDPM, unguided (scale 0)", "igds": "IGDS",
+                 "igds_s3": "IGDS + S\u00b3"}
+GENERATED_METHODS = ("ddpm", "igds", "igds_s3")
+S3_GROUPS = 5  # IMS3's default G: the IGDS + S³ row samples 5 x IPC candidates per class
 
 # Chosen by the measurements and the sweep in the module docstring.
 SAMPLING_STEPS = 25
@@ -127,13 +151,20 @@ class DigitsSettings:
     eval_epochs: int = EVAL_EPOCHS
     threads: int | None = 1  # torch intra-op threads for the whole run (None = leave as is)
     device: str = "cpu"
+    s3_groups: int = S3_GROUPS  # G of the IGDS + S³ row (real centroids: the train split)
+    s3_ipcs: tuple[int, ...] | None = None  # the IPCs of the IGDS + S³ row, among `ipcs` (None = every IPC)
+
+    @property
+    def selection_ipcs(self) -> tuple[int, ...]:
+        """The IPCs the IGDS + S³ row runs at."""
+        return tuple(ipc for ipc in self.ipcs if self.s3_ipcs is None or ipc in self.s3_ipcs)
 
     def __post_init__(self):
         if not self.ipcs or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ipcs):
             raise IGDSInputError(f"IPCs must be positive integers, got {self.ipcs!r}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise IGDSInputError(f"seeds must be a positive integer, got {self.seeds!r}")
-        for name in ("sampling_steps", "batch_size", "eval_epochs"):
+        for name in ("sampling_steps", "batch_size", "eval_epochs", "s3_groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise IGDSInputError(f"{name} must be a positive integer, got {value!r}")
@@ -152,6 +183,10 @@ class DigitsSettings:
             eval_width=32,
         )
         settings.update(overrides)
+        if "s3_ipcs" not in overrides:
+            # G x IPC candidates: at IPC 10 the S³ row would sample 500 images per seed, 5x the IGDS
+            # row's time, which a smoke test does not need; the smallest IPC runs every stage.
+            settings["s3_ipcs"] = (min(settings.get("ipcs", cls.ipcs)),)
         return cls(**settings)
 
     def beta_for(self, ipc: int) -> float:
@@ -227,20 +262,29 @@ def ensure_ve(work_dir: str, settings: DigitsSettings, train_x, train_y, test_x,
 # ---- distilled sets and evaluation ---------------------------------------------------------------
 
 
-def distill_set(out_dir, prior_path, ve_path, method, ipc, seed, settings: DigitsSettings, log) -> tuple[str, dict]:
-    """One generated set through `distill()` (ddpm: scale 0; igds: the settings' scale and beta),
-    into OUT/distilled/<method>_ipc<k>_seed<s>."""
+def distill_set(out_dir, prior_path, ve_path, method, ipc, seed, settings: DigitsSettings, log,
+                real=None) -> tuple[str, dict]:
+    """One generated set (ddpm: scale 0; igds: the settings' scale and beta; igds_s3: igds's sampling
+    of s3_groups x IPC candidates, S³-selected against the real centroids of `real`, a
+    data.TensorImages of the train split), into OUT/distilled/<method>_ipc<k>_seed<s> (igds_s3's
+    candidates beside it, in <that>.s3-candidates)."""
     out = os.path.join(out_dir, "distilled", f"{method}_ipc{ipc}_seed{seed}")
-    guided = method == "igds"
+    guided = method in ("igds", "igds_s3")
+    selected = method == "igds_s3"
     config = DistillConfig(
         ve=ve_path, out=out, ipc=ipc, prior=prior_path, scale=settings.scale if guided else 0.0,
         beta=settings.beta_for(ipc) if guided else 0.0, steps=settings.sampling_steps, composite=1,
         batch_size=settings.batch_size, seed=seed, device=settings.device,
         # The work dir belongs to the pipeline: a changed setting replaces the stale set.
         force=True, progress=False,
+        select="s3" if selected else None, groups=settings.s3_groups if selected else None,
     )
-    manifest = distill(config, log=log)
-    return out, manifest["run"]
+    manifest = distill_with_selection(config, log=log, real_images=real if selected else None)
+    run = dict(manifest["run"])
+    if selected:
+        run["selection"] = {key: manifest["selection"][key]
+                            for key in ("chosen", "start", "objective", "start_objective", "passes")}
+    return out, run
 
 
 def load_distilled(folder: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,6 +329,7 @@ def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: 
     os.makedirs(out_dir, exist_ok=True)
     timings: dict[str, float] = {}
     accuracies = {method: {ipc: [] for ipc in settings.ipcs} for method in METHODS}
+    accuracies["igds_s3"] = {ipc: [] for ipc in settings.selection_ipcs}
     generation: dict[str, dict] = {}
     with torch_threads(settings.threads):
         train_x, train_y, test_x, test_y = load_digits_split(**SPLIT)
@@ -295,15 +340,18 @@ def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: 
         ve_path, ve_info = ensure_ve(work_dir, settings, train_x, train_y, test_x, test_y, log)
         timings["ve"] = time.perf_counter() - stage
         timings["distill"] = timings["evaluate"] = 0.0
+        real = TensorImages(train_x, train_y)  # S³'s real centroids: labels are the digits = class positions
         for ipc in settings.ipcs:
             for seed in range(settings.seeds):
                 stage = time.perf_counter()
                 images, labels = random_subset(train_x, train_y, ipc, seed)
                 accuracies["random"][ipc].append(evaluate_set(images, labels, test_x, test_y, seed, settings))
                 timings["evaluate"] += time.perf_counter() - stage
-                for method in ("ddpm", "igds"):
+                for method in GENERATED_METHODS:
+                    if ipc not in accuracies[method]:
+                        continue  # an IPC without the S³ row (settings.s3_ipcs)
                     stage = time.perf_counter()
-                    folder, run = distill_set(out_dir, prior_path, ve_path, method, ipc, seed, settings, log)
+                    folder, run = distill_set(out_dir, prior_path, ve_path, method, ipc, seed, settings, log, real)
                     generation[f"{method}_ipc{ipc}_seed{seed}"] = run
                     timings["distill"] += time.perf_counter() - stage
                     stage = time.perf_counter()
@@ -312,7 +360,7 @@ def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: 
                     accuracies[method][ipc].append(accuracy)
                     timings["evaluate"] += time.perf_counter() - stage
                 log(f"digits: IPC {ipc} seed {seed}: " + ", ".join(
-                    f"{method} {accuracies[method][ipc][-1]:.1f}%" for method in METHODS))
+                    f"{method} {accuracies[method][ipc][-1]:.1f}%" for method in METHODS if ipc in accuracies[method]))
     timings["total"] = time.perf_counter() - started
     results = {
         "settings": {
@@ -321,6 +369,8 @@ def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: 
             "scale": settings.scale, "beta_by_ipc": {str(k): v for k, v in settings.beta_by_ipc.items()},
             "eval_network": settings.eval_network, "eval_width": settings.eval_width,
             "eval_epochs": settings.eval_epochs, "threads": settings.threads, "device": settings.device,
+            "s3_groups": settings.s3_groups,
+            "s3_ipcs": list(settings.selection_ipcs),
         },
         "split": {**SPLIT, "train_images": int(train_x.shape[0]), "test_images": int(test_x.shape[0])},
         "prior": prior_info,
@@ -343,14 +393,18 @@ def format_table(results: dict) -> str:
     header = ["method"] + [f"IPC {ipc}" for ipc in ipcs]
     rows = []
     for method in METHODS:
+        if method not in results["accuracies"]:
+            continue  # results of a version without this row
         title = METHOD_TITLES[method]
         if method == "igds":
             betas = ", ".join(f"beta {settings['beta_by_ipc'].get(ipc, '-')}@{ipc}" for ipc in ipcs)
             title = f"IGDS (scale {settings['scale']:g}; {betas})"
+        elif method == "igds_s3":
+            title = f"IGDS + S\u00b3 (G {settings.get('s3_groups', S3_GROUPS)}, real centroids: train split)"
         cells = []
         for ipc in ipcs:
-            values = results["accuracies"][method][ipc]
-            cells.append(f"{np.mean(values):.2f} \u00b1 {np.std(values):.2f}")
+            values = results["accuracies"][method].get(ipc)
+            cells.append(f"{np.mean(values):.2f} \u00b1 {np.std(values):.2f}" if values else "-")
         rows.append([title] + cells)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
@@ -378,8 +432,8 @@ CACHED_FILES = ("prior.safetensors", "ve.safetensors", "ve_train.json", RESULTS_
 OUTPUT_FILES = (RESULTS_NAME, TABLE_NAME)
 
 # Measured wall times of the default settings (module docstring, README): 2-core CPUs, fresh and cached.
-FIRST_RUN_MINUTES = "7-8"
-CACHED_RUN_MINUTES = "1.5"
+FIRST_RUN_MINUTES = "11"
+CACHED_RUN_MINUTES = "2"
 FAST_RUN_MINUTES = "1"
 
 
@@ -399,7 +453,7 @@ def clear_work_dir(work_dir: str, out_dir: str | None = None) -> None:
 def describe_run(settings: DigitsSettings, work_dir: str, out_dir: str | None = None, fast: bool = False) -> str:
     """What the demo is about to do, how long it took on a 2-core CPU, and where it writes (printed first)."""
     out_dir = out_dir or work_dir
-    sets = len(settings.ipcs) * settings.seeds * 2
+    sets = (len(settings.ipcs) * 2 + len(settings.selection_ipcs)) * settings.seeds
     ipcs = ", ".join(str(ipc) for ipc in settings.ipcs)
     if fast:
         duration = f"--fast: tiny settings, about {FAST_RUN_MINUTES} minute on a 2-core CPU; its numbers mean nothing"
@@ -413,7 +467,9 @@ def describe_run(settings: DigitsSettings, work_dir: str, out_dir: str | None = 
     lines = [
         "digits demo (no --prior/--ve given): the whole IGDS pipeline on scikit-learn's digits, on the CPU:",
         f"  train a small diffusion prior ({settings.prior.steps} steps) and a VE, cached in {os.path.abspath(work_dir)};",
-        f"  distil IPC {ipcs} unguided (DDPM) and with IGDS for {settings.seeds} seed(s): {sets} sets, "
+        f"  distil IPC {ipcs} unguided (DDPM) and with IGDS, and IPC "
+        + f"{', '.join(str(ipc) for ipc in settings.selection_ipcs) or '-'} with IGDS + S\u00b3 (G {settings.s3_groups}, "
+        + f"{settings.s3_groups} x IPC candidates per class) for {settings.seeds} seed(s): {sets} sets, "
         + f"{settings.sampling_steps} sampling steps;",
         "  train ConvNet-3 on each set and on random real subsets, then print a test-accuracy table;",
         f"  {duration};",

@@ -1,0 +1,621 @@
+"""`distill --select s3`: sample G x IPC candidates per class, keep the best subgroup of IPC per class (S³).
+
+    CAND/<class>/<k:05d>.png                  G x IPC candidates per class: an ordinary distill folder
+    CAND/.s3/state.json                       what the stage files below were computed from
+    CAND/.s3/features/<b:06d>.safetensors     L2-normalised features of candidate batch b
+    CAND/.s3/real_centroids.safetensors       r_i [C, d] (real_partial.safetensors while streaming)
+    CAND/.s3/selection.json                   the chosen subgroup per class, both objective terms
+    OUT/<class>/<j:05d>.png                   the chosen subgroup's IPC images (copied bytes)
+    OUT/manifest.json, OUT/preview.png, OUT/.igds_config.json   as for a plain run
+
+CAND is --candidates, else OUT + ".s3-candidates" beside OUT (never inside it: an ImageFolder
+reader of OUT would take it for a class).
+
+Candidates: `distill()` itself, with IPC' = G x IPC and the beta of the *target* IPC (a beta table is
+read at IPC, not at G x IPC), so sampling, composites, resume and torchrun sharding are the plain
+run's. Candidate k of class c has the seeds of output image k of a plain run with the same global
+seed (`jobs.build_jobs`: image_seed(seed, class, k * composite + slot)); subgroup g of class c is
+candidates [g * IPC, (g + 1) * IPC), so subgroup 0 holds the seeds of the plain run's images.
+
+Then, on rank 0 only (the other ranks return after their share of the candidates; distill() has
+already closed the process group, so no collective is left to hang):
+
+1. features: the candidate PNGs (what the output will hold, not the float samples) decoded in fixed
+   batches of FEATURE_BATCH images of the class-major list, phi(x) = normalize(encoder(x)); each batch
+   saved as one safetensors file, atomically: a rerun skips the batches already saved, and the fixed
+   batches make a resumed run's features the uninterrupted run's bit for bit.
+   Encoder: the VE's own (its preprocessing: `VariationalEstimator.features`, as the guidance
+   applies it), or a torchvision-layout ResNet-18/50 checkpoint (`--select-encoder`; ReLU, 224 px
+   bilinear resize, ImageNet mean / std; grayscale images repeated to 3 channels).
+2. real centroids: up to N real images per class (`select_real_indices`, seed REAL_SEED), from
+   `--real DIR` (listed without decoding, the chosen files decoded in DataLoader workers, resized and
+   centre-cropped to the candidates' side, uint8 until the device) or an in-memory set (the digits
+   demo's training split); streamed through `ClassCentroidAccumulator` ([C, d] sums only), with a
+   checkpoint every REAL_CHECKPOINT_BATCHES batches.
+3. selection: `subgroup_centroids` per class from the saved features ([C, G, d] in memory, never all
+   features), then `s3_search_centroids`; saved as JSON, atomically.
+4. output: the chosen subgroup's PNGs copied into OUT/<class>/<j>.png (atomic; a rerun skips files
+   already holding the right bytes), the preview, then the manifest (G, alpha, beta, eps,
+   max_passes, encoder, real images, chosen subgroup per class, own and pair terms, objective,
+   start, passes).
+
+Every stage file carries the key of what it was computed from (the candidates' pixel settings, the
+encoder, the real images, the S3 settings); a stage whose key differs is recomputed. Because OUT's
+settings file includes all of them, OUT is refused (or, with --force, cleared) when any differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..artifacts import file_fingerprint, read_safetensors
+from ..data import default_num_workers, load_image, scan_image_folder, uint8_to_unit_range
+from ..distributed import QuietRankError, launched_by_torchrun
+from ..errors import IGDSInputError
+from ..imageio import write_bytes_atomic, write_json_atomic
+from ..jobs import ImageJob, image_file_name
+from ..models.resnet import load_moco_encoder
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
+from ..select import ClassCentroidAccumulator, S3Config, s3_search_centroids, select_real_indices, subgroup_centroids
+from .config import DistillConfig
+from .folder import CONFIG_NAME, MANIFEST_NAME, _differing_setting, prepare_output, write_preview
+from .manifest import build_manifest
+from .plan import Plan, candidates_folder, check_selection_options, plan_distill, resolve_beta
+from .run import distill
+
+STAGE_DIR = ".s3"
+STATE_NAME = "state.json"
+FEATURES_DIR = "features"
+REAL_NAME = "real_centroids.safetensors"
+REAL_PARTIAL_NAME = "real_partial.safetensors"
+SELECTION_NAME = "selection.json"
+FEATURE_BATCH = 128  # candidate images per feature batch (fixed: the batches are the resume unit)
+REAL_BATCH = 128
+REAL_CHECKPOINT_BATCHES = 20
+REAL_SEED = 0  # select_real_indices' seed: which real images make the centroids
+CHECKPOINT_ENCODER_RESOLUTION = 224
+STAGE_FORMAT = "igds_s3_stage"
+STAGE_METADATA_KEY = "igds_s3_stage"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _key_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+# ---- the encoder ----------------------------------------------------------------------------------
+
+
+class FeatureEncoder:
+    """phi: images [B, c, H, W] in [-1, 1] -> L2-normalised float32 features [B, d] (no gradients)."""
+
+    def __init__(self, description: dict, encoder, preprocess, in_channels: int):
+        self.description = description
+        self.encoder = encoder
+        self.preprocess = preprocess
+        self.in_channels = in_channels
+        self.device = torch.device("cpu")
+
+    def to(self, device) -> "FeatureEncoder":
+        self.device = torch.device(device)
+        self.encoder = self.encoder.to(self.device)
+        if self.preprocess is not None:
+            self.preprocess = self.preprocess.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, torch.float32)
+        if images.shape[1] != self.in_channels:
+            if images.shape[1] == 1:  # a grayscale prior read by an RGB encoder
+                images = images.expand(-1, self.in_channels, -1, -1)
+            else:
+                raise IGDSInputError(f"the selection encoder reads {self.in_channels} channels, the images have "
+                                     f"{images.shape[1]}")
+        if self.preprocess is None:  # the VE: its own preprocessing, as guidance applies it
+            features = self.encoder.features(images)
+        else:
+            features = self.encoder.forward_features(self.preprocess(images))
+        return F.normalize(features.to(torch.float32), dim=1)
+
+
+def load_feature_encoder(checkpoint: str | None, ve) -> FeatureEncoder:
+    """The VE's encoder (checkpoint None) or a torchvision-layout ResNet-18/50 checkpoint's trunk."""
+    if checkpoint is None:
+        return FeatureEncoder({"kind": "ve"}, ve, None, ve.encoder.in_channels)
+    errors = []
+    for arch in ("resnet18", "resnet50"):
+        try:
+            encoder = load_moco_encoder(checkpoint, arch=arch, softplus_beta=None)  # torchvision: ReLU
+        except IGDSInputError as exc:
+            errors.append(str(exc))
+            continue
+        preprocess = EncoderPreprocess(CHECKPOINT_ENCODER_RESOLUTION, IMAGENET_MEAN, IMAGENET_STD)
+        description = {"kind": "checkpoint", "arch": arch, "resolution": CHECKPOINT_ENCODER_RESOLUTION,
+                       "fingerprint": file_fingerprint(checkpoint)}
+        return FeatureEncoder(description, encoder, preprocess, 3)
+    if errors and "cannot read checkpoint" in errors[0]:
+        raise IGDSInputError(errors[0])
+    raise IGDSInputError(f"--select-encoder {checkpoint} is not a torchvision-layout ResNet-18 or ResNet-50 "
+                         "checkpoint (its keys fit neither trunk)")
+
+
+# ---- image sources ----------------------------------------------------------------------------------
+
+
+class _PNGDataset(torch.utils.data.Dataset):
+    """Item i: uint8 [c, S, S] of paths[i], decoded, resized and centre-cropped (data.load_image)."""
+
+    def __init__(self, paths: list[str], image_size: int, channels: int):
+        self.paths, self.image_size, self.channels = paths, image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        try:
+            array = load_image(self.paths[index], self.image_size, self.channels)
+            # A grayscale image comes back as a read-only view of PIL's buffer: copy it then.
+            return torch.from_numpy(array if array.flags.writeable else array.copy())
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise IGDSInputError(f"unreadable image {self.paths[index]!r}: {' '.join(str(exc).split())}") from None
+
+
+def _stack(items):
+    return torch.stack(items)
+
+
+def decode_batches(paths: list[str], index_lists: list[list[int]], image_size: int, channels: int):
+    """uint8 [B, c, S, S] per index list, decoded by DataLoader workers (in this process for one batch)."""
+    workers = default_num_workers() if len(index_lists) > 1 else 0
+    loader = torch.utils.data.DataLoader(_PNGDataset(paths, image_size, channels), batch_sampler=index_lists,
+                                         num_workers=workers, collate_fn=_stack,
+                                         prefetch_factor=2 if workers > 0 else None)
+    yield from loader
+
+
+class RealFolder:
+    """The real images of `--real DIR` the centroids use: listed without decoding, then subsampled.
+
+    labels [M]: position of each chosen image's class in the run's class list; `paths` [M].
+    """
+
+    def __init__(self, root: str, class_keys: list[str], per_class: int):
+        _, paths_per_class = scan_image_folder(root, class_keys, ignore_unlisted=True)
+        all_paths = [path for paths in paths_per_class for path in paths]
+        labels = torch.tensor([label for label, paths in enumerate(paths_per_class) for _ in paths], dtype=torch.int64)
+        chosen = select_real_indices(labels, len(class_keys), per_class, REAL_SEED).tolist()
+        self.root = os.path.abspath(root)
+        self.paths = [all_paths[i] for i in chosen]
+        self.labels = labels[chosen]
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels.tolist()):
+            digest.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
+        self.description = {"kind": "folder", "images": len(self.paths), "chosen_sha256": digest.hexdigest()}
+
+    def batches(self, image_size: int, channels: int, device):
+        lists = [list(range(start, min(start + REAL_BATCH, len(self.paths))))
+                 for start in range(0, len(self.paths), REAL_BATCH)]
+        for index, images in zip(lists, decode_batches(self.paths, lists, image_size, channels)):
+            yield uint8_to_unit_range(images.to(device)), self.labels[index]
+
+
+class RealInMemory:
+    """Real images already in memory (a `data.TensorImages`: float [N, c, H, W] in [-1, 1], labels [N] =
+    position of the class in the run's class list), subsampled with `select_real_indices`."""
+
+    def __init__(self, source, num_classes: int, per_class: int):
+        labels = torch.as_tensor(source.labels).to("cpu", torch.int64)
+        if labels.ndim != 1 or labels.numel() != len(source):
+            raise IGDSInputError("the real images' labels must be [N], one per image")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise IGDSInputError(f"the real images' labels must lie in [0, {num_classes}) (positions in the class list)")
+        missing = (torch.bincount(labels, minlength=num_classes) == 0).nonzero().flatten().tolist()
+        if missing:
+            raise IGDSInputError(f"the real images hold no image of class position {missing[0]} ({len(missing)} such)")
+        self.source = source
+        self.chosen = select_real_indices(labels, num_classes, per_class, REAL_SEED)
+        self.labels = labels[self.chosen]
+        self.description = {"kind": "in-memory", "images": int(self.chosen.numel()), "sha256": source.fingerprint()}
+
+    def batches(self, image_size: int, channels: int, device):
+        for start in range(0, self.chosen.numel(), REAL_BATCH):
+            index = self.chosen[start : start + REAL_BATCH]
+            (images, _, _), = list(self.source.batches([index], device))
+            yield images.to(device, torch.float32), self.labels[start : start + REAL_BATCH]
+
+
+# ---- the plan -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SelectionPlan:
+    """A validated --select s3 run (nothing sampled yet)."""
+
+    config: DistillConfig
+    s3: S3Config
+    candidates: str
+    candidate_config: DistillConfig
+    candidate_plan: Plan
+    beta_source: str
+    encoder: FeatureEncoder
+    real: object  # RealFolder | RealInMemory
+    out_settings: dict  # OUT/.igds_config.json
+
+
+def plan_selection(config: DistillConfig, real_images=None) -> SelectionPlan:
+    """Every check of a --select s3 run, before any sampling (one-line IGDSInputError)."""
+    s3 = check_selection_options(config)
+    if s3 is None:
+        raise IGDSInputError("plan_selection needs a --select run")
+    if config.real is None and real_images is None:
+        raise IGDSInputError("--select s3 needs --real DIR (real training images of the classes): the real "
+                             "centroids are mean encoder features of real images, which the VE bundle does not hold")
+    if config.real is not None and real_images is not None:
+        raise IGDSInputError("give --real DIR or in-memory real images, not both")
+    if not config.out:
+        raise IGDSInputError("give an output folder (--out)")
+    if os.path.exists(config.out) and not os.path.isdir(config.out):
+        raise IGDSInputError(f"output path {config.out!r} exists and is not a folder")
+    beta, beta_source = resolve_beta(config)  # at the target IPC, not at G x IPC
+    candidates = candidates_folder(config)
+    selection_fields = {name: None for name, _ in DistillConfig.SELECTION_FLAGS}
+    candidate_config = dataclasses.replace(config, out=candidates, ipc=s3.groups * config.ipc, beta=beta,
+                                           beta_table=None, select=None, **selection_fields)
+    candidate_plan = plan_distill(candidate_config)
+    encoder = load_feature_encoder(config.select_encoder, candidate_plan.ve)
+    if real_images is not None:
+        real = RealInMemory(real_images, len(candidate_plan.class_keys), s3.real_per_class)
+    else:
+        real = RealFolder(config.real, candidate_plan.class_keys, s3.real_per_class)
+    out_settings = {
+        **candidate_plan.pixel_settings,
+        "ipc": config.ipc,
+        "select": {"method": config.select, **s3.to_dict(), "real_seed": REAL_SEED, "encoder": encoder.description,
+                   "real": real.description, "feature_batch": FEATURE_BATCH},
+    }
+    return SelectionPlan(config, s3, candidates, candidate_config, candidate_plan, beta_source, encoder, real,
+                         out_settings)
+
+
+def _output_refusal(out: str, settings: dict, force: bool) -> str | None:
+    """Why OUT cannot take this run (read-only, so every rank can check it), or None."""
+    if force or not os.path.isdir(out):
+        return None
+    config_path = os.path.join(out, CONFIG_NAME)
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                saved = json.load(handle)
+        except (OSError, json.JSONDecodeError):
+            saved = {"format": "unreadable"}
+        difference = _differing_setting(saved, settings)
+        if difference is not None:
+            return f"{out} holds images of another configuration: {difference}; use --force to clear it or choose another --out"
+        return None
+    if any(not name.startswith(".") for name in os.listdir(out)):
+        return (f"{out} is not empty and was not written by distill (no {CONFIG_NAME}); "
+                "use --force to clear its images or choose another --out")
+    return None
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+
+def distill_with_selection(config: DistillConfig, log: Callable[[str], None] = _stderr, real_images=None) -> dict:
+    """Run (or resume) a distillation; with config.select = "s3" the S³ stages around `distill()`.
+
+    real_images: an in-memory real set (`data.TensorImages`, labels = positions in the run's class
+    list) instead of config.real. Returns the manifest (written to OUT/manifest.json); a non-zero
+    torchrun rank returns its candidates share's run record (no "images").
+    """
+    if config.select is None:
+        if real_images is not None:
+            raise IGDSInputError("real images apply to --select s3 only")
+        return distill(config, log=log)
+    started = time.perf_counter()
+    quiet_rank = launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
+    try:
+        plan = plan_selection(config, real_images)
+        refusal = _output_refusal(config.out, plan.out_settings, config.force)
+        if refusal is not None:
+            raise IGDSInputError(refusal)
+    except IGDSInputError as exc:
+        if quiet_rank:  # every rank checks the same inputs; rank 0 reports them once
+            raise QuietRankError(str(exc)) from exc
+        raise
+    if not quiet_rank:
+        # OUT's settings file first (the candidates come after), so a crash leaves a folder that knows them.
+        prepare_output(config.out, plan.out_settings, plan.candidate_plan.class_keys, config.force, log)
+    candidates_manifest = distill(plan.candidate_config, log=log, plan=plan.candidate_plan)
+    if "images" not in candidates_manifest:
+        return candidates_manifest  # a non-zero rank: its share of the candidates is done
+    return _select_and_write(plan, candidates_manifest, started, log)
+
+
+def _stage_paths(candidates: str) -> dict:
+    stage = os.path.join(candidates, STAGE_DIR)
+    return {"stage": stage, "state": os.path.join(stage, STATE_NAME), "features": os.path.join(stage, FEATURES_DIR),
+            "real": os.path.join(stage, REAL_NAME), "real_partial": os.path.join(stage, REAL_PARTIAL_NAME),
+            "selection": os.path.join(stage, SELECTION_NAME)}
+
+
+def _prepare_stage(plan: SelectionPlan, image_size: int, channels: int, log) -> tuple[dict, dict]:
+    """CAND/.s3 for these candidates and this encoder: stale stage files cleared, temp files removed."""
+    paths = _stage_paths(plan.candidates)
+    key = {"format": STAGE_FORMAT, "candidates": plan.candidate_plan.pixel_settings, "encoder": plan.encoder.description,
+           "feature_batch": FEATURE_BATCH, "image_size": image_size, "channels": channels}
+    os.makedirs(paths["features"], exist_ok=True)
+    saved = None
+    if os.path.isfile(paths["state"]):
+        try:
+            with open(paths["state"], encoding="utf-8") as handle:
+                saved = json.load(handle)
+        except (OSError, json.JSONDecodeError):
+            saved = None
+    if saved != key:
+        if saved is not None:
+            log(f"distill: S3: {paths['stage']} was computed from other candidates or another encoder; recomputing")
+        for folder in (paths["features"], paths["stage"]):
+            for name in os.listdir(folder):
+                path = os.path.join(folder, name)
+                if os.path.isfile(path):
+                    os.unlink(path)
+        write_json_atomic(paths["state"], key)
+    for folder in (paths["features"], paths["stage"]):  # temp files of a writer killed mid-write
+        for name in os.listdir(folder):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.unlink(os.path.join(folder, name))
+    return paths, key
+
+
+def _save_tensors_atomic(path: str, tensors: dict, key: str, **extra) -> None:
+    """A stage file: safetensors with one metadata entry (its key and `extra` as sorted JSON).
+
+    One entry, because safetensors writes its metadata map in hash order: with several entries the
+    bytes of the same file would differ from process to process.
+    """
+    from safetensors.torch import save
+
+    stamp = json.dumps({"key": key, **extra}, sort_keys=True)
+    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={STAGE_METADATA_KEY: stamp})
+    write_bytes_atomic(path, data)
+
+
+def _read_tensors(path: str, key: str, with_stamp: bool = False, tensors: bool = True):
+    """The tensors (and stamp) of a stage file whose key matches, else None (unreadable: recomputed).
+
+    tensors=False reads the header only (returns {} on a match).
+    """
+    try:
+        metadata, tensors = read_safetensors(path, "S3 stage file", with_tensors=tensors)
+        stamp = json.loads(metadata.get(STAGE_METADATA_KEY, "{}"))
+    except (IGDSInputError, json.JSONDecodeError):
+        return None
+    if not isinstance(stamp, dict) or stamp.get("key") != key:
+        return None
+    tensors = {} if tensors is None else tensors
+    return (tensors, stamp) if with_stamp else tensors
+
+
+def _candidate_image_shape(plan: SelectionPlan) -> tuple[int, int]:
+    """(side, channels) of the candidate PNGs (all alike: one prior, one composite setting)."""
+    from PIL import Image
+
+    first = os.path.join(plan.candidates, plan.candidate_plan.class_keys[0], image_file_name(0))
+    with Image.open(first) as image:
+        return image.size[0], 1 if image.mode in ("L", "I", "1") else 3
+
+
+def _features_stage(plan: SelectionPlan, paths: dict, key_hash: str, image_size: int, channels: int, device, log):
+    """Save the features of every fixed candidate batch not saved yet; returns the batch files in order."""
+    class_keys = plan.candidate_plan.class_keys
+    per_class = plan.candidate_config.ipc
+    images = [os.path.join(plan.candidates, key, image_file_name(k)) for key in class_keys for k in range(per_class)]
+    lists = [list(range(start, min(start + FEATURE_BATCH, len(images)))) for start in range(0, len(images), FEATURE_BATCH)]
+    files = [os.path.join(paths["features"], f"{number:06d}.safetensors") for number in range(len(lists))]
+    todo = [number for number, path in enumerate(files) if _read_tensors(path, key_hash, tensors=False) is None]
+    if todo:
+        log(f"distill: S3: features of {len(images)} candidates ({len(todo)} of {len(lists)} batches to do)")
+        batches = decode_batches(images, [lists[number] for number in todo], image_size, channels)
+        for number, batch in zip(todo, batches):
+            features = plan.encoder(uint8_to_unit_range(batch.to(device)))
+            _save_tensors_atomic(files[number], {"features": features}, key_hash, batch=number)
+    return files
+
+
+def _subgroup_centroids(plan: SelectionPlan, files: list[str], key_hash: str) -> torch.Tensor:
+    """[C, G, d] subgroup centroids from the saved batches, one class at a time."""
+    groups, ipc = plan.s3.groups, plan.config.ipc
+    per_class = groups * ipc
+    rows, centroids = [], []
+    held = 0
+    for path in files:
+        tensors = _read_tensors(path, key_hash)
+        if tensors is None:
+            raise IGDSInputError(f"{path} changed while the selection ran; rerun")
+        rows.append(tensors["features"])
+        held += tensors["features"].shape[0]
+        while held >= per_class:
+            block = torch.cat(rows)
+            centroids.append(subgroup_centroids(block[:per_class].reshape(1, groups, ipc, -1))[0])
+            rest = block[per_class:]
+            rows, held = [rest], rest.shape[0]
+    return torch.stack(centroids)
+
+
+def _real_stage(plan: SelectionPlan, paths: dict, stage_key: dict, image_size: int, channels: int, device, log):
+    """[C, d] real centroids, streamed (resumable from REAL_PARTIAL_NAME), saved once."""
+    key_hash = _key_hash({**stage_key, "real": plan.real.description, "real_per_class": plan.s3.real_per_class,
+                          "real_seed": REAL_SEED})
+    saved = _read_tensors(paths["real"], key_hash)
+    if saved is not None:
+        return saved["centroids"], key_hash
+    num_classes = len(plan.candidate_plan.class_keys)
+    accumulator = None
+    start = 0
+    partial = _read_tensors(paths["real_partial"], key_hash, with_stamp=True)
+    if partial is not None:
+        tensors, metadata = partial
+        accumulator = ClassCentroidAccumulator(num_classes, tensors["sums"].shape[1], device=device)
+        accumulator.sums.copy_(tensors["sums"])
+        accumulator.counts.copy_(tensors["counts"])
+        start = int(metadata["next_batch"])
+    log(f"distill: S3: real centroids from {plan.real.description['images']} real images"
+        + (f" (resuming at batch {start})" if start else ""))
+    for number, (images, labels) in enumerate(plan.real.batches(image_size, channels, device)):
+        if number < start:
+            continue
+        features = plan.encoder(images)
+        if accumulator is None:
+            accumulator = ClassCentroidAccumulator(num_classes, features.shape[1], device=device)
+        accumulator.add(features, labels.to(device))
+        if (number + 1) % REAL_CHECKPOINT_BATCHES == 0:
+            _save_tensors_atomic(paths["real_partial"], {"sums": accumulator.sums, "counts": accumulator.counts},
+                                 key_hash, next_batch=number + 1)
+    centroids = accumulator.centroids(torch.float32)
+    _save_tensors_atomic(paths["real"], {"centroids": centroids}, key_hash)
+    if os.path.isfile(paths["real_partial"]):
+        os.unlink(paths["real_partial"])
+    return centroids, key_hash
+
+
+def _selection_stage(plan: SelectionPlan, paths: dict, files, features_key: str, real_centroids, real_key: str,
+                     device, log) -> dict:
+    """The S³ search (or its saved result): chosen / start subgroup per class, objective terms, passes."""
+    key = {"features": features_key, "real": real_key, "search": plan.s3.search_kwargs(), "groups": plan.s3.groups,
+           "ipc": plan.config.ipc}
+    try:
+        with open(paths["selection"], encoding="utf-8") as handle:
+            saved = json.load(handle)
+        if saved.get("key") == key:
+            return saved
+    except (OSError, json.JSONDecodeError):
+        pass
+    centroids = _subgroup_centroids(plan, files, features_key).to(device)
+    result = s3_search_centroids(centroids, real_centroids.to(device), **plan.s3.search_kwargs())
+    selection = {
+        "key": key,
+        "chosen": result.chosen.tolist(),
+        "start": result.start.tolist(),
+        "objective": dataclasses.asdict(result.objective),
+        "start_objective": dataclasses.asdict(result.start_objective),
+        "passes": result.passes,
+        "converged": result.converged,
+    }
+    write_json_atomic(paths["selection"], selection)
+    changed = sum(a != b for a, b in zip(selection["chosen"], selection["start"]))
+    log(f"distill: S3: objective {result.start_objective.total:.4f} at the closest-to-real start -> "
+        f"{result.objective.total:.4f} after {result.passes} pass(es); {changed} class(es) moved")
+    return selection
+
+
+def _copy_chosen(plan: SelectionPlan, chosen: list[int]) -> int:
+    """OUT/<class>/<j>.png = the chosen subgroup's j-th candidate, atomically; returns files written."""
+    written = 0
+    ipc = plan.config.ipc
+    for key, group in zip(plan.candidate_plan.class_keys, chosen):
+        for index in range(ipc):
+            with open(os.path.join(plan.candidates, key, image_file_name(group * ipc + index)), "rb") as handle:
+                data = handle.read()
+            target = os.path.join(plan.config.out, key, image_file_name(index))
+            if os.path.isfile(target):
+                with open(target, "rb") as handle:
+                    if handle.read() == data:
+                        continue
+            write_bytes_atomic(target, data)
+            written += 1
+    return written
+
+
+def _select_and_write(plan: SelectionPlan, candidates_manifest: dict, started: float, log) -> dict:
+    """Rank 0, after the candidates: features, real centroids, selection, the output folder, the manifest."""
+    device = plan.candidate_plan.device
+    plan.encoder.to(device)
+    image_size, channels = _candidate_image_shape(plan)
+    times = {}
+    stage = time.perf_counter()
+    paths, stage_key = _prepare_stage(plan, image_size, channels, log)
+    features_key = _key_hash(stage_key)
+    files = _features_stage(plan, paths, features_key, image_size, channels, device, log)
+    times["features_s"] = round(time.perf_counter() - stage, 3)
+    stage = time.perf_counter()
+    real_centroids, real_key = _real_stage(plan, paths, stage_key, image_size, channels, device, log)
+    times["real_centroids_s"] = round(time.perf_counter() - stage, 3)
+    stage = time.perf_counter()
+    selection = _selection_stage(plan, paths, files, features_key, real_centroids, real_key, device, log)
+    times["selection_s"] = round(time.perf_counter() - stage, 3)
+    stage = time.perf_counter()
+    written = _copy_chosen(plan, selection["chosen"])
+    times["copy_s"] = round(time.perf_counter() - stage, 3)
+    preview = write_preview(plan.config.out, plan.candidate_plan.class_keys, plan.config.ipc)
+    manifest = _build_manifest(plan, selection, candidates_manifest, written, preview is not None)
+    manifest["run"].update(stage_times_s=times, wall_time_s=round(time.perf_counter() - started, 3))
+    write_json_atomic(os.path.join(plan.config.out, MANIFEST_NAME), manifest)
+    return manifest
+
+
+def _build_manifest(plan: SelectionPlan, selection: dict, candidates_manifest: dict, written: int,
+                    has_preview: bool) -> dict:
+    """OUT's manifest: a plain run's fields for the chosen images, plus the selection's record."""
+    ipc = plan.config.ipc
+    position = {key: i for i, key in enumerate(plan.candidate_plan.class_keys)}
+    candidate_jobs = {(job.class_key, job.image_index): job for job in plan.candidate_plan.jobs}
+    jobs = []
+    for job in plan.candidate_plan.jobs:  # index first, class second, as a plain run's list
+        if job.image_index >= ipc:
+            continue
+        group = selection["chosen"][position[job.class_key]]
+        source = candidate_jobs[(job.class_key, group * ipc + job.image_index)]
+        jobs.append(ImageJob(label=job.label, class_key=job.class_key, folder=job.folder, image_index=job.image_index,
+                             samples=source.samples))
+    out_plan = dataclasses.replace(plan.candidate_plan, config=plan.config, jobs=jobs, pixel_settings=plan.out_settings,
+                                   beta_source=plan.beta_source)
+    candidate_run = candidates_manifest["run"]
+    manifest = build_manifest(out_plan, written, candidate_run["samples_generated"], candidate_run["sampling_time_s"],
+                              0.0, has_preview)
+    for entry in manifest["images"]:
+        group = selection["chosen"][position[entry["class"]]]
+        entry["subgroup"] = group
+        entry["candidate"] = os.path.join(entry["class"], image_file_name(group * ipc + entry["index"]))
+    encoder = dict(plan.encoder.description)
+    encoder["path"] = (os.path.abspath(plan.config.select_encoder) if plan.config.select_encoder
+                       else os.path.abspath(plan.config.ve))
+    real = dict(plan.real.description)
+    if plan.config.real is not None:
+        real["path"] = os.path.abspath(plan.config.real)
+    manifest["selection"] = {
+        "method": plan.config.select,
+        **plan.s3.to_dict(),
+        "real_seed": REAL_SEED,
+        "encoder": encoder,
+        "real": real,
+        "candidates": os.path.abspath(plan.candidates),
+        "candidate_seeds": "candidate k of class c = output image k of a plain run of G x IPC images with the same "
+                           "seed; subgroup g = candidates [g*IPC, (g+1)*IPC)",
+        "chosen": {key: group for key, group in zip(plan.candidate_plan.class_keys, selection["chosen"])},
+        "start": {key: group for key, group in zip(plan.candidate_plan.class_keys, selection["start"])},
+        "objective": selection["objective"],
+        "start_objective": selection["start_objective"],
+        "passes": selection["passes"],
+        "converged": selection["converged"],
+    }
+    # Sampling throughput belongs to the candidates (their record); these files were copied, not sampled.
+    manifest["run"].update(images_written=written, images_per_s=None, samples_per_s=None, candidates=candidate_run)
+    return manifest
+
+
+__all__ = ["FEATURE_BATCH", "FeatureEncoder", "SelectionPlan", "distill_with_selection", "load_feature_encoder",
+           "plan_selection"]
