@@ -98,6 +98,32 @@ def _make_folder(path: str) -> None:
         raise
 
 
+def output_refusal(out: str, settings: dict) -> str | None:
+    """Why `out` cannot take a run with these settings (one line), or None; reads only.
+
+    Refused: a folder whose `.igds_config.json` holds other settings, or a non-empty folder that was
+    not written by distill. Every rank may call it (nothing is written).
+    """
+    if not os.path.isdir(out):
+        return None
+    config_path = os.path.join(out, CONFIG_NAME)
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                saved = json.load(handle)
+        except (OSError, json.JSONDecodeError):
+            saved = {"format": "unreadable"}
+        difference = _differing_setting(saved, settings)
+        if difference is not None:
+            return (f"{out} holds images of another configuration: {difference}; "
+                    "use --force to clear it or choose another --out")
+        return None
+    if any(not name.startswith(".") for name in os.listdir(out)):
+        return (f"{out} is not empty and was not written by distill (no {CONFIG_NAME}); "
+                "use --force to clear its images or choose another --out")
+    return None
+
+
 def prepare_output(out: str, pixel_settings: dict, class_keys: list[str], force: bool, log) -> int:
     """Make `out` hold this configuration: check or write `.igds_config.json` first, create class folders.
 
@@ -107,31 +133,12 @@ def prepare_output(out: str, pixel_settings: dict, class_keys: list[str], force:
     """
     _make_folder(out)
     config_path = os.path.join(out, CONFIG_NAME)
-    if os.path.isfile(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as handle:
-                saved = json.load(handle)
-        except (OSError, json.JSONDecodeError):
-            saved = {"format": "unreadable"}
-        difference = _differing_setting(saved, pixel_settings)
-        if difference is not None:
-            if not force:
-                raise IGDSInputError(
-                    f"{out} holds images of another configuration: {difference}; "
-                    "use --force to clear it or choose another --out"
-                )
-            log(f"distill: --force: clearing {out} (it held another configuration: {difference})")
-            _clear_outputs(out, class_keys)
-    else:
-        visible = [name for name in os.listdir(out) if not name.startswith(".")]
-        if visible:
-            if not force:
-                raise IGDSInputError(
-                    f"{out} is not empty and was not written by distill (no {CONFIG_NAME}); "
-                    "use --force to clear its images or choose another --out"
-                )
-            log(f"distill: --force: clearing the images of {out}")
-            _clear_outputs(out, class_keys)
+    refusal = output_refusal(out, pixel_settings)
+    if refusal is not None:
+        if not force:
+            raise IGDSInputError(refusal)
+        log(f"distill: --force: clearing the images of {out} ({refusal.split('; use --force')[0]})")
+        _clear_outputs(out, class_keys)
     if not os.path.isfile(config_path):
         write_json_atomic(config_path, pixel_settings)  # first: a crash leaves a folder that knows its settings
     for key in class_keys:

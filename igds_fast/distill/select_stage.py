@@ -67,7 +67,7 @@ from ..models.resnet import load_moco_encoder
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
 from ..select import ClassCentroidAccumulator, S3Config, s3_search_centroids, select_real_indices, subgroup_centroids
 from .config import DistillConfig
-from .folder import CONFIG_NAME, MANIFEST_NAME, _differing_setting, prepare_output, write_preview
+from .folder import MANIFEST_NAME, output_refusal, prepare_output, write_preview
 from .manifest import build_manifest
 from .plan import Plan, candidates_folder, check_selection_options, plan_distill, resolve_beta
 from .run import distill
@@ -292,23 +292,7 @@ def plan_selection(config: DistillConfig, real_images=None) -> SelectionPlan:
 
 def _output_refusal(out: str, settings: dict, force: bool) -> str | None:
     """Why OUT cannot take this run (read-only, so every rank can check it), or None."""
-    if force or not os.path.isdir(out):
-        return None
-    config_path = os.path.join(out, CONFIG_NAME)
-    if os.path.isfile(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as handle:
-                saved = json.load(handle)
-        except (OSError, json.JSONDecodeError):
-            saved = {"format": "unreadable"}
-        difference = _differing_setting(saved, settings)
-        if difference is not None:
-            return f"{out} holds images of another configuration: {difference}; use --force to clear it or choose another --out"
-        return None
-    if any(not name.startswith(".") for name in os.listdir(out)):
-        return (f"{out} is not empty and was not written by distill (no {CONFIG_NAME}); "
-                "use --force to clear its images or choose another --out")
-    return None
+    return None if force else output_refusal(out, settings)
 
 
 # ---- the run --------------------------------------------------------------------------------------
