@@ -105,3 +105,41 @@ def tiny_vae(latent_channels=4, scale_factor=2, scaling_factor=0.18215):
             if isinstance(module, torch.nn.GroupNorm):
                 module.weight.uniform_(0.5, 1.5)
     return vae.eval()
+
+
+def write_tiny_prior_and_ve(folder, class_names=("cat", "dog")) -> tuple[str, str]:
+    """A 16-px ADM prior file and a VE bundle for `class_names`, written into `folder`: (prior, ve) paths.
+
+    What a distill run needs from disk, in the real file layouts (save_prior / VariationalEstimator.save)."""
+    import os
+
+    from igds_fast.models.adm import ADMUNet
+    from igds_fast.models.priors import save_prior
+    from igds_fast.train_prior import PriorTrainConfig
+
+    names = list(class_names)
+    ve = tiny_ve(num_classes=len(names), channels=3, resolution=16)
+    ve.class_names = names
+    ve_path = os.path.join(folder, "ve.safetensors")
+    ve.save(ve_path)
+    arch = PriorTrainConfig(num_channels=32, channel_mult="1,2", num_res_blocks=1, noise_schedule="linear")
+    flags = arch.unet_flags(16, 3, len(names))
+    prior_path = os.path.join(folder, "prior.safetensors")
+    save_prior(prior_path, ADMUNet.from_flags(**flags).eval(), flags, arch.schedule_config(), names)
+    return prior_path, ve_path
+
+
+class FakeStream:
+    """A text stream that records what is written and says whether it is a terminal."""
+
+    def __init__(self, tty=False):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from factories import randomize_, tiny_ve
+from factories import FakeStream, randomize_, tiny_ve
 from igds_fast.guidance import GuidanceConfig
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.cli.distill import add_parser as add_distill_parser, run as run_distill
@@ -387,31 +387,17 @@ def test_adm_preset_checkpoints_use_imagenet_labels_and_composites(models, tmp_p
 # ---- progress -------------------------------------------------------------------------------------
 
 
-class _Stream:
-    def __init__(self, tty):
-        self.tty, self.text = tty, ""
-
-    def isatty(self):
-        return self.tty
-
-    def write(self, text):
-        self.text += text
-
-    def flush(self):
-        pass
-
-
 def test_progress_bar_on_a_tty_and_log_lines_elsewhere():
     now = [0.0]
     clock = lambda: now[0]  # noqa: E731
-    tty = _Stream(True)
+    tty = FakeStream(True)
     bar = Progress(10, stream=tty, initial=2, clock=clock, min_interval_s=0.0)
     now[0] = 4.0
     bar.update(4)  # 4 images in 4 s this run: 1 img/s, 4 left -> ETA 4 s
     bar.close()
     assert "\r[" in tty.text and "6/10 img (60%) 1.00 img/s ETA 4s" in tty.text and tty.text.endswith("\n")
 
-    log = _Stream(False)
+    log = FakeStream(False)
     lines = Progress(3, stream=log, clock=clock, log_interval_s=100.0)
     for _ in range(3):
         now[0] += 1.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from factories import tiny_adm, tiny_ve
+from factories import tiny_adm, tiny_ve, write_tiny_prior_and_ve
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.errors import IGDSInputError
 from igds_fast.guidance import GuidanceConfig
@@ -174,17 +174,8 @@ def test_every_step_runs_in_a_range_named_by_its_loop_index(models):
 def test_distill_refuses_a_bad_window_before_any_model_loads(tmp_path, monkeypatch):
     from igds_fast.distill import DistillConfig, distill
     from igds_fast.distill import run as run_module
-    from igds_fast.models.adm import ADMUNet
-    from igds_fast.models.priors import save_prior
-    from igds_fast.train_prior import PriorTrainConfig
 
-    ve = tiny_ve(num_classes=2, channels=3, resolution=16)
-    ve.class_names = ["cat", "dog"]
-    ve.save(tmp_path / "ve.safetensors")
-    arch = PriorTrainConfig(num_channels=32, channel_mult="1,2", num_res_blocks=1, noise_schedule="linear")
-    flags = arch.unet_flags(16, 3, 2)
-    save_prior(tmp_path / "prior.safetensors", ADMUNet.from_flags(**flags).eval(), flags, arch.schedule_config(),
-               ["cat", "dog"])
+    write_tiny_prior_and_ve(tmp_path)
     monkeypatch.setattr(run_module, "load_prior_unet", lambda *a, **k: pytest.fail("a model was loaded"))
     config = {"ve": str(tmp_path / "ve.safetensors"), "prior": str(tmp_path / "prior.safetensors"), "ipc": 1,
               "steps": 4, "batch_size": 2, "device": "cpu", "progress": False}

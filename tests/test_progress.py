@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from factories import tiny_adm, tiny_ve
+from factories import FakeStream, tiny_adm, tiny_ve, write_tiny_prior_and_ve
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.distributed import DistContext, ProgressRounds
 from igds_fast.errors import IGDSInputError
@@ -19,18 +19,7 @@ from igds_fast.sampling.sampler import _StepWatch
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Stream:
-    def __init__(self, tty=False):
-        self.tty, self.text = tty, ""
-
-    def isatty(self):
-        return self.tty
-
-    def write(self, text):
-        self.text += text
-
-    def flush(self):
-        pass
+Stream = FakeStream
 
 
 def test_partial_items_count_in_the_line_rate_and_eta():
@@ -131,17 +120,8 @@ def test_progress_rounds_are_a_no_op_in_one_process():
 def test_distill_moves_the_line_within_a_batch(tmp_path, monkeypatch):
     from igds_fast.distill import DistillConfig, distill
     from igds_fast.distill import run as run_module
-    from igds_fast.models.adm import ADMUNet
-    from igds_fast.models.priors import save_prior
-    from igds_fast.train_prior import PriorTrainConfig
 
-    ve = tiny_ve(num_classes=2, channels=3, resolution=16)
-    ve.class_names = ["cat", "dog"]
-    ve.save(tmp_path / "ve.safetensors")
-    arch = PriorTrainConfig(num_channels=32, channel_mult="1,2", num_res_blocks=1, noise_schedule="linear")
-    flags = arch.unet_flags(16, 3, 2)
-    save_prior(tmp_path / "prior.safetensors", ADMUNet.from_flags(**flags).eval(), flags, arch.schedule_config(),
-               ["cat", "dog"])
+    write_tiny_prior_and_ve(tmp_path)
     seen = []
 
     class Recording(Progress):
