@@ -151,7 +151,8 @@ def main(argv=None):
         "results": rows,
     }
     print(f"S3 selection, C={args.classes} G={args.groups} K={args.images} d={args.dim}, {args.dtype}, "
-          f"alpha={config.alpha} beta={config.beta} eps={config.eps} max_passes={config.max_passes}")
+          f"alpha={config.closeness_weight} beta={config.separation_weight} eps={config.eps} "
+          f"max_passes={config.max_passes}")
     print("| device | method | centroids s | search s (CPU s) | s3_search s | passes | changed | ms/class visit |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:

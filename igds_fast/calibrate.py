@@ -38,10 +38,8 @@ memory; a streamed validation set is read batch by batch for every accuracy.
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
-import os
 import sys
 import time
 from typing import Callable, Iterable, Mapping, Sequence
@@ -379,98 +377,15 @@ def calibrate_beta(
     return {"table": rows, "chosen": chosen, "settings": settings, "subsets": subsets}
 
 
-# ---- the beta table file --------------------------------------------------------------------------
-
-
-def write_beta_table(path: str | os.PathLike, result: Mapping) -> None:
-    """Write {"beta_per_ipc": {"1": beta, ...}, "table": [...], "settings": {...}} atomically (JSON).
-
-    `result` is what `calibrate_beta` returns (the chosen betas, table rows and settings; the
-    subset indices are not written). The distill command reads it back with `read_beta_table`.
-    """
-    from .imageio import write_json_atomic
-
-    if not isinstance(result, Mapping) or "chosen" not in result:
-        raise IGDSInputError("write_beta_table needs the dict calibrate_beta returns (with 'chosen')")
-    chosen = result["chosen"]
-    checked = _check_beta_map({str(k): v for k, v in chosen.items()}, "result['chosen']")
-    document = {
-        "beta_per_ipc": {str(ipc): beta for ipc, beta in sorted(checked.items())},
-        "table": list(result.get("table", [])),
-        "settings": dict(result.get("settings", {})),
-    }
-    write_json_atomic(path, document)
-
-
-def _check_beta_map(mapping, source: str) -> dict[int, float]:
-    if not isinstance(mapping, Mapping) or not mapping:
-        raise IGDSInputError(f"{source}: beta_per_ipc must be a non-empty mapping of IPC -> beta")
-    table = {}
-    for key, value in mapping.items():
-        try:
-            ipc = int(str(key))
-        except ValueError:
-            raise IGDSInputError(f"{source}: IPC key {key!r} is not an integer") from None
-        if ipc < 1 or str(ipc) != str(key).strip():
-            raise IGDSInputError(f"{source}: IPC key {key!r} is not a positive integer")
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-            raise IGDSInputError(f"{source}: beta for IPC {ipc} must be a finite number, got {value!r}")
-        table[ipc] = float(value)
-    return table
-
-
-def read_beta_table(path: str | os.PathLike) -> dict[int, float]:
-    """{ipc: beta} from a file written by `write_beta_table`; any defect is a one-line IGDSInputError."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise IGDSInputError(f"beta table not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise IGDSInputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise IGDSInputError(f"cannot read beta table {path}: {exc}") from exc
-    if not isinstance(document, dict) or "beta_per_ipc" not in document:
-        raise IGDSInputError(f"{path} is not a beta table (no 'beta_per_ipc')")
-    return _check_beta_map(document["beta_per_ipc"], path)
-
-
-def beta_for_ipc(table: Mapping[int, float], ipc: int, log: Callable[[str], None] | None = _stderr) -> float:
-    """beta for `ipc`: the exact entry, else the nearest smaller IPC's (with a note to `log`).
-
-    An IPC smaller than every entry raises a one-line IGDSInputError (betas grow with IPC, so a
-    larger IPC's beta would overweight the contextual term).
-    """
-    if not isinstance(ipc, numbers.Integral) or isinstance(ipc, bool) or ipc < 1:
-        raise IGDSInputError(f"IPC must be a positive integer, got {ipc!r}")
-    if not table:
-        raise IGDSInputError("the beta table is empty")
-    if ipc in table:
-        return float(table[ipc])
-    smaller = [k for k in table if k < ipc]
-    if not smaller:
-        raise IGDSInputError(
-            f"the beta table has no entry for IPC {ipc} nor for any smaller IPC (it covers {sorted(table)})"
-        )
-    nearest = max(smaller)
-    if log is not None:
-        log(f"note: the beta table has no IPC {ipc}; using beta {table[nearest]:g} of IPC {nearest} (nearest smaller)")
-    return float(table[nearest])
-
-
 __all__ = [
     "SCORE_NORMALIZATIONS",
     "best_beta",
-    "beta_for_ipc",
     "calibrate_beta",
     "draw_subset",
     "gumbel_noise",
     "normalize_scores",
     "parse_betas",
     "parse_ipcs",
-    "read_beta_table",
     "score_samples",
     "selection_probabilities",
-    "write_beta_table",
 ]

@@ -28,10 +28,13 @@ import os
 import shutil
 import tempfile
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from .errors import IGDSInputError
+from .settings import option
 from .sampling.compiled.config import DTYPES
 from .sampling.compiled.low_precision import LowPrecisionUNet, low_precision_copy
 
@@ -143,4 +146,26 @@ def _check_onnx(path: str, unet: nn.Module, inputs: tuple, names: list[str], dty
     return {**found, "check": "onnxruntime", "rel_error": error}
 
 
-__all__ = ["EXPORT_DTYPES", "ExportCheckError", "INPUT_NAMES", "OUTPUT_NAME", "export_unet_onnx", "unet_export_inputs"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportUnetRun:
+    """`igds-fast export-unet`: which prior, at which batch size and dtype, to which files."""
+
+    prior: str = option(flag="--prior", help="ADM checkpoint (with --arch) or a prior file from train-prior")
+    arch: str | None = option(None, "--arch", old=("--preset",), help="the architecture of an ADM --prior checkpoint")
+    batch_size: int = option(flag="--batch-size", parse=int, help="the one batch size the graph / engine runs")
+    dtype: str = option("fp16", "--dtype", choices=EXPORT_DTYPES, help="weight and compute dtype")
+    out: str = option(flag="--out", metavar="UNET.onnx", help="the ONNX file to write")
+    engine: str | None = option(None, "--engine", metavar="UNET.plan", help="also build a TensorRT engine here")
+    workspace_gib: float | None = option(None, "--workspace-gib", parse=float, default_text="TensorRT's",
+                                         help="TensorRT builder workspace limit")
+    check: bool = option(True, "--no-check", action="store_false", help="skip the onnxruntime comparison")
+
+    def __post_init__(self):
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise IGDSInputError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
+
+
+__all__ = ["EXPORT_DTYPES", "ExportCheckError", "ExportUnetRun", "INPUT_NAMES", "OUTPUT_NAME", "export_unet_onnx",
+           "unet_export_inputs"]

@@ -17,11 +17,13 @@ import json
 import os
 import tempfile
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from .errors import IGDSInputError
+from .settings import option
 
 
 def _npy_header(dtype, shape) -> bytes:
@@ -78,4 +80,14 @@ def export_npz(folder: str, out: str) -> dict:
     return {"images": shape[0], "shape": list(shape), "path": os.path.abspath(out)}
 
 
-__all__ = ["export_npz"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportNpzRun:
+    """`igds-fast export-npz`: which distilled folder, to which archive."""
+
+    folder: str = option(flag="DISTILLED_DIR", help="a folder written by igds-fast distill")
+    out: str = option(flag="--out", metavar="SAMPLES.npz", help="the .npz to write (atomically)")
+
+
+__all__ = ["ExportNpzRun", "export_npz"]

@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from igds_fast.errors import IGDSInputError
+from igds_fast.settings import option
 
 LOG_FLOOR = 1e-12  # every log argument d + eps is floored here, so eps = 0 with d = 0 stays finite
 NORM_TOLERANCE = 1e-2  # |norm - 1| allowed for "L2-normalised" features (fp16/bf16-stored ones pass)
@@ -116,28 +117,38 @@ class S3Config:
     """Settings of S³ subgroup selection (defaults: IMS3's ImageWoof IPC-10 run).
 
     groups: G candidate subgroups generated per class (each of IPC images), >= 1.
-    alpha: weight of the own term sum_i -log(d(c_i, r_i) + eps) (closeness to the real centroid).
-    beta: weight of the pair term sum_{i<j} log(d(c_i, c_j) + eps) (separation between classes).
+    closeness_weight: S³'s alpha, the weight of the own term sum_i -log(d(c_i, r_i) + eps) (closeness
+        of a class's subgroup to its real centroid).
+    separation_weight: S³'s beta, the weight of the pair term sum_{i<j} log(d(c_i, c_j) + eps)
+        (separation between the classes' subgroups).
     eps: added to every distance inside the logs (0 = the public setting; see LOG_FLOOR).
     max_passes: most coordinate-ascent passes over all classes (0 = keep the closest-to-real start).
     real_per_class: N, the most real training images per class for the real centroid.
     """
 
-    groups: int = 5
-    alpha: float = 0.4
-    beta: float = 0.9
-    eps: float = 0.0
-    max_passes: int = 5
-    real_per_class: int = 200
+    groups: int = option(5, "--groups", parse=int, metavar="G", help="candidate subgroups of IPC images per class")
+    closeness_weight: float = option(0.4, "--select-closeness-weight", parse=float, old=("--select-alpha",),
+                                     help="S³'s alpha: weight of each subgroup's closeness to its class's real centroid")
+    separation_weight: float = option(0.9, "--select-separation-weight", parse=float, old=("--select-beta",),
+                                      help="S³'s beta: weight of the separation between the classes' subgroups")
+    eps: float = option(0.0, "--select-eps", parse=float, help="added to every distance inside the logs")
+    max_passes: int = option(5, "--select-max-passes", parse=int,
+                             help="most coordinate-ascent passes (0 = the closest-to-real start)")
+    real_per_class: int = option(200, "--real-per-class", parse=int, metavar="N",
+                                 help="real images per class for the real centroid, drawn with a fixed seed")
 
     def __post_init__(self):
         _check_int("groups", self.groups, 1)
-        _check_search_settings(self.alpha, self.beta, self.eps, self.max_passes)
+        _check_real("closeness_weight", self.closeness_weight)
+        _check_real("separation_weight", self.separation_weight)
+        _check_real("eps", self.eps)
+        _check_int("max_passes", self.max_passes, 0)
         _check_int("real_per_class", self.real_per_class, 1)
 
     def search_kwargs(self) -> dict:
-        """The keyword arguments of `s3_search` / `s3_select` / `s3_objective` from this config."""
-        return {"alpha": self.alpha, "beta": self.beta, "eps": self.eps, "max_passes": self.max_passes}
+        """The keyword arguments of `s3_search` / `s3_select` / `s3_objective` (the paper's alpha, beta)."""
+        return {"alpha": self.closeness_weight, "beta": self.separation_weight, "eps": self.eps,
+                "max_passes": self.max_passes}
 
     def to_dict(self) -> dict:
         return asdict(self)

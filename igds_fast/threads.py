@@ -9,6 +9,8 @@ import contextlib
 
 import torch
 
+from .errors import IGDSInputError
+
 # batch x pixels x channels of one step below which one thread is faster on these CPUs
 SMALL_WORK_LIMIT = 1 << 23
 
@@ -22,6 +24,20 @@ def cpu_threads(device, requested: int | None, work: int) -> int:
     if requested is not None:
         return requested
     return 1 if work <= SMALL_WORK_LIMIT else current
+
+
+def pinned_threads(requested: int | None, device: torch.device) -> int | None:
+    """The intra-op thread count a command that promises byte-identical CPU outputs is pinned to:
+    `requested` (--cpu-threads), default 1, on a CPU; None elsewhere (a request there is refused).
+
+    Pinned, not inherited: torchrun sets OMP_NUM_THREADS=1 only for more than one rank, and a CPU
+    run's bytes depend on the thread count, so without a fixed count 1 and N ranks would differ.
+    """
+    if torch.device(device).type != "cpu":
+        if requested is not None:
+            raise IGDSInputError(f"--cpu-threads applies to CPU runs only; this one runs on {device}")
+        return None
+    return 1 if requested is None else requested
 
 
 @contextlib.contextmanager
@@ -38,4 +54,4 @@ def torch_threads(count: int | None):
             torch.set_num_threads(previous)
 
 
-__all__ = ["SMALL_WORK_LIMIT", "cpu_threads", "torch_threads"]
+__all__ = ["SMALL_WORK_LIMIT", "cpu_threads", "pinned_threads", "torch_threads"]

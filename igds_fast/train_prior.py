@@ -37,6 +37,7 @@ import torch
 from .diffusion import NOISE_SCHEDULES, DiffusionSchedule, ScheduleConfig
 from .errors import IGDSInputError
 from .models.adm import ADMUNet
+from .settings import option, section
 
 FORMAT_NAME = "igds_prior"
 FORMAT_VERSION = 1
@@ -60,27 +61,30 @@ class PriorTrainConfig:
     horizontal_flip (data augmentation; off for digits: a mirrored digit is another glyph), seed.
     """
 
-    num_channels: int = 32
-    channel_mult: str = "1,2"
-    num_res_blocks: int = 1
-    attention_resolutions: str = ""
-    num_head_channels: int = 32
-    dropout: float = 0.0
-    use_scale_shift_norm: bool = True
-    resblock_updown: bool = True
-    class_cond: bool = True
-    learn_sigma: bool = True
-    noise_schedule: str = "cosine"
-    diffusion_steps: int = 1000
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    horizontal_flip: bool = False
-    seed: int = 0
+    num_channels: int = option(32, "--num-channels", parse=int, help="base channels (a multiple of 32)")
+    channel_mult: str = option("1,2", "--channel-mult", help="channel multiplier per resolution")
+    num_res_blocks: int = option(1, "--num-res-blocks", parse=int, help="residual blocks per resolution")
+    attention_resolutions: str = option("", "--attention-resolutions", default_text="'': the middle block only",
+                                        help="feature-map sides with attention, comma-separated")
+    num_head_channels: int = option(32, "--num-head-channels", parse=int, help="channels per attention head")
+    dropout: float = option(0.0, "--dropout", parse=float, help="dropout in the residual blocks")
+    use_scale_shift_norm: bool = option(True, help="FiLM-style timestep conditioning (ADM's default)")
+    resblock_updown: bool = option(True, help="residual blocks for up- and down-sampling (ADM's default)")
+    class_cond: bool = option(True, "--unconditional", action="store_false", help="no class conditioning")
+    learn_sigma: bool = option(True, "--fixed-sigma", action="store_false",
+                               help="no learned variance (MSE only; sample with beta~)")
+    noise_schedule: str = option("cosine", "--noise-schedule", choices=NOISE_SCHEDULES, help="the diffusion's betas")
+    diffusion_steps: int = option(1000, help="training diffusion steps T")
+    steps: int = option(2000, "--steps", parse=int, help="optimisation steps")
+    batch_size: int = option(64, "--batch-size", parse=int, help="images per optimisation step")
+    lr: float = option(1e-3, "--lr", parse=float, help="AdamW learning rate")
+    warmup_steps: int = option(100, "--warmup-steps", parse=int, help="linear learning-rate warm-up steps")
+    weight_decay: float = option(0.0, "--weight-decay", parse=float, help="AdamW weight decay")
+    grad_clip: float = option(1.0, "--grad-clip", parse=float, help="max global gradient norm (0 = off)")
+    ema_decay: float = option(0.999, "--ema-decay", parse=float, help="EMA decay of the saved weights")
+    horizontal_flip: bool = option(False, "--horizontal-flip", action="store_true",
+                                   help="random horizontal flips while training")
+    seed: int = option(0, "--seed", parse=int, help="initialisation and data-order seed")
 
     def __post_init__(self):
         for name in ("num_channels", "num_res_blocks", "steps", "batch_size", "diffusion_steps"):
@@ -128,6 +132,31 @@ class PriorTrainConfig:
             # from carrying the extra noise of the "large" choice.
             fixed_variance="small",
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorTrainRun:
+    """`igds-fast train-prior`: the data, the output file, the device; `training` is the PriorTrainConfig."""
+
+    data: str | None = option(None, "--data", metavar="DIR", help="an ImageFolder: DIR/<class>/<image>")
+    digits: bool = option(False, "--digits", action="store_true",
+                          help="scikit-learn's digits instead (the train part of the fixed 70/30 split)")
+    out: str = option(flag="--out", metavar="PRIOR.safetensors", help="the prior file to write (atomically)")
+    image_size: int = option(16, "--image-size", parse=int, help="side the images are resized / centre-cropped to")
+    channels: int = option(3, "--channels", parse=int, choices=(1, 3), default_text="3; digits: 1",
+                           help="1 = grayscale, 3 = RGB")
+    device: str | None = option(None, "--device", default_text="cuda if available, else cpu", help="torch device")
+    cpu_threads: int | None = option(None, "--cpu-threads", parse=int, metavar="N", default_text="1, so the bytes "
+                                     "do not depend on the machine's core count", help="CPU runs: torch intra-op threads")
+    training: PriorTrainConfig = section(PriorTrainConfig, "prior")
+
+    def __post_init__(self):
+        if (self.data is None) == (not self.digits):
+            raise IGDSInputError("give --data DIR or --digits (one of them)")
+        if not isinstance(self.out, str) or not self.out:
+            raise IGDSInputError("give --out PRIOR.safetensors")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 4:
+            raise IGDSInputError(f"--image-size must be an integer >= 4, got {self.image_size!r}")
 
 
 # ---- losses ---------------------------------------------------------------------------------------

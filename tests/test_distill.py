@@ -15,8 +15,11 @@ from PIL import Image
 from factories import FakeStream, randomize_, tiny_ve
 from igds_fast.guidance import GuidanceConfig
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
-from igds_fast.cli.distill import add_parser as add_distill_parser, run as run_distill
-from igds_fast.distill import BATCH_NAME, CONFIG_NAME, DistillConfig, distill
+from igds_fast import cli
+from igds_fast.cli.distill import run as run_distill
+from igds_fast.sampling.compiled.config import CompileConfig
+from igds_fast.settings import replace
+from igds_fast.distill import BATCH_NAME, CONFIG_NAME, distill, distill_config
 from igds_fast.errors import IGDSInputError
 from igds_fast.imageio import make_composite, to_uint8
 from igds_fast.models.adm import ADMUNet
@@ -51,11 +54,12 @@ def models(tmp_path_factory):
     return {"prior": str(prior_path), "ve": str(ve_path), "unet": unet, "ve_model": ve, "folder": folder}
 
 
-def make_config(models, out, **overrides):
-    settings = dict(ve=models["ve"], prior=models["prior"], out=str(out), ipc=2, steps=STEPS, batch_size=4,
-                    seed=3, scale=2.0, beta=0.5, device="cpu", progress=False)
+def make_config(models, out, ipc=2, **overrides):
+    """The tests' run: settings named as igds_fast.settings.replace names them (field, or path)."""
+    settings = dict(prior=models["prior"], steps=STEPS, batch_size=4, seed=3, scale=2.0, beta=0.5, device="cpu",
+                    progress=False)
     settings.update(overrides)
-    return DistillConfig(**settings)
+    return distill_config(models["ve"], str(out), ipc, **settings)
 
 
 def png_pixels(path):
@@ -133,8 +137,9 @@ def test_composites_exact_ipc_and_manifest(models, tmp_path):
     assert owl["generated_indices"] == [4, 5, 6, 7] and owl["label"] == 2 and owl["prior_label"] == 4
     assert owl["seeds"] == [image_seed(3, "owl", g) for g in range(4, 8)]
     settings = manifest["settings"]
-    assert (settings["ipc"], settings["composite"], settings["scale"], settings["beta"], settings["steps"]) == (3, 4, 2.0, 0.5, STEPS)
-    assert settings["beta_source"] == "given"
+    assert (settings["job"]["ipc"], settings["job"]["composite"], settings["guidance"]["scale"],
+            settings["guidance"]["beta"], settings["sampler"]["steps"]) == (3, 4, 2.0, 0.5, STEPS)
+    assert settings["guidance"]["beta_source"] == "given"
     assert manifest["versions"]["torch"] == torch.__version__
     run = manifest["run"]
     assert run["images_written"] == 12 and run["samples_generated"] == 48 and run["images_per_s"] > 0
@@ -231,7 +236,7 @@ def test_sigkill_at_a_random_moment_then_rerun_equals_an_uninterrupted_run(model
     assert listing(interrupted) == listing(reference)
     with open(interrupted / "manifest.json") as a, open(reference / "manifest.json") as b:
         resumed_manifest, reference_manifest = json.load(a), json.load(b)
-    resumed_manifest["settings"].pop("out"), reference_manifest["settings"].pop("out")
+    resumed_manifest["settings"]["run"].pop("out"), reference_manifest["settings"]["run"].pop("out")
     for key in ("settings", "pixel_settings", "classes", "images", "prior", "ve"):
         assert resumed_manifest[key] == reference_manifest[key], key
     assert resumed_manifest["run"]["images_written"] == total - done_at_kill
@@ -290,11 +295,8 @@ def test_a_foreign_non_empty_folder_is_refused(models, tmp_path):
 
 
 def _parse(argv):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_distill_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["distill", *argv])
+    """`igds-fast distill ARGV` parsed as the command line parses it (no models: the demo's parser)."""
+    return cli.parse(["distill", *argv])
 
 
 def test_bad_input_is_one_line_before_any_sampling(models, tmp_path):
@@ -315,7 +317,7 @@ def test_bad_input_is_one_line_before_any_sampling(models, tmp_path):
         (["--prior", models["prior"], "--ve", str(tmp_path / "nope.safetensors"), "--ipc", "1", "--out", out],
          "VE bundle not found"),
         (["--prior", str(tmp_path / "nope.pt"), "--ve", models["ve"], "--ipc", "1", "--out", out], "prior checkpoint not found"),
-        (["--prior", models["ve"], "--ve", models["ve"], "--ipc", "1", "--out", out], "not an igds prior.*--preset"),
+        (["--prior", models["ve"], "--ve", models["ve"], "--ipc", "1", "--out", out], "not an igds prior.*--arch"),
         (["--prior", str(tmp_path / "nope.pt"), "--preset", "adm256-cond", "--ve", models["ve"], "--ipc", "1",
           "--out", out], "prior checkpoint not found"),
         (["--prior", models["prior"], "--ve", str(foreign_ve), "--ipc", "1", "--out", out],
@@ -325,33 +327,38 @@ def test_bad_input_is_one_line_before_any_sampling(models, tmp_path):
         (base + ["--ipc", "1", "--beta-table", str(tmp_path / "nope.json")], "beta table not found"),
         (base + ["--ipc", "1", "--scale", "-1"], "scale must be >= 0"),
         (["--ve", models["ve"], "--ipc", "1", "--out", out], "give exactly one prior"),
-        (["--prior", models["prior"], "--ipc", "1", "--out", out], "give --ve"),
-        (["--prior", models["prior"], "--ve", models["ve"], "--out", out], "give --ipc"),
-        (["--preset", "adm256-cond"], "needs --prior CHECKPOINT and --ve"),
-        (base + ["--ipc", "1", "--compile-dtype", "fp16"], "compile options apply to --backend compiled only"),
-        (base + ["--ipc", "1", "--backend", "compiled", "--compile-options", "{nope"], "--compile-options is not valid JSON"),
+        (["--prior", models["prior"], "--ipc", "1", "--out", out], "the following arguments are required: --ve"),
+        (["--prior", models["prior"], "--ve", models["ve"], "--out", out], "arguments are required: --ipc"),
+        (["--preset", "adm256-cond"], "--preset applies to a distillation run \\(--prior/--ve\\)"),
+        (base + ["--ipc", "1", "--compile-dtype", "fp16"], "--compile-dtype applies to --backend compiled only"),
+        (base + ["--ipc", "1", "--backend", "compiled", "--compile-options", "{nope"], "--compile-options: not valid JSON"),
         (base + ["--ipc", "1", "--backend", "compiled", "--compile-options", "[1]"], "must be a JSON object"),
-        (base + ["--ipc", "1", "--backend", "compiled", "--compile-options", '{"graphs": 1}'], "unknown compile options"),
+        (base + ["--ipc", "1", "--backend", "compiled", "--compile-options", '{"graphs": 1}'],
+         "--compile-options: unknown setting\\(s\\) graphs"),
+        (base + ["--ipc", "1", "--backend", "compiled", "--compile-options", '{"batch_size": 8}'],
+         "--compile-options: unknown setting\\(s\\) batch_size"),  # the run's --batch-size is the one
         (base + ["--ipc", "1", "--backend", "compiled", "--compile-options", '{"dtype": "int4"}'], "compile dtype"),
     ]
     for argv, message in cases:
         with pytest.raises(IGDSInputError, match=message) as info:
-            run_distill(_parse(argv))
+            args = _parse(argv)
+            args.handler(args)
         assert "\n" not in str(info.value), argv
     assert not os.path.exists(out)  # nothing was created by any refused run
 
 
 def test_beta_defaults_to_the_placeholder_table_and_reads_a_calibrated_table(models, tmp_path):
-    from igds_fast.distill import DEFAULT_BETA_TABLE
+    from igds_fast.guidance.beta_table import DEFAULT_BETA_TABLE
 
     table = tmp_path / "beta.json"
     table.write_text(json.dumps({"beta_per_ipc": {"1": 0.25, "2": 0.75}}))
     manifest = distill(make_config(models, tmp_path / "a", ipc=2, beta=None, beta_table=str(table), classes="emu",
                                    composite=1))
-    assert manifest["settings"]["beta"] == 0.75 and manifest["settings"]["beta_source"].startswith("table")
+    guidance = manifest["settings"]["guidance"]
+    assert guidance["beta"] == 0.75 and guidance["beta_source"].startswith("table")
     manifest = distill(make_config(models, tmp_path / "b", ipc=1, beta=None, classes="emu", composite=1))
-    assert manifest["settings"]["beta"] == DEFAULT_BETA_TABLE[1]
-    assert "placeholder" in manifest["settings"]["beta_source"]
+    assert manifest["settings"]["guidance"]["beta"] == DEFAULT_BETA_TABLE[1]
+    assert "placeholder" in manifest["settings"]["guidance"]["beta_source"]
 
 
 def test_adm_preset_checkpoints_use_imagenet_labels_and_composites(models, tmp_path, monkeypatch):
@@ -374,14 +381,14 @@ def test_adm_preset_checkpoints_use_imagenet_labels_and_composites(models, tmp_p
     ve.class_names = list(woof)
     ve_path = tmp_path / "woof_ve.safetensors"
     ve.save(ve_path)
-    config = DistillConfig(ve=str(ve_path), prior=str(checkpoint), preset="tiny-cond", out=str(tmp_path / "out"),
-                           ipc=1, classes="imagewoof", steps=3, batch_size=8, scale=1.0, beta=0.1, progress=False)
+    config = distill_config(str(ve_path), str(tmp_path / "out"), 1, prior=str(checkpoint), arch="tiny-cond",
+                            classes="imagewoof", steps=3, batch_size=8, scale=1.0, beta=0.1, progress=False)
     manifest = distill(config)
-    assert manifest["settings"]["composite"] == 4
+    assert manifest["settings"]["job"]["composite"] == 4
     assert [c["prior_label"] for c in manifest["classes"]] == [imagenet_wnids().index(w) for w in woof]
     assert sorted(os.listdir(tmp_path / "out" / woof[0])) == ["00000.png"]
     with pytest.raises(IGDSInputError, match="'n01440764' is not in the VE's class list"):
-        distill(DistillConfig(**{**config.__dict__, "classes": "imagenette", "out": str(tmp_path / "x")}))
+        distill(replace(config, classes="imagenette", out=str(tmp_path / "x")))
 
 
 # ---- progress -------------------------------------------------------------------------------------
@@ -416,14 +423,14 @@ def test_an_unconditional_diffusers_prior_samples_every_ve_class(models, tmp_pat
         norm_num_groups=8,
     )
     randomize_(model, 0.05).save_pretrained(tmp_path / "unet")
-    config = DistillConfig(ve=models["ve"], diffusers=str(tmp_path / "unet"), out=str(tmp_path / "out"), ipc=1,
-                           steps=3, batch_size=4, scale=1.0, beta=0.2, progress=False)
+    config = distill_config(models["ve"], str(tmp_path / "out"), 1, diffusers=str(tmp_path / "unet"), steps=3,
+                            batch_size=4, scale=1.0, beta=0.2, progress=False)
     manifest = distill(config)
     assert manifest["prior"] == {"kind": "diffusers", "path": str(tmp_path / "unet"), "preset": None,
                                  "conditional": False, "num_classes": None}
     assert [(c["name"], c["label"], c["prior_label"]) for c in manifest["classes"]] == [
         ("cat", 0, None), ("dog", 1, None), ("owl", 2, None), ("emu", 3, None)]
-    assert manifest["settings"]["composite"] == 1  # composites default on for the ADM paper presets only
+    assert manifest["settings"]["job"]["composite"] == 1  # composites default on for the ADM paper presets only
     assert manifest["pixel_settings"]["diffusion"]["fixed_variance"] == "large"
     pixels = [png_pixels(tmp_path / "out" / name / "00000.png") for name in CLASSES]
     assert all(p.shape == (16, 16, 3) for p in pixels) and pixels[0].std() > 1
@@ -447,15 +454,15 @@ def test_compiled_backend_chooses_its_batch_pads_the_last_and_matches_eager(mode
         return original_sample(self, labels, seeds, group_ids, pad_to, **options)
 
     monkeypatch.setattr(Sampler, "sample", recording_sample)
-    manifest = distill(make_config(models, tmp_path / "compiled", backend="compiled", compile_options=options,
-                                   batch_size=None, **common))
+    manifest = distill(make_config(models, tmp_path / "compiled", backend__name="compiled",
+                                   backend__compile=CompileConfig(**options), batch_size=None, **common))
     assert manifest["run"]["batch_size"] == 8 and manifest["run"]["samples_generated"] == 12
     # The first-step self-check's measured errors are part of the run's record.
     assert set(manifest["run"]["ranks"][0]["self_check"]) == {"unet", "features", "head", "gradient", "step"}
     assert calls == [(8, None), (4, 8)]  # the short batch after a full one is padded to it
     del calls[:]
-    distill(make_config(models, tmp_path / "single", backend="compiled", compile_options=options, batch_size=None,
-                        classes="cat", ipc=3, composite=1))
+    distill(make_config(models, tmp_path / "single", backend__name="compiled", backend__compile=options,
+                        batch_size=None, classes="cat", ipc=3, composite=1))
     assert calls == [(3, None)]  # a run whose only batch is short runs at its own size
     config = json.loads((tmp_path / "compiled" / CONFIG_NAME).read_text())
     assert config["compile"] == {"dtype": "fp32", "encoder_dtype": "fp32"} and config["noise"] == "philox"
@@ -516,7 +523,7 @@ def test_trace_writes_the_guidance_terms_per_class_and_leaves_the_pixels(models,
     with PILImage.open(tmp_path / "traced" / "trace.png") as image:
         assert image.size[0] >= 5 * 300 and image.mode == "RGB"
     with pytest.raises(IGDSInputError, match="--trace applies to a distillation run"):
-        run_distill(_parse(["--preset", "digits", "--trace"]))
+        _parse(["--preset", "digits", "--trace"])
 
 
 def test_timestep_respacing_and_the_npz_export(models, tmp_path):
@@ -528,10 +535,10 @@ def test_timestep_respacing_and_the_npz_export(models, tmp_path):
     assert cli.main(["distill", *args]) == 0
     settings = json.loads((out / CONFIG_NAME).read_text())
     assert settings["diffusion"]["sampling_steps"] == "3,2"
-    with pytest.raises(IGDSInputError, match="give --steps or --timestep-respacing, not both"):
-        run_distill(_parse(args + ["--steps", "5"]))
+    with pytest.raises(IGDSInputError, match="argument --steps: not allowed with argument --timestep-respacing"):
+        _parse(args + ["--steps", "5"])
     with pytest.raises(IGDSInputError, match="--timestep-respacing applies to a distillation run"):
-        run_distill(_parse(["--preset", "digits", "--timestep-respacing", "ddim5"]))
+        _parse(["--preset", "digits", "--timestep-respacing", "ddim5"])
     assert cli.main(["export-npz", str(out), "--out", str(tmp_path / "samples.npz")]) == 0
     with np.load(tmp_path / "samples.npz", allow_pickle=False) as archive:
         images, labels = archive["arr_0"], archive["arr_1"]

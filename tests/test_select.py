@@ -495,8 +495,9 @@ def test_config_is_validated():
     config = S3Config()
     assert config.search_kwargs() == {"alpha": 0.4, "beta": 0.9, "eps": 0.0, "max_passes": 5}
     assert config.to_dict()["groups"] == 5 and config.real_per_class == 200
-    for bad in ({"groups": 0}, {"groups": 2.0}, {"alpha": -0.1}, {"beta": float("inf")}, {"eps": -1.0},
-                {"max_passes": -1}, {"real_per_class": 0}, {"alpha": "0.4"}):
+    for bad in ({"groups": 0}, {"groups": 2.0}, {"closeness_weight": -0.1},
+                {"separation_weight": float("inf")}, {"eps": -1.0}, {"max_passes": -1}, {"real_per_class": 0},
+                {"closeness_weight": "0.4"}):
         one_line_error(lambda bad=bad: S3Config(**bad), "S3 ")
 
 

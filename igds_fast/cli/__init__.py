@@ -23,14 +23,64 @@ PROG = "igds-fast"
 
 # The command modules of igds_fast.cli, in the order `igds-fast --help` lists their commands. Each
 # defines add_parser(subparsers), which sets handler=run, and run(args) -> exit code.
-COMMANDS = ("distill", "train_prior", "train_ve", "calibrate", "eval", "export", "export_npz")
+COMMANDS = ("distill", "demo", "train_prior", "train_ve", "calibrate", "eval", "export", "export_npz")
+# `igds-fast distill` without any of these runs the digits demo (`igds-fast demo digits`).
+MODEL_FLAGS = ("--prior", "--diffusers", "--ve")
+
+
+def route(argv: list[str]) -> list[str]:
+    """The argv to parse: `igds-fast distill` without models is `igds-fast demo digits` with the same flags.
+
+    So the README's first command (`igds-fast distill`) runs the demo, and argparse then refuses any
+    flag the demo does not take. `--preset digits` (the demo's old spelling) is routed the same way.
+    """
+    if not argv or argv[0] != "distill" or any(arg in ("-h", "--help") for arg in argv[1:]):
+        return argv
+    rest = list(argv[1:])
+    names = [arg.split("=", 1)[0] for arg in rest]
+    models = any(name in MODEL_FLAGS for name in names)
+    for position, arg in enumerate(rest):
+        if arg == "--preset=digits" or (arg == "--preset" and rest[position + 1: position + 2] == ["digits"]):
+            if models:
+                raise IGDSInputError("--preset digits trains its own prior and VE; drop --prior/--diffusers/--ve")
+            print(f"{PROG}: note: --preset digits is now spelled `{PROG} demo digits`", file=sys.stderr)
+            del rest[position: position + (1 if "=" in arg else 2)]
+            return ["demo", "digits", *rest]
+    return argv if models else ["demo", "digits", *rest]
+
+
+def refuse_unknown(command: str, extras: list[str]) -> IGDSInputError:
+    """One line for arguments the command does not take, naming the command that does take them."""
+    from igds_fast.distill import DistillConfig
+    from igds_fast.presets.digits import DigitsDemo
+    from igds_fast.settings import flags_of
+
+    flags = list(dict.fromkeys(arg.split("=", 1)[0] for arg in extras if arg.startswith("-")))
+    if not flags:
+        return IGDSInputError(f"unrecognized arguments: {' '.join(extras)}")
+    verb = "applies" if len(flags) == 1 else "apply"
+    distill_flags = set(flags_of(DistillConfig, old=True))
+    demo_flags = set(flags_of(DigitsDemo, old=True))
+    if command == "demo" and all(flag in distill_flags for flag in flags):
+        return IGDSInputError(f"{', '.join(flags)} {verb} to a distillation run (--prior/--ve), not to the digits demo")
+    if command == "distill" and all(flag in demo_flags for flag in flags):
+        return IGDSInputError(f"{', '.join(flags)} {verb} to the digits demo (igds-fast demo digits, or distill "
+                              "without --prior/--ve), not to a distillation run")
+    return IGDSInputError(f"unrecognized argument{'s' if len(flags) > 1 else ''} for {command}: {', '.join(flags)}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one-line IGDSInputErrors (exit 2 like every bad input)."""
+
+    def error(self, message: str):
+        raise IGDSInputError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
     from igds_fast import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG, description="Fast Information-Guided Diffusion Sampling (IGDS) for dataset distillation."
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -43,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The namespace of `igds-fast ARGV` (the demo routed, unknown flags refused in one line)."""
+    args, extras = build_parser().parse_known_args(route(list(argv)))
+    if extras:
+        raise refuse_unknown(args.command, extras)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: parse ``argv`` (default sys.argv[1:]), run the subcommand, return its exit code.
 
@@ -51,9 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     on a CPU (igds_fast.cpu_math).
     """
     request_reproducible_cpu_math()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parse(sys.argv[1:] if argv is None else argv)
         return int(args.handler(args) or 0)
     except IGDSInputError as exc:
         if not getattr(exc, "quiet", False):  # under torchrun only rank 0 reports a bad input

@@ -5,8 +5,8 @@ import argparse
 import os
 import sys
 
-from igds_fast.calibrate import (SCORE_NORMALIZATIONS, calibrate_beta, parse_betas, parse_ipcs,
-                                 write_beta_table)
+from igds_fast.calibrate import SCORE_NORMALIZATIONS, calibrate_beta, parse_betas, parse_ipcs
+from igds_fast.guidance.beta_table import write_beta_table
 from igds_fast.data import FolderImages, scan_image_folder
 from igds_fast.errors import IGDSInputError
 from igds_fast.evaluate.augment import AugmentConfig

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from igds_fast.npz import export_npz
+from igds_fast.npz import ExportNpzRun, export_npz
+from igds_fast.settings import add_arguments, from_args
 
 
 def add_parser(subparsers) -> None:
     """Declare `igds-fast export-npz` (handler: `run`)."""
     parser = subparsers.add_parser(
         "export-npz",
+        allow_abbrev=False,
         help="write a distilled folder as one .npz (arr_0 images, arr_1 labels) for guided-diffusion's evaluator",
         description=(
             "Write the images of a finished `igds-fast distill` folder, in its manifest's order, as arr_0 "
@@ -18,12 +20,12 @@ def add_parser(subparsers) -> None:
             "evaluations/evaluator.py. Streamed: memory holds one image at a time."
         ),
     )
-    parser.add_argument("folder", metavar="DISTILLED_DIR", help="a folder written by igds-fast distill")
-    parser.add_argument("--out", required=True, metavar="SAMPLES.npz", help="the .npz to write (atomically)")
+    add_arguments(parser, ExportNpzRun)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = export_npz(args.folder, args.out)
+    settings = from_args(ExportNpzRun, args)
+    report = export_npz(settings.folder, settings.out)
     print(f"export-npz: {report['images']} images {tuple(report['shape'][1:])} -> {report['path']}")
     return 0

@@ -20,7 +20,6 @@ from ..imageio import (
     save_png_atomic,
     write_json_atomic,
 )
-from .config import DistillConfig
 
 PREVIEW_MAX_CLASSES = 20
 PREVIEW_MAX_IMAGES = 10
@@ -30,7 +29,7 @@ MANIFEST_NAME = "manifest.json"
 PREVIEW_NAME = "preview.png"
 
 
-def coupled_batch_size(out: str, config: "DistillConfig", composite: int) -> int | None:
+def coupled_batch_size(out: str, gamma: float, asked: int | None, composite: int) -> int | None:
     """The batch size a gamma != 0 folder was started with (None: none saved, or gamma = 0).
 
     With gamma != 0 the diversity term couples the samples of one class within a batch, so the batch
@@ -39,17 +38,16 @@ def coupled_batch_size(out: str, config: "DistillConfig", composite: int) -> int
     (no free-memory probe).
     """
     path = os.path.join(out, BATCH_NAME)
-    if not config.gamma or not os.path.isfile(path):
+    if not gamma or not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as handle:
             saved = int(json.load(handle)["batch_size"])
     except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError):
         raise IGDSInputError(f"{path} is unreadable; use --force to clear the folder") from None
-    asked = config.batch_size
     if asked is not None and max(composite, asked - asked % composite) != saved:
         raise IGDSInputError(
-            f"{out} was started with batch size {saved} and gamma {config.gamma:g} couples the images of a "
+            f"{out} was started with batch size {saved} and gamma {gamma:g} couples the images of a "
             f"batch: rerun with --batch-size {saved} (or without --batch-size), or use --force to clear it"
         )
     return saved

@@ -1,7 +1,6 @@
 """OUT/manifest.json: the settings that apply, versions, per-image seeds and labels, wall time, images/s."""
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -13,6 +12,7 @@ import torch
 from .. import __version__
 from .config import MANIFEST_FORMAT, FORMAT_VERSION
 from .folder import PREVIEW_NAME
+from ..settings import to_dict
 from .plan import Plan
 
 
@@ -42,60 +42,68 @@ def _versions(device: torch.device) -> dict:
     }
 
 
-# Settings that shape only some runs: recorded only where they apply (the others keep their defaults).
-_DIFFUSERS_ONLY = ("noise_schedule",)
-_LATENT_ONLY = ("vae", "cfg_scale", "cfg_channels")
-_COMPILED_ONLY = ("compile_options",)
-_EAGER_ONLY = ("batch_invariant", "head")  # the compiled backend always runs the Triton head
-_NOT_SETTINGS = ("progress", "force", "prior_class_names", "profile_steps")
+def _absolute(section: dict, *names: str) -> None:
+    for name in names:
+        if section.get(name):
+            section[name] = os.path.abspath(section[name])
+
+
+def _drop_unset(section: dict, *names: str) -> None:
+    for name in names:
+        if section.get(name) is None:
+            section.pop(name, None)
 
 
 def applicable_settings(plan: Plan) -> dict:
-    """The run's settings, each only where it applies, with the defaults the plan resolved filled in.
+    """The run's settings tree (`DistillConfig`, igds_fast.settings.to_dict), each setting only where
+    it applies, with the values the plan resolved and every path absolute.
 
-    A --prior run records no --diffusers-only noise_schedule, a pixel prior no VAE / CFG, an eager
-    run no compile options; steps, noise and composite are the values the run used.
+    A --prior run records no diffusers-only noise_schedule, a pixel prior no VAE / CFG, a backend
+    other than compiled no compile section, a plain run no selection; steps, composite, noise, CFG
+    and beta (with where it came from) are the values the run used. Settings that change no pixel
+    and say nothing about the result (--force, --quiet, --profile-steps) are left out.
     """
     config = plan.config
-    settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in _NOT_SETTINGS}
-    # The prior options not given (None) say nothing about this run.
-    dropped = {key for key in ("prior", "diffusers", "preset", "prior_kind") if settings.get(key) is None}
-    if plan.prior.kind != "diffusers":
-        dropped.update(_DIFFUSERS_ONLY)
+    tree = to_dict(config)
+    models = tree["models"]
+    _drop_unset(models, "prior", "diffusers", "arch", "prior_kind", "prior_class_names")
+    if plan.prior.kind == "diffusers":
+        models["noise_schedule"] = plan.pixel_settings["diffusion"]["noise_schedule"]
     else:
-        settings["noise_schedule"] = plan.pixel_settings["diffusion"]["noise_schedule"]
+        models.pop("noise_schedule")
     latent = plan.pixel_settings.get("latent")
     if latent is None:
-        dropped.update(_LATENT_ONLY)
+        for name in ("vae", "cfg_scale", "cfg_channels"):
+            models.pop(name)
     else:
-        settings.update(vae=os.path.abspath(config.vae), cfg_scale=latent["cfg_scale"], cfg_channels=latent["cfg_channels"])
-    if config.backend == "compiled":
-        dropped.update(_EAGER_ONLY)
+        models.update(cfg_scale=latent["cfg_scale"], cfg_channels=latent["cfg_channels"])
+    _absolute(models, "ve", "prior", "diffusers", "vae")
+    tree["job"]["composite"] = plan.composite
+    tree["sampler"]["steps"] = plan.steps
+    guidance = to_dict(plan.guidance)
+    guidance["beta_source"] = plan.beta_source
+    backend = tree["backend"]
+    backend["noise"] = plan.noise
+    if backend["name"] != "eager":
+        guidance.pop("head")  # the fused and compiled backends always run the Triton head
+        backend.pop("batch_invariant")
+    if backend["name"] != "compiled":
+        backend.pop("compile")
+    tree["guidance"] = guidance
+    if config.beta_table is None or config.guidance.beta is not None:
+        tree.pop("beta_table")
     else:
-        dropped.update(_COMPILED_ONLY)
-    if config.beta is not None or config.beta_table is None:
-        dropped.add("beta_table")
-    selection_fields = ["select"] + [name for name, _ in type(config).SELECTION_FLAGS]
-    if config.select is None:
-        dropped.update(selection_fields)
-    else:  # the values the run used (S3Config's defaults filled in), paths absolute
-        chosen = plan.pixel_settings["select"]
-        settings.update(groups=chosen["groups"], select_alpha=chosen["alpha"], select_beta=chosen["beta"],
-                        select_eps=chosen["eps"], select_max_passes=chosen["max_passes"],
-                        real_per_class=chosen["real_per_class"])
-        for key in ("select_encoder", "real", "candidates"):
-            if settings.get(key) is None:
-                dropped.add(key)
-            else:
-                settings[key] = os.path.abspath(settings[key])
-    for key in dropped:
-        settings.pop(key, None)
-    settings.update(steps=plan.steps, noise=plan.pixel_settings["noise"], composite=plan.composite,
-                    beta=plan.beta, beta_source=plan.beta_source)
-    for key in ("ve", "prior", "diffusers", "beta_table", "out"):
-        if settings.get(key):
-            settings[key] = os.path.abspath(settings[key])
-    return settings
+        tree["beta_table"] = os.path.abspath(config.beta_table)
+    if tree["selection"] is None:
+        tree.pop("selection")
+    else:
+        _drop_unset(tree["selection"], "encoder", "real", "candidates")
+        _absolute(tree["selection"], "encoder", "real", "candidates")
+    run = tree["run"]
+    for name in ("force", "progress", "profile_steps"):
+        run.pop(name)
+    _absolute(run, "out")
+    return tree
 
 
 def build_manifest(plan: Plan, written: int, sampled: int, sampling_seconds: float, wall: float, has_preview: bool) -> dict:
@@ -124,7 +132,7 @@ def build_manifest(plan: Plan, written: int, sampled: int, sampling_seconds: flo
             "num_classes": None if plan.prior.class_names is None else len(plan.prior.class_names),
         },
         "ve": {
-            "path": os.path.abspath(config.ve), "arch": plan.ve.arch, "resolution": plan.ve.resolution,
+            "path": os.path.abspath(config.models.ve), "arch": plan.ve.arch, "resolution": plan.ve.resolution,
             "tau": plan.ve.tau, "num_classes": plan.ve.num_classes,
         },
         "classes": [

@@ -39,7 +39,6 @@ from ..distributed import (
     shard,
     shutdown,
 )
-from ..guidance import GuidanceConfig
 from ..imageio import make_composite, save_png_atomic, write_json_atomic
 from ..jobs import batch_jobs, batch_samples, is_done
 from ..models.cfg import ClassifierFreeGuidance
@@ -57,7 +56,7 @@ from .folder import (
     write_preview,
 )
 from .manifest import build_manifest
-from .plan import Plan, compile_config, plan_distill
+from .plan import Plan, plan_distill
 from .trace import TraceAccumulator
 
 
@@ -70,7 +69,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     started = time.perf_counter()
     # Under torchrun: rank 0 validates the inputs and prepares the folder first; the other ranks wait,
     # so a bad input fails once with one message. A single process runs the same code unchanged.
-    ctx = init_distributed(config.device)
+    ctx = init_distributed(config.run.device)
 
     def checked_plan() -> tuple[Plan, object]:
         checked = plan if plan is not None else plan_distill(config)
@@ -78,14 +77,14 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
 
     plan, profile_window = main_first(ctx, checked_plan)
     device = torch.device(rank_device(ctx, str(plan.device))) if ctx.enabled else plan.device
-    out = config.out
+    out = config.run.out
 
     def prepare() -> tuple[int, int | None]:
         if ctx.is_main:
-            done = prepare_output(out, plan.pixel_settings, plan.class_keys, config.force, log)
+            done = prepare_output(out, plan.pixel_settings, plan.class_keys, config.run.force, log)
         else:
             done = sum(1 for job in plan.jobs if is_done(job, out))
-        return done, coupled_batch_size(out, config, plan.composite)
+        return done, coupled_batch_size(out, plan.guidance.gamma, config.run.batch_size, plan.composite)
 
     already, saved_batch_size = main_first(ctx, prepare)
     total_images = len(plan.jobs)
@@ -96,22 +95,18 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         latent = plan.pixel_settings.get("latent")
         if latent is not None:  # a DiT: classifier-free guidance with its null class, decoded by the VAE
             unet = ClassifierFreeGuidance(unet, latent["cfg_scale"], latent["cfg_channels"])
-            decoder = load_vae(config.vae, device)
+            decoder = load_vae(config.models.vae, device)
         schedule = DiffusionSchedule(ScheduleConfig(**plan.pixel_settings["diffusion"]), device=device)
-        guidance = GuidanceConfig(
-            scale=float(config.scale), beta=float(plan.beta), tau=config.tau, gamma=float(config.gamma),
-            mode=config.mode, head=config.head, clip_x0=plan.prior.clip_x0,
-            guide_from_step=config.guide_from_step, guide_until_step=config.guide_until_step,
-        )
-        options = compile_config(config) if config.backend == "compiled" else None
-        return Sampler(unet, schedule, plan.ve.to(device), guidance, backend=config.backend,
-                       prior_class_map=plan.prior_class_map, noise=plan.pixel_settings["noise"],
-                       batch_invariant=config.batch_invariant, backend_options=options, decoder=decoder,
+        backend = config.backend
+        return Sampler(unet, schedule, plan.ve.to(device), plan.guidance, backend=backend.name,
+                       prior_class_map=plan.prior_class_map, noise=plan.noise,
+                       batch_invariant=backend.batch_invariant,
+                       backend_options=backend.compile if backend.name == "compiled" else None, decoder=decoder,
                        profile_steps=profile_window)
 
     sampler = None
-    batch_size = config.batch_size or saved_batch_size
-    pad = config.backend == "compiled"  # static shapes: a short last batch reuses the full batches' graphs
+    batch_size = config.run.batch_size or saved_batch_size
+    pad = config.backend.name == "compiled"  # static shapes: a short last batch reuses the full batches' graphs
     if batch_size is None:
         if pad and already < total_images:
             # Every rank sees the same folder, so all of them take this branch and meet in agree_min.
@@ -120,7 +115,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         else:
             batch_size = DEFAULT_BATCH_SIZE
     batch_size = max(plan.composite, batch_size - batch_size % plan.composite)  # whole composites only
-    if config.gamma and saved_batch_size is None and ctx.is_main:
+    if plan.guidance.gamma and saved_batch_size is None and ctx.is_main:
         write_json_atomic(os.path.join(out, BATCH_NAME), {"batch_size": batch_size})
     batches = list(batch_jobs(plan.jobs, batch_size))
     # Fixed batches, dealt round-robin: a batch has the same members whatever the world size, and the
@@ -140,12 +135,12 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     if ctx.is_main and already < total_images:
         ranks = f" on {ctx.world_size} ranks" if ctx.enabled else ""
         log(
-            f"distill: {len(plan.class_keys)} classes x IPC {config.ipc} = {total_images} images "
+            f"distill: {len(plan.class_keys)} classes x IPC {config.job.ipc} = {total_images} images "
             f"({plan.composite} sample(s) each), {total_images - already} to make{ranks}, beta {plan.beta:g} "
-            f"({plan.beta_source}), scale {config.scale:g}, {plan.steps} steps, batch {batch_size}, "
-            f"backend {config.backend}, device {plan.device}"
+            f"({plan.beta_source}), scale {plan.guidance.scale:g}, {plan.steps} steps, batch {batch_size}, "
+            f"backend {config.backend.name}, device {plan.device}"
         )
-        if config.progress:
+        if config.run.progress:
             progress = Progress(total_images, unit="img", label="distill", initial=already)
             progress.start()
     others_shown = 0
@@ -163,7 +158,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         for batch_number, batch in enumerate(todo):
             samples = batch_samples(batch)
             group_ids = None
-            if config.gamma:
+            if plan.guidance.gamma:
                 # The diversity term couples the samples of one class in the batch (IGDS_SPEC section 4).
                 group_ids = [sample.label for sample in samples]
             # Pad a short batch only after a full one: then its graphs exist and padding replaces a new
@@ -177,9 +172,9 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
                     progress.set_partial(to_write * finished / num_steps)
 
             images = sampler.sample([s.label for s in samples], [s.seed for s in samples], group_ids=group_ids,
-                                    pad_to=pad_to, trace=config.trace,
+                                    pad_to=pad_to, trace=config.run.trace,
                                     on_steps_done=steps_done if progress is not None else None)
-            if config.trace:
+            if config.run.trace:
                 images, trace = images
                 traces.add(trace, [class_position[s.label] for s in samples])
             images = images.detach().to("cpu", torch.float32)
@@ -218,14 +213,14 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     report = getattr(getattr(sampler, "_step", None), "self_check_report", None)
     if report is not None:  # the compiled backend's first-step errors against the eager float32 step
         rank_stats["self_check"] = {part["part"]: float(f"{part['error']:.3g}") for part in report["parts"]}
-    if config.trace:
+    if config.run.trace:
         rank_stats["trace"] = traces.to_state()
     gathered = gather_to_main(ctx, rank_stats)
     if not ctx.is_main:
         barrier(ctx)  # leave the process group together with rank 0: a lone teardown can abort gloo
         shutdown(ctx)
         return {"run": {"world_size": ctx.world_size, "ranks": [rank_stats]}}  # no "images": rank 0 merges
-    if config.trace:
+    if config.run.trace:
         merged = TraceAccumulator(len(schedule_map), plan.class_keys)
         for stats in gathered:
             merged.merge(stats.pop("trace"))
@@ -233,7 +228,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
     written = sum(stats["images_written"] for stats in gathered)
     sampled = sum(stats["samples_generated"] for stats in gathered)
     sampling_seconds = max(stats["sampling_time_s"] for stats in gathered)  # the ranks ran in parallel
-    preview = write_preview(out, plan.class_keys, config.ipc)
+    preview = write_preview(out, plan.class_keys, config.job.ipc)
     wall = time.perf_counter() - started
     manifest = build_manifest(plan, written, sampled, sampling_seconds, wall, preview is not None)
     manifest["run"].update(world_size=ctx.world_size, ranks=gathered, batch_size=batch_size)
@@ -244,10 +239,11 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
 
 
 def _profile_window(config: DistillConfig, plan: Plan):
-    """The validated CUDA-profiler window (config.profile_steps or $IGDS_PROFILE_STEPS), or None."""
+    """The validated CUDA-profiler window (--profile-steps or $IGDS_PROFILE_STEPS), or None."""
     num_steps = DiffusionSchedule(ScheduleConfig(**plan.pixel_settings["diffusion"])).num_steps
-    source = "--profile-steps" if config.profile_steps is not None else PROFILE_STEPS_ENV
-    return resolve_step_window(config.profile_steps, num_steps, source)
+    profile_steps = config.run.profile_steps
+    source = "--profile-steps" if profile_steps is not None else PROFILE_STEPS_ENV
+    return resolve_step_window(profile_steps, num_steps, source)
 
 
 __all__ = ["distill"]

@@ -69,7 +69,8 @@ from ..select import ClassCentroidAccumulator, S3Config, s3_search_centroids, se
 from .config import DistillConfig
 from .folder import MANIFEST_NAME, output_refusal, prepare_output, write_preview
 from .manifest import build_manifest
-from .plan import Plan, candidates_folder, check_selection_options, plan_distill, resolve_beta
+from ..settings import replace as replace_settings
+from .plan import Plan, candidates_folder, check_selection_paths, plan_distill, run_beta
 from .run import distill
 
 STAGE_DIR = ".s3"
@@ -257,33 +258,33 @@ class SelectionPlan:
 
 def plan_selection(config: DistillConfig, real_images=None) -> SelectionPlan:
     """Every check of a --select s3 run, before any sampling (one-line IGDSInputError)."""
-    s3 = check_selection_options(config)
+    s3 = check_selection_paths(config)
     if s3 is None:
         raise IGDSInputError("plan_selection needs a --select run")
-    if config.real is None and real_images is None:
+    selection = config.selection
+    if selection.real is None and real_images is None:
         raise IGDSInputError("--select s3 needs --real DIR (real training images of the classes): the real "
                              "centroids are mean encoder features of real images, which the VE bundle does not hold")
-    if config.real is not None and real_images is not None:
+    if selection.real is not None and real_images is not None:
         raise IGDSInputError("give --real DIR or in-memory real images, not both")
-    if not config.out:
-        raise IGDSInputError("give an output folder (--out)")
-    if os.path.exists(config.out) and not os.path.isdir(config.out):
-        raise IGDSInputError(f"output path {config.out!r} exists and is not a folder")
-    beta, beta_source = resolve_beta(config)  # at the target IPC, not at G x IPC
+    if os.path.exists(config.run.out) and not os.path.isdir(config.run.out):
+        raise IGDSInputError(f"output path {config.run.out!r} exists and is not a folder")
+    beta, beta_source = run_beta(config)  # at the target IPC, not at G x IPC
     candidates = candidates_folder(config)
-    selection_fields = {name: None for name, _ in DistillConfig.SELECTION_FLAGS}
-    candidate_config = dataclasses.replace(config, out=candidates, ipc=s3.groups * config.ipc, beta=beta,
-                                           beta_table=None, select=None, **selection_fields)
+    # The candidates: a plain run of G x IPC images per class with the target IPC's beta.
+    candidate_config = dataclasses.replace(
+        replace_settings(config, out=candidates, ipc=s3.groups * config.job.ipc, beta=beta, beta_table=None),
+        selection=None)
     candidate_plan = plan_distill(candidate_config)
-    encoder = load_feature_encoder(config.select_encoder, candidate_plan.ve)
+    encoder = load_feature_encoder(selection.encoder, candidate_plan.ve)
     if real_images is not None:
         real = RealInMemory(real_images, len(candidate_plan.class_keys), s3.real_per_class)
     else:
-        real = RealFolder(config.real, candidate_plan.class_keys, s3.real_per_class)
+        real = RealFolder(selection.real, candidate_plan.class_keys, s3.real_per_class)
     out_settings = {
         **candidate_plan.pixel_settings,
-        "ipc": config.ipc,
-        "select": {"method": config.select, **s3.to_dict(), "real_seed": REAL_SEED, "encoder": encoder.description,
+        "ipc": config.job.ipc,
+        "select": {"method": selection.method, **s3.to_dict(), "real_seed": REAL_SEED, "encoder": encoder.description,
                    "real": real.description, "feature_batch": FEATURE_BATCH},
     }
     return SelectionPlan(config, s3, candidates, candidate_config, candidate_plan, beta_source, encoder, real,
@@ -299,13 +300,13 @@ def _output_refusal(out: str, settings: dict, force: bool) -> str | None:
 
 
 def distill_with_selection(config: DistillConfig, log: Callable[[str], None] = _stderr, real_images=None) -> dict:
-    """Run (or resume) a distillation; with config.select = "s3" the S³ stages around `distill()`.
+    """Run (or resume) a distillation; with config.selection the S³ stages around `distill()`.
 
     real_images: an in-memory real set (`data.TensorImages`, labels = positions in the run's class
-    list) instead of config.real. Returns the manifest (written to OUT/manifest.json); a non-zero
+    list) instead of config.selection.real. Returns the manifest (written to OUT/manifest.json); a non-zero
     torchrun rank returns its candidates share's run record (no "images").
     """
-    if config.select is None:
+    if config.selection is None:
         if real_images is not None:
             raise IGDSInputError("real images apply to --select s3 only")
         return distill(config, log=log)
@@ -313,7 +314,7 @@ def distill_with_selection(config: DistillConfig, log: Callable[[str], None] = _
     quiet_rank = launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
     try:
         plan = plan_selection(config, real_images)
-        refusal = _output_refusal(config.out, plan.out_settings, config.force)
+        refusal = _output_refusal(config.run.out, plan.out_settings, config.run.force)
         if refusal is not None:
             raise IGDSInputError(refusal)
     except IGDSInputError as exc:
@@ -322,7 +323,7 @@ def distill_with_selection(config: DistillConfig, log: Callable[[str], None] = _
         raise
     if not quiet_rank:
         # OUT's settings file first (the candidates come after), so a crash leaves a folder that knows them.
-        prepare_output(config.out, plan.out_settings, plan.candidate_plan.class_keys, config.force, log)
+        prepare_output(config.run.out, plan.out_settings, plan.candidate_plan.class_keys, config.run.force, log)
     candidates_manifest = distill(plan.candidate_config, log=log, plan=plan.candidate_plan)
     if "images" not in candidates_manifest:
         return candidates_manifest  # a non-zero rank: its share of the candidates is done
@@ -406,7 +407,7 @@ def _candidate_image_shape(plan: SelectionPlan) -> tuple[int, int]:
 def _features_stage(plan: SelectionPlan, paths: dict, key_hash: str, image_size: int, channels: int, device, log):
     """Save the features of every fixed candidate batch not saved yet; returns the batch files in order."""
     class_keys = plan.candidate_plan.class_keys
-    per_class = plan.candidate_config.ipc
+    per_class = plan.candidate_config.job.ipc
     images = [os.path.join(plan.candidates, key, image_file_name(k)) for key in class_keys for k in range(per_class)]
     lists = [list(range(start, min(start + FEATURE_BATCH, len(images)))) for start in range(0, len(images), FEATURE_BATCH)]
     files = [os.path.join(paths["features"], f"{number:06d}.safetensors") for number in range(len(lists))]
@@ -422,7 +423,7 @@ def _features_stage(plan: SelectionPlan, paths: dict, key_hash: str, image_size:
 
 def _subgroup_centroids(plan: SelectionPlan, files: list[str], key_hash: str) -> torch.Tensor:
     """[C, G, d] subgroup centroids from the saved batches, one class at a time."""
-    groups, ipc = plan.s3.groups, plan.config.ipc
+    groups, ipc = plan.s3.groups, plan.config.job.ipc
     per_class = groups * ipc
     rows, centroids = [], []
     held = 0
@@ -480,7 +481,7 @@ def _selection_stage(plan: SelectionPlan, paths: dict, files, features_key: str,
                      device, log) -> dict:
     """The S³ search (or its saved result): chosen / start subgroup per class, objective terms, passes."""
     key = {"features": features_key, "real": real_key, "search": plan.s3.search_kwargs(), "groups": plan.s3.groups,
-           "ipc": plan.config.ipc}
+           "ipc": plan.config.job.ipc}
     try:
         with open(paths["selection"], encoding="utf-8") as handle:
             saved = json.load(handle)
@@ -509,12 +510,12 @@ def _selection_stage(plan: SelectionPlan, paths: dict, files, features_key: str,
 def _copy_chosen(plan: SelectionPlan, chosen: list[int]) -> int:
     """OUT/<class>/<j>.png = the chosen subgroup's j-th candidate, atomically; returns files written."""
     written = 0
-    ipc = plan.config.ipc
+    ipc = plan.config.job.ipc
     for key, group in zip(plan.candidate_plan.class_keys, chosen):
         for index in range(ipc):
             with open(os.path.join(plan.candidates, key, image_file_name(group * ipc + index)), "rb") as handle:
                 data = handle.read()
-            target = os.path.join(plan.config.out, key, image_file_name(index))
+            target = os.path.join(plan.config.run.out, key, image_file_name(index))
             if os.path.isfile(target):
                 with open(target, "rb") as handle:
                     if handle.read() == data:
@@ -544,17 +545,17 @@ def _select_and_write(plan: SelectionPlan, candidates_manifest: dict, started: f
     stage = time.perf_counter()
     written = _copy_chosen(plan, selection["chosen"])
     times["copy_s"] = round(time.perf_counter() - stage, 3)
-    preview = write_preview(plan.config.out, plan.candidate_plan.class_keys, plan.config.ipc)
+    preview = write_preview(plan.config.run.out, plan.candidate_plan.class_keys, plan.config.job.ipc)
     manifest = _build_manifest(plan, selection, candidates_manifest, written, preview is not None)
     manifest["run"].update(stage_times_s=times, wall_time_s=round(time.perf_counter() - started, 3))
-    write_json_atomic(os.path.join(plan.config.out, MANIFEST_NAME), manifest)
+    write_json_atomic(os.path.join(plan.config.run.out, MANIFEST_NAME), manifest)
     return manifest
 
 
 def _build_manifest(plan: SelectionPlan, selection: dict, candidates_manifest: dict, written: int,
                     has_preview: bool) -> dict:
     """OUT's manifest: a plain run's fields for the chosen images, plus the selection's record."""
-    ipc = plan.config.ipc
+    ipc = plan.config.job.ipc
     position = {key: i for i, key in enumerate(plan.candidate_plan.class_keys)}
     candidate_jobs = {(job.class_key, job.image_index): job for job in plan.candidate_plan.jobs}
     jobs = []
@@ -575,13 +576,13 @@ def _build_manifest(plan: SelectionPlan, selection: dict, candidates_manifest: d
         entry["subgroup"] = group
         entry["candidate"] = os.path.join(entry["class"], image_file_name(group * ipc + entry["index"]))
     encoder = dict(plan.encoder.description)
-    encoder["path"] = (os.path.abspath(plan.config.select_encoder) if plan.config.select_encoder
-                       else os.path.abspath(plan.config.ve))
+    selection_settings = plan.config.selection
+    encoder["path"] = os.path.abspath(selection_settings.encoder or plan.config.models.ve)
     real = dict(plan.real.description)
-    if plan.config.real is not None:
-        real["path"] = os.path.abspath(plan.config.real)
+    if selection_settings.real is not None:
+        real["path"] = os.path.abspath(selection_settings.real)
     manifest["selection"] = {
-        "method": plan.config.select,
+        "method": selection_settings.method,
         **plan.s3.to_dict(),
         "real_seed": REAL_SEED,
         "encoder": encoder,

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import IGDSInputError
+from ..settings import option
 
 GRADIENT_MODES = ("x0", "xt")
 HEADS = ("autograd", "analytic", "triton")
@@ -15,7 +16,9 @@ class GuidanceConfig:
     """How every reverse step is steered (IGDS_SPEC section 3).
 
     scale: guidance scale s in mu~ = mu + s * sigma^2 * g (0 disables guidance: plain DDPM).
-    beta: weight of the contextual term KL(P || Q_y); grows with IPC (section 6).
+    beta: IGDS's contextual weight, on the term KL(P || Q_y); grows with IPC (section 6). None = not
+        chosen yet: a distillation run takes it from its beta table at its IPC
+        (guidance.beta_table.resolve_beta); a sampler refuses an unchosen beta.
     tau: temperature of P = softmax(z / tau) and of the diversity similarities; None = the VE's tau.
     gamma: weight of the InfoNCE diversity term (0 reproduces the paper).
     mode: "x0" — gradient w.r.t. the detached x0 prediction (default, Ma et al. 2024);
@@ -29,20 +32,28 @@ class GuidanceConfig:
         (one host synchronisation per step: the eager reference affords it).
     """
 
-    scale: float = 1.0
-    beta: float = 0.0
-    tau: float | None = None
-    gamma: float = 0.0
-    mode: str = "x0"
-    guide_from_step: int = 0
-    guide_until_step: int | None = None
-    head: str = "autograd"
-    clip_x0: bool = True
-    check_finite: bool = True
+    scale: float = option(1.0, "--scale", parse=float, help="guidance scale s (0 = plain, unguided sampling)")
+    beta: float | None = option(0.0, "--beta", parse=float, default_text="--beta-table at --ipc, else the "
+                                "built-in placeholder table", help="IGDS's contextual weight: of KL(P || Q_y)")
+    tau: float | None = option(None, "--tau", parse=float, default_text="the VE's",
+                               help="temperature of the feature softmax P = softmax(f(x) / tau)")
+    gamma: float = option(0.0, "--gamma", parse=float, help="weight of the diversity (InfoNCE) term")
+    mode: str = option("x0", "--mode", choices=GRADIENT_MODES, help="guidance gradient w.r.t. the x0 prediction "
+                       "(detached) or w.r.t. x_t through the prior")
+    guide_from_step: int = option(0, "--guide-from-step", parse=int, metavar="K",
+                                  help="first guided sampling step (0 = the first step from noise)")
+    guide_until_step: int | None = option(None, "--guide-until-step", parse=int, metavar="K", default_text="the last",
+                                          help="last guided sampling step, inclusive (0 = the first step from noise)")
+    head: str = option("autograd", "--head", choices=HEADS, help="how the eager backend computes dJ/dz: autograd "
+                       "(the reference), analytic closed forms, or the Triton kernel")
+    clip_x0: bool = option(True, help="clip the x0 prediction to [-1, 1] (a pixel prior's; set from the prior)")
+    check_finite: bool = option(True, help="raise on a non-finite guidance gradient")
 
     def __post_init__(self):
         for name in ("scale", "beta", "gamma"):
             value = getattr(self, name)
+            if name == "beta" and value is None:
+                continue  # not chosen yet (a distillation run's beta table decides)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise IGDSInputError(f"guidance {name} must be a finite number, got {value!r}")
         if self.scale < 0:

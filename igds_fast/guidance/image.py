@@ -72,6 +72,9 @@ class IGDSGuidance:
                  head: str | Head = "autograd", features: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  decoder: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.ve = ve
+        if beta is None:
+            raise IGDSInputError("the guidance beta is not chosen (None): give a number, e.g. from a beta table "
+                                 "with igds_fast.guidance.beta_table.resolve_beta")
         self.beta, self.gamma = float(beta), float(gamma)
         self.tau = float(ve.tau if tau is None else tau)
         if not self.tau > 0:

@@ -149,7 +149,7 @@ def describe_prior(prior: str | None, preset: str | None, diffusers: str | None,
         raise IGDSInputError(f"unknown prior kind {prior_kind!r}; expected one of {PRIOR_KINDS}")
     given = [name for name, value in (("--prior", prior), ("--diffusers", diffusers)) if value]
     if len(given) != 1:
-        raise IGDSInputError("give exactly one prior: --prior PATH [--preset NAME] or --diffusers DIR")
+        raise IGDSInputError("give exactly one prior: --prior PATH [--arch NAME] or --diffusers DIR")
     if prior and os.path.isdir(prior):
         # A folder given as --prior: only a diffusers folder is one (every other kind is a single file);
         # unet_folder below refuses any other folder in one line naming it.
@@ -160,7 +160,7 @@ def describe_prior(prior: str | None, preset: str | None, diffusers: str | None,
         directory = unet_folder(os.path.abspath(diffusers))
         config_path = os.path.join(directory, "config.json")
         if preset:
-            raise IGDSInputError("--preset applies to checkpoint files, not to diffusers folders")
+            raise IGDSInputError("--arch applies to checkpoint files, not to diffusers folders")
         if prior_kind is not None:
             raise IGDSInputError("--prior-kind applies to checkpoint files, not to diffusers folders")
         try:
@@ -208,13 +208,13 @@ def describe_prior_file(prior: str, preset: str | None, prior_kind: str | None =
         raise IGDSInputError(f"prior checkpoint not found: {prior}")
     dit = prior_kind == "dit" or preset in DIT_PRESETS
     if preset and prior_kind is not None and (prior_kind == "dit") != (preset in DIT_PRESETS):
-        raise IGDSInputError(f"--preset {preset} is not a {prior_kind} preset")
+        raise IGDSInputError(f"--arch {preset} is not a {prior_kind} preset")
     if not dit and not preset and prior_kind is None and not is_prior_file(path):
         dit = is_dit_checkpoint(path)  # read off the checkpoint's keys
     if dit:
         return _describe_dit(path, preset, ve_class_names, prior_class_names)
     if prior_kind == "adm" and not preset:
-        raise IGDSInputError(f"an ADM checkpoint needs its --preset ({', '.join(sorted(ADM_PRESETS))})")
+        raise IGDSInputError(f"an ADM checkpoint needs its --arch ({', '.join(sorted(ADM_PRESETS))})")
     if preset:
         if preset not in ADM_PRESETS:
             raise IGDSInputError(f"unknown ADM preset {preset!r}; available: {', '.join(sorted(ADM_PRESETS))}")
@@ -227,7 +227,7 @@ def describe_prior_file(prior: str, preset: str | None, prior_kind: str | None =
         header = read_prior_header(path)
     except IGDSInputError as exc:
         raise IGDSInputError(
-            f"{exc}; for a guided-diffusion checkpoint pass --preset ({', '.join(sorted(ADM_PRESETS))})"
+            f"{exc}; for a guided-diffusion checkpoint pass --arch ({', '.join(sorted(ADM_PRESETS))})"
         ) from None
     if prior_kind not in (None, "igds"):
         raise IGDSInputError(f"{path} is a prior file of igds-fast train-prior, not a {prior_kind} checkpoint")

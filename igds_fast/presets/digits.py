@@ -89,6 +89,7 @@ at IPC 1); features, real centroids, selection and copy take about 1 s per set.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -101,13 +102,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..calibrate import beta_for_ipc
 from ..data import TensorImages, load_digits_split, load_image_folder
-from ..distill import DistillConfig, distill_with_selection
+from ..distill import DistillConfig, JobSettings, ModelSettings, RunSettings, SamplerSettings, distill_with_selection
+from ..distill.config import SelectionSettings
 from ..errors import IGDSInputError
 from ..evaluate import AugmentConfig, evaluate_distilled
+from ..guidance import GuidanceConfig
+from ..guidance.beta_table import beta_for_ipc, read_beta_table
 from ..imageio import write_bytes_atomic, write_json_atomic
 from ..models.priors import read_prior_header, save_prior
+from ..select import S3Config
+from ..settings import Flag, option, section
 from ..train_prior import PriorTrainConfig, train_prior
 from ..threads import torch_threads
 from ..train_ve import VETrainConfig, train_ve
@@ -116,6 +121,11 @@ CLASS_NAMES = [str(digit) for digit in range(10)]
 IMAGE_SIZE = 16
 SPLIT = {"image_size": IMAGE_SIZE, "test_fraction": 0.3, "seed": 0}
 DEFAULT_WORK_DIR = os.path.join("igds_work", "digits")
+# The demo's prior, trained once by `igds-fast train-prior --digits` (the command and its measurements
+# are in the record beside it) and shipped with the package: training it takes most of a first run.
+_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+SHIPPED_PRIOR = os.path.join(_DATA_DIR, "digits_prior.safetensors")
+SHIPPED_PRIOR_RECORD = os.path.join(_DATA_DIR, "digits_prior.json")
 RESULTS_NAME = "results.json"
 TABLE_NAME = "results.txt"
 METHODS = ("random", "ddpm", "igds", "igds_s3")
@@ -134,23 +144,45 @@ EVAL_WIDTH = 64
 EVAL_EPOCHS = 200
 
 
+def _ipc_list(text: str) -> tuple[int, ...]:
+    """--ipc 10 or --ipc 1,10 -> (10,) or (1, 10)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an IPC or comma-separated IPCs, got {text!r}") from None
+
+
+def _one_beta(text: str) -> dict[int, float]:
+    """--beta B: one beta for every IPC (the nearest smaller IPC's entry is IPC 1's)."""
+    try:
+        return {1: float(text)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
 @dataclass
 class DigitsSettings:
     """Every knob of the digits pipeline; the defaults are the measured budget choices."""
 
-    ipcs: tuple[int, ...] = (1, 10)
-    seeds: int = 3
+    ipcs: tuple[int, ...] = option((1, 10), "--ipc", parse=_ipc_list, metavar="K[,K...]",
+                                   help="images per class of the distilled sets")
+    seeds: int = option(3, "--eval-seeds", parse=int, help="seeds per method (subset, distill seed, network)")
     prior: PriorTrainConfig = field(default_factory=lambda: PriorTrainConfig(steps=PRIOR_STEPS, batch_size=PRIOR_BATCH_SIZE))
     ve_overrides: dict = field(default_factory=dict)  # applied to VETrainConfig.digits()
-    sampling_steps: int = SAMPLING_STEPS
-    scale: float = GUIDANCE_SCALE
-    beta_by_ipc: dict = field(default_factory=lambda: dict(BETA_BY_IPC))
-    batch_size: int = 100
+    sampling_steps: int = option(SAMPLING_STEPS, "--steps", parse=int, help="respaced sampling steps")
+    scale: float = option(GUIDANCE_SCALE, "--scale", parse=float, help="IGDS's guidance scale")
+    beta_by_ipc: dict = option(
+        default_factory=lambda: dict(BETA_BY_IPC), flag="--beta", parse=_one_beta, metavar="BETA",
+        default_text="0 at IPC 1, 0.2 at IPC 10", help="IGDS's contextual weight, for every IPC",
+        alternates=(Flag("--beta-table", parse=read_beta_table, metavar="JSON",
+                         help="IGDS's beta per IPC, from calibrate-beta"),))
+    batch_size: int = option(100, "--batch-size", parse=int, help="samples per sampler call")
     eval_network: str = "convnet3"
     eval_width: int = EVAL_WIDTH
     eval_epochs: int = EVAL_EPOCHS
-    threads: int | None = 1  # torch intra-op threads for the whole run (None = leave as is)
-    device: str = "cpu"
+    threads: int | None = option(1, "--cpu-threads", parse=int, metavar="N", help="torch intra-op threads for the "
+                                 "whole run (one thread measured fastest for these small models)")
+    device: str = option("cpu", "--device", help="torch device")
     s3_groups: int = S3_GROUPS  # G of the IGDS + S³ row (real centroids: the train split)
     s3_ipcs: tuple[int, ...] | None = None  # the IPCs of the IGDS + S³ row, among `ipcs` (None = every IPC)
 
@@ -205,18 +237,38 @@ def _read_json(path: str):
 # ---- cached pieces --------------------------------------------------------------------------------
 
 
-def ensure_prior(work_dir: str, settings: DigitsSettings, train_x, train_y, log) -> tuple[str, dict]:
-    """WORK/prior.safetensors trained with `settings.prior` on the split (reused when it matches)."""
+def training_record(header: dict) -> dict:
+    """{"config", "data"} of a prior file's training metadata (a train-prior file, or the demo's own
+    cache of an earlier version, which kept them under "cache_key")."""
+    training = header.get("training") or {}
+    return training.get("cache_key", training)
+
+
+def prior_matches(path: str, settings: DigitsSettings) -> bool:
+    """Whether the prior file at `path` was trained with `settings.prior` on the digits split."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        record = training_record(read_prior_header(path))
+    except IGDSInputError:
+        return False
+    return record.get("config") == dataclasses.asdict(settings.prior) and record.get("data") in (SPLIT, {"digits": SPLIT})
+
+
+def ensure_prior(work_dir: str, settings: DigitsSettings, train_x, train_y, log,
+                 retrain: bool = False) -> tuple[str, dict]:
+    """The prior the demo samples with: the one shipped with igds_fast (SHIPPED_PRIOR, made by the
+    command in SHIPPED_PRIOR_RECORD) when it was trained with `settings.prior`, else
+    WORK/prior.safetensors, trained here with `settings.prior` on the split (reused when it matches).
+    retrain: train WORK/prior.safetensors here even where the shipped one matches."""
+    if not retrain and prior_matches(SHIPPED_PRIOR, settings):
+        log(f"digits: prior: the one shipped with igds_fast ({SHIPPED_PRIOR}; --retrain-prior trains it here)")
+        return SHIPPED_PRIOR, {"cached": True, "shipped": True, **shipped_prior_record().get("report", {})}
     path = os.path.join(work_dir, "prior.safetensors")
-    key = {"config": dataclasses.asdict(settings.prior), "data": SPLIT}
+    if prior_matches(path, settings):
+        log(f"digits: prior: cached {path}")
+        return path, {"cached": True, **read_prior_header(path)["training"].get("report", {})}
     if os.path.isfile(path):
-        try:
-            header = read_prior_header(path)
-        except IGDSInputError:
-            header = {}
-        if header.get("training", {}).get("cache_key") == key:
-            log(f"digits: prior: cached {path}")
-            return path, {"cached": True, **header["training"].get("report", {})}
         log(f"digits: prior: {path} was trained with other settings; retraining")
     log(f"digits: prior: training {settings.prior.steps} steps (batch {settings.prior.batch_size}) on "
         f"{train_x.shape[0]} images")
@@ -231,9 +283,15 @@ def ensure_prior(work_dir: str, settings: DigitsSettings, train_x, train_y, log)
     flags = settings.prior.unet_flags(IMAGE_SIZE, train_x.shape[1], len(CLASS_NAMES))
     summary = {"wall_time_s": round(report.wall_time_s, 2), "final_loss": report.final_loss,
                "final_mse": report.final_mse, "samples_per_s": round(report.samples_per_s, 1)}
-    save_prior(path, unet, flags, schedule_config, CLASS_NAMES, {"cache_key": key, "report": summary})
+    save_prior(path, unet, flags, schedule_config, CLASS_NAMES,
+               {"config": dataclasses.asdict(settings.prior), "data": {"digits": SPLIT}, "report": summary})
     log(f"digits: prior: trained in {report.wall_time_s:.1f}s (final loss {report.final_loss:.4f})")
     return path, {"cached": False, **summary}
+
+
+def shipped_prior_record() -> dict:
+    """SHIPPED_PRIOR_RECORD: how the shipped prior was made (command, sha256, machine, seconds)."""
+    return _read_json(SHIPPED_PRIOR_RECORD) or {}
 
 
 def ensure_ve(work_dir: str, settings: DigitsSettings, train_x, train_y, test_x, test_y, log) -> tuple[str, dict]:
@@ -272,12 +330,13 @@ def distill_set(out_dir, prior_path, ve_path, method, ipc, seed, settings: Digit
     guided = method in ("igds", "igds_s3")
     selected = method == "igds_s3"
     config = DistillConfig(
-        ve=ve_path, out=out, ipc=ipc, prior=prior_path, scale=settings.scale if guided else 0.0,
-        beta=settings.beta_for(ipc) if guided else 0.0, steps=settings.sampling_steps, composite=1,
-        batch_size=settings.batch_size, seed=seed, device=settings.device,
+        models=ModelSettings(ve=ve_path, prior=prior_path),
+        job=JobSettings(ipc=ipc, composite=1, seed=seed),
+        sampler=SamplerSettings(steps=settings.sampling_steps),
+        guidance=GuidanceConfig(scale=settings.scale if guided else 0.0, beta=settings.beta_for(ipc) if guided else 0.0),
+        selection=SelectionSettings(s3=S3Config(groups=settings.s3_groups)) if selected else None,
         # The work dir belongs to the pipeline: a changed setting replaces the stale set.
-        force=True, progress=False,
-        select="s3" if selected else None, groups=settings.s3_groups if selected else None,
+        run=RunSettings(out=out, batch_size=settings.batch_size, device=settings.device, force=True, progress=False),
     )
     manifest = distill_with_selection(config, log=log, real_images=real if selected else None)
     run = dict(manifest["run"])
@@ -315,10 +374,10 @@ def evaluate_set(images, labels, test_x, test_y, seed: int, settings: DigitsSett
 
 
 def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: Callable[[str], None] | None = None,
-               out_dir: str | None = None) -> dict:
+               out_dir: str | None = None, retrain_prior: bool = False) -> dict:
     """The whole pipeline; returns {"accuracies": {method: {ipc: [acc per seed]}}, "timings_s": ..., ...}.
 
-    work_dir caches the trained prior and VE; out_dir (default: work_dir) receives the distilled
+    work_dir caches the trained VE (and the prior, when it is not the shipped one or retrain_prior); out_dir (default: work_dir) receives the distilled
     sets (OUT/distilled/) and the results: OUT/results.json and the printed table OUT/results.txt
     (both atomically).
     """
@@ -334,7 +393,7 @@ def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: 
     with torch_threads(settings.threads):
         train_x, train_y, test_x, test_y = load_digits_split(**SPLIT)
         stage = time.perf_counter()
-        prior_path, prior_info = ensure_prior(work_dir, settings, train_x, train_y, log)
+        prior_path, prior_info = ensure_prior(work_dir, settings, train_x, train_y, log, retrain=retrain_prior)
         timings["prior"] = time.perf_counter() - stage
         stage = time.perf_counter()
         ve_path, ve_info = ensure_ve(work_dir, settings, train_x, train_y, test_x, test_y, log)
@@ -427,6 +486,25 @@ def format_table(results: dict) -> str:
 
 
 # ---- command line ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DigitsDemo:
+    """`igds-fast demo digits` (also `igds-fast distill` without models): where it caches and writes."""
+
+    work_dir: str = option(DEFAULT_WORK_DIR, "--work-dir", metavar="DIR", help="cache of the demo's trained VE (and "
+                           "prior), and its outputs without --out")
+    out: str | None = option(None, "--out", metavar="DIR", default_text="--work-dir", help="where the distilled sets "
+                             "(OUT/distilled/) and the results table (OUT/results.json, results.txt) go")
+    force: bool = option(False, "--force", action="store_true", help="first remove what the demo wrote in --work-dir "
+                         "and --out (and nothing else)")
+    progress: bool = option(True, "--quiet", action="store_false", help="no progress output")
+    fast: bool = option(False, "--fast", action="store_true", help="tiny settings (a smoke test; the numbers are "
+                        "meaningless)")
+    retrain_prior: bool = option(False, "--retrain-prior", action="store_true", help="train the prior here (about "
+                                 "5 minutes) instead of using the one shipped with igds_fast")
+    settings: DigitsSettings = section(DigitsSettings, "digits pipeline")
+
 
 CACHED_FILES = ("prior.safetensors", "ve.safetensors", "ve_train.json", RESULTS_NAME, TABLE_NAME)
 OUTPUT_FILES = (RESULTS_NAME, TABLE_NAME)

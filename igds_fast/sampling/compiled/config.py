@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from ...errors import IGDSInputError
+from ...settings import option
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTENTION_BACKENDS = ("sdpa", "xformers", "auto")
@@ -72,23 +73,38 @@ class CompileConfig:
         tolerance (sampling/compiled/self_check.py; costs one eager step on a few images, once per run).
     """
 
-    dtype: str = "bf16"
-    encoder_dtype: str | None = None
-    decoder_dtype: str | None = None
-    channels_last: bool = True
-    compile: bool = True
-    compile_encoder: bool = True
-    backend: str = "inductor"
-    mode: str | None = None
+    dtype: str = option("bf16", "--compile-dtype", choices=tuple(DTYPES), help="compiled backend: compute dtype of "
+                        "the UNet and encoder copies")
+    encoder_dtype: str | None = option(None, "--compile-encoder-dtype", choices=tuple(DTYPES),
+                                       default_text="--compile-dtype", help="compute dtype of the VE encoder copy")
+    decoder_dtype: str | None = option(None, "--compile-decoder-dtype", choices=tuple(DTYPES),
+                                       default_text="the encoder's", help="compute dtype of a latent prior's decoder copy")
+    channels_last: bool = option(True, "--no-channels-last", action="store_false",
+                                 help="keep the copies in NCHW instead of channels-last memory format")
+    compile: bool = option(True, "--no-torch-compile", action="store_false",
+                           help="run the low-precision copies without torch.compile (still graph-captured on CUDA)")
+    compile_encoder: bool = option(True, "--no-compile-encoder", action="store_false",
+                                   help="compile only the UNet, not the encoder / decoder forward")
+    backend: str = option("inductor", "--compile-backend", choices=COMPILE_BACKENDS,
+                          help="torch.compile backend (aot_eager: no code generation)")
+    mode: str | None = option(None, "--compile-mode", choices=COMPILE_MODES, default_text="max-autotune-no-cudagraphs "
+                              "on CUDA, default on a CPU", help="inductor mode")
     inductor_options: Mapping[str, Any] | None = field(default=None, hash=False)
-    cuda_graphs: bool = True
-    attention: str = "auto"
-    batch_size: int | None = None
-    memory_fraction: float = 0.8
-    warmup_iterations: int = 2
-    cudnn_benchmark: bool = True
-    unet_engine: str | None = None
-    self_check: bool = True
+    cuda_graphs: bool = option(True, "--no-cuda-graphs", action="store_false",
+                               help="replay the step without capturing it in a CUDA graph")
+    attention: str = option("auto", "--attention", choices=ATTENTION_BACKENDS,
+                            help="the UNet's attention kernel (auto: xformers only where measured faster)")
+    batch_size: int | None = option(None, help="images per batch (None: chosen from free device memory)")
+    memory_fraction: float = option(0.8, "--memory-fraction", parse=float,
+                                    help="share of free device memory a chosen batch may use")
+    warmup_iterations: int = option(2, "--warmup-iterations", parse=int,
+                                    help="step bodies run before a CUDA-graph capture")
+    cudnn_benchmark: bool = option(True, "--no-cudnn-benchmark", action="store_false",
+                                   help="do not let cuDNN choose convolution algorithms by measurement")
+    unet_engine: str | None = option(None, "--unet-engine", metavar="PLAN",
+                                     help="a TensorRT engine of this UNet (igds-fast export-unet --engine)")
+    self_check: bool = option(True, "--no-self-check", action="store_false",
+                              help="skip the first step's comparison with the eager float32 step")
 
     def __post_init__(self):
         for name in ("dtype", "encoder_dtype", "decoder_dtype"):
