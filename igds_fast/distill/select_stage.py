@@ -24,9 +24,8 @@ already closed the process group, so no collective is left to hang):
    batches of FEATURE_BATCH images of the class-major list, phi(x) = normalize(encoder(x)); each batch
    saved as one safetensors file, atomically: a rerun skips the batches already saved, and the fixed
    batches make a resumed run's features the uninterrupted run's bit for bit.
-   Encoder: the VE's own (its preprocessing: `VariationalEstimator.features`, as the guidance
-   applies it), or a torchvision-layout ResNet-18/50 checkpoint (`--select-encoder`; ReLU, 224 px
-   bilinear resize, ImageNet mean / std; grayscale images repeated to 3 channels).
+   Encoder: `models.feature_encoder` (the VE's own, or a torchvision-layout ResNet-18/50 checkpoint:
+   `--select-encoder`).
 2. real centroids: up to N real images per class (`select_real_indices`, seed REAL_SEED), from
    `--real DIR` (listed without decoding, the chosen files decoded in DataLoader workers, resized and
    centre-cropped to the candidates' side, uint8 until the device) or an in-memory set (the digits
@@ -55,16 +54,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from ..artifacts import file_fingerprint, read_safetensors
+from ..artifacts import read_safetensors
 from ..data import default_num_workers, load_image, scan_image_folder, uint8_to_unit_range
 from ..distributed import QuietRankError, launched_by_torchrun
 from ..errors import IGDSInputError
 from ..imageio import write_bytes_atomic, write_json_atomic
 from ..jobs import ImageJob, image_file_name
-from ..models.resnet import load_moco_encoder
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
+from ..models.feature_encoder import FeatureEncoder, load_feature_encoder
 from ..select import ClassCentroidAccumulator, S3Config, s3_search_centroids, select_real_indices, subgroup_centroids
 from .config import DistillConfig
 from .folder import MANIFEST_NAME, output_refusal, prepare_output, write_preview
@@ -82,7 +79,6 @@ FEATURE_BATCH = 128  # candidate images per feature batch (fixed: the batches ar
 REAL_BATCH = 128
 REAL_CHECKPOINT_BATCHES = 20
 REAL_SEED = 0  # select_real_indices' seed: which real images make the centroids
-CHECKPOINT_ENCODER_RESOLUTION = 224
 STAGE_FORMAT = "igds_s3_stage"
 STAGE_METADATA_KEY = "igds_s3_stage"
 
@@ -93,63 +89,6 @@ def _stderr(message: str) -> None:
 
 def _key_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-# ---- the encoder ----------------------------------------------------------------------------------
-
-
-class FeatureEncoder:
-    """phi: images [B, c, H, W] in [-1, 1] -> L2-normalised float32 features [B, d] (no gradients)."""
-
-    def __init__(self, description: dict, encoder, preprocess, in_channels: int):
-        self.description = description
-        self.encoder = encoder
-        self.preprocess = preprocess
-        self.in_channels = in_channels
-        self.device = torch.device("cpu")
-
-    def to(self, device) -> "FeatureEncoder":
-        self.device = torch.device(device)
-        self.encoder = self.encoder.to(self.device)
-        if self.preprocess is not None:
-            self.preprocess = self.preprocess.to(self.device)
-        return self
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, torch.float32)
-        if images.shape[1] != self.in_channels:
-            if images.shape[1] == 1:  # a grayscale prior read by an RGB encoder
-                images = images.expand(-1, self.in_channels, -1, -1)
-            else:
-                raise IGDSInputError(f"the selection encoder reads {self.in_channels} channels, the images have "
-                                     f"{images.shape[1]}")
-        if self.preprocess is None:  # the VE: its own preprocessing, as guidance applies it
-            features = self.encoder.features(images)
-        else:
-            features = self.encoder.forward_features(self.preprocess(images))
-        return F.normalize(features.to(torch.float32), dim=1)
-
-
-def load_feature_encoder(checkpoint: str | None, ve) -> FeatureEncoder:
-    """The VE's encoder (checkpoint None) or a torchvision-layout ResNet-18/50 checkpoint's trunk."""
-    if checkpoint is None:
-        return FeatureEncoder({"kind": "ve"}, ve, None, ve.encoder.in_channels)
-    errors = []
-    for arch in ("resnet18", "resnet50"):
-        try:
-            encoder = load_moco_encoder(checkpoint, arch=arch, softplus_beta=None)  # torchvision: ReLU
-        except IGDSInputError as exc:
-            errors.append(str(exc))
-            continue
-        preprocess = EncoderPreprocess(CHECKPOINT_ENCODER_RESOLUTION, IMAGENET_MEAN, IMAGENET_STD)
-        description = {"kind": "checkpoint", "arch": arch, "resolution": CHECKPOINT_ENCODER_RESOLUTION,
-                       "fingerprint": file_fingerprint(checkpoint)}
-        return FeatureEncoder(description, encoder, preprocess, 3)
-    if errors and "cannot read checkpoint" in errors[0]:
-        raise IGDSInputError(errors[0])
-    raise IGDSInputError(f"--select-encoder {checkpoint} is not a torchvision-layout ResNet-18 or ResNet-50 "
-                         "checkpoint (its keys fit neither trunk)")
 
 
 # ---- image sources ----------------------------------------------------------------------------------
@@ -601,5 +540,4 @@ def _build_manifest(plan: SelectionPlan, selection: dict, candidates_manifest: d
     return manifest
 
 
-__all__ = ["FEATURE_BATCH", "FeatureEncoder", "SelectionPlan", "distill_with_selection", "load_feature_encoder",
-           "plan_selection"]
+__all__ = ["FEATURE_BATCH", "SelectionPlan", "distill_with_selection", "plan_selection"]
