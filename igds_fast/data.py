@@ -360,12 +360,10 @@ class FolderImages:
         progress: bool = False,
     ):
         _check_load_arguments(image_size, channels, on_corrupt)
-        if num_workers is not None and (not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0):
-            raise IGDSInputError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        self.num_workers = self._resolve_num_workers(num_workers)
         self.root = os.fspath(root)
         self.image_size = image_size
         self.channels = channels
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
         names, paths_per_class = scan_image_folder(root, class_names, ignore_unlisted)
         self.class_names = list(names)
         all_paths = [path for paths in paths_per_class for path in paths]
@@ -389,7 +387,78 @@ class FolderImages:
         else:
             self._scan(all_paths, all_labels, on_corrupt, progress)
 
-    def _scan(self, all_paths, all_labels, on_corrupt, progress) -> None:
+    # False only for a path list built with from_paths(verify=False): no decoding pass ran.
+    verified = True
+
+    @staticmethod
+    def _resolve_num_workers(num_workers) -> int:
+        if num_workers is not None and (not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0):
+            raise IGDSInputError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        return default_num_workers() if num_workers is None else num_workers
+
+    @classmethod
+    def from_paths(
+        cls,
+        paths: Sequence[str | os.PathLike],
+        labels: Sequence[int] | torch.Tensor,
+        class_names: Sequence[str],
+        image_size: int,
+        channels: int = 3,
+        on_corrupt: str = "skip",
+        root: str | os.PathLike | None = None,
+        num_workers: int | None = None,
+        in_memory: bool | None = None,
+        verify: bool = True,
+        progress: bool = False,
+    ) -> "FolderImages":
+        """The images of an explicit path list (e.g. a chosen subset of a folder), in the list's order.
+
+        ``labels[i]``: position of image i's class in ``class_names`` (every class needs an image).
+        Only these files are decoded, with the folder constructor's decode, ``on_corrupt``, held or
+        streamed choice and batches: the same files give the same batches bit for bit. ``root``
+        (default: the folder holding every path) names the set in messages and anchors
+        :meth:`fingerprint`'s relative paths. ``verify=False`` (with on_corrupt="fail") skips a
+        streamed set's decoding pass, for a caller that reads each image once anyway: a file is
+        first decoded when a batch needs it, an unreadable one raising then, and
+        :meth:`image_statistics` is unavailable. A held set is decoded at construction either way.
+        """
+        _check_load_arguments(image_size, channels, on_corrupt)
+        if not verify and on_corrupt != "fail":
+            raise IGDSInputError("verify=False needs on_corrupt='fail' (only a decoding pass can skip a file)")
+        paths = [os.fspath(path) for path in paths]
+        if not paths:
+            raise IGDSInputError("the path list is empty")
+        names = [str(name) for name in class_names]
+        if len(set(names)) != len(names):
+            raise IGDSInputError("the given class order lists a class twice")
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):
+            raise IGDSInputError("labels must be integers [N], one per path") from None
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool or labels.ndim != 1:
+            raise IGDSInputError("labels must be integers [N], one per path")
+        if labels.numel() != len(paths):
+            raise IGDSInputError(f"{len(paths)} paths but {labels.numel()} labels")
+        if int(labels.min()) < 0 or int(labels.max()) >= len(names):
+            raise IGDSInputError(f"labels must lie in [0, {len(names)}) (positions in class_names)")
+        self = cls.__new__(cls)
+        self.num_workers = cls._resolve_num_workers(num_workers)
+        self.root = os.fspath(root) if root is not None else os.path.commonpath(
+            [os.path.dirname(os.path.abspath(path)) for path in paths])
+        self.image_size, self.channels, self.class_names = image_size, channels, names
+        decoded_bytes = len(paths) * channels * image_size * image_size
+        self.in_memory = decoded_bytes <= in_memory_limit_bytes() if in_memory is None else bool(in_memory)
+        self._images = None
+        if self.in_memory or verify:
+            self._scan(paths, labels.tolist(), on_corrupt, progress, hold=self.in_memory)
+        else:
+            self.verified = False
+            self._sums = self._squares = None
+            self._keep(paths, labels.tolist(), skipped=[])
+        return self
+
+    def _scan(self, all_paths, all_labels, on_corrupt, progress, hold: bool = False) -> None:
+        """The decoding pass: unreadable files found, pixel sums taken; with `hold` the images kept too."""
         from .progress import Progress
 
         dataset = _DecodeDataset(all_paths, self.image_size, self.channels, with_stats=True)
@@ -397,27 +466,36 @@ class FolderImages:
                  for start in range(0, len(all_paths), _SCAN_BATCH)]
         readable = np.ones(len(all_paths), dtype=bool)
         skipped = []
+        held = torch.empty((len(all_paths), self.channels, self.image_size, self.image_size), dtype=torch.uint8) if hold else None
         self._sums = torch.zeros(self.channels, dtype=torch.int64)
         self._squares = torch.zeros(self.channels, dtype=torch.int64)
         bar = Progress(total=len(all_paths), unit="img", label=f"scan {self.root}", enabled=progress)
-        for _, images, failures, sums, squares in self._loader(dataset, order, pin_memory=False):
+        for indices, images, failures, sums, squares in self._loader(dataset, order, pin_memory=False):
             for index, reason in failures:
                 if on_corrupt == "fail":
                     raise IGDSInputError(f"corrupt image {all_paths[index]!r}: {reason}")
                 readable[index] = False
                 skipped.append(all_paths[index])
+            if held is not None:
+                held[indices] = images
             self._sums += sums
             self._squares += squares
             bar.update(images.shape[0] + len(failures))
         bar.close()
-        self.paths = [path for path, ok in zip(all_paths, readable) if ok]
-        labels = [label for label, ok in zip(all_labels, readable) if ok]
+        if held is not None:
+            self._images = held if readable.all() else held[torch.from_numpy(readable)]
+        self._keep([path for path, ok in zip(all_paths, readable) if ok],
+                   [label for label, ok in zip(all_labels, readable) if ok], skipped)
+
+    def _keep(self, paths: list[str], labels: list[int], skipped: list[str]) -> None:
+        """The readable images' paths, labels and report; a class left without an image is an error."""
         counts = {name: 0 for name in self.class_names}
         for label in labels:
             counts[self.class_names[label]] += 1
         for name, count in counts.items():
             if count == 0:
                 raise IGDSInputError(f"class {name!r} in {self.root!r} has no readable images")
+        self.paths = paths
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self.report = LoadReport(root=self.root, class_names=list(self.class_names), images_per_class=counts,
                                  num_loaded=len(labels), num_skipped_corrupt=len(skipped), skipped_paths=skipped)
@@ -451,6 +529,8 @@ class FolderImages:
         for indices, images, failures, _, _ in self._loader(dataset, lists, pin_memory):
             if failures:
                 index, reason = failures[0]
+                if not self.verified:
+                    raise IGDSInputError(f"unreadable image {self.paths[index]!r}: {reason}")
                 raise IGDSInputError(f"image {self.paths[index]!r} became unreadable after the scan: {reason}")
             yield images, self.labels[indices], indices
 
@@ -479,6 +559,8 @@ class FolderImages:
         """Per-channel mean and population std in [0, 1] units (pixel / 255), exact from integer sums."""
         from fractions import Fraction
 
+        if self._sums is None:
+            raise IGDSInputError("no pixel statistics: this set was built with verify=False (no decoding pass)")
         count = len(self.paths) * self.image_size * self.image_size
         means, stds = [], []
         for total, squares in zip(self._sums.tolist(), self._squares.tolist()):

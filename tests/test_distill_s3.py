@@ -22,6 +22,7 @@ from igds_fast.distill import select_stage
 from igds_fast.errors import IGDSInputError
 from igds_fast.imageio import save_png_atomic
 from igds_fast.models.resnet import build_resnet
+from igds_fast.preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
 from igds_fast.select import class_centroids, s3_search, select_real_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,7 +143,7 @@ def test_the_selection_is_a_direct_s3_search_of_the_candidate_pngs_and_the_manif
     assert file_states(candidates_of(out)) == candidate_states  # the candidates were reused, not resampled
     os.rename(candidates_of(out), candidates_of(other))  # where check_against_direct_search looks
     trunk = resnet.eval()
-    preprocess = select_stage.EncoderPreprocess(224, select_stage.IMAGENET_MEAN, select_stage.IMAGENET_STD)
+    preprocess = EncoderPreprocess(224, IMAGENET_MEAN, IMAGENET_STD)
     manifest, _ = check_against_direct_search(other, real_dir, lambda x: trunk.forward_features(preprocess(x)),
                                               REAL_PER_CLASS, beta=0.5)
     assert manifest["selection"]["encoder"]["kind"] == "checkpoint"
@@ -158,17 +159,18 @@ SMALL_BATCHES = {"FEATURE_BATCH": 4, "REAL_BATCH": 4, "REAL_CHECKPOINT_BATCHES":
 WRAPPER = """
 import os, sys, time
 import igds_fast.distill.select_stage as stage
+from igds_fast.models.feature_encoder import FeatureEncoder
 for name, value in {batches!r}.items():
     setattr(stage, name, value)
 slow = float(os.environ.get("S3_TEST_SLOW", "0"))
-encode, write = stage.FeatureEncoder.__call__, stage.write_bytes_atomic
+encode, write = FeatureEncoder.__call__, stage.write_bytes_atomic
 def slow_encode(self, images):
     time.sleep(slow)
     return encode(self, images)
 def slow_write(path, data):
     time.sleep(slow)
     write(path, data)
-stage.FeatureEncoder.__call__ = slow_encode
+FeatureEncoder.__call__ = slow_encode
 stage.write_bytes_atomic = slow_write
 from igds_fast.cli import main
 sys.exit(main(sys.argv[1:]))

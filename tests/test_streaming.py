@@ -108,6 +108,87 @@ def test_a_class_with_only_corrupt_files_is_an_error_when_streamed(sets):
         FolderImages(sets["distilled"], 8, in_memory=False)
 
 
+# ---- FolderImages.from_paths ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_path_list_gives_the_folders_batches_bit_for_bit(sets, workers):
+    root = sets["train"]
+    whole = FolderImages(root, 16, in_memory=False, num_workers=workers)
+    order = [[5, 0, 29], list(range(1, 5)), list(range(6, 29))]
+    reference = list(whole.uint8_batches(order))
+    for in_memory, verify in ((True, True), (False, True), (False, False)):
+        listed = FolderImages.from_paths(whole.paths, whole.labels, whole.class_names, 16, on_corrupt="fail",
+                                         root=root, num_workers=workers, in_memory=in_memory, verify=verify)
+        assert listed.in_memory == in_memory and listed.verified == verify and listed.paths == whole.paths
+        assert torch.equal(listed.labels, whole.labels) and listed.report == whole.report
+        assert listed.fingerprint() == whole.fingerprint()
+        for (images, labels, indices), (want_images, want_labels, want_indices) in zip(listed.uint8_batches(order), reference):
+            assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+            assert torch.equal(indices, want_indices)
+        if verify:
+            assert listed.image_statistics() == whole.image_statistics()
+    # An index subset, reordered: only the chosen files, in the given order.
+    chosen = [17, 3, 25, 4]
+    subset = FolderImages.from_paths([whole.paths[i] for i in chosen], whole.labels[chosen], whole.class_names, 16,
+                                     num_workers=workers, in_memory=False)
+    assert subset.root == str(root) and len(subset) == 4
+    (images, labels, _), = list(subset.uint8_batches([[0, 1, 2, 3]]))
+    (want_images, want_labels, _), = list(whole.uint8_batches([chosen]))
+    assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+
+def test_a_path_list_with_a_corrupt_file(sets):
+    root = sets["train"]
+    good = FolderImages(root, 16, in_memory=False)
+    bad = root / "green" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg")
+    paths, labels = [*good.paths[:12], str(bad), *good.paths[12:]], [*good.labels[:12].tolist(), 1, *good.labels[12:].tolist()]
+    for in_memory in (True, False):
+        skipping = FolderImages.from_paths(paths, labels, good.class_names, 16, in_memory=in_memory)
+        assert skipping.paths == good.paths and skipping.report.skipped_paths == [str(bad)]
+        (images, _, _), = list(skipping.uint8_batches([list(range(len(skipping)))]))
+        (want, _, _), = list(good.uint8_batches([list(range(len(good)))]))
+        assert torch.equal(images, want)
+        with pytest.raises(IGDSInputError, match="corrupt image .*broken.jpg") as info:
+            FolderImages.from_paths(paths, labels, good.class_names, 16, on_corrupt="fail", in_memory=in_memory)
+        assert "\n" not in str(info.value)
+    # Unverified: construction decodes nothing; the batch that reaches the file fails, naming it.
+    unverified = FolderImages.from_paths(paths, labels, good.class_names, 16, on_corrupt="fail", in_memory=False,
+                                         verify=False)
+    assert len(unverified) == len(paths)
+    assert len(list(unverified.uint8_batches([[0, 1]]))) == 1
+    with pytest.raises(IGDSInputError, match="unreadable image .*broken.jpg") as info:
+        list(unverified.uint8_batches([[11, 12]]))
+    assert "\n" not in str(info.value)
+    with pytest.raises(IGDSInputError, match="verify=False"):
+        unverified.image_statistics()
+    with pytest.raises(IGDSInputError, match="'green'.*no readable images"):
+        FolderImages.from_paths([str(bad), *good.paths[:1]], [1, 0], ["red", "green"], 16, in_memory=False)
+
+
+def test_a_bad_path_list_is_one_line(sets):
+    whole = FolderImages(sets["val"], 8, in_memory=False)
+    paths, labels, names = whole.paths, whole.labels, whole.class_names
+    cases = [
+        ((paths, labels[:-1], names, 8), {}, "18 paths but 17 labels"),
+        ((paths, labels.float(), names, 8), {}, "labels must be integers"),
+        ((paths, [["a"]] * len(paths), names, 8), {}, "labels must be integers"),
+        ((paths, labels + 1, names, 8), {}, r"labels must lie in \[0, 3\)"),
+        ((paths, labels - 1, names, 8), {}, r"labels must lie in \[0, 3\)"),
+        ((paths, labels, [*names, "grey"], 8), {"in_memory": False}, "'grey'.*no readable images"),
+        ((paths, labels, ["red", "red", "blue"], 8), {}, "lists a class twice"),
+        (([], [], names, 8), {}, "the path list is empty"),
+        ((paths, labels, names, 0), {}, "image_size must be a positive integer"),
+        ((paths, labels, names, 8), {"num_workers": -1}, "num_workers must be a non-negative integer"),
+        ((paths, labels, names, 8), {"verify": False}, "verify=False needs on_corrupt='fail'"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(IGDSInputError, match=message) as info:
+            FolderImages.from_paths(*args, **kwargs)
+        assert "\n" not in str(info.value), message
+
+
 # ---- train-ve -----------------------------------------------------------------------------------
 
 

@@ -24,12 +24,12 @@ already closed the process group, so no collective is left to hang):
    batches of FEATURE_BATCH images of the class-major list, phi(x) = normalize(encoder(x)); each batch
    saved as one safetensors file, atomically: a rerun skips the batches already saved, and the fixed
    batches make a resumed run's features the uninterrupted run's bit for bit.
-   Encoder: the VE's own (its preprocessing: `VariationalEstimator.features`, as the guidance
-   applies it), or a torchvision-layout ResNet-18/50 checkpoint (`--select-encoder`; ReLU, 224 px
-   bilinear resize, ImageNet mean / std; grayscale images repeated to 3 channels).
+   Encoder: `models.feature_encoder` (the VE's own, or a torchvision-layout ResNet-18/50 checkpoint:
+   `--select-encoder`). Images are read through `data.FolderImages` (a path list in the batches'
+   order), decoded in DataLoader workers, uint8 until the device.
 2. real centroids: up to N real images per class (`select_real_indices`, seed REAL_SEED), from
-   `--real DIR` (listed without decoding, the chosen files decoded in DataLoader workers, resized and
-   centre-cropped to the candidates' side, uint8 until the device) or an in-memory set (the digits
+   `--real DIR` (listed without decoding; only the chosen files decoded, as a `data.FolderImages`
+   path list, resized and centre-cropped to the candidates' side) or an in-memory set (the digits
    demo's training split); streamed through `ClassCentroidAccumulator` ([C, d] sums only), with a
    checkpoint every REAL_CHECKPOINT_BATCHES batches.
 3. selection: `subgroup_centroids` per class from the saved features ([C, G, d] in memory, never all
@@ -55,16 +55,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from ..artifacts import file_fingerprint, read_safetensors
-from ..data import default_num_workers, load_image, scan_image_folder, uint8_to_unit_range
+from ..artifacts import read_safetensors
+from ..data import FolderImages, scan_image_folder
 from ..distributed import QuietRankError, launched_by_torchrun
 from ..errors import IGDSInputError
 from ..imageio import write_bytes_atomic, write_json_atomic
 from ..jobs import ImageJob, image_file_name
-from ..models.resnet import load_moco_encoder
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
+from ..models.feature_encoder import FeatureEncoder, load_feature_encoder
 from ..select import ClassCentroidAccumulator, S3Config, s3_search_centroids, select_real_indices, subgroup_centroids
 from .config import DistillConfig
 from .folder import MANIFEST_NAME, output_refusal, prepare_output, write_preview
@@ -83,7 +81,6 @@ FEATURE_BATCH = 128  # candidate images per feature batch (fixed: the batches ar
 REAL_BATCH = 128
 REAL_CHECKPOINT_BATCHES = 20
 REAL_SEED = 0  # select_real_indices' seed: which real images make the centroids
-CHECKPOINT_ENCODER_RESOLUTION = 224
 STAGE_FORMAT = "igds_s3_stage"
 STAGE_METADATA_KEY = "igds_s3_stage"
 
@@ -96,95 +93,10 @@ def _key_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-# ---- the encoder ----------------------------------------------------------------------------------
-
-
-class FeatureEncoder:
-    """phi: images [B, c, H, W] in [-1, 1] -> L2-normalised float32 features [B, d] (no gradients)."""
-
-    def __init__(self, description: dict, encoder, preprocess, in_channels: int):
-        self.description = description
-        self.encoder = encoder
-        self.preprocess = preprocess
-        self.in_channels = in_channels
-        self.device = torch.device("cpu")
-
-    def to(self, device) -> "FeatureEncoder":
-        self.device = torch.device(device)
-        self.encoder = self.encoder.to(self.device)
-        if self.preprocess is not None:
-            self.preprocess = self.preprocess.to(self.device)
-        return self
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, torch.float32)
-        if images.shape[1] != self.in_channels:
-            if images.shape[1] == 1:  # a grayscale prior read by an RGB encoder
-                images = images.expand(-1, self.in_channels, -1, -1)
-            else:
-                raise IGDSInputError(f"the selection encoder reads {self.in_channels} channels, the images have "
-                                     f"{images.shape[1]}")
-        if self.preprocess is None:  # the VE: its own preprocessing, as guidance applies it
-            features = self.encoder.features(images)
-        else:
-            features = self.encoder.forward_features(self.preprocess(images))
-        return F.normalize(features.to(torch.float32), dim=1)
-
-
-def load_feature_encoder(checkpoint: str | None, ve) -> FeatureEncoder:
-    """The VE's encoder (checkpoint None) or a torchvision-layout ResNet-18/50 checkpoint's trunk."""
-    if checkpoint is None:
-        return FeatureEncoder({"kind": "ve"}, ve, None, ve.encoder.in_channels)
-    errors = []
-    for arch in ("resnet18", "resnet50"):
-        try:
-            encoder = load_moco_encoder(checkpoint, arch=arch, softplus_beta=None)  # torchvision: ReLU
-        except IGDSInputError as exc:
-            errors.append(str(exc))
-            continue
-        preprocess = EncoderPreprocess(CHECKPOINT_ENCODER_RESOLUTION, IMAGENET_MEAN, IMAGENET_STD)
-        description = {"kind": "checkpoint", "arch": arch, "resolution": CHECKPOINT_ENCODER_RESOLUTION,
-                       "fingerprint": file_fingerprint(checkpoint)}
-        return FeatureEncoder(description, encoder, preprocess, 3)
-    if errors and "cannot read checkpoint" in errors[0]:
-        raise IGDSInputError(errors[0])
-    raise IGDSInputError(f"--select-encoder {checkpoint} is not a torchvision-layout ResNet-18 or ResNet-50 "
-                         "checkpoint (its keys fit neither trunk)")
-
-
-# ---- image sources ----------------------------------------------------------------------------------
-
-
-class _PNGDataset(torch.utils.data.Dataset):
-    """Item i: uint8 [c, S, S] of paths[i], decoded, resized and centre-cropped (data.load_image)."""
-
-    def __init__(self, paths: list[str], image_size: int, channels: int):
-        self.paths, self.image_size, self.channels = paths, image_size, channels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        try:
-            array = load_image(self.paths[index], self.image_size, self.channels)
-            # A grayscale image comes back as a read-only view of PIL's buffer: copy it then.
-            return torch.from_numpy(array if array.flags.writeable else array.copy())
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise IGDSInputError(f"unreadable image {self.paths[index]!r}: {' '.join(str(exc).split())}") from None
-
-
-def _stack(items):
-    return torch.stack(items)
-
-
-def decode_batches(paths: list[str], index_lists: list[list[int]], image_size: int, channels: int):
-    """uint8 [B, c, S, S] per index list, decoded by DataLoader workers (in this process for one batch)."""
-    workers = default_num_workers() if len(index_lists) > 1 else 0
-    loader = torch.utils.data.DataLoader(_PNGDataset(paths, image_size, channels), batch_sampler=index_lists,
-                                         num_workers=workers, collate_fn=_stack,
-                                         prefetch_factor=2 if workers > 0 else None)
-    yield from loader
+# ---- the real images ----------------------------------------------------------------------------
+# Both kinds: `description` (what OUT's settings and the manifest record), `chosen` [M] (the chosen
+# images' indices in the source, in centroid order) and `open(image_size, channels)` (the source:
+# `.batches(index_lists, device)` -> float images in [-1, 1], labels = positions in the class list).
 
 
 class RealFolder:
@@ -199,18 +111,19 @@ class RealFolder:
         labels = torch.tensor([label for label, paths in enumerate(paths_per_class) for _ in paths], dtype=torch.int64)
         chosen = select_real_indices(labels, len(class_keys), per_class, REAL_SEED).tolist()
         self.root = os.path.abspath(root)
+        self.class_keys = list(class_keys)
         self.paths = [all_paths[i] for i in chosen]
         self.labels = labels[chosen]
+        self.chosen = torch.arange(len(self.paths))  # the source opened below holds the chosen files only
         digest = hashlib.sha256()
         for path, label in zip(self.paths, self.labels.tolist()):
             digest.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
         self.description = {"kind": "folder", "images": len(self.paths), "chosen_sha256": digest.hexdigest()}
 
-    def batches(self, image_size: int, channels: int, device):
-        lists = [list(range(start, min(start + REAL_BATCH, len(self.paths))))
-                 for start in range(0, len(self.paths), REAL_BATCH)]
-        for index, images in zip(lists, decode_batches(self.paths, lists, image_size, channels)):
-            yield uint8_to_unit_range(images.to(device)), self.labels[index]
+    def open(self, image_size: int, channels: int) -> FolderImages:
+        # verify=False: every chosen image is decoded once, by the batch that needs it (or held when small).
+        return FolderImages.from_paths(self.paths, self.labels, self.class_keys, image_size, channels=channels,
+                                       on_corrupt="fail", root=self.root, verify=False)
 
 
 class RealInMemory:
@@ -228,14 +141,10 @@ class RealInMemory:
             raise IGDSInputError(f"the real images hold no image of class position {missing[0]} ({len(missing)} such)")
         self.source = source
         self.chosen = select_real_indices(labels, num_classes, per_class, REAL_SEED)
-        self.labels = labels[self.chosen]
         self.description = {"kind": "in-memory", "images": int(self.chosen.numel()), "sha256": source.fingerprint()}
 
-    def batches(self, image_size: int, channels: int, device):
-        for start in range(0, self.chosen.numel(), REAL_BATCH):
-            index = self.chosen[start : start + REAL_BATCH]
-            (images, _, _), = list(self.source.batches([index], device))
-            yield images.to(device, torch.float32), self.labels[start : start + REAL_BATCH]
+    def open(self, image_size: int, channels: int):
+        return self.source  # decoded already: used as given (nothing to resize)
 
 
 # ---- the plan -------------------------------------------------------------------------------------
@@ -414,9 +323,13 @@ def _features_stage(plan: SelectionPlan, paths: dict, key_hash: str, image_size:
     todo = [number for number, path in enumerate(files) if _read_tensors(path, key_hash, tensors=False) is None]
     if todo:
         log(f"distill: S3: features of {len(images)} candidates ({len(todo)} of {len(lists)} batches to do)")
-        batches = decode_batches(images, [lists[number] for number in todo], image_size, channels)
-        for number, batch in zip(todo, batches):
-            features = plan.encoder(uint8_to_unit_range(batch.to(device)))
+        labels = [label for label in range(len(class_keys)) for _ in range(per_class)]
+        # Streamed, unverified: only the batches still to do are decoded (a resumed run skips the saved ones).
+        candidates = FolderImages.from_paths(images, labels, class_keys, image_size, channels=channels,
+                                             on_corrupt="fail", root=plan.candidates, in_memory=False, verify=False)
+        batches = candidates.batches([lists[number] for number in todo], device)
+        for number, (batch, _, _) in zip(todo, batches):
+            features = plan.encoder(batch)
             _save_tensors_atomic(files[number], {"features": features}, key_hash, batch=number)
     return files
 
@@ -460,13 +373,14 @@ def _real_stage(plan: SelectionPlan, paths: dict, stage_key: dict, image_size: i
         start = int(metadata["next_batch"])
     log(f"distill: S3: real centroids from {plan.real.description['images']} real images"
         + (f" (resuming at batch {start})" if start else ""))
-    for number, (images, labels) in enumerate(plan.real.batches(image_size, channels, device)):
-        if number < start:
-            continue
+    chosen = plan.real.chosen
+    lists = [chosen[first : first + REAL_BATCH] for first in range(0, chosen.numel(), REAL_BATCH)]
+    source = plan.real.open(image_size, channels)
+    for number, (images, labels, _) in enumerate(source.batches(lists[start:], device), start):
         features = plan.encoder(images)
         if accumulator is None:
             accumulator = ClassCentroidAccumulator(num_classes, features.shape[1], device=device)
-        accumulator.add(features, labels.to(device))
+        accumulator.add(features, labels.to(device, torch.int64))
         if (number + 1) % REAL_CHECKPOINT_BATCHES == 0:
             _save_tensors_atomic(paths["real_partial"], {"sums": accumulator.sums, "counts": accumulator.counts},
                                  key_hash, next_batch=number + 1)
@@ -602,5 +516,4 @@ def _build_manifest(plan: SelectionPlan, selection: dict, candidates_manifest: d
     return manifest
 
 
-__all__ = ["FEATURE_BATCH", "FeatureEncoder", "SelectionPlan", "distill_with_selection", "load_feature_encoder",
-           "plan_selection"]
+__all__ = ["FEATURE_BATCH", "SelectionPlan", "distill_with_selection", "plan_selection"]
