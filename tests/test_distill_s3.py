@@ -17,7 +17,7 @@ from test_distill import _parse, file_states, listing
 from test_distill_torchrun import ENV, torchrun_command
 from igds_fast.cli.distill import run as run_distill
 from igds_fast.data import load_image, scan_image_folder, uint8_to_unit_range
-from igds_fast.distill import CONFIG_NAME, DistillConfig, distill, distill_with_selection
+from igds_fast.distill import CONFIG_NAME, distill, distill_config, distill_with_selection
 from igds_fast.distill import select_stage
 from igds_fast.errors import IGDSInputError
 from igds_fast.imageio import save_png_atomic
@@ -97,7 +97,8 @@ def test_the_selection_is_a_direct_s3_search_of_the_candidate_pngs_and_the_manif
     # OUT is an ordinary image folder: the candidates are beside it, not inside.
     assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == sorted(CLASSES + ["manifest.json", "preview.png"])
     selection = manifest["selection"]
-    assert (selection["groups"], selection["alpha"], selection["beta"], selection["eps"]) == (GROUPS, 0.4, 0.9, 0.0)
+    assert (selection["groups"], selection["closeness_weight"], selection["separation_weight"], selection["eps"]) == (
+        GROUPS, 0.4, 0.9, 0.0)
     assert selection["encoder"] == {"kind": "ve", "path": models["ve"]}
     assert selection["real"]["path"] == real_dir and selection["real"]["images"] == 3 * len(CLASSES)
     assert selection["candidates"] == candidates_of(out)
@@ -105,24 +106,25 @@ def test_the_selection_is_a_direct_s3_search_of_the_candidate_pngs_and_the_manif
     assert objective["total"] == pytest.approx(0.4 * objective["own_term"] + 0.9 * objective["pair_term"])
     assert objective["total"] >= selection["start_objective"]["total"]
     settings = manifest["settings"]
-    assert (settings["select"], settings["groups"], settings["ipc"], settings["real_per_class"]) == ("s3", GROUPS, IPC, 3)
+    assert (settings["selection"]["method"], settings["selection"]["s3"]["groups"], settings["job"]["ipc"],
+            settings["selection"]["s3"]["real_per_class"]) == ("s3", GROUPS, IPC, 3)
     assert len(manifest["images"]) == IPC * len(CLASSES)
     for entry in manifest["images"]:  # each output image carries its candidate's seeds and index
         group = selection["chosen"][entry["class"]]
         assert entry["subgroup"] == group and entry["generated_indices"] == [group * IPC + entry["index"]]
     # The candidates are a plain distill of G x IPC with the same seed: subgroup 0 is the plain run's images' seeds.
     candidates_manifest = json.loads(open(os.path.join(candidates_of(out), "manifest.json")).read())
-    assert candidates_manifest["settings"]["ipc"] == GROUPS * IPC
+    assert candidates_manifest["settings"]["job"]["ipc"] == GROUPS * IPC and "selection" not in candidates_manifest["settings"]
     seeds = {(e["class"], e["index"]): e["seeds"] for e in candidates_manifest["images"]}
     for entry in manifest["images"]:
         assert entry["seeds"] == seeds[(entry["class"], entry["generated_indices"][0])]
 
     # A rerun finds every stage done and rewrites nothing.
     before = file_states(out)
-    again = distill_with_selection(DistillConfig(
-        ve=models["ve"], prior=models["prior"], out=str(out), ipc=IPC, composite=1, batch_size=4, steps=STEPS, seed=5,
-        scale=2.0, beta=0.3, device="cpu", progress=False, select="s3", groups=GROUPS, real=real_dir, real_per_class=3),
-        log=lambda message: None)
+    again = distill_with_selection(distill_config(
+        models["ve"], str(out), IPC, prior=models["prior"], composite=1, batch_size=4, steps=STEPS, seed=5,
+        scale=2.0, beta=0.3, device="cpu", progress=False, method="s3", groups=GROUPS, real=real_dir,
+        real_per_class=3), log=lambda message: None)
     assert again["run"]["images_written"] == 0 and again["run"]["candidates"]["samples_generated"] == 0
     assert file_states(out) == before
 
@@ -247,11 +249,12 @@ def test_bad_selection_input_is_one_line_before_any_sampling(models, real_dir, t
     selected = plain + ["--select", "s3", "--real", real_dir]
     cases = [
         (plain + ["--groups", "3"], "--groups applies to --select s3 only"),
-        (plain + ["--real", real_dir, "--select-alpha", "1"], "--select-alpha, --real apply to --select s3 only"),
+        (plain + ["--real", real_dir, "--select-alpha", "1"], "--select-closeness-weight, --real apply to --select s3 only"),
         (plain + ["--candidates", str(tmp_path / "c")], "--candidates applies to --select s3 only"),
         (plain + ["--select", "s3"], "--select s3 needs --real DIR"),
         (selected + ["--groups", "0"], "S3 groups must be an integer >= 1"),
-        (selected + ["--select-beta", "-1"], "S3 beta must be >= 0"),
+        (selected + ["--select-beta", "-1"], "S3 separation_weight must be >= 0"),
+        (selected + ["--select-separation-weight", "-1"], "S3 separation_weight must be >= 0"),
         (selected + ["--real-per-class", "0"], "S3 real_per_class must be an integer >= 1"),
         (plain + ["--select", "s3", "--real", str(tmp_path / "nope")], "is not a folder"),
         (selected + ["--select-encoder", str(tmp_path / "nope.pth")], "--select-encoder checkpoint not found"),
@@ -263,7 +266,8 @@ def test_bad_selection_input_is_one_line_before_any_sampling(models, real_dir, t
     ]
     for argv, message in cases:
         with pytest.raises(IGDSInputError, match=message) as info:
-            run_distill(_parse(argv))
+            args = _parse(argv)
+            args.handler(args)
         assert "\n" not in str(info.value), argv
     assert not os.path.exists(out) and not os.path.exists(candidates_of(out))
     # A real folder without a class of the run.
@@ -274,14 +278,14 @@ def test_bad_selection_input_is_one_line_before_any_sampling(models, real_dir, t
         run_distill(_parse(plain + ["--select", "s3", "--real", str(partial)]))
     # distill() itself samples only: a config asking for a selection is refused, not silently sampled plainly.
     with pytest.raises(IGDSInputError, match="distill_with_selection"):
-        distill(DistillConfig(ve=models["ve"], prior=models["prior"], out=str(out), ipc=1, select="s3", real=real_dir))
+        distill(distill_config(models["ve"], str(out), 1, prior=models["prior"], method="s3", real=real_dir))
     assert not os.path.exists(out)
 
 
 def test_a_plain_output_folder_is_refused_before_the_candidates_are_sampled(models, real_dir, tmp_path):
     out = tmp_path / "plain"
-    distill(DistillConfig(ve=models["ve"], prior=models["prior"], out=str(out), ipc=1, steps=2, composite=1,
-                          device="cpu", progress=False, classes="cat"))
+    distill(distill_config(models["ve"], str(out), 1, prior=models["prior"], steps=2, composite=1, device="cpu",
+                           progress=False, classes="cat"))
     saved = (out / CONFIG_NAME).read_text()
     argv = ["--prior", models["prior"], "--ve", models["ve"], "--ipc", "1", "--steps", "2", "--composite", "1",
             "--classes", "cat", "--out", str(out), "--device", "cpu", "--quiet", "--select", "s3", "--real", real_dir]
