@@ -49,6 +49,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from .data import FolderImages
+from .devices import resolve_device
 from .errors import IGDSInputError
 from .guidance.objective import contextual_kl
 from .seeding import stream_seed
@@ -261,7 +262,7 @@ def calibrate_beta(
     "chosen": {ipc: beta}, "settings": {...}, "subsets": {ipc: {beta: [[train indices] per seed]}}}
     with accuracies in percent and mean_score the mean (unnormalised) KL score of the drawn images.
     """
-    from .evaluate.train import default_device, evaluate_distilled
+    from .evaluate.train import evaluate_distilled
 
     started = time.perf_counter()
     if not isinstance(ve, VariationalEstimator):
@@ -292,7 +293,7 @@ def calibrate_beta(
     class_names = list(ve.class_names)
     # One device for the scoring and the evaluations: None means CUDA when available, for both (the
     # scoring would otherwise fall back to the VE's own device, CPU after loading).
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
 
     scored = score_samples(ve, train_images, train_labels, device)
     kept = torch.nonzero(scored["correct"]).flatten()

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .devices import resolve_device
 from .diffusion import NOISE_SCHEDULES, DiffusionSchedule, ScheduleConfig
 from .errors import IGDSInputError
 from .models.adm import ADMUNet
@@ -275,7 +276,7 @@ def train_prior(
     is called every `log_every` steps. Deterministic for a seed on one device and thread count.
     """
     labels, class_names = _check_training_data(images, labels, class_names, config)
-    device = torch.device(device)
+    device = resolve_device(device)
     flags = config.unet_flags(images.shape[-1], images.shape[1], len(class_names))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

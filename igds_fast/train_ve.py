@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 from .artifacts import parse_json_header, read_safetensors
 from .data import FolderImages, TensorImages
+from .devices import resolve_device
 from .errors import IGDSInputError
 from .evaluate.augment import crop_and_flip
 from .guidance.objective import centroid_kl, contextual_kl
@@ -571,18 +572,6 @@ def _check_class_names(class_names) -> list[str]:
     return list(class_names)
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise IGDSInputError(f"unknown device {device!r}") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise IGDSInputError(f"device {device!r} requested but CUDA is not available")
-    return resolved
-
-
 def image_statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std in [0, 1] units of images [N, C, H, W] in [-1, 1] (float64 sums)."""
     unit = (images.to(torch.float64) + 1.0) * 0.5
@@ -967,7 +956,7 @@ def train_ve_from_source(
         _check_source(val, class_names, config.in_channels, "validation")
     if len(train) < 2:
         raise IGDSInputError(f"need at least 2 training images, got {len(train)}")
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     scheme, _ = parse_init(config.init)
     if config.mean is not None:
         mean, std = config.mean, config.std
