@@ -67,7 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .artifacts import parse_json_header, read_safetensors
-from .data import FolderImages, TensorImages
+from .data import FolderImages, TensorImages, check_labelled_images
 from .devices import resolve_device
 from .errors import IGDSInputError
 from .evaluate.augment import crop_and_flip
@@ -538,40 +538,6 @@ def fit_linear_classifier(
     return folded_weight.detach(), folded_bias.detach()
 
 
-# ---- input checks ---------------------------------------------------------------------------------
-
-
-def _check_data(images, labels, class_names, in_channels: int, what: str, require_every_class: bool) -> None:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        raise IGDSInputError(f"{what} images must be a float [N, C, H, W] tensor in [-1, 1], got {getattr(images, 'shape', type(images).__name__)}")
-    if images.shape[0] == 0:
-        raise IGDSInputError(f"no {what} images given")
-    if images.shape[1] != in_channels:
-        raise IGDSInputError(f"{what} images have {images.shape[1]} channel(s), the config says in_channels={in_channels}")
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (images.shape[0],):
-        raise IGDSInputError(f"{what} labels must be a [{images.shape[0]}] tensor, got {getattr(labels, 'shape', type(labels).__name__)}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise IGDSInputError(f"{what} labels must be integers, got {labels.dtype}")
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= len(class_names):
-        raise IGDSInputError(f"{what} labels span [{low}, {high}] but there are {len(class_names)} class names (labels must be in [0, {len(class_names) - 1}])")
-    if not bool(torch.isfinite(images).all()):
-        raise IGDSInputError(f"{what} images contain non-finite values")
-    if require_every_class:
-        counts = torch.bincount(labels.to(torch.long).cpu(), minlength=len(class_names))
-        empty = [class_names[c] for c in range(len(class_names)) if int(counts[c]) == 0]
-        if empty:
-            raise IGDSInputError(f"{what} data has no images of class(es) {empty[:5]} (every class needs a centroid)")
-
-
-def _check_class_names(class_names) -> list[str]:
-    if isinstance(class_names, str) or not isinstance(class_names, Sequence) or not all(isinstance(n, str) for n in class_names):
-        raise IGDSInputError("class_names must be a sequence of strings")
-    if len(class_names) < 2:
-        raise IGDSInputError(f"need at least 2 classes, got {len(class_names)} class name(s)")
-    return list(class_names)
-
-
 def image_statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std in [0, 1] units of images [N, C, H, W] in [-1, 1] (float64 sums)."""
     unit = (images.to(torch.float64) + 1.0) * 0.5
@@ -912,27 +878,23 @@ def train_ve(
     All input defects raise a one-line IGDSInputError before any training.
     For an ImageFolder streamed from disk use :func:`train_ve_from_source`.
     """
-    config = config if config is not None else VETrainConfig()
-    if not isinstance(config, VETrainConfig):
-        raise IGDSInputError(f"config must be a VETrainConfig, got {type(config).__name__}")
-    class_names = _check_class_names(class_names)
-    _check_data(train_images, train_labels, class_names, config.in_channels, "training", require_every_class=True)
     if (val_images is None) != (val_labels is None):
         raise IGDSInputError("give both val_images and val_labels, or neither")
-    if val_images is not None:
-        _check_data(val_images, val_labels, class_names, config.in_channels, "validation", require_every_class=False)
-    train = TensorImages(train_images, train_labels.to(torch.long))
+    train = TensorImages(train_images, train_labels)
     val = None if val_images is None else TensorImages(val_images, val_labels)
     return train_ve_from_source(train, class_names, config, val, log=log, checkpoint=checkpoint, progress=progress)
 
 
-def _check_source(source, class_names, in_channels: int, what: str) -> None:
+def _check_source(source, class_names, in_channels: int, what: str, require_every_class: bool) -> list[str]:
+    """A FolderImages / TensorImages through the one labelled-data check; returns the class names as a list."""
     if not isinstance(source, (FolderImages, TensorImages)):
         raise IGDSInputError(f"{what} data must be a FolderImages or TensorImages, got {type(source).__name__}")
-    if isinstance(source, FolderImages) and source.class_names != list(class_names):
-        raise IGDSInputError(f"{what} folder {source.root!r} has classes {source.class_names[:5]}, expected {list(class_names)[:5]}")
-    if source.channels != in_channels:
-        raise IGDSInputError(f"{what} images have {source.channels} channel(s), the config says in_channels={in_channels}")
+    images, labels = (source, None) if isinstance(source, FolderImages) else (source.images, source.labels)
+    _, class_names = check_labelled_images(
+        images, labels, class_names, what=what, channels=in_channels, channels_expected_by="the config (in_channels)",
+        require_every_class=require_every_class, accept_folder=True,
+    )
+    return class_names
 
 
 def train_ve_from_source(
@@ -950,10 +912,11 @@ def train_ve_from_source(
     config = config if config is not None else VETrainConfig()
     if not isinstance(config, VETrainConfig):
         raise IGDSInputError(f"config must be a VETrainConfig, got {type(config).__name__}")
-    class_names = _check_class_names(class_names)
-    _check_source(train, class_names, config.in_channels, "training")
+    # Training needs every class (each one's centroid Q_y and classifier row come from its images);
+    # held-out data is only evaluated.
+    class_names = _check_source(train, class_names, config.in_channels, "training", require_every_class=True)
     if val is not None:
-        _check_source(val, class_names, config.in_channels, "validation")
+        _check_source(val, class_names, config.in_channels, "validation", require_every_class=False)
     if len(train) < 2:
         raise IGDSInputError(f"need at least 2 training images, got {len(train)}")
     device = resolve_device(config.device)
