@@ -46,7 +46,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .data import FolderImages
+from .data import FolderImages, check_labelled_images
+from .devices import resolve_device
 from .errors import IGDSInputError
 from .guidance.objective import contextual_kl
 from .seeding import stream_seed
@@ -189,30 +190,6 @@ def draw_subset(
 # ---- calibration ----------------------------------------------------------------------------------
 
 
-def _check_split(images, labels, what: str, num_classes: int, channels: int, class_names=None) -> None:
-    if isinstance(images, FolderImages):
-        if len(images) == 0:
-            raise IGDSInputError(f"no {what} images given")
-        if images.channels != channels:
-            raise IGDSInputError(f"{what} images have {images.channels} channel(s), the VE reads {channels}")
-        if class_names is not None and images.class_names != list(class_names):
-            raise IGDSInputError(f"{what} folder {images.root!r} is not read in the VE's class order")
-        return
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        raise IGDSInputError(f"{what} images must be a float [N, C, H, W] tensor in [-1, 1]")
-    if images.shape[0] == 0:
-        raise IGDSInputError(f"no {what} images given")
-    if images.shape[1] != channels:
-        raise IGDSInputError(f"{what} images have {images.shape[1]} channel(s), the VE reads {channels}")
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (images.shape[0],):
-        raise IGDSInputError(f"{what} labels must be a [{images.shape[0]}] tensor matching the images")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise IGDSInputError(f"{what} labels must be integers, got {labels.dtype}")
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        raise IGDSInputError(f"{what} labels span [{low}, {high}] but the VE has {num_classes} classes")
-
-
 def best_beta(rows: Sequence[Mapping], ipc: int) -> float:
     """The beta with the highest mean accuracy among `rows` of this IPC; ties -> the smaller beta."""
     candidates = sorted((float(r["beta"]), float(r["mean"])) for r in rows if int(r["ipc"]) == ipc)
@@ -259,7 +236,7 @@ def calibrate_beta(
     "chosen": {ipc: beta}, "settings": {...}, "subsets": {ipc: {beta: [[train indices] per seed]}}}
     with accuracies in percent and mean_score the mean (unnormalised) KL score of the drawn images.
     """
-    from .evaluate.train import default_device, evaluate_distilled
+    from .evaluate.train import evaluate_distilled
 
     started = time.perf_counter()
     if not isinstance(ve, VariationalEstimator):
@@ -276,21 +253,24 @@ def calibrate_beta(
         raise IGDSInputError(f"score_normalization must be one of {SCORE_NORMALIZATIONS}, got {score_normalization!r}")
     num_classes = ve.num_classes
     channels = ve.encoder.in_channels
-    _check_split(train_images, train_labels, "training", num_classes, channels, ve.class_names)
-    _check_split(val_images, val_labels, "validation", num_classes, channels, ve.class_names)
-    if isinstance(train_images, FolderImages):
-        train_labels = train_images.labels
-    if isinstance(val_images, FolderImages):
-        val_labels = val_images.labels
+    # Not every class needs images here: a class with too few correctly classified training images
+    # is refused per IPC below, with its counts.
+    train_labels, class_names = check_labelled_images(
+        train_images, train_labels, ve.class_names, what="training", channels=channels, channels_expected_by="the VE",
+        accept_folder=True,
+    )
+    val_labels, _ = check_labelled_images(
+        val_images, val_labels, class_names, what="validation", channels=channels, channels_expected_by="the VE",
+        accept_folder=True,
+    )
     if tuple(train_images.shape[1:]) != tuple(val_images.shape[1:]):
         raise IGDSInputError(
             f"training images {tuple(train_images.shape[1:])} and validation images {tuple(val_images.shape[1:])} differ in shape"
         )
-    train_labels = train_labels.to(torch.long).cpu()
-    class_names = list(ve.class_names)
+    train_labels = train_labels.cpu()
     # One device for the scoring and the evaluations: None means CUDA when available, for both (the
     # scoring would otherwise fall back to the VE's own device, CPU after loading).
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
 
     scored = score_samples(ve, train_images, train_labels, device)
     kept = torch.nonzero(scored["correct"]).flatten()

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from .devices import resolve_device
 from .errors import IGDSInputError
 
 T = TypeVar("T")
@@ -78,7 +79,7 @@ def init_distributed(
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    use_cuda = resolve_device(device).type == "cuda"
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -102,7 +103,7 @@ def rank_device(ctx: DistContext, device: str | None) -> str:
     """The device this rank samples on: cuda:LOCAL_RANK under torchrun with CUDA, else `device`."""
     if ctx.enabled and ctx.backend == "nccl":
         return f"cuda:{ctx.local_rank}"
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return str(resolve_device(device))
 
 
 def shard(items: Sequence[T], ctx: DistContext) -> list[T]:

@@ -34,6 +34,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .data import check_labelled_images
+from .devices import resolve_device
 from .diffusion import NOISE_SCHEDULES, DiffusionSchedule, ScheduleConfig
 from .errors import IGDSInputError
 from .models.adm import ADMUNet
@@ -263,30 +265,14 @@ class EMA:
                 shadow.copy_(live)
 
 
-def _check_training_data(images, labels, class_names, config: PriorTrainConfig):
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        raise IGDSInputError(f"training images must be a float [N, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
-    if images.shape[0] == 0:
-        raise IGDSInputError("no training images")
+def _check_fits_unet(images: torch.Tensor, config: PriorTrainConfig) -> None:
+    """What the UNet needs of the images beyond a labelled set: square, a side it can halve at every level."""
     if images.shape[-1] != images.shape[-2]:
         raise IGDSInputError(f"training images must be square, got {tuple(images.shape[-2:])}")
-    if images.shape[1] not in (1, 3):
-        raise IGDSInputError(f"training images must have 1 or 3 channels, got {images.shape[1]}")
-    if float(images.min()) < -1.0 - 1e-4 or float(images.max()) > 1.0 + 1e-4:
-        raise IGDSInputError("training images must lie in [-1, 1]")
-    labels = torch.as_tensor(labels)
-    if labels.shape != (images.shape[0],) or labels.dtype.is_floating_point:
-        raise IGDSInputError(f"labels must be an integer [{images.shape[0]}] tensor")
-    class_names = [str(name) for name in class_names]
-    if not class_names or len(set(class_names)) != len(class_names):
-        raise IGDSInputError("class_names must be a non-empty list of distinct names")
-    if int(labels.min()) < 0 or int(labels.max()) >= len(class_names):
-        raise IGDSInputError(f"labels must lie in [0, {len(class_names)})")
     side = images.shape[-1]
     levels = len(config.channel_mult.split(","))
     if side % (2 ** (levels - 1)):
         raise IGDSInputError(f"image side {side} is not divisible by 2^{levels - 1} (channel_mult {config.channel_mult!r})")
-    return labels.long(), class_names
 
 
 def train_prior(
@@ -303,8 +289,14 @@ def train_prior(
     Returns (EMA UNet in eval mode, training ScheduleConfig, report). `progress(step, steps, loss)`
     is called every `log_every` steps. Deterministic for a seed on one device and thread count.
     """
-    labels, class_names = _check_training_data(images, labels, class_names, config)
-    device = torch.device(device)
+    # A class-conditional prior needs images of every class: a class without any would keep an
+    # untrained embedding and sample noise.
+    labels, class_names = check_labelled_images(
+        images, labels, class_names, what="training", channels=(1, 3), channels_expected_by="the prior's UNet",
+        require_every_class=config.class_cond,
+    )
+    _check_fits_unet(images, config)
+    device = resolve_device(device)
     flags = config.unet_flags(images.shape[-1], images.shape[1], len(class_names))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

@@ -148,10 +148,10 @@ def _calibrate(digits_ve, seed, **overrides):
 
 def test_without_a_device_scoring_and_evaluation_share_the_default_device(digits_ve, monkeypatch):
     import igds_fast.calibrate as calibrate
-    import igds_fast.evaluate.train as evaluate_train
+    import igds_fast.devices as devices
 
     chosen = torch.device("cpu", 0)  # stands for "cuda when available"; the loaded VE sits on plain cpu
-    monkeypatch.setattr(evaluate_train, "default_device", lambda: chosen)
+    monkeypatch.setattr(devices, "default_device", lambda: chosen)
     seen = []
 
     def recording_score(ve, images, labels, device=None):

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-import igds_fast.train_ve as train_ve_module
 from igds_fast.cli import main
 from igds_fast.cli.calibrate import add_parser as add_calibrate_parser
 from igds_fast.cli.train_ve import add_parser as add_train_ve_parser
 from igds_fast.data import IN_MEMORY_ENV, FolderImages, in_memory_limit_bytes, load_image_folder
 from igds_fast.errors import IGDSInputError
 from igds_fast.train_ve import VETrainConfig, image_statistics, train_ve_from_source
+from igds_fast.train_ve.moco import MoCoTrainer
 from igds_fast.ve import VariationalEstimator
 
 _COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
@@ -236,7 +236,7 @@ def test_train_ve_resumes_from_its_epoch_checkpoint(sets, tmp_path, monkeypatch,
     assert len(report["history"]) == 2
 
     checkpoint = tmp_path / "run.checkpoint"
-    original_save = train_ve_module._MoCoTrainer.save_checkpoint
+    original_save = MoCoTrainer.save_checkpoint
 
     class Interrupted(Exception):
         pass
@@ -245,10 +245,10 @@ def test_train_ve_resumes_from_its_epoch_checkpoint(sets, tmp_path, monkeypatch,
         original_save(self, path, key, epoch, step, history)
         raise Interrupted(f"killed after epoch {epoch}")
 
-    monkeypatch.setattr(train_ve_module._MoCoTrainer, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(MoCoTrainer, "save_checkpoint", save_then_stop)
     with pytest.raises(Interrupted, match="after epoch 1"):
         train_ve_from_source(train, train.class_names, _small_config(), checkpoint=checkpoint, **QUIET)
-    monkeypatch.setattr(train_ve_module._MoCoTrainer, "save_checkpoint", original_save)
+    monkeypatch.setattr(MoCoTrainer, "save_checkpoint", original_save)
     assert checkpoint.exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import igds_fast.train_ve as train_ve_module
+import igds_fast.train_ve.pipeline as pipeline_module
 from igds_fast.data import load_digits_split
 from igds_fast.errors import IGDSInputError
 from igds_fast.models.resnet import resnet18
@@ -24,6 +24,7 @@ from igds_fast.train_ve import (
     train_ve,
     update_log_centroids,
 )
+from igds_fast.train_ve.features import frozen_bn_statistics
 from igds_fast.cli.train_ve import add_parser as add_train_ve_parser, run as run_train_ve
 from igds_fast.guidance.objective import centroid_kl
 from igds_fast.ve import VariationalEstimator
@@ -96,7 +97,7 @@ def test_frozen_bn_statistics_uses_batch_statistics_and_keeps_running_ones(rng_s
         norm.running_var.uniform_(0.5, 2.0)
     saved = (norm.running_mean.clone(), norm.running_var.clone())
     x = torch.randn(4, 3, 2, 2) * 3 + 1
-    with train_ve_module._frozen_bn_statistics(norm):
+    with frozen_bn_statistics(norm):
         out = norm(x)
     assert torch.equal(norm.running_mean, saved[0]) and torch.equal(norm.running_var, saved[1])
     expected = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True) + norm.eps)
@@ -265,8 +266,8 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("training started before the input error was raised")
 
-    monkeypatch.setattr(train_ve_module, "_MoCoTrainer", refuse)
-    monkeypatch.setattr(train_ve_module, "fit_linear_classifier", refuse)
+    monkeypatch.setattr(pipeline_module, "MoCoTrainer", refuse)
+    monkeypatch.setattr(pipeline_module, "fit_linear_classifier", refuse)
 
 
 @pytest.mark.parametrize(

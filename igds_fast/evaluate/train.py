@@ -55,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from igds_fast.data import FolderImages
+from igds_fast.devices import resolve_device
 from igds_fast.errors import IGDSInputError
 from igds_fast.evaluate.augment import AugmentConfig, augment_batch
 from igds_fast.evaluate.networks import build_eval_network
@@ -76,10 +77,6 @@ def epochs_for_ipc(ipc: int) -> int:
         if ipc <= bound:
             return epochs
     raise AssertionError("unreachable: the last bound is infinite")
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _lr_factor(schedule: str, step: int, total_steps: int, epoch: int, epochs: int) -> float:
@@ -350,7 +347,7 @@ def evaluate_distilled(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise IGDSInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch_size = min(batch_size, count)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
 
     if isinstance(network, str):
         network_name = network
