@@ -6,7 +6,6 @@ fixed_large variance, clip_sample) side by side. Here a tiny random UNet2DModel 
 layout; `--prior DIR` (or `--diffusers DIR`) samples it, `--classes cifar10` picks the VE's classes,
 and the VE alone supplies the class guidance (the prior is unconditional).
 """
-import argparse
 import json
 import os
 
@@ -95,11 +94,10 @@ def test_our_step_is_ddpm_schedulers_step_on_the_cifar10_schedule(diffusers, tmp
 
 
 def _cli(argv):
-    from igds_fast.cli.distill import add_parser, run
+    from igds_fast import cli
 
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    return run(parser.parse_args(["distill", *argv]))
+    args = cli.parse(["distill", *argv])
+    return args.handler(args)
 
 
 def test_distill_cifar10_from_the_flat_folder_two_steps(diffusers, tmp_path):
@@ -117,7 +115,7 @@ def test_distill_cifar10_from_the_flat_folder_two_steps(diffusers, tmp_path):
     assert manifest["prior"] == {"kind": "diffusers", "path": str(folder), "preset": None, "conditional": False,
                                  "num_classes": None}
     assert manifest["pixel_settings"]["diffusion"]["fixed_variance"] == "large"
-    assert manifest["pixel_settings"]["classes"] == CIFAR10 and manifest["settings"]["composite"] == 1
+    assert manifest["pixel_settings"]["classes"] == CIFAR10 and manifest["settings"]["job"]["composite"] == 1
     assert [image["prior_label"] for image in manifest["images"]] == [None] * 10
     assert [image["label"] for image in manifest["images"]] == list(range(10))
     for name in CIFAR10:
@@ -133,7 +131,7 @@ def test_flags_that_do_not_apply_to_a_folder_prior_are_refused(diffusers, tmp_pa
 
     folder, _ = ddpm_cifar10_folder(diffusers, tmp_path / "ddpm-cifar10-32")
     cases = [
-        (dict(preset="adm64-cond"), "--preset applies to checkpoint files, not to diffusers folders"),
+        (dict(preset="adm64-cond"), "--arch applies to checkpoint files, not to diffusers folders"),
         (dict(prior_kind="adm"), "--prior-kind applies to checkpoint files"),
         (dict(noise_schedule="cosine"), "scheduler_config.json sets the noise schedule: drop --noise-schedule"),
     ]

@@ -1,6 +1,5 @@
 """The distill command's flags: the digits demo's refusals, --out, torchrun, pinned CPU threads, the
 one Triton-on-CPU message, the manifest's applicable settings and versions, a full disk."""
-import argparse
 import errno
 import json
 import os
@@ -13,27 +12,35 @@ import torch
 import test_distill
 from test_distill import _parse, listing, make_config
 from igds_fast import cli
+from igds_fast.cli import demo as demo_cli
 from igds_fast.cli import distill as distill_cli
-from igds_fast.distill import plan_distill
+from igds_fast.distill import DistillConfig, plan_distill
 from igds_fast.distributed import QuietRankError
 from igds_fast.errors import IGDSInputError
 from igds_fast.presets import digits
 from igds_fast.sampling.backends import TRITON_ON_CPU_MESSAGE, check_triton_runs_on, resolve_noise_source
+from igds_fast.settings import flags_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 models = test_distill.models  # the module-scoped fixture: a random-weight prior and VE on disk
 MODE_FLAGS = ("--prior", "--diffusers", "--ve")  # these turn the demo into a distillation run
 
 
-def _example_argv(flag: str, dest: str, default) -> list[str]:
-    """A value for `flag` other than its default, from the parser's own declaration."""
-    subparsers = argparse.ArgumentParser().add_subparsers()
-    distill_cli.add_parser(subparsers)
-    action = next(a for a in subparsers.choices["distill"]._actions if a.dest == dest)
+def _run(argv):
+    """`igds-fast distill ARGV` as the command line runs it (no models: the digits demo)."""
+    args = _parse(argv)
+    return args.handler(args)
+
+
+def _example_argv(flag: str) -> list[str]:
+    """A value for `flag` other than its default, from the distill parser's own declaration."""
+    parser = cli.build_parser()
+    distill_parser = next(action for action in parser._actions if action.dest == "command").choices["distill"]
+    action = next(a for a in distill_parser._actions if flag in a.option_strings)
     if action.nargs == 0:
         return [flag]
     if action.choices:
-        return [flag, next(str(choice) for choice in action.choices if choice != default)]
+        return [flag, str(action.choices[-1])]
     if action.type in (int, float):
         return [flag, "2"]
     return [flag, "imagewoof"]
@@ -45,24 +52,26 @@ def no_demo_run(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the demo ran")
 
-    monkeypatch.setattr(distill_cli, "run_digits", fail)
+    monkeypatch.setattr(demo_cli, "run_digits", fail)
 
 
 def test_every_flag_the_demo_does_not_take_is_refused_in_one_line_naming_it(no_demo_run, capsys):
-    table = distill_cli._flag_table()
-    refused = [(flag, dest, default) for flag, dest, default in table
-               if flag not in distill_cli.DEMO_FLAGS and flag not in MODE_FLAGS]
-    assert {"--classes", "--seed", "--composite", "--backend", "--noise", "--gamma", "--trace"} <= {f for f, _, _ in refused}
-    for flag, dest, default in refused:
+    demo_flags = set(flags_of(digits.DigitsDemo, old=True))
+    refused = [flag for flag in dict.fromkeys(flags_of(DistillConfig, old=True))
+               if flag not in demo_flags and flag not in MODE_FLAGS]
+    assert {"--classes", "--seed", "--composite", "--backend", "--noise", "--gamma", "--trace",
+            "--compile-dtype", "--select", "--preset"} <= set(refused)
+    for flag in refused:
         for preset in ([], ["--preset", "digits"]):
-            argv = [*preset, *_example_argv(flag, dest, default)]
+            argv = [*preset, *_example_argv(flag)]
             with pytest.raises(IGDSInputError) as info:
-                distill_cli.run(_parse(argv))
+                _run(argv)
             message = str(info.value)
             assert message.startswith(f"{flag} applies to a distillation run") and "\n" not in message, argv
     # Several at once: all of them named in the one line; nothing printed before the refusal.
+    capsys.readouterr()  # (the notes that --preset digits is now `igds-fast demo digits`)
     with pytest.raises(IGDSInputError, match=r"^--classes, --seed apply to a distillation run"):
-        distill_cli.run(_parse(["--classes", "imagewoof", "--seed", "0"]))
+        _run(["--classes", "imagewoof", "--seed", "0"])
     assert capsys.readouterr().err == ""
 
 
@@ -71,11 +80,11 @@ def test_demo_only_flags_are_refused_for_a_distillation_run(models, tmp_path):
     for extra, named in ((["--fast"], "--fast applies"), (["--work-dir", "w"], "--work-dir applies"),
                          (["--eval-seeds", "2", "--fast"], "--eval-seeds, --fast apply")):
         with pytest.raises(IGDSInputError, match=f"^{named} to the digits demo"):
-            distill_cli.run(_parse(base + extra))
+            _run(base + extra)
     with pytest.raises(IGDSInputError, match="--noise-schedule applies to diffusers folders only"):
-        distill_cli.run(_parse(base + ["--noise-schedule", "cosine"]))
+        _run(base + ["--noise-schedule", "cosine"])
     with pytest.raises(IGDSInputError, match="--head triton applies to the eager backend"):
-        distill_cli.run(_parse(base + ["--backend", "compiled", "--head", "triton"]))
+        _run(base + ["--backend", "compiled", "--head", "triton"])
     assert not (tmp_path / "never").exists()
 
 
@@ -94,13 +103,13 @@ def _fake_results(settings):
 def test_the_demo_says_first_what_it_does_how_long_and_where_it_writes(monkeypatch, tmp_path, capsys):
     calls = []
 
-    def fake_run_digits(settings, work_dir, log, out_dir=None):
+    def fake_run_digits(settings, work_dir, log, out_dir=None, retrain_prior=False):
         calls.append((settings, work_dir, out_dir, capsys.readouterr().err))
         return _fake_results(settings)
 
-    monkeypatch.setattr(distill_cli, "run_digits", fake_run_digits)
+    monkeypatch.setattr(demo_cli, "run_digits", fake_run_digits)
     work, out = tmp_path / "work", tmp_path / "out"
-    assert distill_cli.run(_parse(["--work-dir", str(work), "--out", str(out), "--cpu-threads", "2"])) == 0
+    assert _run(["--work-dir", str(work), "--out", str(out), "--cpu-threads", "2"]) == 0
     settings, work_dir, out_dir, announced = calls[-1]
     assert (work_dir, out_dir) == (str(work), str(out)) and settings.threads == 2
     assert announced.startswith("digits demo (no --prior/--ve given)")
@@ -109,7 +118,7 @@ def test_the_demo_says_first_what_it_does_how_long_and_where_it_writes(monkeypat
     assert f"{digits.FIRST_RUN_MINUTES} minutes" in announced  # the defaults' measured time
     assert f"results written to {os.path.join(str(out), 'results.json')}" in capsys.readouterr().out
     # Without --out the outputs go to the work dir; --quiet says nothing.
-    assert distill_cli.run(_parse(["--fast", "--work-dir", str(work), "--quiet"])) == 0
+    assert _run(["--fast", "--work-dir", str(work), "--quiet"]) == 0
     assert calls[-1][2] == str(work) and calls[-1][3] == "" and calls[-1][0].threads == 1
 
 
@@ -117,11 +126,11 @@ def test_the_demo_is_refused_under_torchrun_once(monkeypatch, no_demo_run):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(IGDSInputError, match="the digits demo runs in one process: start it without torchrun") as info:
-        distill_cli.run(_parse([]))
+        _run([])
     assert not getattr(info.value, "quiet", False)
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(QuietRankError):  # rank 0 reports it; the others exit non-zero silently
-        distill_cli.run(_parse(["--fast"]))
+        _run(["--fast"])
 
 
 def test_cpu_distill_pins_its_threads_whatever_the_process_setting(models, tmp_path, monkeypatch):
@@ -135,13 +144,13 @@ def test_cpu_distill_pins_its_threads_whatever_the_process_setting(models, tmp_p
     base = ["--prior", models["prior"], "--ve", models["ve"], "--ipc", "1", "--out", str(tmp_path / "o"),
             "--device", "cpu"]
     torch.set_num_threads(2)  # what torchrun leaves a single rank with (OMP_NUM_THREADS unset)
-    assert distill_cli.run(_parse(base)) == 0
-    assert distill_cli.run(_parse(base + ["--cpu-threads", "2"])) == 0
+    assert _run(base) == 0
+    assert _run(base + ["--cpu-threads", "2"]) == 0
     assert seen == [1, 2] and torch.get_num_threads() == 2  # restored afterwards
     with pytest.raises(IGDSInputError, match="--cpu-threads applies to CPU runs only"):
-        distill_cli.run(_parse([*base[:-1], "cuda", "--cpu-threads", "2"]))
+        _run([*base[:-1], "meta", "--cpu-threads", "2"])  # any device but the CPU
     with pytest.raises(IGDSInputError, match="--cpu-threads must be a positive integer"):
-        distill_cli.run(_parse(base + ["--cpu-threads", "0"]))
+        _run(base + ["--cpu-threads", "0"])
 
 
 def _small_args(models, out):
@@ -156,7 +165,7 @@ def test_the_same_bytes_at_any_process_thread_count(models, tmp_path):
     for threads in (1, 2):
         torch.set_num_threads(threads)
         out = tmp_path / f"threads{threads}"
-        assert distill_cli.run(_parse(_small_args(models, out))) == 0
+        assert _run(_small_args(models, out)) == 0
         folders.append(out)
         assert json.loads((out / "manifest.json").read_text())["run"]["threads"] == 1
     assert listing(folders[0]) == listing(folders[1])
@@ -165,6 +174,9 @@ def test_the_same_bytes_at_any_process_thread_count(models, tmp_path):
 def test_one_message_for_the_triton_kernels_on_a_cpu_without_the_interpreter(models, tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine compiles the kernels")
+    # The kernels are imported (interpreted) first: imported under TRITON_INTERPRET=0 they would stay
+    # compiled-mode for the rest of this process.
+    check_triton_runs_on("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(IGDSInputError) as info:
         check_triton_runs_on("cpu")
@@ -172,7 +184,7 @@ def test_one_message_for_the_triton_kernels_on_a_cpu_without_the_interpreter(mod
     noise, _ = resolve_noise_source("philox")
     with pytest.raises(IGDSInputError, match="TRITON_INTERPRET=1"):
         noise([1, 2], 0, (1, 4, 4), "cpu")
-    for options in ({"noise": "philox"}, {"backend": "compiled"}, {"head": "triton"}):
+    for options in ({"noise": "philox"}, {"backend__name": "compiled"}, {"head": "triton"}):
         with pytest.raises(IGDSInputError) as info:
             plan_distill(make_config(models, tmp_path / "never", **options))
         assert str(info.value) == TRITON_ON_CPU_MESSAGE, options
@@ -215,15 +227,19 @@ def test_the_manifest_records_only_the_settings_that_apply_and_the_versions(mode
     plan = plan_distill(make_config(models, tmp_path / "out", ipc=1, steps=None, noise=None))
     manifest = build_manifest(plan, 0, 0, 0.0, 0.0, False)
     settings = manifest["settings"]
-    for absent in ("noise_schedule", "diffusers", "vae", "cfg_scale", "cfg_channels", "compile_options",
-                   "beta_table", "progress", "force", "prior_class_names"):
-        assert absent not in settings, absent
-    assert settings["steps"] == 250 and settings["noise"] == "torch" and settings["composite"] == 1
-    assert settings["head"] == "autograd" and settings["batch_invariant"] is False
-    assert settings["prior"] == os.path.abspath(models["prior"])
-    compiled = build_manifest(plan_distill(make_config(models, tmp_path / "out", ipc=1, backend="compiled")),
+    for absent in ("noise_schedule", "diffusers", "vae", "cfg_scale", "cfg_channels", "prior_class_names"):
+        assert absent not in settings["models"], absent
+    for absent in ("progress", "force", "profile_steps"):
+        assert absent not in settings["run"], absent
+    assert "beta_table" not in settings and "selection" not in settings and "compile" not in settings["backend"]
+    assert settings["sampler"]["steps"] == 250 and settings["backend"]["noise"] == "torch"
+    assert settings["job"]["composite"] == 1
+    assert settings["guidance"]["head"] == "autograd" and settings["backend"]["batch_invariant"] is False
+    assert settings["models"]["prior"] == os.path.abspath(models["prior"])
+    compiled = build_manifest(plan_distill(make_config(models, tmp_path / "out", ipc=1, backend__name="compiled")),
                               0, 0, 0.0, 0.0, False)["settings"]
-    assert "head" not in compiled and "batch_invariant" not in compiled and compiled["noise"] == "philox"
+    assert "head" not in compiled["guidance"] and "batch_invariant" not in compiled["backend"]
+    assert compiled["backend"]["noise"] == "philox" and compiled["backend"]["compile"]["dtype"] == "bf16"
     versions = manifest["versions"]
     assert versions["triton"] == version("triton") and versions["torch"] == torch.__version__
     try:
@@ -235,7 +251,7 @@ def test_the_manifest_records_only_the_settings_that_apply_and_the_versions(mode
 
 def test_a_full_disk_stops_in_one_line_and_the_rerun_resumes_byte_identically(models, tmp_path, monkeypatch, capsys):
     reference = tmp_path / "reference"
-    assert distill_cli.run(_parse(_small_args(models, reference))) == 0
+    assert _run(_small_args(models, reference)) == 0
     out = tmp_path / "full"
     real_fdopen = os.fdopen
     budget = {"files": 4}  # .igds_config.json and 3 images fit; the 4th (mid-batch) finds the disk full
@@ -274,7 +290,7 @@ def test_a_full_disk_stops_in_one_line_and_the_rerun_resumes_byte_identically(mo
     assert len(written) == 3 and all(listing(reference)[path] == data for path, data in written.items())
     assert not [name for _, _, names in os.walk(out) for name in names if name.endswith(".tmp")]
     assert not (out / "manifest.json").exists()
-    assert distill_cli.run(_parse(_small_args(models, out))) == 0
+    assert _run(_small_args(models, out)) == 0
     assert listing(out) == listing(reference)
 
 

@@ -151,24 +151,24 @@ def test_a_scheduler_setting_the_sampler_lacks_is_refused_in_one_line(diffusers,
 
 def test_distill_reads_a_pipeline_root(diffusers, tmp_path):
     from factories import tiny_ve
-    from igds_fast.distill import DistillConfig, distill
+    from igds_fast.distill import distill, distill_config
 
     root = pipeline_root(diffusers, tmp_path / "pipe", "v_prediction", "fixed_small",
                          dict(beta_schedule="linear"), 3)
     ve = tiny_ve(num_classes=2)
     ve.class_names = ["a", "b"]
     ve.save(tmp_path / "ve.safetensors")
-    common = dict(ve=str(tmp_path / "ve.safetensors"), diffusers=str(root), ipc=1, steps=5, device="cpu",
-                  progress=False, prior_class_names=None)
-    manifest = distill(DistillConfig(out=str(tmp_path / "out"), **common))
+    ve = str(tmp_path / "ve.safetensors")
+    common = dict(diffusers=str(root), steps=5, device="cpu", progress=False, prior_class_names=None)
+    manifest = distill(distill_config(ve, str(tmp_path / "out"), 1, **common))
     settings = json.loads((tmp_path / "out" / ".igds_config.json").read_text())
     assert settings["prediction_type"] == "v_prediction" and settings["diffusion"]["beta_start"] == 0.0001
     assert len(manifest["images"]) == 2
     with pytest.raises(IGDSInputError, match="sets the noise schedule: drop --noise-schedule"):
-        distill(DistillConfig(out=str(tmp_path / "out2"), noise_schedule="cosine", **common))
+        distill(distill_config(ve, str(tmp_path / "out2"), 1, noise_schedule="cosine", **common))
     pipeline_root(diffusers, tmp_path / "mismatch", "epsilon", "learned_range", {}, 3)
     with pytest.raises(IGDSInputError, match="does not fit a UNet with 3 output channels"):
-        distill(DistillConfig(out=str(tmp_path / "out3"), **{**common, "diffusers": str(tmp_path / "mismatch")}))
+        distill(distill_config(ve, str(tmp_path / "out3"), 1, **{**common, "diffusers": str(tmp_path / "mismatch")}))
 
 
 # ---- where the scheduler config is: pipeline root, flat folder (google/ddpm-*), beside a unet folder ----

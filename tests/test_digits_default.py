@@ -1,22 +1,28 @@
 """The embedded default (`igds-fast distill` with no models): the digits pipeline end to end, tiny settings."""
-import argparse
+import hashlib
 import json
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from igds_fast.cli.distill import add_parser as add_distill_parser, run as run_distill
+from igds_fast import cli
 from igds_fast.errors import IGDSInputError
+from igds_fast.presets import digits
 from igds_fast.presets.digits import CLASS_NAMES, DigitsSettings, format_table, random_subset
+from igds_fast.train_prior import PriorTrainConfig
 
 pytest.importorskip("sklearn")
 
 
+def run_distill(args):
+    return args.handler(args)
+
+
 def _parse(argv):
-    parser = argparse.ArgumentParser()
-    add_distill_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["distill", *argv])
+    """`igds-fast distill ARGV` as the command line parses it (no models: `igds-fast demo digits`)."""
+    return cli.parse(["distill", *argv])
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,7 +60,8 @@ def test_no_models_runs_the_whole_pipeline_then_reuses_its_cache(tmp_path, capsy
     assert sorted(os.listdir(folder / "7")) == [f"{i:05d}.png" for i in range(10)]
     with open(folder / "manifest.json") as handle:
         manifest = json.load(handle)
-    assert manifest["settings"]["seed"] == 2 and manifest["settings"]["scale"] == results["settings"]["scale"]
+    assert manifest["settings"]["job"]["seed"] == 2
+    assert manifest["settings"]["guidance"]["scale"] == results["settings"]["scale"]
     assert os.path.isfile(folder / "preview.png")
     # The S³ set: IPC images per class picked from G x IPC candidates kept beside it, not inside.
     selected = out / "distilled" / "igds_s3_ipc1_seed0"
@@ -79,6 +86,40 @@ def test_no_models_runs_the_whole_pipeline_then_reuses_its_cache(tmp_path, capsy
     # Same pieces, same seeds, same sets: the same numbers.
     assert cached["accuracies"] == results["accuracies"]
     assert again.splitlines()[3:7] == lines[3:7]
+
+
+def test_the_demo_samples_with_the_shipped_prior_made_by_train_prior(tmp_path, monkeypatch):
+    """The shipped prior is the one the default settings train, and `igds-fast train-prior --digits`
+    makes the same file as the demo's own training (checked at a few steps: same tensors)."""
+    record = digits.shipped_prior_record()
+    with open(digits.SHIPPED_PRIOR, "rb") as handle:
+        assert hashlib.sha256(handle.read()).hexdigest() == record["sha256"]
+    assert record["command"].startswith("igds-fast train-prior --digits --steps 1200 --batch-size 32")
+    assert digits.prior_matches(digits.SHIPPED_PRIOR, DigitsSettings())
+    assert not digits.prior_matches(digits.SHIPPED_PRIOR, DigitsSettings.fast())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the demo trained a prior although the shipped one matches")
+
+    monkeypatch.setattr(digits, "train_prior", no_training)
+    path, info = digits.ensure_prior(str(tmp_path / "work"), DigitsSettings(), None, None, log=lambda message: None)
+    assert path == digits.SHIPPED_PRIOR and info["shipped"] is True and not (tmp_path / "work").exists()
+    monkeypatch.undo()
+
+    # A few steps of both routes: the CLI's file is the demo's, tensor for tensor, and is recognised as it.
+    settings = DigitsSettings(prior=PriorTrainConfig(steps=3, batch_size=8, warmup_steps=1))
+    train_x, train_y, _, _ = digits.load_digits_split(**digits.SPLIT)
+    (tmp_path / "work").mkdir()
+    demo_path, info = digits.ensure_prior(str(tmp_path / "work"), settings, train_x, train_y,
+                                          log=lambda message: None, retrain=True)
+    assert info["cached"] is False and demo_path != digits.SHIPPED_PRIOR
+    cli_path = tmp_path / "cli_prior.safetensors"
+    assert cli.main(["train-prior", "--digits", "--steps", "3", "--batch-size", "8", "--warmup-steps", "1",
+                     "--device", "cpu", "--out", str(cli_path)]) == 0
+    demo_tensors, cli_tensors = load_file(demo_path), load_file(str(cli_path))
+    assert sorted(demo_tensors) == sorted(cli_tensors)
+    assert all(torch.equal(demo_tensors[key], cli_tensors[key]) for key in demo_tensors)
+    assert digits.prior_matches(str(cli_path), settings)
 
 
 def test_random_subsets_are_stratified_and_seeded():

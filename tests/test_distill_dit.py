@@ -22,9 +22,10 @@ from PIL import Image
 
 from factories import tiny_dit, tiny_vae, tiny_ve
 from igds_fast.classes import class_list, imagenet_wnids
-from igds_fast.cli.distill import add_parser as add_distill_parser, run as run_distill
+from igds_fast import cli
+from igds_fast.cli.distill import run as run_distill
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
-from igds_fast.distill import CONFIG_NAME, DistillConfig, distill, plan_distill
+from igds_fast.distill import CONFIG_NAME, distill, distill_config, plan_distill
 from igds_fast.errors import IGDSInputError
 from igds_fast.guidance import GuidanceConfig
 from igds_fast.imageio import to_uint8
@@ -60,12 +61,11 @@ def models(tmp_path_factory):
             "folder": folder}
 
 
-def make_config(models, out, **overrides):
-    settings = dict(ve=models["ve"], prior=models["prior"], vae=models["vae"], out=str(out), ipc=2, steps=STEPS,
-                    batch_size=4, seed=5, scale=2.0, beta=0.3, cfg_scale=3.0, classes=",".join(WOOF[:2]),
-                    device="cpu", progress=False)
+def make_config(models, out, ipc=2, **overrides):
+    settings = dict(prior=models["prior"], vae=models["vae"], steps=STEPS, batch_size=4, seed=5, scale=2.0, beta=0.3,
+                    cfg_scale=3.0, classes=",".join(WOOF[:2]), device="cpu", progress=False)
     settings.update(overrides)
-    return DistillConfig(**settings)
+    return distill_config(models["ve"], str(out), ipc, **settings)
 
 
 def png_pixels(path):
@@ -90,9 +90,7 @@ def pngs(folder):
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser()
-    add_distill_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["distill", *argv])
+    return cli.parse(["distill", *argv])
 
 
 # ---- what is written ------------------------------------------------------------------------------
@@ -105,7 +103,7 @@ def test_the_run_is_the_samplers_cfg_dit_decoded_by_the_vae_with_imagenet_labels
     assert manifest["pixel_settings"]["clip_x0"] is False  # DiT samples with clip_denoised=False
     latent = manifest["pixel_settings"]["latent"]
     assert latent["cfg_scale"] == 3.0 and latent["cfg_channels"] == 3 and latent["vae_fingerprint"]
-    assert manifest["settings"]["composite"] == 1  # one 8x-decoded sample per image
+    assert manifest["settings"]["job"]["composite"] == 1  # one 8x-decoded sample per image
     assert [c["prior_label"] for c in manifest["classes"]] == [imagenet_wnids().index(w) for w in WOOF[:2]]
     assert pngs(out) == sorted(f"{w}/{i:05d}.png" for w in WOOF[:2] for i in range(2))
 
@@ -189,10 +187,11 @@ def test_what_does_not_apply_is_refused_in_one_line_before_any_sampling(models, 
         (base + ["--vae", models["vae"], "--guide-from-step", "4"], "--guide-from-step 4 is past the last of 4"),
         (base + ["--vae", models["vae"], "--guide-from-step", "3", "--guide-until-step", "2"],
          "guide_until_step must be an integer >= guide_from_step"),
-        (base + ["--vae", models["vae"], "--preset", "adm256-cond"], r"--vae apply to a latent \(DiT\) prior only"),
-        (base + ["--vae", models["vae"], "--preset", "adm256-cond", "--prior-kind", "dit"],
-         "--preset adm256-cond is not a dit preset"),
-        (base + ["--vae", models["vae"], "--prior-kind", "adm"], "an ADM checkpoint needs its --preset"),
+        (base + ["--vae", models["vae"], "--arch", "adm256-cond"], r"--vae applies to a latent \(DiT\) prior only"),
+        (base + ["--vae", models["vae"], "--preset", "adm256-cond"], r"--vae applies to a latent \(DiT\) prior only"),
+        (base + ["--vae", models["vae"], "--arch", "adm256-cond", "--prior-kind", "dit"],
+         "--arch adm256-cond is not a dit preset"),
+        (base + ["--vae", models["vae"], "--prior-kind", "adm"], "an ADM checkpoint needs its --arch"),
         (["--prior", str(odd), "--vae", models["vae"], "--ve", models["ve"], "--ipc", "1", "--out", out],
          "a DiT of hidden size 40 .*pass num_heads"),
         (["--prior", str(adm_like), "--ve", models["ve"], "--ipc", "1", "--out", out, "--vae", models["vae"]],
@@ -200,7 +199,8 @@ def test_what_does_not_apply_is_refused_in_one_line_before_any_sampling(models, 
     ]
     for argv, message in cases:
         with pytest.raises(IGDSInputError, match=message) as info:
-            run_distill(_parse(argv))
+            args = _parse(argv)
+            args.handler(args)
         assert "\n" not in str(info.value), argv
     assert not os.path.exists(out)
 

@@ -8,6 +8,8 @@ import ast
 import fnmatch
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -63,9 +65,10 @@ def test_the_package_list_and_the_kernels_profiling_mapping_cover_the_tree(pypro
 
 def test_the_data_files_are_package_data(pyproject):
     patterns = pyproject["tool"]["setuptools"]["package-data"]["igds_fast"]
-    assert sorted(patterns) == ["data/*.json", "data/*.txt"]
+    assert sorted(patterns) == ["data/*.json", "data/*.safetensors", "data/*.txt"]
     names = os.listdir(os.path.join(ROOT, "igds_fast", "data"))
-    assert {"imagenet1k_wnids.txt", "tinyimagenet.txt", "cifar10.txt", "sources.json"} <= set(names)
+    assert {"imagenet1k_wnids.txt", "tinyimagenet.txt", "cifar10.txt", "sources.json", "digits_prior.safetensors",
+            "digits_prior.json"} <= set(names)
     unshipped = [name for name in names if not any(fnmatch.fnmatch(f"data/{name}", p) for p in patterns)]
     assert unshipped == []
 
@@ -85,6 +88,21 @@ def test_dependencies_triton_on_linux_only_no_nvtx_extra_and_the_ci_extras_exist
         ci = handle.read()
     (requested,) = re.findall(r'pip install -q -e "\.\[([a-z,]+)\]"', ci)
     assert set(requested.split(",")) <= set(extras) and "test" in requested.split(",")
+
+
+def test_setup_py_is_a_shim_over_pyproject():
+    """setup.py exists for the tools that look for it, holds no metadata of its own, and setuptools reads
+    the name and version from pyproject.toml through it."""
+    path = os.path.join(ROOT, "setup.py")
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    assert len(calls) == 1 and calls[0].func.id == "setup" and not calls[0].args and not calls[0].keywords
+    result = subprocess.run([sys.executable, "setup.py", "--name", "--version"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from igds_fast._version import __version__
+
+    assert result.stdout.split()[-2:] == ["igds_fast", __version__]
 
 
 def test_the_entry_point_resolves(pyproject):

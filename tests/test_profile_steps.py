@@ -172,16 +172,17 @@ def test_every_step_runs_in_a_range_named_by_its_loop_index(models):
 
 
 def test_distill_refuses_a_bad_window_before_any_model_loads(tmp_path, monkeypatch):
-    from igds_fast.distill import DistillConfig, distill
+    from igds_fast.distill import distill, distill_config
     from igds_fast.distill import run as run_module
 
     write_tiny_prior_and_ve(tmp_path)
     monkeypatch.setattr(run_module, "load_prior_unet", lambda *a, **k: pytest.fail("a model was loaded"))
-    config = {"ve": str(tmp_path / "ve.safetensors"), "prior": str(tmp_path / "prior.safetensors"), "ipc": 1,
-              "steps": 4, "batch_size": 2, "device": "cpu", "progress": False}
+    config = {"prior": str(tmp_path / "prior.safetensors"), "steps": 4, "batch_size": 2, "device": "cpu",
+              "progress": False}
+    ve = str(tmp_path / "ve.safetensors")
     with pytest.raises(IGDSInputError, match="--profile-steps 2:5 reaches past the 4 sampling steps"):
-        distill(DistillConfig(out=str(tmp_path / "a"), profile_steps="2:5", **config))
+        distill(distill_config(ve, str(tmp_path / "a"), 1, profile_steps="2:5", **config))
     monkeypatch.setenv(PROFILE_STEPS_ENV, "x")
     with pytest.raises(IGDSInputError, match="IGDS_PROFILE_STEPS must be A:B"):
-        distill(DistillConfig(out=str(tmp_path / "b"), **config))
+        distill(distill_config(ve, str(tmp_path / "b"), 1, **config))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

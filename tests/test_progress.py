@@ -118,7 +118,7 @@ def test_progress_rounds_are_a_no_op_in_one_process():
 
 
 def test_distill_moves_the_line_within_a_batch(tmp_path, monkeypatch):
-    from igds_fast.distill import DistillConfig, distill
+    from igds_fast.distill import distill, distill_config
     from igds_fast.distill import run as run_module
 
     write_tiny_prior_and_ve(tmp_path)
@@ -137,8 +137,8 @@ def test_distill_moves_the_line_within_a_batch(tmp_path, monkeypatch):
             seen.append(("done", self.done))
 
     monkeypatch.setattr(run_module, "Progress", Recording)
-    distill(DistillConfig(ve=str(tmp_path / "ve.safetensors"), prior=str(tmp_path / "prior.safetensors"),
-                          out=str(tmp_path / "out"), ipc=2, steps=4, batch_size=2, composite=1, device="cpu"))
+    distill(distill_config(str(tmp_path / "ve.safetensors"), str(tmp_path / "out"), 2,
+                           prior=str(tmp_path / "prior.safetensors"), steps=4, batch_size=2, composite=1, device="cpu"))
     # two batches of two images, four steps each: a quarter batch per step, then the writes
     batch = [("partial", 0.5), ("partial", 1.0), ("partial", 1.5), ("partial", 2.0), ("partial", 0)]
     assert seen == batch + [("done", 1), ("done", 2)] + batch + [("done", 3), ("done", 4)]

@@ -95,9 +95,9 @@ def test_the_minimax_dit_recipe_runs_as_written(tmp_path, monkeypatch):
     import argparse
 
     from factories import tiny_dit, tiny_vae
-    from igds_fast.calibrate import write_beta_table
+    from igds_fast import cli
     from igds_fast.classes import class_list
-    from igds_fast.cli.distill import add_parser, run
+    from igds_fast.guidance.beta_table import write_beta_table
 
     argv = minimax_dit_command()
     values = {flag: argv[argv.index(flag) + 1] for flag in ("--prior", "--vae", "--ve", "--beta-table", "--out")}
@@ -114,15 +114,14 @@ def test_the_minimax_dit_recipe_runs_as_written(tmp_path, monkeypatch):
     ve.class_names = class_list("imagewoof")
     ve.save(values["--ve"])
     write_beta_table(values["--beta-table"], {"chosen": {1: 0.0, 10: 0.1}})
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
     # As written, but IPC 1 instead of 10 (100 images at 50 steps cost minutes on 2 CPU cores) and on the
     # CPU, quietly (the recipe's default device is the GPU when there is one).
     argv[argv.index("--ipc") + 1] = "1"
-    assert run(parser.parse_args(["distill", *argv, "--quiet", "--device", "cpu"])) == 0
+    args = cli.parse(["distill", *argv, "--quiet", "--device", "cpu"])
+    assert args.handler(args) == 0
     out = values["--out"]
     manifest = __import__("json").load(open(os.path.join(out, "manifest.json")))
     assert manifest["pixel_settings"]["prior_kind"] == "dit"
     assert manifest["pixel_settings"]["diffusion"]["sampling_steps"] == "50"
     assert manifest["pixel_settings"]["latent"]["cfg_scale"] == 4.0
-    assert len(manifest["images"]) == 10 and manifest["settings"]["composite"] == 1
+    assert len(manifest["images"]) == 10 and manifest["settings"]["job"]["composite"] == 1

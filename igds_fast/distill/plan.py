@@ -232,10 +232,10 @@ def _check_latent_options(models: ModelSettings, spec: PriorSpec) -> dict | None
         raise IGDSInputError("a DiT prior samples latents: give --vae DIR (a local diffusers AutoencoderKL folder, "
                              "e.g. stabilityai/sd-vae-ft-mse)")
     vae_dir = os.path.abspath(models.vae)
-    if os.path.isdir(os.path.join(vae_dir, "vae")) and not os.path.isfile(os.path.join(vae_dir, "models.json")):
+    if os.path.isdir(os.path.join(vae_dir, "vae")) and not os.path.isfile(os.path.join(vae_dir, "config.json")):
         vae_dir = os.path.join(vae_dir, "vae")  # a pipeline root
-    if not os.path.isfile(os.path.join(vae_dir, "models.json")):
-        raise IGDSInputError(f"--vae {models.vae} is not a diffusers AutoencoderKL folder (no models.json)")
+    if not os.path.isfile(os.path.join(vae_dir, "config.json")):
+        raise IGDSInputError(f"--vae {models.vae} is not a diffusers AutoencoderKL folder (no config.json)")
     cfg_scale = DEFAULT_CFG_SCALE if models.cfg_scale is None else models.cfg_scale
     channels = DEFAULT_CFG_CHANNELS if models.cfg_channels is None else models.cfg_channels
     latent_channels = int(spec.flags["in_channels"])

@@ -263,7 +263,9 @@ def ensure_prior(work_dir: str, settings: DigitsSettings, train_x, train_y, log,
     retrain: train WORK/prior.safetensors here even where the shipped one matches."""
     if not retrain and prior_matches(SHIPPED_PRIOR, settings):
         log(f"digits: prior: the one shipped with igds_fast ({SHIPPED_PRIOR}; --retrain-prior trains it here)")
-        return SHIPPED_PRIOR, {"cached": True, "shipped": True, **shipped_prior_record().get("report", {})}
+        report = shipped_prior_record().get("report", {})
+        summary = {key: report[key] for key in ("wall_time_s", "final_loss", "final_mse", "samples_per_s") if key in report}
+        return SHIPPED_PRIOR, {"cached": True, "shipped": True, **summary}
     path = os.path.join(work_dir, "prior.safetensors")
     if prior_matches(path, settings):
         log(f"digits: prior: cached {path}")
