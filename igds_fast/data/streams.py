@@ -1,244 +1,22 @@
-"""Datasets: ImageFolder trees (held in memory when small, streamed otherwise) and scikit-learn's digits.
-
-Image tensors follow the project convention: float32 [N, C, H, W] in [-1, 1] (or uint8 [N, C, H, W]
-in [0, 255] on request), labels int64 [N].
-
-ImageFolder layout: ``root/<class>/<image>``; classes are the sub-folders (sorted by name unless an
-explicit ``class_names`` order is given), images are files with extension png / jpg / jpeg / bmp /
-webp in any letter case. Hidden entries (names starting with '.') are ignored: they are editor /
-macOS ("._x.jpg") debris or this project's own in-flight temporary files.
-
-Preprocessing matches torchvision's ``Resize(size)`` + ``CenterCrop(size)`` on PIL images, the
-evaluation transform of MinimaxDiffusion / IDC: the shorter side is resized to ``image_size``
-(bilinear, PIL's antialiased filter; longer side ``int(size * long / short)``), then the centre
-``image_size`` square is cropped (offset ``int(round((side - size) / 2))``).
-
-Large sets are streamed (:class:`FolderImages`): the folder scan lists paths and labels, DataLoader
-workers decode and resize, images stay uint8 until they reach the device, one batch at a time. A
-set whose decoded uint8 pixels fit ``IGDS_IN_MEMORY_MB`` (default 256 MiB; 0 = always stream) is
-held in memory instead, behind the same interface and with the same batches bit for bit.
+"""Labelled image sets behind one batch interface: `FolderImages` (an ImageFolder or a path list, streamed by
+DataLoader workers or held in memory below IGDS_IN_MEMORY_MB) and `TensorImages` (tensors already in memory).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from igds_fast.errors import IGDSInputError
+from ..errors import IGDSInputError
+from .folders import LoadReport, check_load_arguments, try_load_image, load_image_folder, scan_image_folder, uint8_to_unit_range
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-_PIL_MODES = {1: "L", 3: "RGB"}
-# What PIL raises for unreadable / truncated / hostile files (UnidentifiedImageError is an OSError).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 IN_MEMORY_ENV = "IGDS_IN_MEMORY_MB"
 DEFAULT_IN_MEMORY_MB = 256.0
 DATA_WORKERS_ENV = "IGDS_DATA_WORKERS"
-
-
-@dataclass
-class LoadReport:
-    """What :func:`load_image_folder` found and loaded."""
-
-    root: str
-    class_names: list[str]
-    images_per_class: dict[str, int]
-    num_loaded: int
-    num_skipped_corrupt: int = 0
-    skipped_paths: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """A JSON-serialisable copy."""
-        return asdict(self)
-
-
-def is_image_file(name: str) -> bool:
-    """True for a visible file name with a supported image extension (case-insensitive)."""
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _list_folder(folder: str) -> list[os.DirEntry]:
-    try:
-        with os.scandir(folder) as entries:
-            return list(entries)
-    except OSError as exc:
-        raise IGDSInputError(f"cannot list folder {folder!r}: {exc.strerror or exc}")
-
-
-def scan_image_folder(
-    root: str | os.PathLike,
-    class_names: Sequence[str] | None = None,
-    ignore_unlisted: bool = False,
-) -> tuple[list[str], list[list[str]]]:
-    """List an ImageFolder tree without decoding anything: (class names, image paths per class).
-
-    Classes are sorted folder names, or exactly ``class_names`` in that order when given: every
-    listed class must have a folder, and every folder must be listed unless ``ignore_unlisted``
-    (e.g. a full ImageNet validation tree evaluated on a 10-class subset). Raises a one-line
-    IGDSInputError for a missing root, no class folders, an empty class folder (named), or a
-    class-order mismatch.
-    """
-    root = os.fspath(root)
-    if not os.path.exists(root):
-        raise IGDSInputError(f"image folder {root!r} does not exist")
-    if not os.path.isdir(root):
-        raise IGDSInputError(f"image folder {root!r} is not a directory")
-    folders = sorted(e.name for e in _list_folder(root) if e.is_dir() and not e.name.startswith("."))
-    if not folders:
-        raise IGDSInputError(f"image folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
-
-    if class_names is None:
-        ordered = folders
-    else:
-        ordered = [str(name) for name in class_names]
-        if len(set(ordered)) != len(ordered):
-            raise IGDSInputError("the given class order lists a class twice")
-        listed = set(ordered)
-        for folder in folders:
-            if folder not in listed and not ignore_unlisted:
-                raise IGDSInputError(f"class folder {folder!r} in {root!r} is not in the given class list")
-        present = set(folders)
-        for name in ordered:
-            if name not in present:
-                raise IGDSInputError(f"class {name!r} has no folder in {root!r}")
-
-    paths_per_class = []
-    for name in ordered:
-        folder = os.path.join(root, name)
-        files = sorted(e.name for e in _list_folder(folder) if e.is_file() and is_image_file(e.name))
-        if not files:
-            raise IGDSInputError(
-                f"class folder {folder!r} contains no images ({', '.join(IMAGE_EXTENSIONS)})"
-            )
-        paths_per_class.append([os.path.join(folder, f) for f in files])
-    return ordered, paths_per_class
-
-
-def resize_and_center_crop(image: Image.Image, image_size: int) -> Image.Image:
-    """Resize the shorter side to ``image_size`` (bilinear) and crop the centre square."""
-    width, height = image.size
-    if (width, height) == (image_size, image_size):
-        return image
-    if width <= height:
-        new_width, new_height = image_size, int(image_size * height / width)
-    else:
-        new_width, new_height = int(image_size * width / height), image_size
-    if (new_width, new_height) != (width, height):
-        image = image.resize((new_width, new_height), Image.BILINEAR)
-    left = int(round((new_width - image_size) / 2.0))
-    top = int(round((new_height - image_size) / 2.0))
-    return image.crop((left, top, left + image_size, top + image_size))
-
-
-def load_image(path: str, image_size: int, channels: int = 3) -> np.ndarray:
-    """Decode, convert (RGB or L), resize + centre-crop one image: uint8 [C, H, W].
-
-    Raises PIL's own errors for unreadable files (the caller decides whether to skip).
-    """
-    with Image.open(path) as handle:
-        handle.load()  # decode fully now, so truncation errors surface here
-        image = handle.convert(_PIL_MODES[channels])
-    image = resize_and_center_crop(image, image_size)
-    array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
-
-
-def _try_load(args: tuple[str, int, int]):
-    path, image_size, channels = args
-    try:
-        return load_image(path, image_size, channels)
-    except _DECODE_ERRORS as exc:
-        return exc
-
-
-def uint8_to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1] as x / 127.5 - 1 (the inverse of imageio.to_uint8 on the grid)."""
-    return images.to(torch.float32) / 127.5 - 1.0
-
-
-def load_image_folder(
-    root: str | os.PathLike,
-    image_size: int,
-    channels: int = 3,
-    on_corrupt: str = "skip",
-    class_names: Sequence[str] | None = None,
-    as_uint8: bool = False,
-    num_workers: int | None = None,
-    ignore_unlisted: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, list[str], LoadReport]:
-    """Load a whole ImageFolder tree into memory.
-
-    Returns ``(images, labels, class_names, report)``: images float32 [N, C, S, S] in [-1, 1] (uint8
-    [0, 255] with ``as_uint8=True``), labels int64 [N] = index of the class in ``class_names``,
-    images ordered by class then file name.
-
-    ``on_corrupt``: "skip" leaves unreadable images out and counts them in the report; "fail" raises
-    IGDSInputError naming the first unreadable file. Structural problems (missing root, no classes,
-    an empty class folder, a class-order mismatch, bad arguments) are raised before any image is
-    decoded. A class whose every image is unreadable is an error in both modes.
-    ``class_names`` fixes the class order (labels); with ``ignore_unlisted`` folders it does not
-    list are skipped instead of being an error.
-    ``num_workers`` threads decode in parallel (PIL releases the GIL); default min(8, CPUs).
-    """
-    _check_load_arguments(image_size, channels, on_corrupt)
-    names, paths_per_class = scan_image_folder(root, class_names, ignore_unlisted)
-
-    all_paths = [path for paths in paths_per_class for path in paths]
-    all_labels = [label for label, paths in enumerate(paths_per_class) for _ in paths]
-    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    jobs = [(path, image_size, channels) for path in all_paths]
-    if workers > 1 and len(jobs) > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_try_load, jobs))
-    else:
-        results = [_try_load(job) for job in jobs]
-
-    images = np.empty((len(all_paths), channels, image_size, image_size), dtype=np.uint8)
-    labels = []
-    skipped = []
-    for path, label, result in zip(all_paths, all_labels, results):
-        if isinstance(result, BaseException):
-            if on_corrupt == "fail":
-                reason = " ".join(str(result).split()) or type(result).__name__
-                raise IGDSInputError(f"corrupt image {path!r}: {reason}")
-            skipped.append(path)
-            continue
-        images[len(labels)] = result
-        labels.append(label)
-
-    counts = {name: 0 for name in names}
-    for label in labels:
-        counts[names[label]] += 1
-    for name, count in counts.items():
-        if count == 0:
-            raise IGDSInputError(f"class {name!r} in {os.fspath(root)!r} has no readable images")
-
-    tensor = torch.from_numpy(images[: len(labels)].copy())
-    if not as_uint8:
-        tensor = uint8_to_unit_range(tensor)
-    report = LoadReport(
-        root=os.fspath(root),
-        class_names=list(names),
-        images_per_class=counts,
-        num_loaded=len(labels),
-        num_skipped_corrupt=len(skipped),
-        skipped_paths=skipped,
-    )
-    return tensor, torch.tensor(labels, dtype=torch.int64), list(names), report
-
-
-# ---- streamed ImageFolders -----------------------------------------------------------------------
-
 
 def in_memory_limit_bytes() -> int:
     """Decoded uint8 bytes (N x C x S x S) up to which a folder is held in memory (``IGDS_IN_MEMORY_MB``)."""
@@ -264,15 +42,6 @@ def default_num_workers() -> int:
     return int(text)
 
 
-def _check_load_arguments(image_size, channels, on_corrupt) -> None:
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise IGDSInputError(f"image_size must be a positive integer, got {image_size!r}")
-    if channels not in _PIL_MODES:
-        raise IGDSInputError(f"channels must be 1 or 3, got {channels!r}")
-    if on_corrupt not in ("skip", "fail"):
-        raise IGDSInputError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
-
-
 class _DecodeDataset(torch.utils.data.Dataset):
     """Item i: (i, uint8 [C, S, S] array or None, failure reason or None, per-channel sum, sum of squares).
 
@@ -290,7 +59,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        result = _try_load((self.paths[index], self.image_size, self.channels))
+        result = try_load_image((self.paths[index], self.image_size, self.channels))
         if isinstance(result, BaseException):
             return index, None, " ".join(str(result).split()) or type(result).__name__, None, None
         sums = squares = None
@@ -359,7 +128,7 @@ class FolderImages:
         in_memory: bool | None = None,
         progress: bool = False,
     ):
-        _check_load_arguments(image_size, channels, on_corrupt)
+        check_load_arguments(image_size, channels, on_corrupt)
         self.num_workers = self._resolve_num_workers(num_workers)
         self.root = os.fspath(root)
         self.image_size = image_size
@@ -422,7 +191,7 @@ class FolderImages:
         first decoded when a batch needs it, an unreadable one raising then, and
         :meth:`image_statistics` is unavailable. A held set is decoded at construction either way.
         """
-        _check_load_arguments(image_size, channels, on_corrupt)
+        check_load_arguments(image_size, channels, on_corrupt)
         if not verify and on_corrupt != "fail":
             raise IGDSInputError("verify=False needs on_corrupt='fail' (only a decoding pass can skip a file)")
         paths = [os.fspath(path) for path in paths]
@@ -459,7 +228,7 @@ class FolderImages:
 
     def _scan(self, all_paths, all_labels, on_corrupt, progress, hold: bool = False) -> None:
         """The decoding pass: unreadable files found, pixel sums taken; with `hold` the images kept too."""
-        from .progress import Progress
+        from ..progress import Progress
 
         dataset = _DecodeDataset(all_paths, self.image_size, self.channels, with_stats=True)
         order = [list(range(start, min(start + _SCAN_BATCH, len(all_paths))))
@@ -627,132 +396,3 @@ class TensorImages:
         digest.update(self.images.detach().cpu().contiguous().numpy().tobytes())
         digest.update(self.labels.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
         return digest.hexdigest()
-
-
-@lru_cache(maxsize=1)
-def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # optional extra: pip install igds_fast[digits]
-        raise ImportError("the digits dataset needs scikit-learn: pip install 'igds_fast[digits]'") from exc
-    digits = load_digits()
-    return digits.images.astype(np.float32), digits.target.astype(np.int64)
-
-
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic stratified split: (train indices, test indices), each sorted ascending.
-
-    Per class (in label order) a permutation from ``numpy.random.default_rng(seed)`` picks
-    ``round(test_fraction * n_class)`` test samples, at least 1 and at most n_class - 1.
-    """
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        if len(members) < 2:
-            raise IGDSInputError(f"class {label} has {len(members)} sample(s); a split needs at least 2")
-        num_test = min(max(int(round(test_fraction * len(members))), 1), len(members) - 1)
-        shuffled = rng.permutation(members)
-        test.append(shuffled[:num_test])
-        train.append(shuffled[num_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
-def load_digits_split(
-    image_size: int = 16, test_fraction: float = 0.3, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled digits (1797 8x8 images, 10 classes) as a fixed stratified split.
-
-    Returns ``(train_x, train_y, test_x, test_y)``: float32 [N, 1, S, S] in [-1, 1] (pixel values
-    0..16 mapped as v / 8 - 1), labels int64 = the digit. Images are resized from 8x8 to
-    ``image_size`` bilinearly (align_corners=False; antialiased when shrinking). The split depends
-    only on (test_fraction, seed): see :func:`stratified_split`.
-    """
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise IGDSInputError(f"image_size must be a positive integer, got {image_size!r}")
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise IGDSInputError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    raw_images, targets = _digits_arrays()
-    images = torch.from_numpy(raw_images / 8.0 - 1.0).unsqueeze(1)
-    if image_size != images.shape[-1]:
-        images = F.interpolate(
-            images, size=(image_size, image_size), mode="bilinear", align_corners=False,
-            antialias=image_size < images.shape[-1],
-        ).clamp(-1.0, 1.0)
-    train_index, test_index = stratified_split(targets, float(test_fraction), seed)
-    labels = torch.from_numpy(targets)
-    train_index_t, test_index_t = torch.from_numpy(train_index), torch.from_numpy(test_index)
-    return (
-        images[train_index_t].contiguous(),
-        labels[train_index_t].contiguous(),
-        images[test_index_t].contiguous(),
-        labels[test_index_t].contiguous(),
-    )
-
-
-# ---- the labelled-data check of the training commands (train-ve, train-prior, calibrate-beta) -----
-
-
-def check_labelled_images(
-    images,
-    labels,
-    class_names: Sequence[str],
-    *,
-    what: str,
-    channels: int | tuple[int, ...],
-    channels_expected_by: str,
-    require_every_class: bool = False,
-    accept_folder: bool = False,
-) -> tuple[torch.Tensor, list[str]]:
-    """Refuse a defective labelled image set with a one-line IGDSInputError; return (labels int64, class names).
-
-    images: float [N, C, H, W] in [-1, 1] with labels [N] integers in [0, len(class_names)), or (when
-    `accept_folder`) a FolderImages, whose own labels are used (`labels` is ignored) and whose class
-    order must be `class_names`. class_names: at least 2 distinct strings. channels: the allowed C
-    (`channels_expected_by` names who needs it, for the message). what: "training" / "validation".
-    require_every_class: every class must have an image (a VE centroid, a prior class embedding).
-    """
-    if isinstance(class_names, str) or not isinstance(class_names, Sequence) or not all(isinstance(n, str) for n in class_names):
-        raise IGDSInputError("class_names must be a sequence of strings")
-    class_names = list(class_names)
-    if len(class_names) < 2:
-        raise IGDSInputError(f"need at least 2 classes, got {len(class_names)} class name(s)")
-    if len(set(class_names)) != len(class_names):
-        raise IGDSInputError(f"class_names must be distinct, got {class_names[:10]}")
-    allowed = (channels,) if isinstance(channels, int) else tuple(channels)
-    folder = accept_folder and isinstance(images, FolderImages)
-    if not folder and (not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point()):
-        kinds = "tensor in [-1, 1] or a FolderImages" if accept_folder else "tensor in [-1, 1]"
-        given = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise IGDSInputError(f"{what} images must be a float [N, C, H, W] {kinds}, got {given}")
-    count, image_channels = images.shape[0], images.shape[1]
-    if count == 0:
-        raise IGDSInputError(f"no {what} images given")
-    if image_channels not in allowed:
-        raise IGDSInputError(f"{what} images have {image_channels} channel(s); {channels_expected_by} expects "
-                             f"{' or '.join(str(c) for c in allowed)}")
-    if folder:
-        if images.class_names != class_names:
-            raise IGDSInputError(f"{what} folder {images.root!r} has classes {images.class_names[:5]}, expected {class_names[:5]} "
-                                 "(in this order)")
-        labels = images.labels  # the folder's own: in range by construction, pixels in [-1, 1]
-    else:
-        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (count,):
-            raise IGDSInputError(f"{what} labels must be a [{count}] tensor matching the images, got {getattr(labels, 'shape', type(labels).__name__)}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise IGDSInputError(f"{what} labels must be integers, got {labels.dtype}")
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= len(class_names):
-            raise IGDSInputError(f"{what} labels span [{low}, {high}] but there are {len(class_names)} class names "
-                                 f"(labels must lie in [0, {len(class_names) - 1}])")
-        if not bool(torch.isfinite(images).all()):
-            raise IGDSInputError(f"{what} images contain non-finite values")
-        smallest, largest = (float(v) for v in torch.aminmax(images))
-        if smallest < -1.0 - 1e-4 or largest > 1.0 + 1e-4:  # the tolerance forgives float rounding of a rescale
-            raise IGDSInputError(f"{what} images must lie in [-1, 1], got values in [{smallest:.4g}, {largest:.4g}]")
-    if require_every_class:
-        counts = torch.bincount(labels.to(torch.long).cpu(), minlength=len(class_names))
-        empty = [class_names[c] for c in range(len(class_names)) if int(counts[c]) == 0]
-        if empty:
-            raise IGDSInputError(f"{what} data has no images of class(es) {empty[:5]} (every class needs images)")
-    return labels.to(torch.long), class_names

@@ -1,0 +1,226 @@
+"""ImageFolder trees: the scan (structure errors first), the decode (resize + centre crop), the in-memory load.
+
+See the package docstring for the layout and the preprocessing.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import IGDSInputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_PIL_MODES = {1: "L", 3: "RGB"}
+# What PIL raises for unreadable / truncated / hostile files (UnidentifiedImageError is an OSError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_image_folder` found and loaded."""
+
+    root: str
+    class_names: list[str]
+    images_per_class: dict[str, int]
+    num_loaded: int
+    num_skipped_corrupt: int = 0
+    skipped_paths: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable copy."""
+        return asdict(self)
+
+
+def is_image_file(name: str) -> bool:
+    """True for a visible file name with a supported image extension (case-insensitive)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _list_folder(folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as exc:
+        raise IGDSInputError(f"cannot list folder {folder!r}: {exc.strerror or exc}")
+
+
+def scan_image_folder(
+    root: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+    ignore_unlisted: bool = False,
+) -> tuple[list[str], list[list[str]]]:
+    """List an ImageFolder tree without decoding anything: (class names, image paths per class).
+
+    Classes are sorted folder names, or exactly ``class_names`` in that order when given: every
+    listed class must have a folder, and every folder must be listed unless ``ignore_unlisted``
+    (e.g. a full ImageNet validation tree evaluated on a 10-class subset). Raises a one-line
+    IGDSInputError for a missing root, no class folders, an empty class folder (named), or a
+    class-order mismatch.
+    """
+    root = os.fspath(root)
+    if not os.path.exists(root):
+        raise IGDSInputError(f"image folder {root!r} does not exist")
+    if not os.path.isdir(root):
+        raise IGDSInputError(f"image folder {root!r} is not a directory")
+    folders = sorted(e.name for e in _list_folder(root) if e.is_dir() and not e.name.startswith("."))
+    if not folders:
+        raise IGDSInputError(f"image folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
+
+    if class_names is None:
+        ordered = folders
+    else:
+        ordered = [str(name) for name in class_names]
+        if len(set(ordered)) != len(ordered):
+            raise IGDSInputError("the given class order lists a class twice")
+        listed = set(ordered)
+        for folder in folders:
+            if folder not in listed and not ignore_unlisted:
+                raise IGDSInputError(f"class folder {folder!r} in {root!r} is not in the given class list")
+        present = set(folders)
+        for name in ordered:
+            if name not in present:
+                raise IGDSInputError(f"class {name!r} has no folder in {root!r}")
+
+    paths_per_class = []
+    for name in ordered:
+        folder = os.path.join(root, name)
+        files = sorted(e.name for e in _list_folder(folder) if e.is_file() and is_image_file(e.name))
+        if not files:
+            raise IGDSInputError(
+                f"class folder {folder!r} contains no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        paths_per_class.append([os.path.join(folder, f) for f in files])
+    return ordered, paths_per_class
+
+
+def resize_and_center_crop(image: Image.Image, image_size: int) -> Image.Image:
+    """Resize the shorter side to ``image_size`` (bilinear) and crop the centre square."""
+    width, height = image.size
+    if (width, height) == (image_size, image_size):
+        return image
+    if width <= height:
+        new_width, new_height = image_size, int(image_size * height / width)
+    else:
+        new_width, new_height = int(image_size * width / height), image_size
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.BILINEAR)
+    left = int(round((new_width - image_size) / 2.0))
+    top = int(round((new_height - image_size) / 2.0))
+    return image.crop((left, top, left + image_size, top + image_size))
+
+
+def load_image(path: str, image_size: int, channels: int = 3) -> np.ndarray:
+    """Decode, convert (RGB or L), resize + centre-crop one image: uint8 [C, H, W].
+
+    Raises PIL's own errors for unreadable files (the caller decides whether to skip).
+    """
+    with Image.open(path) as handle:
+        handle.load()  # decode fully now, so truncation errors surface here
+        image = handle.convert(_PIL_MODES[channels])
+    image = resize_and_center_crop(image, image_size)
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def try_load_image(args: tuple[str, int, int]):
+    path, image_size, channels = args
+    try:
+        return load_image(path, image_size, channels)
+    except _DECODE_ERRORS as exc:
+        return exc
+
+
+def uint8_to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1] as x / 127.5 - 1 (the inverse of imageio.to_uint8 on the grid)."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+def check_load_arguments(image_size, channels, on_corrupt) -> None:
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise IGDSInputError(f"image_size must be a positive integer, got {image_size!r}")
+    if channels not in _PIL_MODES:
+        raise IGDSInputError(f"channels must be 1 or 3, got {channels!r}")
+    if on_corrupt not in ("skip", "fail"):
+        raise IGDSInputError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    image_size: int,
+    channels: int = 3,
+    on_corrupt: str = "skip",
+    class_names: Sequence[str] | None = None,
+    as_uint8: bool = False,
+    num_workers: int | None = None,
+    ignore_unlisted: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, list[str], LoadReport]:
+    """Load a whole ImageFolder tree into memory.
+
+    Returns ``(images, labels, class_names, report)``: images float32 [N, C, S, S] in [-1, 1] (uint8
+    [0, 255] with ``as_uint8=True``), labels int64 [N] = index of the class in ``class_names``,
+    images ordered by class then file name.
+
+    ``on_corrupt``: "skip" leaves unreadable images out and counts them in the report; "fail" raises
+    IGDSInputError naming the first unreadable file. Structural problems (missing root, no classes,
+    an empty class folder, a class-order mismatch, bad arguments) are raised before any image is
+    decoded. A class whose every image is unreadable is an error in both modes.
+    ``class_names`` fixes the class order (labels); with ``ignore_unlisted`` folders it does not
+    list are skipped instead of being an error.
+    ``num_workers`` threads decode in parallel (PIL releases the GIL); default min(8, CPUs).
+    """
+    check_load_arguments(image_size, channels, on_corrupt)
+    names, paths_per_class = scan_image_folder(root, class_names, ignore_unlisted)
+
+    all_paths = [path for paths in paths_per_class for path in paths]
+    all_labels = [label for label, paths in enumerate(paths_per_class) for _ in paths]
+    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+    jobs = [(path, image_size, channels) for path in all_paths]
+    if workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(try_load_image, jobs))
+    else:
+        results = [try_load_image(job) for job in jobs]
+
+    images = np.empty((len(all_paths), channels, image_size, image_size), dtype=np.uint8)
+    labels = []
+    skipped = []
+    for path, label, result in zip(all_paths, all_labels, results):
+        if isinstance(result, BaseException):
+            if on_corrupt == "fail":
+                reason = " ".join(str(result).split()) or type(result).__name__
+                raise IGDSInputError(f"corrupt image {path!r}: {reason}")
+            skipped.append(path)
+            continue
+        images[len(labels)] = result
+        labels.append(label)
+
+    counts = {name: 0 for name in names}
+    for label in labels:
+        counts[names[label]] += 1
+    for name, count in counts.items():
+        if count == 0:
+            raise IGDSInputError(f"class {name!r} in {os.fspath(root)!r} has no readable images")
+
+    tensor = torch.from_numpy(images[: len(labels)].copy())
+    if not as_uint8:
+        tensor = uint8_to_unit_range(tensor)
+    report = LoadReport(
+        root=os.fspath(root),
+        class_names=list(names),
+        images_per_class=counts,
+        num_loaded=len(labels),
+        num_skipped_corrupt=len(skipped),
+        skipped_paths=skipped,
+    )
+    return tensor, torch.tensor(labels, dtype=torch.int64), list(names), report
+
+
+# ---- streamed ImageFolders -----------------------------------------------------------------------
