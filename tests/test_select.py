@@ -158,12 +158,14 @@ def test_objective_matches_direct_float64(rng_seed, alpha, beta, eps):
 def test_objective_pair_term_spans_row_blocks(monkeypatch, rng_seed):
     """More classes than one [rows, C] block: the i < j mask across blocks still counts each pair once."""
     import igds_fast.select as select
+    import igds_fast.select.centroids
+    import igds_fast.select.search  # noqa: F401 (submodules patched below)
 
     generator = torch.Generator().manual_seed(rng_seed)
     features, real = random_problem(7, 2, 3, 8, generator=generator, dtype=torch.float64)
     chosen = torch.randint(0, 2, (7,), generator=generator)
     whole = s3_objective(features, real, chosen, dtype=torch.float64)
-    monkeypatch.setattr(select, "_PAIR_ROWS", 3)
+    monkeypatch.setattr(select.search, "_PAIR_ROWS", 3)
     blocked = s3_objective(features, real, chosen, dtype=torch.float64)
     expected = direct_objective(direct_centroids(features), real.numpy(), chosen.tolist(), 0.4, 0.9, 0.0)
     assert blocked.pair_term == pytest.approx(expected[2], rel=1e-12)
@@ -359,8 +361,10 @@ def test_table_method_with_many_changes_and_blocked_build(monkeypatch, rng_seed)
     """The table is built in row blocks and refreshed column by column: at a size where many classes
     move, it takes the reference's decisions, like the recompute path (away from near-ties)."""
     import igds_fast.select as select
+    import igds_fast.select.centroids
+    import igds_fast.select.search  # noqa: F401 (submodules patched below)
 
-    monkeypatch.setattr(select, "_TABLE_BLOCK_ELEMENTS", 7)  # one class per block
+    monkeypatch.setattr(select.search, "_TABLE_BLOCK_ELEMENTS", 7)  # one class per block
     generator = torch.Generator().manual_seed(rng_seed)
     features, real = random_problem(9, 4, 3, 12, spread=1.2, generator=generator, dtype=torch.float64)
     centroids = direct_centroids(features)
@@ -375,14 +379,16 @@ def test_table_method_with_many_changes_and_blocked_build(monkeypatch, rng_seed)
 
 def test_auto_method_picks_by_device_and_size(monkeypatch):
     import igds_fast.select as select
+    import igds_fast.select.centroids
+    import igds_fast.select.search  # noqa: F401 (submodules patched below)
 
     features, real = random_problem(5, 3, 2, 8, spread=0.7, generator=torch.Generator().manual_seed(5))
     calls = []
     for name in ("_ascent_table", "_ascent_recompute"):
-        original = getattr(select, name)
-        monkeypatch.setattr(select, name, lambda *args, _o=original, _n=name: calls.append(_n) or _o(*args))
+        original = getattr(select.search, name)
+        monkeypatch.setattr(select.search, name, lambda *args, _o=original, _n=name: calls.append(_n) or _o(*args))
     s3_search(features, real)
-    monkeypatch.setattr(select, "TABLE_BYTES", 0)
+    monkeypatch.setattr(select.search, "TABLE_BYTES", 0)
     s3_search(features, real)
     assert calls == ["_ascent_table", "_ascent_recompute"]
 
@@ -399,8 +405,10 @@ def test_class_centroids_stream_equals_one_shot(rng_seed, monkeypatch):
     expected = [unit(features[labels == c].double().mean(0)).numpy() for c in range(4)]
     np.testing.assert_allclose(whole.numpy(), np.stack(expected), rtol=1e-12, atol=1e-13)
     import igds_fast.select as select
+    import igds_fast.select.centroids
+    import igds_fast.select.search  # noqa: F401 (submodules patched below)
 
-    monkeypatch.setattr(select, "_CENTROID_BATCH", 9)  # class_centroids itself in 6 batches
+    monkeypatch.setattr(select.centroids, "_CENTROID_BATCH", 9)  # class_centroids itself in 6 batches
     np.testing.assert_allclose(class_centroids(features, labels, 4, dtype=torch.float64).numpy(), whole.numpy(),
                                rtol=1e-12, atol=1e-13)
     accumulator = ClassCentroidAccumulator(4, 12)
