@@ -153,9 +153,9 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 def flags_of(cls: type, path: str = "", exclude: tuple[str, ...] = (), old: bool = False):
     """(dest, flag) of every flag the tree under `cls` declares, depth first, in declaration order;
-    with old=True the flag names alone, earlier spellings included."""
+    with old=True the flag names alone, earlier spellings included. Positional arguments are not flags."""
     for f, opt, sec in _fields(cls, exclude):
-        if opt is not None and opt.flag is not None:
+        if opt is not None and opt.flag is not None and opt.flag.startswith("-"):
             names = [opt.flag, *(alternate.name for alternate in opt.alternates), *(opt.old if old else ())]
             for name in names:
                 yield name if old else (path + f.name, name)
@@ -307,19 +307,17 @@ def _refusal(flags: list[str], phrase: str) -> IGDSInputError:
     return IGDSInputError(f"{', '.join(flags)} {verb} to {phrase} only")
 
 
-def from_args(cls: type, namespace: argparse.Namespace | Mapping[str, Any], base: Any = None,
-              bases: Mapping[str, Any] | None = None, path: str = "") -> Any:
-    """The tree of `cls` from the flags given (a namespace of `add_arguments`' parser), over `base`.
-
-    base: the tree whose values stand where no flag was given (default: the declared defaults).
-    bases: {section path: base tree} for sections whose defaults depend on another setting (the
-        digits demo's --fast settings).
-    """
+def from_args(cls: type, namespace: argparse.Namespace | Mapping[str, Any], base: Any = None, path: str = "") -> Any:
+    """The tree of `cls` from the flags given (a namespace of `add_arguments`' parser), over `base`
+    (the tree whose values stand where no flag was given; default: the declared defaults)."""
     given = given_dests(namespace)
-    bases = dict(bases or {})
-    if base is None and path.rstrip(".") in bases:
-        base = bases[path.rstrip(".")]
     changes: dict[str, Any] = {}
+
+    def current(name: str) -> Any:  # a sibling setting as it stands so far
+        if name in changes:
+            return changes[name]
+        return getattr(base, name) if base is not None else _declared_default(cls, name)
+
     for f, opt, sec in _fields(cls):
         dest = path + f.name
         if opt is not None:
@@ -329,37 +327,31 @@ def from_args(cls: type, namespace: argparse.Namespace | Mapping[str, Any], base
         if sec is None:
             continue
         child_given = _given_flags(sec.cls, given, dest + ".")
-        if dest + _JSON_SUFFIX in given:
+        json_values = given.get(dest + _JSON_SUFFIX)
+        if json_values is not None:
             child_given.insert(0, sec.json_flag)
-        current_parent = {**({} if base is None else {k.name: getattr(base, k.name) for k in dataclasses.fields(cls)}),
-                          **changes}
         if sec.when is not None:
             sibling, value, phrase = sec.when
-            sibling_value = current_parent.get(sibling, _declared_default(cls, sibling))
-            if sibling_value != value:
+            if current(sibling) != value:
                 if child_given:
                     raise _refusal(child_given, phrase)
                 continue  # the section keeps its default (or the base's)
-        if sec.switch is not None:
-            switch_dest = f"{dest}.{sec.switch}"
-            if switch_dest not in given and (base is None or getattr(base, f.name) is None):
-                if child_given:
-                    switch_flag = _flag_of_field(sec.cls, sec.switch)
-                    raise _refusal(child_given, f"{switch_flag} {_choices_text(sec.cls, sec.switch)}".strip())
-                continue
-        # What stands where no flag of the section is given: the bases' entry, the base tree's section,
-        # else the section's declared default (a required section has none: it is built from its flags).
-        child_base = bases.get(dest)
-        if child_base is None:
-            child_base = getattr(base, f.name) if base is not None else _default_of(f)
-            child_base = None if child_base is MISSING else child_base
-        json_values = given.get(dest + _JSON_SUFFIX)
+        if sec.switch is not None and f"{dest}.{sec.switch}" not in given and current(f.name) is None:
+            if child_given:  # the section's flags without the flag that turns it on
+                raise _refusal(child_given, f"{_flag_of_field(sec.cls, sec.switch)} {_choices_text(sec.cls, sec.switch)}"
+                               .strip())
+            continue
+        # What stands where no flag of the section is given: the base tree's section, else the section's
+        # declared default (a required section has none: it is built from its flags alone).
+        child_base = current(f.name)
+        child_base = None if child_base is MISSING else child_base
         if json_values is not None:
             child_base = _apply_json(sec.cls, child_base, json_values, sec.json_flag, sec.exclude)
-        if not child_given and child_base is not None:
-            changes[f.name] = child_base
-            continue
-        changes[f.name] = from_args(sec.cls, given, base=child_base, bases=bases, path=dest + ".")
+        if not child_given or (json_values is not None and len(child_given) == 1):
+            if child_base is not None:
+                changes[f.name] = child_base
+                continue
+        changes[f.name] = from_args(sec.cls, given, base=child_base, path=dest + ".")
     if base is not None:
         return dataclasses.replace(base, **changes)
     return cls(**changes)
