@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     _check(demo)
     out_dir = demo.out or demo.work_dir
     log = (lambda message: None) if not demo.progress else (lambda message: print(message, file=sys.stderr, flush=True))
-    log(describe_run(settings, demo.work_dir, out_dir, fast=demo.fast))
+    log(describe_run(settings, demo.work_dir, out_dir, fast=demo.fast, retrain_prior=demo.retrain_prior))
     if demo.force:
         clear_work_dir(demo.work_dir, out_dir)
     results = run_digits(settings, demo.work_dir, log, out_dir=out_dir, retrain_prior=demo.retrain_prior)
