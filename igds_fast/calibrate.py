@@ -35,22 +35,30 @@ sampling luck); the network of repeat r is initialised and trained with seed `se
 Data: tensors, or ImageFolders as `igds_fast.data.FolderImages` (held when small, else streamed).
 The scoring is one batched pass; only the drawn subsets (IPC x classes images) are decoded into
 memory; a streamed validation set is read batch by batch for every accuracy.
+
+Settings: `CalibrationSettings` holds the knobs (validated; `keywords()` is calibrate_beta's keyword
+arguments) and `CalibrateRun` the command's folders and files: the settings tree of
+`igds-fast calibrate-beta`, whose flags are declared on their fields.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .data import FolderImages, check_labelled_images
+from .data import ON_CORRUPT, FolderImages, check_labelled_images
 from .devices import resolve_device
 from .errors import IGDSInputError
+from .evaluate.augment import AugmentConfig
 from .guidance.objective import contextual_kl
 from .seeding import stream_seed
+from .settings import option, section
 from .threads import cpu_threads, torch_threads
 from .ve import VariationalEstimator
 
@@ -92,6 +100,89 @@ def parse_betas(betas: Iterable | str) -> list[float]:
     """Distinct finite betas, ascending, from numbers or a comma-separated string ('0,0.01,0.1')."""
     return _grid(betas, float, lambda v: isinstance(v, numbers.Real) and math.isfinite(v), "betas", "numbers",
                  "the beta grid is empty", "beta must be a finite number")
+
+
+# ---- settings -------------------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationSettings:
+    """The grid, the evaluation recipe and the scores of a calibration; validated on construction.
+
+    ipcs / betas: a sequence or a comma-separated string (stored as ascending distinct tuples).
+    horizontal_flip and cutmix_prob make the evaluation's AugmentConfig (the protocol's otherwise).
+    """
+
+    ipcs: tuple[int, ...] = option(flag="--ipc", metavar="IPC", help="comma-separated IPCs, e.g. 1,10,50")
+    betas: tuple[float, ...] = option(flag="--betas", help="comma-separated beta grid, e.g. 0,0.01,0.1,1")
+    network: str = option("convnet3", "--network", help="evaluation network")
+    epochs: int | None = option(None, "--epochs", parse=int, default_text="the evaluation protocol's, by IPC",
+                                help="training epochs of each network")
+    seeds: int = option(1, "--seeds", parse=int, help="subsets (and networks) per grid cell")
+    seed: int = option(0, "--seed", parse=int, help="seed of the subsets; repeat r's network is seeded seed + r")
+    width: int = option(128, "--width", parse=int, help="ConvNet channels")
+    lr: float = option(0.01, "--lr", parse=float, help="Adam learning rate")
+    horizontal_flip: bool = option(True, "--no-flip", action="store_false",
+                                   help="no horizontal flips when training (e.g. digits)")
+    cutmix_prob: float = option(1.0, "--cutmix-prob", parse=float, help="probability a batch is CutMixed")
+    score_normalization: str = option("none", "--score-normalization", choices=SCORE_NORMALIZATIONS,
+                                      help="the KL scores as they are, or z-scored within each class")
+    device: str | None = option(None, "--device", default_text="cuda if available, else cpu", help="torch device")
+
+    def __post_init__(self):
+        object.__setattr__(self, "ipcs", tuple(parse_ipcs(self.ipcs)))
+        object.__setattr__(self, "betas", tuple(parse_betas(self.betas)))
+        if not _is_int(self.seeds) or self.seeds < 1:
+            raise IGDSInputError(f"--seeds must be >= 1, got {self.seeds!r}")
+        if self.epochs is not None and (not _is_int(self.epochs) or self.epochs < 1):
+            raise IGDSInputError(f"--epochs must be >= 1, got {self.epochs!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise IGDSInputError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        if not _is_int(self.width) or self.width < 1:
+            raise IGDSInputError(f"--width must be a positive integer, got {self.width!r}")
+        if not (isinstance(self.lr, numbers.Real) and math.isfinite(self.lr) and self.lr > 0):
+            raise IGDSInputError(f"--lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.cutmix_prob, numbers.Real) and 0.0 <= self.cutmix_prob <= 1.0):
+            raise IGDSInputError(f"--cutmix-prob must be in [0, 1], got {self.cutmix_prob!r}")
+        if self.score_normalization not in SCORE_NORMALIZATIONS:
+            raise IGDSInputError(f"--score-normalization must be one of {', '.join(SCORE_NORMALIZATIONS)}, "
+                                 f"got {self.score_normalization!r}")
+
+    def keywords(self) -> dict:
+        """`calibrate_beta`'s keyword arguments: every setting under its own name, the flip and CutMix
+        ones as the evaluation's AugmentConfig."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        augment = AugmentConfig(horizontal_flip=values.pop("horizontal_flip"), cutmix_prob=values.pop("cutmix_prob"))
+        return {**values, "augment": augment}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrateRun:
+    """`igds-fast calibrate-beta`: the real folders, the VE, the beta table; `calibration`: the CalibrationSettings."""
+
+    data: str = option(flag="--data", metavar="DIR", help="real training set: DIR/<class>/<images>")
+    val: str = option(flag="--val", metavar="DIR", help="real held-out set of the same classes")
+    ve: str = option(flag="--ve", metavar="VE_SAFETENSORS", help="the VE bundle (igds-fast train-ve)")
+    out: str = option(flag="--out", metavar="BETA_JSON", help="where to write the beta table")
+    image_size: int | None = option(None, "--image-size", parse=int, default_text="the VE's resolution",
+                                    help="side images are loaded at")
+    on_corrupt: str = option("skip", "--on-corrupt", choices=ON_CORRUPT,
+                             help="unreadable images: skip and count them, or stop")
+    progress: bool = option(True, "--quiet", action="store_false", help="no progress lines on stderr")
+    calibration: CalibrationSettings = section(CalibrationSettings, "calibration", required=True)
+
+    def __post_init__(self):
+        for flag, path in (("--data", self.data), ("--val", self.val), ("--ve", self.ve), ("--out", self.out)):
+            if not isinstance(path, str) or not path:
+                raise IGDSInputError(f"give {flag}")
+        if self.image_size is not None and (not _is_int(self.image_size) or self.image_size < 1):
+            raise IGDSInputError(f"--image-size must be a positive integer, got {self.image_size!r}")
+        if self.on_corrupt not in ON_CORRUPT:
+            raise IGDSInputError(f"--on-corrupt must be one of {', '.join(ON_CORRUPT)}, got {self.on_corrupt!r}")
 
 
 # ---- scoring and sampling -------------------------------------------------------------------------
@@ -229,6 +320,7 @@ def calibrate_beta(
     large: only the drawn subsets are decoded into memory).
     ipcs / betas: the grid (lists or comma-separated strings). network, epochs (None = the protocol's
     epochs for the IPC), augment (None = the protocol's), width, lr: passed to `evaluate_distilled`.
+    A `CalibrationSettings` gives all of these but the data, the VE and `log`: `**settings.keywords()`.
     seeds: subsets (and networks) per grid cell. Every defect, including an IPC larger than some
     class's number of correctly classified images, raises a one-line IGDSInputError before training.
 
@@ -359,6 +451,8 @@ def calibrate_beta(
 
 __all__ = [
     "SCORE_NORMALIZATIONS",
+    "CalibrateRun",
+    "CalibrationSettings",
     "best_beta",
     "calibrate_beta",
     "draw_subset",

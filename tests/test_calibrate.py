@@ -1,7 +1,6 @@
 """beta calibration: weighted sampling without replacement, determinism, table choice, file round trip, errors."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from itertools import permutations
@@ -11,17 +10,16 @@ import torch
 
 from igds_fast.calibrate import (
     best_beta,
-    beta_for_ipc,
     calibrate_beta,
     draw_subset,
     gumbel_noise,
     normalize_scores,
-    read_beta_table,
     score_samples,
     selection_probabilities,
-    write_beta_table,
 )
-from igds_fast.cli.calibrate import add_parser as add_calibrate_parser, run as run_calibrate
+from igds_fast.guidance.beta_table import beta_for_ipc, read_beta_table, write_beta_table
+from igds_fast import cli
+from igds_fast.cli.calibrate import run as run_calibrate
 from igds_fast.data import load_digits_split
 from igds_fast.errors import IGDSInputError
 from igds_fast.evaluate.augment import AugmentConfig
@@ -300,10 +298,8 @@ def test_calibrate_cli(tmp_path, digits_ve, capsys):
             folder.mkdir(parents=True)
             for k, index in enumerate(torch.nonzero(labels == label).flatten()[:per_class].tolist()):
                 save_png_atomic(folder / f"{k}.png", images[index])
-    parser = argparse.ArgumentParser()
-    add_calibrate_parser(parser.add_subparsers())
     out = tmp_path / "beta.json"
-    args = parser.parse_args([
+    args = cli.parse([
         "calibrate-beta", "--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--ve", str(ve_path),
         "--ipc", "1,2", "--betas", "0,1", "--out", str(out), "--epochs", "2", "--width", "8", "--no-flip", "--quiet",
     ])
@@ -313,4 +309,5 @@ def test_calibrate_cli(tmp_path, digits_ve, capsys):
     assert set(table) == {1, 2} and set(table.values()) <= {0.0, 1.0}
     document = json.loads(out.read_text())
     assert len(document["table"]) == 4 and document["settings"]["network"] == "convnet3"
+    assert document["settings"]["command"]["calibration"]["ipcs"] == [1, 2]
     assert "IPC 1: beta" in capsys.readouterr().out

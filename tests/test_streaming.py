@@ -2,7 +2,6 @@
 (train-ve, calibrate-beta, eval), corrupt files, the in-memory cap, train-ve's epoch checkpoints."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -10,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from igds_fast import cli
 from igds_fast.cli import main
-from igds_fast.cli.calibrate import add_parser as add_calibrate_parser
-from igds_fast.cli.train_ve import add_parser as add_train_ve_parser
 from igds_fast.data import IN_MEMORY_ENV, FolderImages, in_memory_limit_bytes, load_image_folder
 from igds_fast.errors import IGDSInputError
 from igds_fast.train_ve import VETrainConfig, image_statistics, train_ve_from_source
@@ -208,13 +206,11 @@ def _assert_same_bundle(first: VariationalEstimator, second: VariationalEstimato
 
 
 def test_train_ve_cli_streamed_equals_in_memory(sets, tmp_path, monkeypatch):
-    parser = argparse.ArgumentParser()
-    add_train_ve_parser(parser.add_subparsers())
     results = {}
     for streamed in (False, True):
         _streamed(monkeypatch, streamed)
         out = tmp_path / f"ve_{streamed}.safetensors"
-        args = parser.parse_args([
+        args = cli.parse([
             "train-ve", "--data", str(sets["train"]), "--val", str(sets["val"]), "--out", str(out),
             "--resolution", "16", "--image-size", "20", "--epochs", "1", "--batch-size", "8", "--queue-size", "16",
             "--lambda", "0.1", "--classifier-epochs", "10", "--quiet",
@@ -276,13 +272,11 @@ def test_calibrate_cli_streamed_equals_in_memory(sets, tmp_path, monkeypatch):
     ve, _ = train_ve_from_source(train, train.class_names, _small_config(epochs=0, classifier_epochs=30), **QUIET)
     ve_path = tmp_path / "ve.safetensors"
     ve.save(ve_path)
-    parser = argparse.ArgumentParser()
-    add_calibrate_parser(parser.add_subparsers())
     documents = {}
     for streamed in (False, True):
         _streamed(monkeypatch, streamed)
         out = tmp_path / f"beta_{streamed}.json"
-        args = parser.parse_args([
+        args = cli.parse([
             "calibrate-beta", "--data", str(sets["train"]), "--val", str(sets["val"]), "--ve", str(ve_path),
             "--ipc", "1,2", "--betas", "0,1", "--out", str(out), "--epochs", "2", "--width", "8", "--quiet",
         ])

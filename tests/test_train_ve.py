@@ -1,7 +1,6 @@
 """VE training: CMI term sign and gradient, centroid EMA, InfoNCE, information estimates, bundles, errors."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -25,7 +24,8 @@ from igds_fast.train_ve import (
     update_log_centroids,
 )
 from igds_fast.train_ve.features import frozen_bn_statistics
-from igds_fast.cli.train_ve import add_parser as add_train_ve_parser, run as run_train_ve
+from igds_fast import cli
+from igds_fast.cli.train_ve import run as run_train_ve
 from igds_fast.guidance.objective import centroid_kl
 from igds_fast.ve import VariationalEstimator
 
@@ -373,10 +373,8 @@ def test_train_ve_cli(tmp_path, digits_small, capsys):
             for k, index in enumerate(torch.nonzero(labels == label).flatten()[:6].tolist()):
                 save_png_atomic(folder / f"{k}.png", images[index])
                 written[root] += 1
-    parser = argparse.ArgumentParser()
-    add_train_ve_parser(parser.add_subparsers())
     out = tmp_path / "ve.safetensors"
-    args = parser.parse_args([
+    args = cli.parse([
         "train-ve", "--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--out", str(out),
         "--channels", "1", "--resolution", "16", "--epochs", "1", "--batch-size", "6", "--queue-size", "16",
         "--lambda", "0.1", "--classifier-epochs", "10", "--no-flip", "--quiet",
@@ -387,9 +385,10 @@ def test_train_ve_cli(tmp_path, digits_small, capsys):
     assert ve.class_names == ["digit0", "digit1", "digit2"] and ve.encoder.in_channels == 1
     report = json.loads((tmp_path / "ve.safetensors.report.json").read_text())
     assert report["config"]["lambda_cmi"] == 0.1 and report["effective"]["queue_size"] == 16
+    assert report["settings"]["training"]["lambda_cmi"] == 0.1 and report["settings"]["progress"] is False
     assert report["train"]["images"] == written["train"] == 18 and report["val"]["images"] == written["val"]
     assert "VE written to" in capsys.readouterr().out
 
-    missing_folder = parser.parse_args(["train-ve", "--data", str(tmp_path / "train"), "--out", str(tmp_path / "no" / "ve.st")])
+    missing_folder = cli.parse(["train-ve", "--data", str(tmp_path / "train"), "--out", str(tmp_path / "no" / "ve.st")])
     with pytest.raises(IGDSInputError, match="does not exist"):
         run_train_ve(missing_folder)

@@ -1,8 +1,9 @@
 """The ``igds-fast`` command line: argparse and nothing else, one module per command.
 
-A command module `igds_fast/cli/<name>.py` holds ``add_parser(subparsers)``, which declares its
-arguments and sets ``handler=run``, and ``run(args) -> int``, which turns the arguments into the
-domain module's config and calls it. To add a command, write the module and list it in
+A command module `igds_fast/cli/<name>.py` holds ``SETTINGS``, the root class of its settings tree
+(igds_fast/settings.py: every flag is declared on a field of that tree), ``add_parser(subparsers)``,
+which generates its arguments from ``SETTINGS`` and sets ``handler=run``, and ``run(args) -> int``,
+which builds the tree from the arguments and runs the domain code with it. To add a command, write the module and list it in
 ``COMMANDS``. The domain modules import nothing from here.
 
 Errors: an IGDSInputError anywhere prints ``igds-fast: error: <message>`` to stderr and exits 2
@@ -22,7 +23,7 @@ PROG = "igds-fast"
 
 
 # The command modules of igds_fast.cli, in the order `igds-fast --help` lists their commands. Each
-# defines add_parser(subparsers), which sets handler=run, and run(args) -> exit code.
+# defines SETTINGS (its tree's root class), add_parser(subparsers), which sets handler=run, and run(args).
 COMMANDS = ("distill", "demo", "train_prior", "train_ve", "calibrate", "eval", "export", "export_npz")
 # `igds-fast distill` without any of these runs the digits demo (`igds-fast demo digits`).
 MODEL_FLAGS = ("--prior", "--diffusers", "--ve")

@@ -18,6 +18,7 @@ from igds_fast.presets.digits import (RESULTS_NAME, DigitsDemo, DigitsSettings, 
 from igds_fast.settings import add_arguments, from_args, given_settings
 
 COMMAND = "demo"
+SETTINGS = DigitsDemo
 DEMOS = ("digits",)
 
 

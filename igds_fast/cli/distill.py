@@ -17,6 +17,7 @@ from igds_fast.settings import add_arguments, from_args
 from igds_fast.threads import pinned_threads, torch_threads
 
 COMMAND = "distill"
+SETTINGS = DistillConfig
 
 
 def add_parser(subparsers) -> None:

@@ -12,6 +12,8 @@ from igds_fast.models.priors import describe_prior_file, load_prior_unet
 from igds_fast.sampling.compiled.tensorrt import build_engine
 from igds_fast.settings import add_arguments, from_args
 
+SETTINGS = ExportUnetRun
+
 
 def add_parser(subparsers) -> None:
     """Declare `igds-fast export-unet` (handler: `run`)."""

@@ -6,6 +6,8 @@ import argparse
 from igds_fast.npz import ExportNpzRun, export_npz
 from igds_fast.settings import add_arguments, from_args
 
+SETTINGS = ExportNpzRun
+
 
 def add_parser(subparsers) -> None:
     """Declare `igds-fast export-npz` (handler: `run`)."""

@@ -17,6 +17,8 @@ from igds_fast.settings import add_arguments, from_args, to_dict
 from igds_fast.threads import pinned_threads, torch_threads
 from igds_fast.train_prior import PriorTrainRun, train_prior
 
+SETTINGS = PriorTrainRun
+
 
 def add_parser(subparsers) -> None:
     """Declare `igds-fast train-prior` (sets handler=run)."""

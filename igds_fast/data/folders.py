@@ -16,6 +16,7 @@ from PIL import Image
 from ..errors import IGDSInputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+ON_CORRUPT = ("skip", "fail")  # what a loader does with an unreadable image: count and leave it out, or stop
 _PIL_MODES = {1: "L", 3: "RGB"}
 # What PIL raises for unreadable / truncated / hostile files (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -148,7 +149,7 @@ def check_load_arguments(image_size, channels, on_corrupt) -> None:
         raise IGDSInputError(f"image_size must be a positive integer, got {image_size!r}")
     if channels not in _PIL_MODES:
         raise IGDSInputError(f"channels must be 1 or 3, got {channels!r}")
-    if on_corrupt not in ("skip", "fail"):
+    if on_corrupt not in ON_CORRUPT:
         raise IGDSInputError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
 
 

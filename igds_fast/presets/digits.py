@@ -112,7 +112,7 @@ from ..guidance.beta_table import beta_for_ipc, read_beta_table
 from ..imageio import write_bytes_atomic, write_json_atomic
 from ..models.priors import read_prior_header, save_prior
 from ..select import S3Config
-from ..settings import Flag, option, section
+from ..settings import Flag, from_dict, option, section
 from ..train_prior import PriorTrainConfig, train_prior
 from ..threads import torch_threads
 from ..train_ve import VETrainConfig, train_ve
@@ -192,6 +192,16 @@ class DigitsSettings:
         return tuple(ipc for ipc in self.ipcs if self.s3_ipcs is None or ipc in self.s3_ipcs)
 
     def __post_init__(self):
+        # The settings read back from their JSON form (igds_fast.settings.from_dict) hold the prior's
+        # settings as a dict, the IPCs of the beta table as strings and s3_ipcs as a list.
+        if isinstance(self.prior, dict):
+            self.prior = from_dict(PriorTrainConfig, self.prior, "prior")
+        try:
+            self.beta_by_ipc = {int(ipc): float(beta) for ipc, beta in self.beta_by_ipc.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise IGDSInputError(f"beta_by_ipc must map IPCs to numbers, got {self.beta_by_ipc!r}") from None
+        if self.s3_ipcs is not None:
+            self.s3_ipcs = tuple(self.s3_ipcs)
         if not self.ipcs or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ipcs):
             raise IGDSInputError(f"IPCs must be positive integers, got {self.ipcs!r}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:

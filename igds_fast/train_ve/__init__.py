@@ -58,7 +58,8 @@ checks, the stages in order, the bundle and the report).
 from __future__ import annotations
 
 from ..models.resnet import ARCHS, NORMS
-from .config import CENTROID_UPDATES, CLASSIFIER_OPTIMIZERS, INIT_SCHEMES, OPTIMIZERS, VETrainConfig, parse_init
+from .config import (CENTROID_UPDATES, CLASSIFIER_OPTIMIZERS, INIT_SCHEMES, OPTIMIZERS, VETrainConfig, VETrainRun,
+                     parse_init)
 from .features import extract_features, image_statistics, recompute_batchnorm_statistics
 from .linear_probe import fit_linear_classifier
 from .losses import (
@@ -84,6 +85,7 @@ __all__ = [
     "OPTIMIZERS",
     "ProjectionHead",
     "VETrainConfig",
+    "VETrainRun",
     "cmi_term",
     "extract_features",
     "feature_log_softmax",

@@ -1,14 +1,18 @@
-"""Every knob of VE training (`VETrainConfig`, validated on construction), the choice tuples, `parse_init`."""
+"""Every knob of VE training (`VETrainConfig`, validated on construction), the choice tuples, `parse_init`,
+and `VETrainRun`: the settings tree of `igds-fast train-ve` (its flags are declared on these fields)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import numbers
 import os
 from dataclasses import dataclass
 
+from ..data import ON_CORRUPT
 from ..errors import IGDSInputError
 from ..models.resnet import ARCHS, NORMS
+from ..settings import option, section
 
 CENTROID_UPDATES = ("ema", "epoch")
 OPTIMIZERS = ("sgd", "adam")
@@ -25,6 +29,23 @@ def _is_real(value) -> bool:
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """--mean 0.5,0.5,0.5 -> (0.5, 0.5, 0.5) (the flags' parse)."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def softplus_beta_or_relu(text: str) -> float | None:
+    """--softplus-beta: a number; 0 = ReLU (None)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    return None if value == 0 else value
 
 
 def parse_init(init: str) -> tuple[str, str | None]:
@@ -67,40 +88,58 @@ class VETrainConfig:
     0.65 s per forward + backward on one thread, 1.7-9.4 s on two busy cores), else the process setting. Restored afterwards.
     """
 
-    arch: str = "resnet18"
-    in_channels: int = 3
-    softplus_beta: float | None = 3.0
-    norm: str = "batch"
-    resolution: int = 32
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    tau: float = 1.0
-    moco_dim: int = 128
-    mlp_hidden: int | None = None
-    queue_size: int = 4096
-    moco_momentum: float = 0.999
-    moco_temperature: float = 0.2
-    bn_splits: int = 4
-    lambda_cmi: float = 0.0
-    centroid_update: str = "ema"
-    centroid_momentum: float = 0.9
-    epochs: int = 20
-    batch_size: int = 256
-    optimizer: str = "sgd"
-    lr: float = 0.03
-    weight_decay: float = 1e-4
-    crop_scale: tuple[float, float] = (0.3, 1.0)
-    horizontal_flip: bool = True
-    jitter: float = 0.2
-    classifier_optimizer: str = "lbfgs"
-    classifier_epochs: int = 100
-    classifier_lr: float = 1.0
-    classifier_weight_decay: float = 1e-3
-    recompute_bn_stats: bool = True
-    seed: int = 0
-    device: str | None = None
-    init: str = "none"
-    num_threads: int | None = None
+    arch: str = option("resnet18", "--arch", choices=ARCHS, help="encoder architecture (a torchvision ResNet trunk)")
+    in_channels: int = option(3, "--channels", parse=int, choices=(1, 3), help="1 = grayscale, 3 = RGB")
+    softplus_beta: float | None = option(3.0, "--softplus-beta", parse=softplus_beta_or_relu,
+                                         help="Softplus sharpness of the activations (0 = ReLU)")
+    norm: str = option("batch", "--norm", choices=NORMS, help="the encoder's normalisation layers")
+    resolution: int = option(32, "--resolution", parse=int, help="encoder input side")
+    mean: tuple[float, ...] | None = option(None, "--mean", parse=float_list, default_text="auto",
+                                            help="per-channel mean, [0,1] units")
+    std: tuple[float, ...] | None = option(None, "--std", parse=float_list, default_text="auto",
+                                           help="per-channel std, [0,1] units")
+    tau: float = option(1.0, "--tau", parse=float, help="temperature of P = softmax(z/tau)")
+    moco_dim: int = option(128, "--moco-dim", parse=int, group="MoCo", help="projection size")
+    mlp_hidden: int | None = option(None, help="hidden size of the projection head (None = the feature size)")
+    queue_size: int = option(4096, "--queue-size", parse=int, group="MoCo",
+                             help="negative keys (clipped to the training-set size)")
+    moco_momentum: float = option(0.999, "--moco-momentum", parse=float, group="MoCo", help="key encoder EMA")
+    moco_temperature: float = option(0.2, "--moco-temperature", parse=float, group="MoCo",
+                                     help="InfoNCE temperature tau_c")
+    bn_splits: int = option(4, "--bn-splits", parse=int, group="MoCo", help="shuffle-BN groups (1 = off)")
+    lambda_cmi: float = option(0.0, "--lambda", parse=float, group="CMI term",
+                               help="weight of the CMI term (0 = plain MoCo)")
+    centroid_update: str = option("ema", "--centroid-update", choices=CENTROID_UPDATES, group="CMI term",
+                                  help="class centroids Q: an EMA per batch, or re-estimated every epoch")
+    centroid_momentum: float = option(0.9, "--centroid-momentum", parse=float, group="CMI term",
+                                      help="EMA weight of the old Q (0 = the current batch's class means)")
+    epochs: int = option(20, "--epochs", parse=int, group="training",
+                         help="contrastive epochs (0 = keep the initial encoder)")
+    batch_size: int = option(256, "--batch-size", parse=int, group="training", help="images per step")
+    optimizer: str = option("sgd", "--optimizer", choices=OPTIMIZERS, group="training",
+                            help="sgd (momentum 0.9) or adam")
+    lr: float = option(0.03, "--lr", parse=float, group="training", help="learning rate, cosine-decayed per step")
+    weight_decay: float = option(1e-4, "--weight-decay", parse=float, group="training", help="weight decay")
+    crop_scale: tuple[float, float] = option((0.3, 1.0), "--crop-scale", parse=float_list,
+                                             group="views", help="random-resized-crop area fraction")
+    horizontal_flip: bool = option(True, "--no-flip", action="store_false", group="views",
+                                   help="no horizontal flips in the views")
+    jitter: float = option(0.2, "--jitter", parse=float, group="views",
+                           help="brightness/contrast/saturation strength (0 = off)")
+    classifier_optimizer: str = option("lbfgs", "--classifier-optimizer", choices=CLASSIFIER_OPTIMIZERS,
+                                       group="linear classifier", help="full-batch optimiser of the classifier")
+    classifier_epochs: int = option(100, "--classifier-epochs", parse=int, group="linear classifier",
+                                    help="full-batch iterations")
+    classifier_lr: float = option(1.0, "--classifier-lr", parse=float, group="linear classifier", help="learning rate")
+    classifier_weight_decay: float = option(1e-3, "--classifier-weight-decay", parse=float, group="linear classifier",
+                                            help="L2 on the standardised-feature weights")
+    recompute_bn_stats: bool = option(True, "--keep-bn-stats", action="store_false", group="linear classifier",
+                                      help="do not recompute BN statistics on clean images")
+    seed: int = option(0, "--seed", parse=int, group="training", help="initialisation, data-order and view seed")
+    device: str | None = option(None, "--device", default_text="cuda if available, else cpu", group="training",
+                                help="torch device")
+    init: str = option("none", "--init", help="'none' or 'moco:PATH' (a MoCo v1/v2 checkpoint)")
+    num_threads: int | None = option(None, help="CPU runs: torch intra-op threads (None = 1 for small work)")
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -209,3 +248,39 @@ class VETrainConfig:
     def to_dict(self) -> dict:
         """A JSON-serialisable copy (tuples become lists)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class VETrainRun:
+    """`igds-fast train-ve`: the image folders, the bundle to write, the checkpoint; `training` is the VETrainConfig."""
+
+    data: str = option(flag="--data", metavar="DIR", help="training set: DIR/<class>/<images>")
+    val: str | None = option(None, "--val", metavar="DIR", help="held-out set of the same classes (report only)")
+    out: str = option(flag="--out", metavar="VE_SAFETENSORS", help="where to write the VE bundle")
+    image_size: int | None = option(None, "--image-size", parse=int, default_text="--resolution",
+                                    help="side images are loaded at")
+    on_corrupt: str = option("skip", "--on-corrupt", choices=ON_CORRUPT,
+                             help="unreadable images: skip and count them, or stop")
+    checkpoint: str | None = option(None, "--checkpoint", metavar="PATH", default_text="OUT.checkpoint",
+                                    help="per-epoch training state, resumed by a rerun; removed when done")
+    progress: bool = option(True, "--quiet", action="store_false", help="no progress lines on stderr")
+    training: VETrainConfig = section(VETrainConfig, "encoder")
+
+    def __post_init__(self):
+        for flag, path in (("--data", self.data), ("--out", self.out)):
+            if not isinstance(path, str) or not path:
+                raise IGDSInputError(f"give {flag}")
+        if self.image_size is not None and (not _is_int(self.image_size) or self.image_size < 1):
+            raise IGDSInputError(f"--image-size must be a positive integer, got {self.image_size!r}")
+        if self.on_corrupt not in ON_CORRUPT:
+            raise IGDSInputError(f"--on-corrupt must be one of {', '.join(ON_CORRUPT)}, got {self.on_corrupt!r}")
+
+    @property
+    def load_size(self) -> int:
+        """The side the images are loaded at: --image-size, else the encoder's --resolution."""
+        return self.image_size if self.image_size is not None else self.training.resolution
+
+    @property
+    def checkpoint_path(self) -> str:
+        """Where the per-epoch training state goes: --checkpoint, else OUT.checkpoint."""
+        return self.checkpoint if self.checkpoint is not None else self.out + ".checkpoint"
