@@ -421,9 +421,12 @@ def from_dict(cls: type, data: Mapping[str, Any], what: str | None = None) -> An
     values = {}
     for name, value in data.items():
         f, opt, sec = known[name]
+        default = _default_of(f)
         if sec is not None and value is not None:
             values[name] = from_dict(sec.cls, value, f"{what}.{name}")
-        elif isinstance(value, list) and isinstance(_default_of(f), tuple):
+        elif dataclasses.is_dataclass(default) and isinstance(value, Mapping):  # a nested config, not a section
+            values[name] = from_dict(type(default), value, f"{what}.{name}")
+        elif isinstance(value, list) and isinstance(default, tuple):
             values[name] = tuple(value)
         else:
             values[name] = value

@@ -52,7 +52,7 @@ def command_module(name: str):
 
 
 def parser_flags(parser: argparse.ArgumentParser) -> set[str]:
-    """Every flag (and positional argument, by its shown name) of a parser and its sub-parsers, but --help."""
+    """Every flag of a parser and its sub-parsers but --help (positional arguments are not flags)."""
     flags = set()
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
@@ -60,10 +60,8 @@ def parser_flags(parser: argparse.ArgumentParser) -> set[str]:
         if isinstance(action, argparse._SubParsersAction):
             for subparser in action.choices.values():
                 flags |= parser_flags(subparser)
-        elif action.option_strings:
-            flags.update(action.option_strings)
         else:
-            flags.add(action.metavar)
+            flags.update(action.option_strings)
     return flags
 
 

@@ -112,7 +112,7 @@ from ..guidance.beta_table import beta_for_ipc, read_beta_table
 from ..imageio import write_bytes_atomic, write_json_atomic
 from ..models.priors import read_prior_header, save_prior
 from ..select import S3Config
-from ..settings import Flag, from_dict, option, section
+from ..settings import Flag, option, section
 from ..train_prior import PriorTrainConfig, train_prior
 from ..threads import torch_threads
 from ..train_ve import VETrainConfig, train_ve
@@ -192,10 +192,8 @@ class DigitsSettings:
         return tuple(ipc for ipc in self.ipcs if self.s3_ipcs is None or ipc in self.s3_ipcs)
 
     def __post_init__(self):
-        # The settings read back from their JSON form (igds_fast.settings.from_dict) hold the prior's
-        # settings as a dict, the IPCs of the beta table as strings and s3_ipcs as a list.
-        if isinstance(self.prior, dict):
-            self.prior = from_dict(PriorTrainConfig, self.prior, "prior")
+        # Read back from their JSON form (igds_fast.settings.from_dict), the IPCs of the beta table are
+        # strings and s3_ipcs a list.
         try:
             self.beta_by_ipc = {int(ipc): float(beta) for ipc, beta in self.beta_by_ipc.items()}
         except (AttributeError, TypeError, ValueError):
