@@ -312,15 +312,15 @@ def make_sampler(unet, schedule, ve, class_map, backend="eager", options=None, r
 def guidance_scale(sampler: Sampler, scale: float):
     """The sampler's steps with another guidance scale (0 = unguided), for the block only.
 
-    Every step reads StepContext.config at call time (guided(i), the update's scale), so one sampler
+    Every step reads StepContext.guidance_config at call time (guided(i), the update's scale), so one sampler
     (one compile) times both; the compiled step captures one graph per (guided or not, noise kind)."""
     context = sampler.context
-    saved = context.config
-    context.config = dataclasses.replace(saved, scale=scale)
+    saved = context.guidance_config
+    context.guidance_config = dataclasses.replace(saved, scale=scale)
     try:
         yield
     finally:
-        context.config = saved
+        context.guidance_config = saved
 
 
 def time_decoder(sampler: Sampler, batch: int, repeats: int) -> float:
@@ -773,7 +773,7 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
         if latent:
             row.update(decoder_gflop=flops["decoder"] / 1e9, unguided_gflop=flops["unguided"] / 1e9)
     if compiled is not None:
-        config = compiled._step.config
+        config = compiled._step.compile_config
         for row in rows:
             if row["variant"] in ("compiled", "graphs"):
                 row["config"] = (f"{config.dtype}/{config.encoder_dtype}"

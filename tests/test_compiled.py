@@ -645,4 +645,4 @@ def test_gpu_batch_size_from_free_memory():
     free, _ = torch.cuda.mem_get_info()
     available = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # the cache counts as free
     # One step at the chosen batch really fits in the memory the choice budgeted.
-    assert step._probe_step_bytes(batch) <= step.config.memory_fraction * available * 1.1
+    assert step._probe_step_bytes(batch) <= step.compile_config.memory_fraction * available * 1.1

@@ -54,7 +54,7 @@ class BatchState:
         self.group_ids = group_ids
         self.seeds = None if seeds is None else context.noise_keys(seeds, context.device)
         self.members = members
-        self.tracker = NonFiniteTracker(labels.shape[0], context.device) if context.config.check_finite else None
+        self.tracker = NonFiniteTracker(labels.shape[0], context.device) if context.guidance_config.check_finite else None
         self.trace = GuidanceTrace(context.num_steps, labels.shape[0], context.device) if trace else None
 
     def inputs(self, i: int, index, noise=None) -> StepInputs:
@@ -122,7 +122,7 @@ class EagerStep:
     def _members(self, labels, group_ids, batch: int):
         if not self.batch_invariant or batch == 1:
             return None
-        if self.context.config.gamma != 0.0:
+        if self.context.guidance_config.gamma != 0.0:
             keys = labels if group_ids is None else group_ids
             return [(keys == key).nonzero().flatten() for key in torch.unique(keys)]
         return [torch.tensor([b], device=labels.device) for b in range(batch)]

@@ -122,7 +122,7 @@ class Sampler:
             raise IGDSInputError(f"noise={noise!r} cannot be used with fused kernels: they draw Philox noise in-kernel")
         self.noise_source, noise_keys = resolve_noise_source(noise)
         self.context = StepContext(
-            unet=unet, schedule=schedule, config=guidance, guidance=self.guidance_fn, channels=self.channels,
+            unet=unet, schedule=schedule, guidance_config=guidance, guidance=self.guidance_fn, channels=self.channels,
             image_size=self.image_size, learn_sigma=self.learn_sigma, class_map=self._build_class_map(prior_class_map),
             conditional=getattr(unet, "num_classes", None) is not None, noise=noise, noise_source=self.noise_source,
             noise_keys=noise_keys, device=self.device, reference_numerics=reference_numerics,

@@ -128,7 +128,7 @@ class CompiledStep:
     advance(x, i, buffers, noise=None) -> x_{i-1} (the static buffer); finish_batch(buffers) reads the
     non-finite tracker once; __call__(x, i, labels, noise=None, group_ids=None, seeds=None) is one
     step on its own (inputs copied in at every call; the tracker is reset at i = N-1, read at i = 0).
-    Attributes: config (CompileConfig resolved for the device), attention ("sdpa"/"xformers"/
+    Attributes: compile_config (CompileConfig resolved for the device), attention ("sdpa"/"xformers"/
     "tensorrt"), use_graphs (bool; the bench flips it to time one compilation with and without
     graphs), unet_lp / features_lp (the low-precision modules; unet_lp is the TensorRTUNet when
     CompileConfig.unet_engine is set), ops (the KernelOps the step runs), last_model_output (fp32 UNet
@@ -138,8 +138,8 @@ class CompiledStep:
     def __init__(self, context: StepContext, backend_options=None):
         self.context = context
         self.device = context.device
-        self.config = CompileConfig.from_options(backend_options).for_device(self.device)
-        cfg = self.config
+        self.compile_config = CompileConfig.from_options(backend_options).for_device(self.device)
+        cfg = self.compile_config
         _check_triton_runs_here(self.device)
         self.tables = StepTables(context.schedule)  # fp32, contiguous, on the device: built once
         self.step_indices = torch.arange(context.num_steps, dtype=torch.int64, device=self.device)
@@ -192,7 +192,7 @@ class CompiledStep:
 
     def numerics(self):
         """cuDNN's benchmark mode for this backend's steps only (CompileConfig.cudnn_benchmark, CUDA)."""
-        return _cudnn_benchmark(self.device.type == "cuda" and self.config.cudnn_benchmark)
+        return _cudnn_benchmark(self.device.type == "cuda" and self.compile_config.cudnn_benchmark)
 
     # ---- the seam -------------------------------------------------------------------------------
     def begin_batch(self, x, labels, seeds, group_ids=None, trace: bool = False):
@@ -243,7 +243,7 @@ class CompiledStep:
 
     def finish_batch(self, buffers: _BatchBuffers) -> None:
         """Raise the eager step's error if a guidance gradient of the batch was non-finite (one host read)."""
-        if self.context.config.check_finite:
+        if self.context.guidance_config.check_finite:
             buffers.tracker.raise_if_any(buffers.labels, self.context.num_steps)
 
     def __call__(self, x, i: int, labels, noise=None, group_ids=None, seeds=None) -> torch.Tensor:
@@ -288,7 +288,7 @@ class CompiledStep:
     # ---- the step body (captured or run directly) ---------------------------------------------------
     def _body(self, b: _BatchBuffers, i: int, noise_kind: str) -> torch.Tensor:
         """One reverse step from the static buffers into b.x (in place); returns the UNet output."""
-        tracker = b.tracker if self.context.config.check_finite else None
+        tracker = b.tracker if self.context.guidance_config.check_finite else None
         return reverse_step(self.ops, b.x, b.inputs(i, noise_kind), tracker)[1]
 
     # ---- the first-step self-check (self_check.py) ------------------------------------------------
@@ -299,10 +299,10 @@ class CompiledStep:
         Returns {"index", "images", "parts": [per-part comparison]} when every part agrees.
         """
         c = self.context
-        cfg = c.config
+        cfg = c.guidance_config
         reference_guidance = c.guidance  # the eager head (GuidanceConfig.head) and the float32 encoder
-        unet_tolerances = SELF_CHECK_TOLERANCES[self.config.dtype]
-        encoder_tolerances = SELF_CHECK_TOLERANCES[self.config.encoder_dtype]
+        unet_tolerances = SELF_CHECK_TOLERANCES[self.compile_config.dtype]
+        encoder_tolerances = SELF_CHECK_TOLERANCES[self.compile_config.encoder_dtype]
         rows = checked_rows(b.labels, b.group_ids, coupled=cfg.gamma != 0.0)
         x_rows, labels = x_before[rows], b.labels[rows]
         groups = None if b.group_ids is None else b.group_ids[rows]
@@ -328,7 +328,7 @@ class CompiledStep:
                 with fp32_reference_math(self.device), torch.no_grad():
                     expected_image = reference_guidance.decode(x0_rows)
                 results.append(compare("decoder", fast_image[rows], expected_image,
-                                       SELF_CHECK_TOLERANCES[self.config.decoder_dtype]["decoder"]))
+                                       SELF_CHECK_TOLERANCES[self.compile_config.decoder_dtype]["decoder"]))
             with torch.enable_grad():
                 fast_features = self.ops.guidance.encode(x0.detach().requires_grad_(True)).detach()
             with fp32_reference_math(self.device), torch.no_grad():
@@ -381,7 +381,7 @@ class CompiledStep:
     def _describe_failure(self, result, x_rows, timesteps, prior_labels, x0_rows):
         """(where, what, culprit) of a failed self-check part, locating the module on its worst image."""
         c = self.context
-        cfg = self.config
+        cfg = self.compile_config
         compiled_note = f", torch.compile backend {cfg.backend}" if cfg.compile else ""
         part = result["part"]
         if part == "step":
@@ -448,7 +448,7 @@ class CompiledStep:
             except torch.cuda.OutOfMemoryError:
                 raise IGDSInputError(
                     f"out of GPU memory capturing the step at batch {b.x.shape[0]}: pass a smaller batch_size "
-                    f"(or memory_fraction, now {self.config.memory_fraction})"
+                    f"(or memory_fraction, now {self.compile_config.memory_fraction})"
                 ) from None
         graph, model_output = entry
         with nvtx_range("igds/graph/replay"):
@@ -469,7 +469,7 @@ class CompiledStep:
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), nvtx_range("igds/graph/warmup"):
-            for _ in range(self.config.warmup_iterations):
+            for _ in range(self.compile_config.warmup_iterations):
                 self._body(b, i, noise_kind)
                 b.x.copy_(saved_x)
         torch.cuda.current_stream(self.device).wait_stream(side)
@@ -510,9 +510,9 @@ class CompiledStep:
         captures two graphs and the second one's warm-up runs beside the first one's pool, so the
         costs are counted twice. CPU: CPU_BATCH_SIZE.
         """
-        if self.config.batch_size is not None:
-            return self.config.batch_size
-        if self.config.unet_engine is not None:
+        if self.compile_config.batch_size is not None:
+            return self.compile_config.batch_size
+        if self.compile_config.unet_engine is not None:
             return self.unet_lp.batch_size  # an engine runs the one batch size it was built for
         if self._chosen_batch_size is None:
             if self.device.type != "cuda":
@@ -523,9 +523,9 @@ class CompiledStep:
                     free, _ = torch.cuda.mem_get_info(self.device)
                     # Blocks torch's caching allocator holds but does not use are free for this process.
                     free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-                graphs = graphs_per_batch_shape(self.context.config, self.context.num_steps)
+                graphs = graphs_per_batch_shape(self.context.guidance_config, self.context.num_steps)
                 self._chosen_batch_size = choose_batch_size(
-                    per_image * graphs, free, fixed * graphs, self.config.memory_fraction
+                    per_image * graphs, free, fixed * graphs, self.compile_config.memory_fraction
                 )
         return self._chosen_batch_size
 
