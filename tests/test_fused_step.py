@@ -71,7 +71,7 @@ def make_samplers(unet, ve, steps="6", device="cpu", prior_class_map=None, **gui
     schedule = DiffusionSchedule(ScheduleConfig(sampling_steps=steps), device=device)
     config = GuidanceConfig(**{"scale": 4.0, "beta": 0.5, **guidance})
     eager = Sampler(unet, schedule, ve, config, noise="philox", prior_class_map=prior_class_map)
-    fused = Sampler(unet, schedule, ve, config, noise="philox", use_kernels=True, prior_class_map=prior_class_map)
+    fused = Sampler(unet, schedule, ve, config, noise="philox", backend="fused", prior_class_map=prior_class_map)
     assert isinstance(fused._step, FusedStep) and isinstance(eager._step, EagerStep)
     return eager, fused
 

@@ -73,9 +73,9 @@ def test_the_callback_sees_every_step_and_may_replace_x(models):
         sampler.sample(labels, seeds, callback=lambda i, t, x, x0: x[:1])
 
 
-@pytest.mark.parametrize("backend", ["eager", "kernels", "compiled"])
+@pytest.mark.parametrize("backend", ["eager", "fused", "compiled"])
 def test_the_trace_holds_the_guidance_terms_of_every_guided_step(models, backend):
-    options = {"eager": {}, "kernels": {"use_kernels": True},
+    options = {"eager": {}, "fused": {"backend": "fused"},
                "compiled": {"backend": "compiled", "backend_options": FP32_COPIES}}[backend]
     sampler = make(models, noise="philox", guide_until_step=3, **options)  # step 4 (i = 0) unguided
     labels, seeds = [0, 0, 2], random_seeds(3)

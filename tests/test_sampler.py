@@ -291,9 +291,9 @@ def test_fp32_reference_math_on_cuda_turns_tf32_off_and_cudnn_deterministic_then
         torch.set_float32_matmul_precision(before[3])
 
 
-@pytest.mark.parametrize("use_kernels", [False, True])
+@pytest.mark.parametrize("backend", ["eager", "fused"])
 @pytest.mark.parametrize("reference", [True, False])
-def test_eager_steps_run_under_fp32_reference_math(use_kernels, reference, monkeypatch):
+def test_eager_steps_run_under_fp32_reference_math(backend, reference, monkeypatch):
     import igds_fast.sampling.eager as sampler_module
 
     devices = []
@@ -306,10 +306,10 @@ def test_eager_steps_run_under_fp32_reference_math(use_kernels, reference, monke
     monkeypatch.setattr(sampler_module, "fp32_reference_math", recording)
     unet, ve = tiny_adm(), tiny_ve()
     schedule = DiffusionSchedule(ScheduleConfig("linear", 1000, "3"))
-    sampler = Sampler(unet, schedule, ve, GuidanceConfig(scale=1.0), use_kernels=use_kernels, prior_class_map=PRIOR_MAP,
+    sampler = Sampler(unet, schedule, ve, GuidanceConfig(scale=1.0), backend=backend, prior_class_map=PRIOR_MAP,
                       reference_numerics=reference)
     sampler.sample([0, 1], [5, 6])
-    if reference and not use_kernels:
+    if reference and backend == "eager":
         assert devices == ["cpu"]  # once per batch, around the whole loop (not set and restored per step)
     else:  # the plain-PyTorch baseline bench/sampler.py times, and the kernel path (a fast path)
         assert devices == []

@@ -44,9 +44,9 @@ def make(models, **kwargs):
                    prior_class_map=PRIOR_MAP, **kwargs)
 
 
-@pytest.mark.parametrize("kind", ["eager", "eager-philox", "kernels", "batch-invariant"])
+@pytest.mark.parametrize("kind", ["eager", "eager-philox", "fused", "batch-invariant"])
 def test_the_loop_reads_the_host_once_per_batch(models, kind, monkeypatch):
-    options = {"eager": {}, "eager-philox": {"noise": "philox"}, "kernels": {"use_kernels": True},
+    options = {"eager": {}, "eager-philox": {"noise": "philox"}, "fused": {"backend": "fused"},
                "batch-invariant": {"batch_invariant": True}}[kind]
     sampler = make(models, **options)
     step = sampler._step

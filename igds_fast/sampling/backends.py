@@ -19,7 +19,10 @@ from ..seeding import seeded_normal
 from .eager import EagerStep
 from .step import StepContext
 
-BACKENDS = ("eager", "compiled")
+# eager: the float32 reference (sampling.eager); fused: the same step on the Triton guidance head and
+# fused DDPM update, eager UNet (sampling.fused); compiled: low-precision compiled copies, CUDA graphs.
+BACKENDS = ("eager", "fused", "compiled")
+IN_KERNEL_NOISE_BACKENDS = ("fused", "compiled")  # their update kernel draws Philox noise itself
 NOISE_SOURCES = ("torch", "philox")
 # One message for every way of reaching the Triton kernels on a CPU without the interpreter.
 TRITON_ON_CPU_MESSAGE = (
@@ -67,20 +70,39 @@ def resolve_noise_source(name: str):
     raise IGDSInputError(f"unknown noise source {name!r}; expected one of {NOISE_SOURCES}")
 
 
-def build_step(context: StepContext, backend: str, use_kernels: bool = False, batch_invariant: bool = False,
-               backend_options=None):
-    """The step object of a backend: EagerStep, FusedStep (use_kernels) or CompiledStep."""
+def check_backend(backend: str) -> None:
+    """Raise the one-line IGDSInputError of a backend name that is not one of BACKENDS."""
     if backend not in BACKENDS:
         raise IGDSInputError(f"unknown backend {backend!r}; available: {BACKENDS}")
-    if batch_invariant and (backend != "eager" or use_kernels):
-        raise IGDSInputError("batch_invariant applies to the eager backend without kernels only")
+
+
+def default_noise(backend: str, noise: str | None) -> str:
+    """The noise source of a backend: `noise`, or "philox" where the step draws it in-kernel, else "torch".
+
+    The fused and compiled steps draw their noise in the fused update kernel (Philox), so no other
+    source can be given to them.
+    """
+    check_backend(backend)
+    in_kernel = backend in IN_KERNEL_NOISE_BACKENDS
+    if noise is None:
+        return "philox" if in_kernel else "torch"
+    if in_kernel and noise != "philox":
+        raise IGDSInputError(f"noise={noise!r} cannot be used with fused kernels: they draw Philox noise in-kernel")
+    return noise
+
+
+def build_step(context: StepContext, backend: str, batch_invariant: bool = False, backend_options=None):
+    """The stepper of a backend (the `Stepper` surface): EagerStep, FusedStep or CompiledStep."""
+    check_backend(backend)
+    if batch_invariant and backend != "eager":
+        raise IGDSInputError("batch_invariant applies to the eager backend only")
     if backend == "compiled":
         from .compiled import CompiledStep
 
         return CompiledStep(context, backend_options)
     if backend_options is not None:
         raise IGDSInputError("backend_options apply to the 'compiled' backend only")
-    if use_kernels:
+    if backend == "fused":
         check_triton_runs_on(context.device)
         from .fused import FusedStep
 
@@ -88,5 +110,5 @@ def build_step(context: StepContext, backend: str, use_kernels: bool = False, ba
     return EagerStep(context, batch_invariant=batch_invariant)
 
 
-__all__ = ["BACKENDS", "NOISE_SOURCES", "TRITON_ON_CPU_MESSAGE", "build_step", "check_triton_runs_on",
-           "resolve_noise_source"]
+__all__ = ["BACKENDS", "IN_KERNEL_NOISE_BACKENDS", "NOISE_SOURCES", "TRITON_ON_CPU_MESSAGE", "build_step",
+           "check_backend", "check_triton_runs_on", "default_noise", "resolve_noise_source"]

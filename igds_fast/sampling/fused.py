@@ -1,4 +1,4 @@
-"""The reverse step on the fused Triton kernels: `Sampler(..., use_kernels=True)` runs this.
+"""The reverse step on the fused Triton kernels: `Sampler(..., backend="fused")` runs this.
 
 The same `reverse_step` as the eager step, with these operations (x0 mode; shapes [B, C, H, W]):
 
@@ -69,7 +69,7 @@ class KernelOps(StepOps):
 
 
 class FusedStep(EagerStep):
-    """The step seam of `Sampler(use_kernels=True)`: the eager step's loop on `KernelOps`."""
+    """The stepper of `Sampler(backend="fused")`: the eager step's loop on `KernelOps`."""
 
     def __init__(self, context: StepContext):
         super().__init__(context)

@@ -18,6 +18,7 @@ events (`Event.query`, never a wait), so a progress bar moves within a batch wit
 """
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from typing import Callable, Sequence
 
@@ -35,7 +36,7 @@ from ..profiling.window import (
     resolve_step_window,
 )
 from ..seeding import INITIAL_NOISE_STREAM
-from .backends import build_step, resolve_noise_source
+from .backends import build_step, default_noise, resolve_noise_source
 from .step import StepContext
 
 DECODE_CHUNK = 8  # latents decoded at once by Sampler.decode (the decoder's activations are large)
@@ -55,9 +56,8 @@ class Sampler:
         so an image's bytes do not depend on its batch (batched kernels may round differently for
         other batch sizes). Slower; what byte-identical outputs across world and batch sizes need.
     noise: "torch" or "philox" (see `sampling.backends.resolve_noise_source`): x_T and every step's
-        noise. None = "philox" when the step draws its noise in-kernel (use_kernels, compiled), else "torch".
-    use_kernels: run the guidance head and the DDPM update through the fused Triton kernels
-        (`sampling.fused.FusedStep`); the loop and the result stay those of the eager step.
+        noise. None = "philox" when the step draws its noise in-kernel (fused, compiled), else "torch".
+    use_kernels: deprecated spelling of backend="fused" (a DeprecationWarning).
     reference_numerics: (eager backend, CUDA) run under `fp32_reference_math` — float32 without TF32,
         deterministic cuDNN — as the reference must; False = PyTorch's defaults (TF32 convolutions,
         cudnn.benchmark as set): what bench/sampler.py times as the plain-PyTorch baseline.
@@ -65,7 +65,9 @@ class Sampler:
         in_channels = the prior's, out_channels = the VE's): the guidance decodes every x0 prediction
         before the VE sees it (the gradient flows back through it), and `sample` returns decoded
         images. None = the prior's samples are images.
-    backend: "eager" (float32 reference: no compile, no graphs) or "compiled"
+    backend: one of `sampling.backends.BACKENDS`: "eager" (float32 reference: no compile, no graphs),
+        "fused" (`sampling.fused.FusedStep`: the eager step with the guidance head and the DDPM update
+        on the fused Triton kernels; the UNet stays eager) or "compiled"
         (`sampling.compiled.CompiledStep`: low-precision compiled UNet, CUDA-graph-captured step),
         configured by `backend_options` (a `CompileConfig` or its fields as a dict).
     profile_steps: "A:B" (or (A, B)): open the CUDA profiler around loop steps A .. B-1 (0 = the first
@@ -97,6 +99,8 @@ class Sampler:
             raise IGDSInputError(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
         if not isinstance(reference_numerics, bool):
             raise IGDSInputError(f"reference_numerics must be True or False, got {reference_numerics!r}")
+        if use_kernels:
+            backend = _fused_from_use_kernels(backend)
         unet = as_prior(unet)  # guided-diffusion's UNetModel as it is (models.protocols)
         self.unet, self.schedule, self.ve, self.guidance = unet, schedule, ve, guidance
         self.backend = backend
@@ -115,11 +119,7 @@ class Sampler:
                                                   "profile_steps" if profile_steps is not None else PROFILE_STEPS_ENV)
         self.guidance_fn = IGDSGuidance.from_config(ve, guidance, decoder=decoder)
         self.tau = self.guidance_fn.tau
-        in_kernel_noise = use_kernels or backend == "compiled"
-        if noise is None:
-            noise = "philox" if in_kernel_noise else "torch"
-        elif in_kernel_noise and noise != "philox":
-            raise IGDSInputError(f"noise={noise!r} cannot be used with fused kernels: they draw Philox noise in-kernel")
+        noise = default_noise(backend, noise)
         self.noise_source, noise_keys = resolve_noise_source(noise)
         self.context = StepContext(
             unet=unet, schedule=schedule, guidance_config=guidance, guidance=self.guidance_fn, channels=self.channels,
@@ -127,7 +127,7 @@ class Sampler:
             conditional=getattr(unet, "num_classes", None) is not None, noise=noise, noise_source=self.noise_source,
             noise_keys=noise_keys, device=self.device, reference_numerics=reference_numerics,
         )
-        self._step = build_step(self.context, backend, use_kernels, batch_invariant, backend_options)
+        self._step = build_step(self.context, backend, batch_invariant, backend_options)
 
     def _build_class_map(self, prior_class_map):
         prior_classes = getattr(self.unet, "num_classes", None)
@@ -350,6 +350,14 @@ class _StepWatch:
         if steps > self.reported:
             self.reported = steps
             self.report(steps, self.num_steps)
+
+
+def _fused_from_use_kernels(backend: str) -> str:
+    """backend="fused" for the deprecated use_kernels=True (which named no backend of its own)."""
+    warnings.warn('Sampler(use_kernels=True) is deprecated: pass backend="fused"', DeprecationWarning, stacklevel=3)
+    if backend not in ("eager", "fused"):
+        raise IGDSInputError(f'use_kernels=True (deprecated: backend="fused") cannot be combined with backend={backend!r}')
+    return "fused"
 
 
 def _decoder_out_channels(decoder, prior_channels: int) -> int:
