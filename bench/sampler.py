@@ -325,7 +325,7 @@ def guidance_scale(sampler: Sampler, scale: float):
 
 def time_decoder(sampler: Sampler, batch: int, repeats: int) -> float:
     """Seconds of one forward + input-gradient backward of the sampler's guidance decoder at `batch`."""
-    decoder = sampler._step.ops.guidance.decoder  # fp32, the half copy, or the compiled copy
+    decoder = sampler.stepper.ops.guidance.decoder  # fp32, the half copy, or the compiled copy
     generator = torch.Generator(device=DEVICE).manual_seed(7)
     shape = (batch, sampler.channels, sampler.image_size, sampler.image_size)
     z = torch.randn(shape, device=DEVICE, generator=generator) * 2
@@ -337,7 +337,7 @@ def time_decoder(sampler: Sampler, batch: int, repeats: int) -> float:
             (grad,) = torch.autograd.grad(image, leaf, grad_outputs=torch.ones_like(image))
         return grad
 
-    with sampler._step.numerics(), nvtx_range(f"bench/decoder/B{batch}"):
+    with sampler.numerics(), nvtx_range(f"bench/decoder/B{batch}"):
         run()  # warm-up (a compiled decoder is compiled already: same shapes as the step)
         synchronize()
         start = time.perf_counter()
@@ -399,7 +399,7 @@ def our_loop(sampler: Sampler, batch: int):
     labels, seeds = batch_jobs(batch)
     shape = (sampler.channels, sampler.image_size, sampler.image_size)
     x = sampler.noise_source(seeds, INITIAL_NOISE_STREAM, shape, DEVICE)
-    step = sampler._step
+    step = sampler.stepper
     x, bound = step.begin_batch(x, labels, seeds, None)
     indices = iter(reversed(range(sampler.schedule.num_steps)))
 
@@ -431,7 +431,7 @@ def fidelity(eager: Sampler, compiled: Sampler, batch: int, steps: int) -> dict:
             expected_out = eager.unet(x, eager.schedule.timestep_map[i].expand(batch), eager.prior_labels(labels))
         expected = eager.step(x, i, labels, None, None, seeds)
         actual = compiled.step(x, i, labels, None, None, seeds)
-        out = compiled._step.last_model_output
+        out = compiled.stepper.last_model_output
         worst_unet = max(worst_unet, ((out - expected_out).norm() / expected_out.norm()).item())
         worst_x = max(worst_x, ((actual - expected).norm() / expected.norm()).item())
         x = expected
@@ -681,8 +681,8 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
             peer = variant in PEER_VARIANTS
             sampler = None if peer else {"eager-fp32": eager, "eager-half": half, "compiled": compiled,
                                          "graphs": compiled}[variant]
-            if sampler is not None and isinstance(sampler._step, CompiledStep):
-                sampler._step.use_graphs = variant == "graphs"
+            if sampler is not None and isinstance(sampler.stepper, CompiledStep):
+                sampler.stepper.use_graphs = variant == "graphs"
             name = half_name if variant == "eager-half" else variant
             run_batch = 1 if variant == "minimax-b1" else batch
             if variant == "minimax-b1" and batch != args.batch_sizes[0]:
@@ -757,14 +757,14 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
                 traceback.print_exc()
         if compiled is not None:
             if args.check_fidelity and batch == args.batch_sizes[0]:
-                compiled._step.use_graphs = GPU and "graphs" in variants
+                compiled.stepper.use_graphs = GPU and "graphs" in variants
                 try:
                     checks.append({"preset": preset, "kind": "fidelity", "batch": batch,
-                                   "graphs": compiled._step.use_graphs,
+                                   "graphs": compiled.stepper.use_graphs,
                                    **fidelity(reference, compiled, batch, args.fidelity_steps)})
                 except Exception:  # noqa: BLE001 - report it, keep the timing rows
                     traceback.print_exc()
-            compiled._step.release_graphs()
+            compiled.stepper.release_graphs()
         if GPU:
             torch.cuda.empty_cache()
     add_ratios(rows)
@@ -773,12 +773,12 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
         if latent:
             row.update(decoder_gflop=flops["decoder"] / 1e9, unguided_gflop=flops["unguided"] / 1e9)
     if compiled is not None:
-        config = compiled._step.compile_config
+        config = compiled.stepper.compile_config
         for row in rows:
             if row["variant"] in ("compiled", "graphs"):
                 row["config"] = (f"{config.dtype}/{config.encoder_dtype}"
                                  + (f"/{config.decoder_dtype}" if latent else "")
-                                 + f", {config.backend} {config.mode}, attention {compiled._step.attention}")
+                                 + f", {config.backend} {config.mode}, attention {compiled.stepper.attention}")
     return rows, checks
 
 

@@ -114,7 +114,7 @@ def measure(model: str, dtype: str, args) -> dict:
     with lifted_tolerances():
         x = sampler.noise_source(seeds, -1, (sampler.channels, sampler.image_size, sampler.image_size), DEVICE)
         sampler.step(x, schedule.num_steps - 1, labels.to(DEVICE), None, None, seeds)  # the checked first step
-    report = sampler._step.self_check_report
+    report = sampler.self_check_report
     return {"model": model, "dtype": dtype, "seconds": time.perf_counter() - started,
             **{part["part"]: part["error"] for part in report["parts"]}}
 

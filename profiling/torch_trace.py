@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     labels = (torch.arange(batch, device=device) % bench.VE_CLASSES).long()
     seeds = list(range(batch))
     x = sampler.noise_source(seeds, INITIAL_NOISE_STREAM, (sampler.channels, unet.image_size, unet.image_size), device)
-    step = sampler._step  # the loop of Sampler.sample: the batch bound once, then advance(x, i, bound)
+    step = sampler.stepper  # the loop of Sampler.sample: the batch bound once, then advance(x, i, bound)
     x, bound = step.begin_batch(x, labels, seeds, None)
     indices = list(reversed(range(schedule.num_steps)))
     activities = [torch.profiler.ProfilerActivity.CPU]

@@ -110,7 +110,7 @@ def make_pair(unet, ve, class_map, options, steps="6", device="cpu", **guidance)
         unet, schedule, ve, config, backend="compiled", backend_options=options, noise="philox",
         prior_class_map=class_map,
     )
-    assert isinstance(compiled._step, CompiledStep)
+    assert isinstance(compiled.stepper, CompiledStep)
     return eager, compiled
 
 
@@ -133,7 +133,7 @@ def teacher_forced_errors(eager, compiled, labels, seeds, group_ids=None):
     schedule = eager.schedule
     batch = labels.shape[0]
     x = philox_normal(seeds, INITIAL_NOISE_STREAM, (eager.channels, eager.image_size, eager.image_size), eager.device)
-    step = compiled._step
+    step = compiled.stepper
     errors = []
     for i in reversed(range(schedule.num_steps)):
         with torch.no_grad():
@@ -207,7 +207,7 @@ def test_config_device_defaults_and_compile_arguments():
 def test_sampler_passes_options_and_refuses_xformers_when_missing():
     unet, ve, class_map, _ = build_models()
     _, compiled = make_pair(unet, ve, class_map, dict(compile=False, dtype="fp32", attention="auto"))
-    assert compiled._step.attention == "sdpa"  # auto never picks xformers on CPU
+    assert compiled.stepper.attention == "sdpa"  # auto never picks xformers on CPU
     if not xformers_available():
         with pytest.raises(IGDSInputError, match="xformers"):
             make_pair(unet, ve, class_map, dict(compile=False, attention="xformers"))
@@ -266,13 +266,13 @@ def test_copy_attention_feeds_fused_sdpa_layouts_and_matches_adm(new_order, monk
     t = torch.tensor([10, 500, 990])
     y = torch.tensor(class_map[:3])
     with torch.no_grad():
-        copy_output = compiled._step.unet_lp(x, t, y)
+        copy_output = compiled.stepper.unet_lp(x, t, y)
         assert seen and all(entry == (4, 1, 1, 1) for entry in seen)  # fused-kernel layouts only
         reference = unet(x, t, y)
     torch.testing.assert_close(copy_output, reference, rtol=1e-5, atol=1e-6)
     # The user's model keeps ADM's own attention method; only the copy's blocks are rebound.
     assert all("_attention" not in m.__dict__ for m in unet.modules())
-    assert any("_attention" in m.__dict__ for m in compiled._step.unet_lp.modules())
+    assert any("_attention" in m.__dict__ for m in compiled.stepper.unet_lp.modules())
 
 
 def test_cpu_low_precision_attention_runs_in_float32(monkeypatch):
@@ -301,9 +301,9 @@ def test_cpu_low_precision_attention_runs_in_float32(monkeypatch):
 def test_xformers_attention_matches_sdpa():
     device = "cuda" if GPU else "cpu"
     unet, ve, class_map, _ = build_models(device)
-    sdpa = make_pair(unet, ve, class_map, dict(compile=False, dtype="fp32", attention="sdpa"), device=device)[1]._step
+    sdpa = make_pair(unet, ve, class_map, dict(compile=False, dtype="fp32", attention="sdpa"), device=device)[1].stepper
     options = dict(compile=False, dtype="fp32", attention="xformers")
-    xformers = make_pair(unet, ve, class_map, options, device=device)[1]._step
+    xformers = make_pair(unet, ve, class_map, options, device=device)[1].stepper
     x = torch.randn(2, 3, 16, 16, device=device)
     t = torch.full((2,), 400, device=device)
     y = torch.tensor(class_map[:2], device=device)
@@ -319,8 +319,8 @@ def test_choose_batch_size_fits_memory():
     with pytest.raises(IGDSInputError, match="not enough free memory"):
         choose_batch_size(2 * gib, 3 * gib, fixed_bytes=gib, fraction=0.8)
     unet, ve, class_map, _ = build_models()
-    assert make_pair(unet, ve, class_map, dict(compile=False, batch_size=12))[1]._step.batch_size == 12
-    assert make_pair(unet, ve, class_map, dict(compile=False))[1]._step.batch_size == 8  # CPU default
+    assert make_pair(unet, ve, class_map, dict(compile=False, batch_size=12))[1].stepper.batch_size == 12
+    assert make_pair(unet, ve, class_map, dict(compile=False))[1].stepper.batch_size == 8  # CPU default
 
 
 # ---- the user's model stays the float32 reference -------------------------------------------------
@@ -368,7 +368,7 @@ def test_low_precision_copies_leave_the_users_models_untouched():
     before = {k: (v.clone(), v.dtype, v.data_ptr()) for k, v in {**unet.state_dict(), **ve.state_dict()}.items()}
     requires_grad = [p.requires_grad for p in unet.parameters()]
     _, compiled = make_pair(unet, ve, class_map, dict(compile=False, dtype="bf16", encoder_dtype="fp16"), steps="2")
-    step = compiled._step
+    step = compiled.stepper
     compiled.sample([0, 1], random_seeds(2))
     for key, value in {**unet.state_dict(), **ve.state_dict()}.items():
         saved, dtype, pointer = before[key]
@@ -432,7 +432,7 @@ def test_static_buffers_hold_no_state_between_batches(aot_pair):
     compiled.sample(labels_a, seeds_a)
     again_b = compiled.sample(labels_b, seeds_b)
     torch.testing.assert_close(again_b, first_b, rtol=0, atol=0)
-    step = compiled._step
+    step = compiled.stepper
     assert (4, False) in step._buffers
     x, buffers = step.begin_batch(torch.zeros(4, 3, 16, 16), torch.tensor(labels_a), seeds_a)
     assert x is step._buffers[(4, False)].x and buffers is step._buffers[(4, False)]  # the loop steps the static buffer
@@ -440,7 +440,7 @@ def test_static_buffers_hold_no_state_between_batches(aot_pair):
 
 def test_a_padded_short_batch_reuses_the_full_batch_buffers(aot_pair):
     _, compiled, _, _ = aot_pair  # gamma 0.3: the default groups (labels) are made explicit
-    step = compiled._step
+    step = compiled.stepper
     compiled.sample([1, 2, 3, 1], random_seeds(4))
     keys = set(step._buffers)
     seeds = random_seeds(2)
@@ -504,9 +504,9 @@ def test_steps_before_the_last_read_nothing_back_to_the_host(mode, gamma, monkey
     # The run's first step carries the once-per-run self-check (igds_fast.sampling.compiled.self_check), which reads its
     # errors back; every later batch's steps must read nothing.
     compiled.sample(labels, random_seeds(3))
-    assert compiled._step.self_check_report is not None
+    assert compiled.self_check_report is not None
     x = compiled.noise_source(seeds, INITIAL_NOISE_STREAM, (3, 16, 16), "cpu")
-    step = compiled._step
+    step = compiled.stepper
     x, batch = step.begin_batch(x, labels, seeds, None)
     calls = host_reads(monkeypatch)
     with SyncingOpRecorder(calls):
@@ -549,7 +549,7 @@ def test_digits_prior_architecture_in_bf16_under_inductor_matches_eager():
     found = check_fidelity(eager, compiled, ve, TOLERANCES["bf16-cpu"], labels, random_seeds(4))
     print(f"digits architecture, bf16 inductor: {found}")
     assert found["unet"] > 1e-4  # really bf16
-    assert not any(part["failed"] for part in compiled._step.self_check_report["parts"])
+    assert not any(part["failed"] for part in compiled.self_check_report["parts"])
 
 
 def test_cpu_without_interpreter_is_an_input_error(monkeypatch):
@@ -576,7 +576,7 @@ def test_gpu_graphs_bf16_fidelity_and_graph_equivalence():
     unet, ve, class_map, seed = gpu_models()
     options = dict(dtype="bf16", **GPU_TEST_COMPILE)
     eager, compiled = make_pair(unet, ve, class_map, options, steps="50", device="cuda")
-    step = compiled._step
+    step = compiled.stepper
     assert step.use_graphs
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3], device="cuda")
     found = check_fidelity(eager, compiled, ve, TOLERANCES["bf16-gpu"], labels, random_seeds(8))
@@ -596,7 +596,7 @@ def test_gpu_graphs_bf16_fidelity_and_graph_equivalence():
 def test_gpu_graph_loop_has_no_host_sync_and_reuses_graphs():
     unet, ve, class_map, _ = gpu_models()
     eager, compiled = make_pair(unet, ve, class_map, dict(GPU_TEST_COMPILE), steps="10", device="cuda")
-    step = compiled._step
+    step = compiled.stepper
     labels = torch.tensor([1, 2, 3, 0], device="cuda")
     first = compiled.sample(labels, random_seeds(4))  # captures the graph
     buffers = step._buffers[(4, False)]
@@ -639,7 +639,7 @@ def test_gpu_xt_mode_and_nonfinite_under_graphs():
 def test_gpu_batch_size_from_free_memory():
     unet, ve, class_map, _ = gpu_models()
     _, compiled = make_pair(unet, ve, class_map, dict(compile=False), device="cuda")
-    step = compiled._step
+    step = compiled.stepper
     batch = step.batch_size
     assert 1 <= batch <= 256
     free, _ = torch.cuda.mem_get_info()

@@ -98,7 +98,7 @@ def test_the_trace_holds_the_guidance_terms_of_every_guided_step(models, backend
 
 def test_the_traced_compiled_loop_reads_nothing_back_to_the_host(models, monkeypatch):
     sampler = make(models, backend="compiled", backend_options=FP32_COPIES)
-    step = sampler._step
+    step = sampler.stepper
     labels, seeds = torch.tensor([0, 1, 1]), random_seeds(3)
     x = sampler.noise_source(seeds, -1, (3, 16, 16), "cpu")
     x, batch = step.begin_batch(x, labels, seeds, labels, trace=True)

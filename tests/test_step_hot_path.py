@@ -49,7 +49,7 @@ def test_the_loop_reads_the_host_once_per_batch(models, kind, monkeypatch):
     options = {"eager": {}, "eager-philox": {"noise": "philox"}, "fused": {"backend": "fused"},
                "batch-invariant": {"batch_invariant": True}}[kind]
     sampler = make(models, **options)
-    step = sampler._step
+    step = sampler.stepper
     labels, seeds = torch.tensor([0, 1, 3]), random_seeds(3)
     x = sampler.noise_source(seeds, -1, (3, 16, 16), "cpu")
     x, batch = step.begin_batch(x, labels, seeds, None)  # batch-invariant: its parts, found here once

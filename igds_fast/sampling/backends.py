@@ -11,6 +11,7 @@ run on a device: on a CPU only in Triton's interpreter, which must be chosen bef
 from __future__ import annotations
 
 import os
+from typing import ContextManager, Protocol, runtime_checkable
 
 import torch
 
@@ -29,6 +30,51 @@ TRITON_ON_CPU_MESSAGE = (
     "the Triton kernels (--backend compiled, --noise philox, --head triton) run on a CPU only in the Triton "
     "interpreter: set TRITON_INTERPRET=1 in the environment before igds_fast.kernels (or triton) is first imported"
 )
+
+
+@runtime_checkable
+class Stepper(Protocol):
+    """The public surface of a backend's step object (`Sampler.stepper`: EagerStep, FusedStep, CompiledStep).
+
+    The sampler's loop (`Sampler.batch`, `SamplingRun.step`) drives it, and nothing else needs to:
+
+        with stepper.numerics():                                    once per batch
+            x, batch = stepper.begin_batch(x_T, labels, seeds, group_ids, trace)
+            x = stepper.advance(x, i, batch)                        i = N-1 .. 0, no host sync
+            stepper.finish_batch(batch)                             the one host read (finite check)
+
+    numerics(): the context the batch's steps run in (the eager reference's float32 settings on CUDA,
+        PyTorch's defaults for the fused step, cuDNN benchmark mode for the compiled one).
+    begin_batch(x [B, C, H, W], labels [B] (VE classes, on the device), seeds (B ints) or None,
+        group_ids [B] or None, trace) -> (x, batch): the x to step (the compiled backend's static
+        buffer) and what stays the same for the batch (its `trace`: the GuidanceTrace, or None).
+    advance(x, i, batch, noise=None) -> x_{i-1}: one reverse step at respaced index i.
+    finish_batch(batch): raise the non-finite-gradient error of the batch, if any.
+    __call__(x, i, labels, noise=None, group_ids=None, seeds=None) -> x_{i-1}: one step on its own
+        (`Sampler.step`).
+    last_model_output: the UNet output of the latest step [B, 2C or C, H, W] (a static buffer in the
+        compiled backend's graph mode), None before the first.
+    batch_size: the backend's own batch size (compiled: given, or chosen from free device memory),
+        None for eager and fused.
+    self_check_report: the compiled backend's passed first-step self-check {"index", "images",
+        "parts"} (sampling/compiled/self_check.py); None elsewhere, before the first step, or when
+        the check is off or failed.
+    """
+
+    last_model_output: torch.Tensor | None
+    batch_size: int | None
+    self_check_report: dict | None
+
+    def numerics(self) -> ContextManager: ...
+
+    def begin_batch(self, x: torch.Tensor, labels: torch.Tensor, seeds, group_ids=None,
+                    trace: bool = False) -> tuple[torch.Tensor, object]: ...
+
+    def advance(self, x: torch.Tensor, i: int, batch, noise: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def finish_batch(self, batch) -> None: ...
+
+    def __call__(self, x: torch.Tensor, i: int, labels, noise=None, group_ids=None, seeds=None) -> torch.Tensor: ...
 
 
 def check_triton_runs_on(device) -> None:
@@ -110,5 +156,5 @@ def build_step(context: StepContext, backend: str, batch_invariant: bool = False
     return EagerStep(context, batch_invariant=batch_invariant)
 
 
-__all__ = ["BACKENDS", "IN_KERNEL_NOISE_BACKENDS", "NOISE_SOURCES", "TRITON_ON_CPU_MESSAGE", "build_step",
+__all__ = ["BACKENDS", "IN_KERNEL_NOISE_BACKENDS", "NOISE_SOURCES", "Stepper", "TRITON_ON_CPU_MESSAGE", "build_step",
            "check_backend", "check_triton_runs_on", "default_noise", "resolve_noise_source"]

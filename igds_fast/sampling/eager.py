@@ -62,7 +62,11 @@ class BatchState:
 
 
 class EagerStep:
-    """The step seam of `Sampler(backend="eager")`: the float32 reference (module docstring)."""
+    """The stepper of `Sampler(backend="eager")`: the float32 reference (module docstring; surface:
+    sampling.backends.Stepper)."""
+
+    batch_size: int | None = None  # no batch size of its own: the caller's
+    self_check_report: dict | None = None  # nothing to check: this is the reference
 
     def __init__(self, context: StepContext, batch_invariant: bool = False):
         self.context = context

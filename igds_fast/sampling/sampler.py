@@ -127,7 +127,7 @@ class Sampler:
             conditional=getattr(unet, "num_classes", None) is not None, noise=noise, noise_source=self.noise_source,
             noise_keys=noise_keys, device=self.device, reference_numerics=reference_numerics,
         )
-        self._step = build_step(self.context, backend, batch_invariant, backend_options)
+        self._stepper = build_step(self.context, backend, batch_invariant, backend_options)
 
     def _build_class_map(self, prior_class_map):
         prior_classes = getattr(self.unet, "num_classes", None)
@@ -149,19 +149,19 @@ class Sampler:
 
     def numerics(self):
         """The numerics context of this sampler's steps (see `reference_numerics`)."""
-        return self._step.numerics()
+        return self._stepper.numerics()
 
     def prior_labels(self, labels: torch.Tensor) -> torch.Tensor | None:
         """The labels the UNet is conditioned on (None for an unconditional prior)."""
         return self.context.prior_labels(labels)
 
-    # ---- the seam every backend implements ------------------------------------------------------
+    # ---- steps ---------------------------------------------------------------------------------------
     def step(self, x, i: int, labels, noise=None, group_ids=None, seeds=None) -> torch.Tensor:
         """One reverse step x_i -> x_{i-1} at respaced index i (N-1 .. 0), on its own.
 
         noise: [B, C, H, W] to add (None with seeds = draw it from the noise source keyed by
         (seeds[b], i); None without seeds = no noise, the posterior mean). A non-finite guidance
-        gradient is raised by this call (eager, kernels) or by the call at i = 0 (compiled).
+        gradient is raised by this call (eager, fused) or by the call at i = 0 (compiled).
         """
         expected = (self.channels, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
@@ -169,12 +169,26 @@ class Sampler:
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1)
         if group_ids is not None:
             group_ids = torch.as_tensor(group_ids, dtype=torch.long, device=self.device).reshape(-1)
-        return self._step(x, i, labels, noise, group_ids, seeds)
+        return self._stepper(x, i, labels, noise, group_ids, seeds)
+
+    @property
+    def stepper(self):
+        """The backend's step object (EagerStep, FusedStep or CompiledStep; its surface: backends.Stepper).
+
+        The loop that drives it is `batch` / `sample`; use it for what a backend exposes beyond that
+        (the compiled backend's copies, graphs and configuration).
+        """
+        return self._stepper
+
+    @property
+    def self_check_report(self) -> dict | None:
+        """The compiled backend's passed first-step self-check report (see backends.Stepper), else None."""
+        return self._stepper.self_check_report
 
     @property
     def preferred_batch_size(self) -> int | None:
         """The backend's own batch size (compiled: given, or chosen from free device memory), else None."""
-        return getattr(self._step, "batch_size", None)
+        return self._stepper.batch_size
 
     def sample(self, labels, seeds, group_ids=None, pad_to: int | None = None, x_T: torch.Tensor | None = None,
                callback=None, trace: bool = False, decode: bool = True,
@@ -231,7 +245,7 @@ class Sampler:
             labels, seeds, group_ids = _pad_batch(labels, seeds, group_ids, pad_to)
             if x_T is not None:
                 x_T = torch.cat([x_T, x_T[-1:].expand(pad_to - count, *shape)])
-        step = self._step
+        step = self._stepper
         num_steps = self.schedule.num_steps
         window = None
         if self.profile_window is not None and claim_process_window():  # the process's first batch only
@@ -277,14 +291,14 @@ class Sampler:
         if self.decoder is None:
             raise IGDSInputError("this sampler has no decoder: its samples are images already")
         chunk = 1 if self.batch_invariant else DECODE_CHUNK
-        with torch.no_grad(), self._step.numerics():
+        with torch.no_grad(), self._stepper.numerics():
             parts = [self.decoder(latents[start:start + chunk].to(self.device, torch.float32))
                      for start in range(0, latents.shape[0], chunk)]
         return torch.cat(parts).clamp(-1.0, 1.0)
 
     def _call_back(self, callback, i: int, before: torch.Tensor, x: torch.Tensor, count: int) -> torch.Tensor:
         """Run a per-step callback on (i, timestep, x_{i-1}, x0_hat); copy a returned replacement into x."""
-        eps, _ = self.schedule.split_model_output(self._step.last_model_output, self.channels, self.learn_sigma)
+        eps, _ = self.schedule.split_model_output(self._stepper.last_model_output, self.channels, self.learn_sigma)
         x0 = self.schedule.predict_x0(before, eps, i, clip=self.guidance.clip_x0)
         replacement = callback(i, int(self.schedule.timestep_map[i]), x[:count], x0[:count])
         if replacement is not None:
