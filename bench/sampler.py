@@ -394,21 +394,11 @@ def batch_jobs(batch: int) -> tuple[torch.Tensor, list[int]]:
 
 @contextlib.contextmanager
 def our_loop(sampler: Sampler, batch: int):
-    """advance() running our sampler's next reverse step on the batch's jobs from x_T (Sampler.sample's
-    loop: the batch bound once, then step.advance(x, i, bound) for i = N-1 .. 0, in its numerics)."""
+    """advance() running our sampler's next reverse step on the batch's jobs from x_T: Sampler.sample's
+    own loop (`Sampler.batch`: x_T, numerics and the bound batch once, then one reverse step per call)."""
     labels, seeds = batch_jobs(batch)
-    shape = (sampler.channels, sampler.image_size, sampler.image_size)
-    x = sampler.noise_source(seeds, INITIAL_NOISE_STREAM, shape, DEVICE)
-    step = sampler.stepper
-    x, bound = step.begin_batch(x, labels, seeds, None)
-    indices = iter(reversed(range(sampler.schedule.num_steps)))
-
-    def advance():
-        nonlocal x
-        x = step.advance(x, next(indices), bound)
-
-    with step.numerics():  # entered once per batch, as Sampler.sample does
-        yield advance
+    with sampler.batch(labels, seeds) as run:
+        yield run.step
 
 
 def time_steps(sampler: Sampler, batch: int, warmup: int, steps: int, label: str, profile: bool,

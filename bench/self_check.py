@@ -111,9 +111,8 @@ def measure(model: str, dtype: str, args) -> dict:
     labels = torch.arange(args.batch) % ve.num_classes
     seeds = [1000 + b for b in range(args.batch)]
     started = time.perf_counter()
-    with lifted_tolerances():
-        x = sampler.noise_source(seeds, -1, (sampler.channels, sampler.image_size, sampler.image_size), DEVICE)
-        sampler.step(x, schedule.num_steps - 1, labels.to(DEVICE), None, None, seeds)  # the checked first step
+    with lifted_tolerances(), sampler.batch(labels, seeds) as run:
+        run.step()  # the checked first step of a run's first batch
     report = sampler.self_check_report
     return {"model": model, "dtype": dtype, "seconds": time.perf_counter() - started,
             **{part["part"]: part["error"] for part in report["parts"]}}

@@ -56,7 +56,6 @@ def main(argv=None) -> int:
         parser.error(f"unknown preset {args.preset!r}; known: {sorted(bench.PRESETS)}")
     from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
     from igds_fast.models.adm import ADM_DIFFUSION_FLAGS
-    from igds_fast.seeding import INITIAL_NOISE_STREAM
 
     device = bench.DEVICE
     unet = bench.build_prior(args.preset, device)
@@ -73,22 +72,18 @@ def main(argv=None) -> int:
     batch = args.batch_size
     labels = (torch.arange(batch, device=device) % bench.VE_CLASSES).long()
     seeds = list(range(batch))
-    x = sampler.noise_source(seeds, INITIAL_NOISE_STREAM, (sampler.channels, unet.image_size, unet.image_size), device)
-    step = sampler.stepper  # the loop of Sampler.sample: the batch bound once, then advance(x, i, bound)
-    x, bound = step.begin_batch(x, labels, seeds, None)
-    indices = list(reversed(range(schedule.num_steps)))
     activities = [torch.profiler.ProfilerActivity.CPU]
     if GPU:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with step.numerics():  # entered once per batch, as Sampler.sample does
-        for i in indices[: args.warmup]:
-            x = step.advance(x, i, bound)
+    # Sampler.sample's own loop, stepped here: each step in its igds/step/<k> range (k = the loop step,
+    # 0 = the first from noise), which nvtx_range records while the profiler runs.
+    with sampler.batch(labels, seeds) as run:
+        for _ in range(args.warmup):
+            run.step()
         bench.synchronize()
         with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
-            for k, i in enumerate(indices[args.warmup: args.warmup + args.steps], start=args.warmup):
-                # k: the loop step (0 = the first from noise), as Sampler.sample's igds/step/<k> ranges
-                with torch.profiler.record_function(f"igds/step/{k}"):
-                    x = step.advance(x, i, bound)
+            for _ in range(args.steps):
+                run.step()
             bench.synchronize()
 
     os.makedirs(args.out, exist_ok=True)

@@ -505,14 +505,13 @@ def test_steps_before_the_last_read_nothing_back_to_the_host(mode, gamma, monkey
     # errors back; every later batch's steps must read nothing.
     compiled.sample(labels, random_seeds(3))
     assert compiled.self_check_report is not None
-    x = compiled.noise_source(seeds, INITIAL_NOISE_STREAM, (3, 16, 16), "cpu")
-    step = compiled.stepper
-    x, batch = step.begin_batch(x, labels, seeds, None)
-    calls = host_reads(monkeypatch)
-    with SyncingOpRecorder(calls):
-        for i in (3, 2, 1):  # the loop of Sampler.sample
-            x = step.advance(x, i, batch)
-    assert calls == [], f"host reads inside the step loop: {sorted(set(calls))}"
+    with compiled.batch(labels, seeds) as run:
+        calls = host_reads(monkeypatch)
+        with SyncingOpRecorder(calls):
+            for _ in range(3):  # the loop of Sampler.sample, i = 3, 2, 1
+                run.step()
+        assert calls == [], f"host reads inside the step loop: {sorted(set(calls))}"
+    x = run.x
     eager.step(x.clone(), 2, labels, None, None, seeds)
     assert calls, "the recorder saw no host read in the eager step on its own (its finite check)"
     del calls[:]

@@ -3,14 +3,15 @@
 `Sampler.sample(labels, seeds)` runs i = N-1 .. 0 from x_T keyed by each image's seed (the step
 itself: sampling/step.py), so an image depends only on (seed, label) — never on its batch
 neighbours — as long as gamma = 0 (the diversity term deliberately couples the images of one group).
-The loop, for every backend:
+The loop, for every backend, drives the backend's stepper (`Sampler.stepper`, sampling.backends.Stepper):
 
-    x, batch = step.begin_batch(x_T, labels, seeds, group_ids)    once per batch
-    x = step.advance(x, i, batch)                                  i = N-1 .. 0, no host sync
-    step.finish_batch(batch)                                       the one host read (finite check)
+    x, batch = stepper.begin_batch(x_T, labels, seeds, group_ids)    once per batch
+    x = stepper.advance(x, i, batch)                                  i = N-1 .. 0, no host sync
+    stepper.finish_batch(batch)                                       the one host read (finite check)
 
-inside `step.numerics()` (the eager reference's float32 settings on CUDA, entered once per batch).
-Every step runs inside an NVTX range `igds/step/<k>`, k the loop iteration (0 = the first step from
+inside `stepper.numerics()` (the eager reference's float32 settings on CUDA, entered once per batch).
+Its body is written once, in `SamplingRun` (`Sampler.batch`): `sample` runs it to the end, and the
+benchmarks and profilers step it one reverse step at a time. Every step runs inside an NVTX range `igds/step/<k>`, k the loop iteration (0 = the first step from
 noise), the index `IGDS_PROFILE_STEPS=A:B` names: the first batch in the process opens the CUDA
 profiler around steps A .. B-1 (profiling/window.py), so `profiling/nsys.sh` captures a real run's
 steady state. `on_steps_done` reports finished steps as the device finishes them, read from CUDA
@@ -18,6 +19,7 @@ events (`Event.query`, never a wait), so a progress bar moves within a batch wit
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import deque
 from typing import Callable, Sequence
@@ -219,12 +221,39 @@ class Sampler:
             on) before the next, so it never synchronises and may report late; on CPU after every
             step. The last call, (num_steps, num_steps), comes once the loop's results are read.
         """
-        labels, seeds, group_ids = self._validate_batch(labels, seeds, group_ids)
-        count = labels.numel()
         if not isinstance(decode, bool):
             raise IGDSInputError(f"decode must be True or False, got {decode!r}")
         if not decode and self.decoder is None:
             raise IGDSInputError("decode=False applies to a latent prior (a Sampler with a decoder) only")
+        with self.batch(labels, seeds, group_ids, pad_to, x_T, trace, callback, on_steps_done) as run:
+            while run.remaining:
+                run.step()
+            run.finish()
+        x = run.x
+        if self.decoder is None:
+            images = x.clamp(-1.0, 1.0)
+        else:
+            images = self.decode(x) if decode else x.clone()  # x may be a static buffer
+        if not trace:
+            return images
+        return images, run.read_trace()
+
+    def batch(self, labels, seeds, group_ids=None, pad_to: int | None = None, x_T: torch.Tensor | None = None,
+              trace: bool = False, callback=None,
+              on_steps_done: Callable[[int, int], None] | None = None) -> SamplingRun:
+        """One batch of the reverse loop, stepped by the caller: `sample`'s loop, one step at a time.
+
+            with sampler.batch(labels, seeds) as run:     x_T, numerics, the batch bound to the stepper
+                while run.remaining:
+                    run.step()                            one reverse step (i = N-1 .. 0)
+                run.finish()                              the batch's finite check (one host read)
+            images = run.x.clamp(-1, 1)
+
+        The arguments are `sample`'s (checked here, before anything runs); the SamplingRun is the
+        loop (see there). For benchmarks and profilers that time or trace single steps of a real run.
+        """
+        labels, seeds, group_ids = self._validate_batch(labels, seeds, group_ids)
+        count = labels.numel()
         if callback is not None and not callable(callback):
             raise IGDSInputError(f"callback must be callable, got {type(callback).__name__}")
         if on_steps_done is not None and not callable(on_steps_done):
@@ -245,41 +274,7 @@ class Sampler:
             labels, seeds, group_ids = _pad_batch(labels, seeds, group_ids, pad_to)
             if x_T is not None:
                 x_T = torch.cat([x_T, x_T[-1:].expand(pad_to - count, *shape)])
-        step = self._stepper
-        num_steps = self.schedule.num_steps
-        window = None
-        if self.profile_window is not None and claim_process_window():  # the process's first batch only
-            window = ProfilerWindow(self.profile_window, self.device)
-        watch = _StepWatch(on_steps_done, num_steps, self.device) if on_steps_done is not None else None
-        try:
-            with step.numerics():
-                x = self.noise_source(seeds, INITIAL_NOISE_STREAM, shape, self.device) if x_T is None else x_T
-                x, batch = step.begin_batch(x, labels, seeds, group_ids, trace=trace)
-                for k, i in enumerate(reversed(range(num_steps))):  # k: loop iteration, 0 = from noise
-                    if window is not None:
-                        window.before_step(k)
-                    before = x.clone() if callback is not None else None  # the compiled step updates x in place
-                    with nvtx_range(f"igds/step/{k}"):
-                        x = step.advance(x, i, batch)
-                    if callback is not None:
-                        x = self._call_back(callback, i, before, x, count)
-                    if window is not None:
-                        window.after_step(k)
-                    if watch is not None:
-                        watch.issued(k + 1)
-                step.finish_batch(batch)
-        finally:
-            if window is not None:
-                window.close()  # an error inside the window still ends the capture
-        if watch is not None:
-            watch.finished()
-        if self.decoder is None:
-            images = x[:count].clamp(-1.0, 1.0)
-        else:
-            images = self.decode(x[:count]) if decode else x[:count].clone()  # x may be a static buffer
-        if not trace:
-            return images
-        return images, {name: values[:, :count] for name, values in batch.trace.read().items()}
+        return SamplingRun(self, labels, seeds, group_ids, x_T, count, bool(trace), callback, on_steps_done)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B, C', H', W'] in [-1, 1] of latents [B, C, S, S]: the float32 decoder, in chunks.
@@ -295,17 +290,6 @@ class Sampler:
             parts = [self.decoder(latents[start:start + chunk].to(self.device, torch.float32))
                      for start in range(0, latents.shape[0], chunk)]
         return torch.cat(parts).clamp(-1.0, 1.0)
-
-    def _call_back(self, callback, i: int, before: torch.Tensor, x: torch.Tensor, count: int) -> torch.Tensor:
-        """Run a per-step callback on (i, timestep, x_{i-1}, x0_hat); copy a returned replacement into x."""
-        eps, _ = self.schedule.split_model_output(self._stepper.last_model_output, self.channels, self.learn_sigma)
-        x0 = self.schedule.predict_x0(before, eps, i, clip=self.guidance.clip_x0)
-        replacement = callback(i, int(self.schedule.timestep_map[i]), x[:count], x0[:count])
-        if replacement is not None:
-            if not torch.is_tensor(replacement) or replacement.shape != x[:count].shape:
-                raise IGDSInputError(f"the callback must return None or a tensor of shape {tuple(x[:count].shape)}")
-            x[:count].copy_(replacement)  # in place: the compiled backend's x is its static buffer
-        return x
 
     # ---- validation ---------------------------------------------------------------------------
     def _validate_batch(self, labels, seeds, group_ids):
@@ -325,6 +309,127 @@ class Sampler:
             if group_ids.numel() != labels.numel():
                 raise IGDSInputError(f"got {labels.numel()} labels but {group_ids.numel()} group ids")
         return labels.to(self.device), seeds, group_ids
+
+
+class SamplingRun:
+    """One batch of a Sampler's reverse loop (`Sampler.batch`): the loop body, written once.
+
+    `with run:` claims the process's profiler window (IGDS_PROFILE_STEPS, the first batch only),
+    enters the backend's numerics (once per batch), takes x_T (given, or drawn from each image's
+    seed) and binds the batch to the stepper (`begin_batch`). `step()` runs the next reverse step;
+    `finish()`, after the last one, reads the batch's non-finite check. Leaving the block closes the
+    profiler window (an error inside it still ends the capture) and the numerics.
+
+    count: the real images (the rest of a padded batch are fillers); num_steps: N; remaining: the
+    steps still to run; x: the real images' current x_t [count, C, H, W] (a view of the stepper's x —
+    the compiled backend's static buffer: clone to keep).
+    """
+
+    def __init__(self, sampler: Sampler, labels, seeds, group_ids, x_T, count: int, trace: bool, callback,
+                 on_steps_done):
+        self._sampler, self._stepper = sampler, sampler._stepper
+        self._labels, self._seeds, self._group_ids, self._x_T = labels, seeds, group_ids, x_T
+        self.count, self.num_steps, self.trace = count, sampler.schedule.num_steps, trace
+        self._callback, self._on_steps_done = callback, on_steps_done
+        self._x: torch.Tensor | None = None
+        self._batch = None  # what the stepper's begin_batch returned
+        self._done = 0  # steps run; the next one is loop step k = _done, respaced index N-1-k
+        self._exit: contextlib.ExitStack | None = None  # open while inside the with block
+        self._window: ProfilerWindow | None = None
+        self._watch: _StepWatch | None = None
+
+    def __enter__(self) -> SamplingRun:
+        if self._x is not None:
+            raise IGDSInputError("a SamplingRun runs once: call sampler.batch(...) for the next batch")
+        sampler = self._sampler
+        with contextlib.ExitStack() as stack:  # undone at once if the set-up fails
+            if sampler.profile_window is not None and claim_process_window():  # the process's first batch only
+                self._window = ProfilerWindow(sampler.profile_window, sampler.device)
+                stack.callback(self._window.close)
+            if self._on_steps_done is not None:
+                self._watch = _StepWatch(self._on_steps_done, self.num_steps, sampler.device)
+            stack.enter_context(self._stepper.numerics())
+            shape = (sampler.channels, sampler.image_size, sampler.image_size)
+            x = self._x_T
+            if x is None:
+                x = sampler.noise_source(self._seeds, INITIAL_NOISE_STREAM, shape, sampler.device)
+            self._x, self._batch = self._stepper.begin_batch(x, self._labels, self._seeds, self._group_ids,
+                                                             trace=self.trace)
+            self._exit = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc_info):
+        exit_stack, self._exit = self._exit, None
+        return exit_stack.__exit__(*exc_info)
+
+    @property
+    def remaining(self) -> int:
+        return self.num_steps - self._done
+
+    @property
+    def x(self) -> torch.Tensor:
+        if self._x is None:
+            raise IGDSInputError("the run has no x before `with sampler.batch(...) as run:` is entered")
+        return self._x if self._x.shape[0] == self.count else self._x[: self.count]
+
+    def step(self) -> int:
+        """Run the next reverse step; returns its respaced index i (N-1 first, 0 last).
+
+        Loop step k (0 = the first step from noise) runs inside the NVTX / torch.profiler range
+        igds/step/<k>, between the profiler window's hooks; then the callback (if any) and the step
+        watch (on_steps_done). No host synchronisation but the callback's own.
+        """
+        if self._exit is None:
+            raise IGDSInputError("SamplingRun.step() runs inside `with sampler.batch(...) as run:`")
+        k = self._done
+        if k == self.num_steps:
+            raise IGDSInputError(f"all {self.num_steps} steps of this batch have run")
+        i = self.num_steps - 1 - k
+        window, callback = self._window, self._callback
+        if window is not None:
+            window.before_step(k)
+        before = self._x.clone() if callback is not None else None  # the compiled step updates x in place
+        with nvtx_range(f"igds/step/{k}"):
+            self._x = self._stepper.advance(self._x, i, self._batch)
+        if callback is not None:
+            self._call_back(callback, i, before)
+        if window is not None:
+            window.after_step(k)
+        if self._watch is not None:
+            self._watch.issued(k + 1)
+        self._done = k + 1
+        return i
+
+    def finish(self) -> None:
+        """After the last step: raise the batch's non-finite-gradient error, if any (its one host
+        read), then report every step done to on_steps_done."""
+        if self._exit is None:
+            raise IGDSInputError("SamplingRun.finish() runs inside `with sampler.batch(...) as run:`")
+        if self._done != self.num_steps:
+            raise IGDSInputError(f"finish() comes after the batch's last step: {self.remaining} of "
+                                 f"{self.num_steps} steps have not run")
+        self._stepper.finish_batch(self._batch)
+        if self._watch is not None:
+            self._watch.finished()
+
+    def read_trace(self) -> dict[str, torch.Tensor]:
+        """{term: [N, count]} of a traced batch (sampling.step.TRACE_TERMS; row i = respaced index i,
+        NaN where a step is not guided): one host read, after the steps."""
+        if not self.trace or self._batch is None:
+            raise IGDSInputError("read_trace() needs a run entered with sampler.batch(..., trace=True)")
+        return {name: values[:, : self.count] for name, values in self._batch.trace.read().items()}
+
+    def _call_back(self, callback, i: int, before: torch.Tensor) -> None:
+        """Run a per-step callback on (i, timestep, x_{i-1}, x0_hat); copy a returned replacement into x."""
+        sampler, count, x = self._sampler, self.count, self._x
+        eps, _ = sampler.schedule.split_model_output(self._stepper.last_model_output, sampler.channels,
+                                                     sampler.learn_sigma)
+        x0 = sampler.schedule.predict_x0(before, eps, i, clip=sampler.guidance.clip_x0)
+        replacement = callback(i, int(sampler.schedule.timestep_map[i]), x[:count], x0[:count])
+        if replacement is not None:
+            if not torch.is_tensor(replacement) or replacement.shape != x[:count].shape:
+                raise IGDSInputError(f"the callback must return None or a tensor of shape {tuple(x[:count].shape)}")
+            x[:count].copy_(replacement)  # in place: the compiled backend's x is its static buffer
 
 
 class _StepWatch:
@@ -407,4 +512,4 @@ def _pad_batch(labels: torch.Tensor, seeds: list[int], group_ids, size: int):
     return labels, seeds, group_ids
 
 
-__all__ = ["Sampler"]
+__all__ = ["Sampler", "SamplingRun"]
