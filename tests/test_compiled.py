@@ -56,6 +56,7 @@ from igds_fast.sampling.compiled import (
     faster_attention,
     graphs_per_batch_shape,
     low_precision_copy,
+    probe_step_bytes,
     set_attention,
     traces_in_one_graph,
     xformers_available,
@@ -65,7 +66,7 @@ from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.errors import IGDSInputError
 from igds_fast.kernels import philox_normal
 from igds_fast.models.adm import AttentionBlock
-from igds_fast.sampling import Sampler
+from igds_fast.sampling import Sampler, Stepper
 from igds_fast.seeding import INITIAL_NOISE_STREAM
 
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
@@ -204,6 +205,21 @@ def test_config_device_defaults_and_compile_arguments():
     assert CompileConfig.from_options(cuda) is cuda
 
 
+def test_an_optional_piece_that_fails_to_build_is_named_in_one_line(monkeypatch):
+    # What a broken xformers install looks like to the step: its attention choice raises a library error.
+    from igds_fast.sampling.compiled import step as compiled_module
+
+    def broken_attention(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device\nCUDA details follow")
+
+    monkeypatch.setattr(compiled_module, "resolve_attention", broken_attention)
+    unet, ve, class_map, _ = build_models()
+    with pytest.raises(IGDSInputError) as info:
+        make_pair(unet, ve, class_map, dict(compile=False, attention="xformers"))
+    assert str(info.value) == ("the compiled backend could not build its attention 'xformers': RuntimeError: "
+                               "no kernel image is available for execution on the device")
+
+
 def test_sampler_passes_options_and_refuses_xformers_when_missing():
     unet, ve, class_map, _ = build_models()
     _, compiled = make_pair(unet, ve, class_map, dict(compile=False, dtype="fp32", attention="auto"))
@@ -320,7 +336,9 @@ def test_choose_batch_size_fits_memory():
         choose_batch_size(2 * gib, 3 * gib, fixed_bytes=gib, fraction=0.8)
     unet, ve, class_map, _ = build_models()
     assert make_pair(unet, ve, class_map, dict(compile=False, batch_size=12))[1].stepper.batch_size == 12
-    assert make_pair(unet, ve, class_map, dict(compile=False))[1].stepper.batch_size == 8  # CPU default
+    compiled = make_pair(unet, ve, class_map, dict(compile=False))[1]
+    assert compiled.stepper.batch_size == compiled.preferred_batch_size == 8  # CPU default
+    assert isinstance(compiled.stepper, Stepper) and compiled.self_check_report is None  # before the first step
 
 
 # ---- the user's model stays the float32 reference -------------------------------------------------
@@ -433,21 +451,21 @@ def test_static_buffers_hold_no_state_between_batches(aot_pair):
     again_b = compiled.sample(labels_b, seeds_b)
     torch.testing.assert_close(again_b, first_b, rtol=0, atol=0)
     step = compiled.stepper
-    assert (4, False) in step._buffers
+    assert (4, False) in step.buffers
     x, buffers = step.begin_batch(torch.zeros(4, 3, 16, 16), torch.tensor(labels_a), seeds_a)
-    assert x is step._buffers[(4, False)].x and buffers is step._buffers[(4, False)]  # the loop steps the static buffer
+    assert x is step.buffers[(4, False)].x and buffers is step.buffers[(4, False)]  # the loop steps the static buffer
 
 
 def test_a_padded_short_batch_reuses_the_full_batch_buffers(aot_pair):
     _, compiled, _, _ = aot_pair  # gamma 0.3: the default groups (labels) are made explicit
     step = compiled.stepper
     compiled.sample([1, 2, 3, 1], random_seeds(4))
-    keys = set(step._buffers)
+    keys = set(step.buffers)
     seeds = random_seeds(2)
     padded = compiled.sample([3, 3], seeds, pad_to=4)
-    assert (4, True) in keys and set(step._buffers) == keys  # no new batch shape: on a GPU, no new graph
+    assert (4, True) in keys and set(step.buffers) == keys  # no new batch shape: on a GPU, no new graph
     alone = compiled.sample([3, 3], seeds)  # a batch shape of its own
-    assert set(step._buffers) == keys | {(2, True)}
+    assert set(step.buffers) == keys | {(2, True)}
     unet_tol, x_tol, _, _ = TOLERANCES["fp32"]
     assert padded.shape == alone.shape and relative_error(padded, alone) <= x_tol
 
@@ -598,7 +616,7 @@ def test_gpu_graph_loop_has_no_host_sync_and_reuses_graphs():
     step = compiled.stepper
     labels = torch.tensor([1, 2, 3, 0], device="cuda")
     first = compiled.sample(labels, random_seeds(4))  # captures the graph
-    buffers = step._buffers[(4, False)]
+    buffers = step.buffers[(4, False)]
     graphs = dict(buffers.graphs)
     seeds = random_seeds(4)
     x = compiled.noise_source(seeds, INITIAL_NOISE_STREAM, (3, 64, 64), "cuda")
@@ -644,4 +662,4 @@ def test_gpu_batch_size_from_free_memory():
     free, _ = torch.cuda.mem_get_info()
     available = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # the cache counts as free
     # One step at the chosen batch really fits in the memory the choice budgeted.
-    assert step._probe_step_bytes(batch) <= step.compile_config.memory_fraction * available * 1.1
+    assert probe_step_bytes(step, batch) <= step.compile_config.memory_fraction * available * 1.1

@@ -152,6 +152,19 @@ def test_a_planted_fault_stops_the_run_at_the_first_step_in_one_line(fault):
     assert "\n" not in message and f"respaced index {int(STEPS) - 1}" in message, message
 
 
+def test_a_failed_self_check_is_reported_once():
+    # After the one-line error the check is done: a later call does not run (and fail) it again.
+    unet, ve = digits_models()
+    sampler = compiled_sampler(unet, ve)
+    scale_output(sampler.stepper.unet_lp.unet.out, 1.1)
+    with pytest.raises(IGDSNumericsError, match="UNet output off by"):
+        sampler.sample([0, 3], random_seeds(2))
+    reference_calls = []
+    unet.register_forward_hook(lambda module, inputs, output: reference_calls.append(inputs[0].shape[0]))
+    images = sampler.sample([0, 3], random_seeds(2))
+    assert reference_calls == [] and images.shape == (2, 1, 16, 16) and sampler.self_check_report is None
+
+
 def test_a_faulty_head_or_update_kernel_is_named(monkeypatch):
     unet, ve = digits_models()
     original_head = fused_module.guidance_head
