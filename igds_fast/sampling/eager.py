@@ -54,7 +54,8 @@ class BatchState:
         self.group_ids = group_ids
         self.seeds = None if seeds is None else context.noise_keys(seeds, context.device)
         self.members = members
-        self.tracker = NonFiniteTracker(labels.shape[0], context.device) if context.guidance_config.check_finite else None
+        checks_finite = context.guidance_config.check_finite
+        self.tracker = NonFiniteTracker(labels.shape[0], context.device) if checks_finite else None
         self.trace = GuidanceTrace(context.num_steps, labels.shape[0], context.device) if trace else None
 
     def inputs(self, i: int, index, noise=None) -> StepInputs:
