@@ -5,7 +5,7 @@ through `sampling.backends`, so importing this package never imports triton or t
 """
 from .backends import BACKENDS, NOISE_SOURCES, Stepper, build_step, resolve_noise_source
 from .eager import EagerStep, fp32_reference_math
-from .sampler import Sampler
+from .sampler import Sampler, SamplingRun
 from .step import NonFiniteTracker, StepContext, StepInputs, StepOps, reverse_step
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "NOISE_SOURCES",
     "NonFiniteTracker",
     "Sampler",
+    "SamplingRun",
     "StepContext",
     "StepInputs",
     "StepOps",

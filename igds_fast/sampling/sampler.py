@@ -38,7 +38,7 @@ from ..profiling.window import (
     resolve_step_window,
 )
 from ..seeding import INITIAL_NOISE_STREAM
-from .backends import build_step, default_noise, resolve_noise_source
+from .backends import Stepper, build_step, default_noise, resolve_noise_source
 from .step import StepContext
 
 DECODE_CHUNK = 8  # latents decoded at once by Sampler.decode (the decoder's activations are large)
@@ -77,8 +77,9 @@ class Sampler:
         a no-op without CUDA). None = $IGDS_PROFILE_STEPS, if set; both set and different is refused.
 
     Attributes: guidance (the GuidanceConfig), guidance_fn (the eager IGDSGuidance), context (what
-    every step reads), tau, channels, image_size, learn_sigma, num_classes, device, noise_source,
-    decoder (or None), profile_window (the StepWindow to profile, or None).
+    every step reads), backend (its name), stepper (the backend's step object), self_check_report,
+    tau, channels, image_size, learn_sigma, num_classes, device, noise_source, decoder (or None),
+    profile_window (the StepWindow to profile, or None).
     """
 
     def __init__(
@@ -174,7 +175,7 @@ class Sampler:
         return self._stepper(x, i, labels, noise, group_ids, seeds)
 
     @property
-    def stepper(self):
+    def stepper(self) -> Stepper:
         """The backend's step object (EagerStep, FusedStep or CompiledStep; its surface: backends.Stepper).
 
         The loop that drives it is `batch` / `sample`; use it for what a backend exposes beyond that
