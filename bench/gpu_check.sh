@@ -234,8 +234,8 @@ if (( DRY_RUN )); then
   for script in bench/gpu_check.sh profiling/nsys.sh profiling/ncu.sh; do
     bash -n "$script" || { echo "syntax error in $script" >&2; exit 1; }
   done
-  "$PY" -m py_compile bench/sampler.py bench/model_stats.py bench/kernels.py bench/self_check.py \
-    profiling/torch_trace.py || exit 1
+  "$PY" -m py_compile bench/__init__.py bench/sampler.py bench/models.py bench/peers.py bench/timing.py \
+    bench/report.py bench/model_stats.py bench/kernels.py bench/self_check.py profiling/torch_trace.py || exit 1
   echo "[dry ] scripts parse"
   for call in 1 2 later; do
     case "$call" in

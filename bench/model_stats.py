@@ -52,7 +52,7 @@ DIT_PAPER_GMAC = {"dit-xl2-256": 118.6, "dit-xl2-512": 524.6}
 DIT_PAPER_TOLERANCE = 0.01
 CFG_SCALE = 4.0  # DiT's sample.py default; any scale != 1 runs [x; x] (scale 1 is one forward)
 VE_ARCH = "resnet50"
-VE_RESOLUTION = 224  # bench/sampler.py's ve_resolution(image side) = min(224, side)
+VE_RESOLUTION = 224  # bench/models.py's ve_resolution(image side) = min(224, side)
 
 
 def sd_vae_config(sample_size: int = 256) -> dict:

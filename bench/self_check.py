@@ -11,7 +11,7 @@ relative L2 errors (worst image) are printed per part: unet, features, head, gra
 
 Models (random weights unless a trained prior / VE is given; ADM's zero-initialised output layers
 re-drawn so every layer computes):
-    tiny     bench/sampler.py's tiny ADM (16 px) + ResNet-18 VE at 16 px
+    tiny     bench/models.py's tiny ADM (16 px) + ResNet-18 VE at 16 px
     digits   the digits demo's architecture (1 channel, 16 px; igds_fast.presets.digits), or the
              trained prior and VE of --prior / --ve
     adm256   the adm256-cond preset + a ResNet-50 VE at 224 px (CPU: about a minute per dtype)
@@ -31,9 +31,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as `python bench/self_check.py`: its parts import as bench.*, from the checkout's root
+    sys.path.insert(0, REPO)
 
-from sampler import TINY_FLAGS, build_ve, redraw_zero_layers_  # noqa: E402
+from bench.models import TINY_FLAGS, build_ve, redraw_zero_layers_  # noqa: E402
 
 from igds_fast.sampling.compiled import self_check  # noqa: E402
 from igds_fast.guidance import GuidanceConfig  # noqa: E402
@@ -111,10 +113,9 @@ def measure(model: str, dtype: str, args) -> dict:
     labels = torch.arange(args.batch) % ve.num_classes
     seeds = [1000 + b for b in range(args.batch)]
     started = time.perf_counter()
-    with lifted_tolerances():
-        x = sampler.noise_source(seeds, -1, (sampler.channels, sampler.image_size, sampler.image_size), DEVICE)
-        sampler.step(x, schedule.num_steps - 1, labels.to(DEVICE), None, None, seeds)  # the checked first step
-    report = sampler._step.self_check_report
+    with lifted_tolerances(), sampler.batch(labels, seeds) as run:
+        run.step()  # the checked first step of a run's first batch
+    report = sampler.self_check_report
     return {"model": model, "dtype": dtype, "seconds": time.perf_counter() - started,
             **{part["part"]: part["error"] for part in report["parts"]}}
 

@@ -3,21 +3,22 @@
     python profiling/torch_trace.py --preset tiny --backend compiled --out traces/tiny
     python profiling/torch_trace.py --preset adm256 --batch-size 16 --backend compiled --out traces/adm256
 
-Builds the bench's random-weight models (bench/sampler.py presets), runs `--warmup` steps outside
-the profiler (compile, autotuning, graph capture), then profiles `--steps` guided steps, each inside a
-record_function range igds/step/<k> (k the loop step, 0 = the first from noise, as in Sampler.sample); the igds/unet, igds/guidance (igds/encoder/*, igds/head), igds/update and igds/graph/*
-ranges of the step code appear as well (profiling/nvtx.py emits them while a profiler records).
-Writes OUT/trace.json (gzipped to trace.json.gz above 15 MiB; open in chrome://tracing or https://ui.perfetto.dev) and OUT/summary.txt (the
-operator table sorted by self device time on a GPU, self CPU time otherwise).
+Builds the bench's random-weight models (the ADM presets of bench/models.py), then steps a real batch
+of the sampler (`Sampler.batch`, Sampler.sample's own loop): `--warmup` steps outside the profiler
+(compile, autotuning, graph capture), then `--steps` guided steps profiled, each inside its range
+igds/step/<k> (k the loop step, 0 = the first from noise); the igds/unet, igds/guidance
+(igds/encoder/*, igds/head), igds/update and igds/graph/* ranges of the step code appear as well
+(profiling/nvtx.py emits them while a profiler records). Writes OUT/trace.json (gzipped to
+trace.json.gz above 15 MiB; open in chrome://tracing or https://ui.perfetto.dev) and OUT/summary.txt
+(the operator table sorted by self device time on a GPU, self CPU time otherwise).
 
---backend eager | compiled; --compile-options takes CompileConfig fields as JSON (e.g. '{"compile":
-false}' to skip torch.compile on a CPU machine, where a cold inductor compile takes minutes).
+--backend eager | fused | compiled; --compile-options takes CompileConfig fields as JSON (e.g.
+'{"compile": false}' to skip torch.compile on a CPU machine, where a cold inductor compile takes minutes).
 """
 from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import json
 import os
 import shutil
@@ -32,64 +33,47 @@ if not GPU:
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_bench():
-    """bench/sampler.py as a module (bench/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("igds_bench_sampler", os.path.join(REPO, "bench", "sampler.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv=None) -> int:
+    if REPO not in sys.path:  # the checkout's bench package (not installed with igds_fast): its models
+        sys.path.insert(0, REPO)
+    from bench.models import (PRESETS, STEPS_PER_IMAGE, build_prior, build_schedule, build_ve, make_sampler,
+                              prior_class_map)
+    from bench.timing import DEVICE, batch_jobs, synchronize
+    from igds_fast.sampling import BACKENDS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--backend", choices=("eager", "compiled"), default="compiled")
+    parser.add_argument("--backend", choices=BACKENDS, default="compiled")
     parser.add_argument("--compile-options", default=None, help="CompileConfig fields as JSON")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", default="torch_trace")
     args = parser.parse_args(argv)
-
-    bench = load_bench()
-    if args.preset not in bench.PRESETS:
-        parser.error(f"unknown preset {args.preset!r}; known: {sorted(bench.PRESETS)}")
-    from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
-    from igds_fast.models.adm import ADM_DIFFUSION_FLAGS
-    from igds_fast.seeding import INITIAL_NOISE_STREAM
-
-    device = bench.DEVICE
-    unet = bench.build_prior(args.preset, device)
-    ve = bench.build_ve(args.preset, unet.image_size, device)
-    schedule = DiffusionSchedule(
-        ScheduleConfig(**ADM_DIFFUSION_FLAGS[bench.PRESETS[args.preset][1]], sampling_steps="250"), device=device
-    )
-    class_map = list(range(0, 1000, 1000 // bench.VE_CLASSES))[: bench.VE_CLASSES] if unet.num_classes else None
+    if args.preset not in PRESETS:
+        parser.error(f"unknown preset {args.preset!r}; known: {sorted(PRESETS)}")
+    if args.warmup < 0 or args.steps < 1 or args.warmup + args.steps > STEPS_PER_IMAGE:
+        parser.error(f"--warmup >= 0 and --steps >= 1 must fit in the schedule's {STEPS_PER_IMAGE} steps")
     options = json.loads(args.compile_options) if args.compile_options else None
-    if args.backend == "eager" and options:
+    if args.backend != "compiled" and options:
         parser.error("--compile-options apply to --backend compiled")
-    sampler = bench.make_sampler(unet, schedule, ve, class_map, args.backend, options)
 
-    batch = args.batch_size
-    labels = (torch.arange(batch, device=device) % bench.VE_CLASSES).long()
-    seeds = list(range(batch))
-    x = sampler.noise_source(seeds, INITIAL_NOISE_STREAM, (sampler.channels, unet.image_size, unet.image_size), device)
-    step = sampler._step  # the loop of Sampler.sample: the batch bound once, then advance(x, i, bound)
-    x, bound = step.begin_batch(x, labels, seeds, None)
-    indices = list(reversed(range(schedule.num_steps)))
+    unet = build_prior(args.preset, DEVICE)
+    ve = build_ve(args.preset, unet.image_size, DEVICE)
+    schedule = build_schedule(args.preset, DEVICE)
+    sampler = make_sampler(unet, schedule, ve, prior_class_map(unet), args.backend, options)
+    labels, seeds = batch_jobs(args.batch_size)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if GPU:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with step.numerics():  # entered once per batch, as Sampler.sample does
-        for i in indices[: args.warmup]:
-            x = step.advance(x, i, bound)
-        bench.synchronize()
+    with sampler.batch(labels, seeds) as run:
+        for _ in range(args.warmup):
+            run.step()
+        synchronize()
         with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
-            for k, i in enumerate(indices[args.warmup: args.warmup + args.steps], start=args.warmup):
-                # k: the loop step (0 = the first from noise), as Sampler.sample's igds/step/<k> ranges
-                with torch.profiler.record_function(f"igds/step/{k}"):
-                    x = step.advance(x, i, bound)
-            bench.synchronize()
+            for _ in range(args.steps):
+                run.step()
+            synchronize()
 
     os.makedirs(args.out, exist_ok=True)
     trace = os.path.join(args.out, "trace.json")
@@ -103,7 +87,8 @@ def main(argv=None) -> int:
     summary = os.path.join(args.out, "summary.txt")
     with open(summary, "w") as handle:
         handle.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40) + "\n")
-    print(f"wrote {trace} and {summary} ({args.preset}, {args.backend}, batch {batch}, {args.steps} steps)")
+    print(f"wrote {trace} and {summary} ({args.preset}, {args.backend}, batch {args.batch_size}, "
+          f"{args.steps} steps)")
     return 0
 
 

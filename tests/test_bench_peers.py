@@ -1,5 +1,5 @@
-"""bench/sampler.py's peer rows: guided-diffusion's own sampler (gd-fp32 / gd-fp16) and DiT's /
-MinimaxDiffusion's CFG loop (minimax-b1 / minimax), driving the same IGDS gradient through
+"""bench/sampler.py's peer rows (bench/peers.py): guided-diffusion's own sampler (gd-fp32 / gd-fp16) and
+DiT's / MinimaxDiffusion's CFG loop (minimax-b1 / minimax), driving the same IGDS gradient through
 IGDSConditioner, on the weights and (class, seed) jobs of our rows.
 
 The peers do the same work as ours (one of their steps equals our eager step from the same x_t and
@@ -12,12 +12,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import torch
 
+from igds_fast.models.cfg import ClassifierFreeGuidance
+from igds_fast.models.dit import DiT
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 gd = pytest.importorskip("guided_diffusion.gaussian_diffusion")
+if REPO not in sys.path:  # bench/ is a package of the checkout's root
+    sys.path.insert(0, REPO)
+from bench import models as bench_models  # noqa: E402
+from bench import peers as bench_peers  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # a second thread on 2 shared cores is mostly noise
 
@@ -30,6 +38,7 @@ SAME_MATH_TRIES = 2  # a ratio above the margin is measured once more (load only
 
 @pytest.fixture(scope="module")
 def bench():
+    """bench/sampler.py, the command line, loaded as `python bench/sampler.py` runs it."""
     spec = importlib.util.spec_from_file_location("igds_bench_sampler_peers", os.path.join(REPO, "bench/sampler.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -43,23 +52,22 @@ def inject(monkeypatch, noise):
     return queue
 
 
-def tiny_parts(bench):
+def tiny_parts():
     with torch.random.fork_rng():
         torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-        unet = bench.build_prior("tiny", "cpu")
-        ve = bench.build_ve("tiny", unet.image_size, "cpu")
-    config = bench.ScheduleConfig(**bench.ADM_DIFFUSION_FLAGS["adm64-cond"], sampling_steps=str(bench.STEPS_PER_IMAGE))
-    schedule = bench.DiffusionSchedule(config)
+        unet = bench_models.build_prior("tiny", "cpu")
+        ve = bench_models.build_ve("tiny", unet.image_size, "cpu")
+    schedule = bench_models.build_schedule("tiny", "cpu")  # adm64-cond's diffusion at STEPS_PER_IMAGE
     class_map = list(range(0, 1000, 100))
     return unet, ve, schedule, class_map
 
 
-def test_a_gd_fp32_step_is_our_eager_step(bench, monkeypatch):
+def test_a_gd_fp32_step_is_our_eager_step(monkeypatch):
     # guided-diffusion's UNetModel holding our weights, its SpacedDiffusion (250 of 1000 cosine steps)
     # and p_sample, the IGDS shift from the conditioner: our float32 eager step from the same x_t and noise.
-    unet, ve, schedule, class_map = tiny_parts(bench)
-    eager = bench.make_sampler(unet, schedule, ve, class_map, noise="torch")
-    peer = bench.build_gd_peer("tiny", unet, eager, class_map, use_fp16=False)
+    unet, ve, schedule, class_map = tiny_parts()
+    eager = bench_models.make_sampler(unet, schedule, ve, class_map, noise="torch")
+    peer = bench_peers.build_gd_peer("tiny", unet, eager, class_map, use_fp16=False)
     assert type(peer.model).__module__ == "guided_diffusion.unet" and peer.diffusion.num_timesteps == 250
     x, noise = torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)
     labels = torch.tensor([0, 4, 9])
@@ -71,36 +79,37 @@ def test_a_gd_fp32_step_is_our_eager_step(bench, monkeypatch):
                                              cond_fn=peer.conditioner.cond_fn,
                                              model_kwargs={"y": eager.prior_labels(labels)})["sample"]
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
-    fp16 = bench.build_gd_peer("tiny", unet, eager, class_map, use_fp16=True)
+    fp16 = bench_peers.build_gd_peer("tiny", unet, eager, class_map, use_fp16=True)
     assert fp16.model.dtype == torch.float16 and fp16.model.input_blocks[0][0].weight.dtype == torch.float16
 
 
-def test_doubled_batch_cfg_is_our_classifier_free_guidance(bench):
+def test_doubled_batch_cfg_is_our_classifier_free_guidance():
     # DiT's forward_with_cfg semantics: [z; z'] in (z' never read), both halves out = our CFG of z.
     with torch.random.fork_rng():
         torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-        dit = bench.redraw_zero_layers_(bench.DiT(**bench.DIT_TINY_FLAGS)).eval()
-    cfg = bench.ClassifierFreeGuidance(dit, bench.CFG_SCALE)
-    doubled = bench.DoubledBatchCFG(dit, cfg.guided_channels)
+        dit = bench_models.redraw_zero_layers_(DiT(**bench_models.DIT_TINY_FLAGS)).eval()
+    cfg = ClassifierFreeGuidance(dit, bench_models.CFG_SCALE)
+    doubled = bench_peers.DoubledBatchCFG(dit, cfg.guided_channels)
     z, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([3, 250])
     null = torch.full_like(y, dit.null_class)
     with torch.no_grad():
         expected = cfg(z, t, y)
-        out = doubled(torch.cat([z, torch.randn_like(z)]), torch.cat([t, t]), torch.cat([y, null]), bench.CFG_SCALE)
+        out = doubled(torch.cat([z, torch.randn_like(z)]), torch.cat([t, t]), torch.cat([y, null]),
+                      bench_models.CFG_SCALE)
     torch.testing.assert_close(out[:2], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[2:, :3], out[:2, :3])  # DiT returns the guided eps for both halves
 
 
-def test_a_minimax_step_is_our_latent_eager_step(bench, monkeypatch):
+def test_a_minimax_step_is_our_latent_eager_step(monkeypatch):
     pytest.importorskip("diffusers")
     with torch.random.fork_rng():
         torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-        prior, decoder = bench.build_latent("dit-tiny", "cpu")
-        ve = bench.build_ve("dit-tiny", prior.image_size * decoder.scale_factor, "cpu")
-    schedule = bench.DiffusionSchedule(bench.ScheduleConfig(sampling_steps=str(bench.LATENT_STEPS_PER_IMAGE)))
+        prior, decoder = bench_models.build_latent("dit-tiny", "cpu")
+        ve = bench_models.build_ve("dit-tiny", prior.image_size * decoder.scale_factor, "cpu")
+    schedule = bench_models.build_schedule("dit-tiny", "cpu")  # DiT's diffusion at LATENT_STEPS_PER_IMAGE
     class_map = list(range(0, 1000, 100))
-    eager = bench.make_sampler(prior, schedule, ve, class_map, decoder=decoder, noise="torch")
-    peer = bench.build_minimax_peer(prior, eager, class_map, batch_one=False)
+    eager = bench_models.make_sampler(prior, schedule, ve, class_map, decoder=decoder, noise="torch")
+    peer = bench_peers.build_minimax_peer(prior, eager, class_map, batch_one=False)
     x, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     labels = torch.tensor([1, 7])
     expected = eager.step(x, 30, labels, noise)
@@ -110,7 +119,7 @@ def test_a_minimax_step_is_our_latent_eager_step(bench, monkeypatch):
         actual = peer.diffusion.p_sample(peer.model, torch.cat([x, x]), torch.full((4,), 30), clip_denoised=False,
                                          cond_fn=peer.conditioner.cond_fn,
                                          model_kwargs={"y": torch.cat([y, torch.full_like(y, prior.null_class)]),
-                                                       "cfg_scale": bench.CFG_SCALE})["sample"]
+                                                       "cfg_scale": bench_models.CFG_SCALE})["sample"]
     torch.testing.assert_close(actual[:2], expected, rtol=1e-4, atol=1e-4)
 
 

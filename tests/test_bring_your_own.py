@@ -93,7 +93,7 @@ def test_guided_diffusions_unet_and_a_foreign_encoder_on_the_compiled_backend(mo
     expected = sampler(theirs, encoder, noise="philox").sample(labels, seeds)
     compiled = sampler(theirs, encoder, backend="compiled", backend_options=options)
     actual = compiled.sample(labels, seeds)
-    step = compiled._step
+    step = compiled.stepper
     assert not any(part["failed"] for part in step.self_check_report["parts"])
     if options["dtype"] == "bf16":
         convs = [m for m in step.unet_lp.modules() if isinstance(m, nn.Conv2d)]

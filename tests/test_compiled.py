@@ -56,6 +56,7 @@ from igds_fast.sampling.compiled import (
     faster_attention,
     graphs_per_batch_shape,
     low_precision_copy,
+    probe_step_bytes,
     set_attention,
     traces_in_one_graph,
     xformers_available,
@@ -65,7 +66,7 @@ from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.errors import IGDSInputError
 from igds_fast.kernels import philox_normal
 from igds_fast.models.adm import AttentionBlock
-from igds_fast.sampling import Sampler
+from igds_fast.sampling import Sampler, Stepper
 from igds_fast.seeding import INITIAL_NOISE_STREAM
 
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
@@ -110,7 +111,7 @@ def make_pair(unet, ve, class_map, options, steps="6", device="cpu", **guidance)
         unet, schedule, ve, config, backend="compiled", backend_options=options, noise="philox",
         prior_class_map=class_map,
     )
-    assert isinstance(compiled._step, CompiledStep)
+    assert isinstance(compiled.stepper, CompiledStep)
     return eager, compiled
 
 
@@ -133,7 +134,7 @@ def teacher_forced_errors(eager, compiled, labels, seeds, group_ids=None):
     schedule = eager.schedule
     batch = labels.shape[0]
     x = philox_normal(seeds, INITIAL_NOISE_STREAM, (eager.channels, eager.image_size, eager.image_size), eager.device)
-    step = compiled._step
+    step = compiled.stepper
     errors = []
     for i in reversed(range(schedule.num_steps)):
         with torch.no_grad():
@@ -204,10 +205,25 @@ def test_config_device_defaults_and_compile_arguments():
     assert CompileConfig.from_options(cuda) is cuda
 
 
+def test_an_optional_piece_that_fails_to_build_is_named_in_one_line(monkeypatch):
+    # What a broken xformers install looks like to the step: its attention choice raises a library error.
+    from igds_fast.sampling.compiled import step as compiled_module
+
+    def broken_attention(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device\nCUDA details follow")
+
+    monkeypatch.setattr(compiled_module, "resolve_attention", broken_attention)
+    unet, ve, class_map, _ = build_models()
+    with pytest.raises(IGDSInputError) as info:
+        make_pair(unet, ve, class_map, dict(compile=False, attention="xformers"))
+    assert str(info.value) == ("the compiled backend could not build its attention 'xformers': RuntimeError: "
+                               "no kernel image is available for execution on the device")
+
+
 def test_sampler_passes_options_and_refuses_xformers_when_missing():
     unet, ve, class_map, _ = build_models()
     _, compiled = make_pair(unet, ve, class_map, dict(compile=False, dtype="fp32", attention="auto"))
-    assert compiled._step.attention == "sdpa"  # auto never picks xformers on CPU
+    assert compiled.stepper.attention == "sdpa"  # auto never picks xformers on CPU
     if not xformers_available():
         with pytest.raises(IGDSInputError, match="xformers"):
             make_pair(unet, ve, class_map, dict(compile=False, attention="xformers"))
@@ -266,13 +282,13 @@ def test_copy_attention_feeds_fused_sdpa_layouts_and_matches_adm(new_order, monk
     t = torch.tensor([10, 500, 990])
     y = torch.tensor(class_map[:3])
     with torch.no_grad():
-        copy_output = compiled._step.unet_lp(x, t, y)
+        copy_output = compiled.stepper.unet_lp(x, t, y)
         assert seen and all(entry == (4, 1, 1, 1) for entry in seen)  # fused-kernel layouts only
         reference = unet(x, t, y)
     torch.testing.assert_close(copy_output, reference, rtol=1e-5, atol=1e-6)
     # The user's model keeps ADM's own attention method; only the copy's blocks are rebound.
     assert all("_attention" not in m.__dict__ for m in unet.modules())
-    assert any("_attention" in m.__dict__ for m in compiled._step.unet_lp.modules())
+    assert any("_attention" in m.__dict__ for m in compiled.stepper.unet_lp.modules())
 
 
 def test_cpu_low_precision_attention_runs_in_float32(monkeypatch):
@@ -301,9 +317,9 @@ def test_cpu_low_precision_attention_runs_in_float32(monkeypatch):
 def test_xformers_attention_matches_sdpa():
     device = "cuda" if GPU else "cpu"
     unet, ve, class_map, _ = build_models(device)
-    sdpa = make_pair(unet, ve, class_map, dict(compile=False, dtype="fp32", attention="sdpa"), device=device)[1]._step
+    sdpa = make_pair(unet, ve, class_map, dict(compile=False, dtype="fp32", attention="sdpa"), device=device)[1].stepper
     options = dict(compile=False, dtype="fp32", attention="xformers")
-    xformers = make_pair(unet, ve, class_map, options, device=device)[1]._step
+    xformers = make_pair(unet, ve, class_map, options, device=device)[1].stepper
     x = torch.randn(2, 3, 16, 16, device=device)
     t = torch.full((2,), 400, device=device)
     y = torch.tensor(class_map[:2], device=device)
@@ -319,8 +335,10 @@ def test_choose_batch_size_fits_memory():
     with pytest.raises(IGDSInputError, match="not enough free memory"):
         choose_batch_size(2 * gib, 3 * gib, fixed_bytes=gib, fraction=0.8)
     unet, ve, class_map, _ = build_models()
-    assert make_pair(unet, ve, class_map, dict(compile=False, batch_size=12))[1]._step.batch_size == 12
-    assert make_pair(unet, ve, class_map, dict(compile=False))[1]._step.batch_size == 8  # CPU default
+    assert make_pair(unet, ve, class_map, dict(compile=False, batch_size=12))[1].stepper.batch_size == 12
+    compiled = make_pair(unet, ve, class_map, dict(compile=False))[1]
+    assert compiled.stepper.batch_size == compiled.preferred_batch_size == 8  # CPU default
+    assert isinstance(compiled.stepper, Stepper) and compiled.self_check_report is None  # before the first step
 
 
 # ---- the user's model stays the float32 reference -------------------------------------------------
@@ -368,7 +386,7 @@ def test_low_precision_copies_leave_the_users_models_untouched():
     before = {k: (v.clone(), v.dtype, v.data_ptr()) for k, v in {**unet.state_dict(), **ve.state_dict()}.items()}
     requires_grad = [p.requires_grad for p in unet.parameters()]
     _, compiled = make_pair(unet, ve, class_map, dict(compile=False, dtype="bf16", encoder_dtype="fp16"), steps="2")
-    step = compiled._step
+    step = compiled.stepper
     compiled.sample([0, 1], random_seeds(2))
     for key, value in {**unet.state_dict(), **ve.state_dict()}.items():
         saved, dtype, pointer = before[key]
@@ -432,22 +450,22 @@ def test_static_buffers_hold_no_state_between_batches(aot_pair):
     compiled.sample(labels_a, seeds_a)
     again_b = compiled.sample(labels_b, seeds_b)
     torch.testing.assert_close(again_b, first_b, rtol=0, atol=0)
-    step = compiled._step
-    assert (4, False) in step._buffers
+    step = compiled.stepper
+    assert (4, False) in step.buffers
     x, buffers = step.begin_batch(torch.zeros(4, 3, 16, 16), torch.tensor(labels_a), seeds_a)
-    assert x is step._buffers[(4, False)].x and buffers is step._buffers[(4, False)]  # the loop steps the static buffer
+    assert x is step.buffers[(4, False)].x and buffers is step.buffers[(4, False)]  # the loop steps the static buffer
 
 
 def test_a_padded_short_batch_reuses_the_full_batch_buffers(aot_pair):
     _, compiled, _, _ = aot_pair  # gamma 0.3: the default groups (labels) are made explicit
-    step = compiled._step
+    step = compiled.stepper
     compiled.sample([1, 2, 3, 1], random_seeds(4))
-    keys = set(step._buffers)
+    keys = set(step.buffers)
     seeds = random_seeds(2)
     padded = compiled.sample([3, 3], seeds, pad_to=4)
-    assert (4, True) in keys and set(step._buffers) == keys  # no new batch shape: on a GPU, no new graph
+    assert (4, True) in keys and set(step.buffers) == keys  # no new batch shape: on a GPU, no new graph
     alone = compiled.sample([3, 3], seeds)  # a batch shape of its own
-    assert set(step._buffers) == keys | {(2, True)}
+    assert set(step.buffers) == keys | {(2, True)}
     unet_tol, x_tol, _, _ = TOLERANCES["fp32"]
     assert padded.shape == alone.shape and relative_error(padded, alone) <= x_tol
 
@@ -504,15 +522,14 @@ def test_steps_before_the_last_read_nothing_back_to_the_host(mode, gamma, monkey
     # The run's first step carries the once-per-run self-check (igds_fast.sampling.compiled.self_check), which reads its
     # errors back; every later batch's steps must read nothing.
     compiled.sample(labels, random_seeds(3))
-    assert compiled._step.self_check_report is not None
-    x = compiled.noise_source(seeds, INITIAL_NOISE_STREAM, (3, 16, 16), "cpu")
-    step = compiled._step
-    x, batch = step.begin_batch(x, labels, seeds, None)
-    calls = host_reads(monkeypatch)
-    with SyncingOpRecorder(calls):
-        for i in (3, 2, 1):  # the loop of Sampler.sample
-            x = step.advance(x, i, batch)
-    assert calls == [], f"host reads inside the step loop: {sorted(set(calls))}"
+    assert compiled.self_check_report is not None
+    with compiled.batch(labels, seeds) as run:
+        calls = host_reads(monkeypatch)
+        with SyncingOpRecorder(calls):
+            for _ in range(3):  # the loop of Sampler.sample, i = 3, 2, 1
+                run.step()
+        assert calls == [], f"host reads inside the step loop: {sorted(set(calls))}"
+    x = run.x
     eager.step(x.clone(), 2, labels, None, None, seeds)
     assert calls, "the recorder saw no host read in the eager step on its own (its finite check)"
     del calls[:]
@@ -549,7 +566,7 @@ def test_digits_prior_architecture_in_bf16_under_inductor_matches_eager():
     found = check_fidelity(eager, compiled, ve, TOLERANCES["bf16-cpu"], labels, random_seeds(4))
     print(f"digits architecture, bf16 inductor: {found}")
     assert found["unet"] > 1e-4  # really bf16
-    assert not any(part["failed"] for part in compiled._step.self_check_report["parts"])
+    assert not any(part["failed"] for part in compiled.self_check_report["parts"])
 
 
 def test_cpu_without_interpreter_is_an_input_error(monkeypatch):
@@ -576,7 +593,7 @@ def test_gpu_graphs_bf16_fidelity_and_graph_equivalence():
     unet, ve, class_map, seed = gpu_models()
     options = dict(dtype="bf16", **GPU_TEST_COMPILE)
     eager, compiled = make_pair(unet, ve, class_map, options, steps="50", device="cuda")
-    step = compiled._step
+    step = compiled.stepper
     assert step.use_graphs
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3], device="cuda")
     found = check_fidelity(eager, compiled, ve, TOLERANCES["bf16-gpu"], labels, random_seeds(8))
@@ -596,10 +613,10 @@ def test_gpu_graphs_bf16_fidelity_and_graph_equivalence():
 def test_gpu_graph_loop_has_no_host_sync_and_reuses_graphs():
     unet, ve, class_map, _ = gpu_models()
     eager, compiled = make_pair(unet, ve, class_map, dict(GPU_TEST_COMPILE), steps="10", device="cuda")
-    step = compiled._step
+    step = compiled.stepper
     labels = torch.tensor([1, 2, 3, 0], device="cuda")
     first = compiled.sample(labels, random_seeds(4))  # captures the graph
-    buffers = step._buffers[(4, False)]
+    buffers = step.buffers[(4, False)]
     graphs = dict(buffers.graphs)
     seeds = random_seeds(4)
     x = compiled.noise_source(seeds, INITIAL_NOISE_STREAM, (3, 64, 64), "cuda")
@@ -639,10 +656,10 @@ def test_gpu_xt_mode_and_nonfinite_under_graphs():
 def test_gpu_batch_size_from_free_memory():
     unet, ve, class_map, _ = gpu_models()
     _, compiled = make_pair(unet, ve, class_map, dict(compile=False), device="cuda")
-    step = compiled._step
+    step = compiled.stepper
     batch = step.batch_size
     assert 1 <= batch <= 256
     free, _ = torch.cuda.mem_get_info()
     available = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # the cache counts as free
     # One step at the chosen batch really fits in the memory the choice budgeted.
-    assert step._probe_step_bytes(batch) <= step.config.memory_fraction * available * 1.1
+    assert probe_step_bytes(step, batch) <= step.compile_config.memory_fraction * available * 1.1

@@ -174,7 +174,7 @@ def test_gpu_tensorrt_engine_in_the_graph_captured_step(tmp_path):
         expected = unet.cuda()(*inputs)
     assert relative_error(engine(*inputs), expected) <= CHECK_TOLERANCES["fp16"]
     sampler = sampler_with_engine(tmp_path / "unet.plan", device="cuda")
-    assert sampler._step.use_graphs and sampler._step.batch_size == 4
+    assert sampler.stepper.use_graphs and sampler.stepper.batch_size == 4
     reference = Sampler(sampler.unet, sampler.schedule, sampler.ve, sampler.guidance, noise="philox",
                         prior_class_map=[0, 1, 2, 3])
     seeds = [11, 12, 13, 14]

@@ -7,6 +7,7 @@ test with a real `VariationalEstimator` around a ResNet-18 trunk.
 """
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.sampling.fused import FusedStep
 from igds_fast.kernels import philox_normal
 from igds_fast.preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
-from igds_fast.sampling import EagerStep, Sampler, StepOps
+from igds_fast.errors import IGDSInputError
+from igds_fast.sampling import BACKENDS, EagerStep, Sampler, StepOps, Stepper
 
 from tolerances import tolerance
 
@@ -71,8 +73,8 @@ def make_samplers(unet, ve, steps="6", device="cpu", prior_class_map=None, **gui
     schedule = DiffusionSchedule(ScheduleConfig(sampling_steps=steps), device=device)
     config = GuidanceConfig(**{"scale": 4.0, "beta": 0.5, **guidance})
     eager = Sampler(unet, schedule, ve, config, noise="philox", prior_class_map=prior_class_map)
-    fused = Sampler(unet, schedule, ve, config, noise="philox", use_kernels=True, prior_class_map=prior_class_map)
-    assert isinstance(fused._step, FusedStep) and isinstance(eager._step, EagerStep)
+    fused = Sampler(unet, schedule, ve, config, noise="philox", backend="fused", prior_class_map=prior_class_map)
+    assert isinstance(fused.stepper, FusedStep) and isinstance(eager.stepper, EagerStep)
     return eager, fused
 
 
@@ -147,9 +149,31 @@ def test_full_sampling_run_matches_eager_philox(rng_seed, learn_sigma):
     assert (plain - expected).abs().max() > 1e-2  # the guidance changed the images
 
 
+def test_the_fused_backend_is_named_and_use_kernels_is_its_deprecated_spelling():
+    unet, ve = TinyUNet(), TinyVE()
+    schedule = DiffusionSchedule(ScheduleConfig(sampling_steps="2"))
+    assert BACKENDS == ("eager", "fused", "compiled")
+    with pytest.warns(DeprecationWarning, match='use_kernels=True.*backend="fused"'):
+        old = Sampler(unet, schedule, ve, GuidanceConfig(scale=1.0), use_kernels=True)
+    new = Sampler(unet, schedule, ve, GuidanceConfig(scale=1.0), backend="fused")
+    assert old.backend == new.backend == "fused" and isinstance(old.stepper, FusedStep)
+    assert new.context.noise == "philox"  # drawn in the update kernel
+    for stepper in (new.stepper, Sampler(unet, schedule, ve, GuidanceConfig()).stepper):
+        assert isinstance(stepper, Stepper) and stepper.batch_size is None and stepper.self_check_report is None
+    assert new.self_check_report is None and new.preferred_batch_size is None
+    for kwargs, message in [(dict(use_kernels=True, backend="compiled"), "cannot be combined with backend='compiled'"),
+                            (dict(backend="fused", noise="torch"), "cannot be used with fused kernels"),
+                            (dict(backend="fused", batch_invariant=True), "batch_invariant applies to the eager")]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            with pytest.raises(IGDSInputError, match=message) as info:
+                Sampler(unet, schedule, ve, GuidanceConfig(scale=1.0), **kwargs)
+        assert "\n" not in str(info.value)
+
+
 def test_xt_mode_delegates_to_eager_with_philox_noise(rng_seed):
     eager, fused = make_samplers(TinyUNet(), TinyVE(), mode="xt")
-    assert type(fused._step.ops) is StepOps  # mode xt: the torch operations throughout, no kernel ops
+    assert type(fused.stepper.ops) is StepOps  # mode xt: the torch operations throughout, no kernel ops
     labels = torch.tensor([2, 0])
     seeds = random_seeds(2)
     x = torch.randn(2, 3, 8, 8)
@@ -162,7 +186,7 @@ def test_xt_mode_delegates_to_eager_with_philox_noise(rng_seed):
 
 def test_seed_tensor_built_once_per_batch(monkeypatch):
     _, fused = make_samplers(TinyUNet(), TinyVE())
-    step = fused._step
+    step = fused.stepper
     seeds = random_seeds(3)
     x, batch = step.begin_batch(torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2]), seeds)
     first = batch.seeds

@@ -73,9 +73,9 @@ def test_the_callback_sees_every_step_and_may_replace_x(models):
         sampler.sample(labels, seeds, callback=lambda i, t, x, x0: x[:1])
 
 
-@pytest.mark.parametrize("backend", ["eager", "kernels", "compiled"])
+@pytest.mark.parametrize("backend", ["eager", "fused", "compiled"])
 def test_the_trace_holds_the_guidance_terms_of_every_guided_step(models, backend):
-    options = {"eager": {}, "kernels": {"use_kernels": True},
+    options = {"eager": {}, "fused": {"backend": "fused"},
                "compiled": {"backend": "compiled", "backend_options": FP32_COPIES}}[backend]
     sampler = make(models, noise="philox", guide_until_step=3, **options)  # step 4 (i = 0) unguided
     labels, seeds = [0, 0, 2], random_seeds(3)
@@ -98,15 +98,13 @@ def test_the_trace_holds_the_guidance_terms_of_every_guided_step(models, backend
 
 def test_the_traced_compiled_loop_reads_nothing_back_to_the_host(models, monkeypatch):
     sampler = make(models, backend="compiled", backend_options=FP32_COPIES)
-    step = sampler._step
     labels, seeds = torch.tensor([0, 1, 1]), random_seeds(3)
-    x = sampler.noise_source(seeds, -1, (3, 16, 16), "cpu")
-    x, batch = step.begin_batch(x, labels, seeds, labels, trace=True)
-    calls = host_reads(monkeypatch)
-    with SyncingOpRecorder(calls), step.numerics():
-        for i in (4, 3, 2, 1, 0):
-            x = step.advance(x, i, batch)
-    assert calls == [], f"host reads inside the traced loop: {sorted(set(calls))}"
-    monkeypatch.undo()
-    step.finish_batch(batch)
-    assert torch.isfinite(batch.trace.read()["kl"]).all()
+    with sampler.batch(labels, seeds, labels, trace=True) as run:
+        calls = host_reads(monkeypatch)
+        with SyncingOpRecorder(calls):
+            while run.remaining:  # the loop of Sampler.sample: i = 4 .. 0
+                run.step()
+        assert calls == [], f"host reads inside the traced loop: {sorted(set(calls))}"
+        monkeypatch.undo()
+        run.finish()
+    assert torch.isfinite(run.read_trace()["kl"]).all()

@@ -426,7 +426,7 @@ def compiled_pair():
     eager = latent_sampler(prior, decoder, ve, class_map, noise="philox")
     compiled = latent_sampler(prior, decoder, ve, class_map, noise="philox", backend="compiled",
                               backend_options=dict(AOT_FP32))
-    assert isinstance(compiled._step, CompiledStep)
+    assert isinstance(compiled.stepper, CompiledStep)
     return eager, compiled, seed
 
 
@@ -438,12 +438,12 @@ def test_compiled_images_match_eager(compiled_pair):
     assert images.shape == (3, *IMAGE) and torch.isfinite(images).all(), f"model seed {seed}"
     torch.testing.assert_close(images, expected, **tolerance(torch.float32, "trajectory"), msg=f"model seed {seed}")
     # The self-check of the run's first step compared the decoder copy with the float32 decoder.
-    report = compiled._step.self_check_report
+    report = compiled.self_check_report
     parts = {part["part"]: part for part in report["parts"]}
     assert list(parts) == ["unet", "decoder", "features", "head", "gradient", "step"]
     assert parts["decoder"]["compared"] == 3 and not parts["decoder"]["failed"]
     assert parts["decoder"]["error"] < 1e-4 and parts["decoder"]["tolerance"] == SELF_CHECK_TOLERANCES["fp32"]["decoder"]
-    step = compiled._step
+    step = compiled.stepper
     assert step.decoder_lp is not eager.decoder and step.decoder_lp.vae is not eager.decoder.vae  # a copy, compiled
     assert step.ops.guidance.decoder is not step.decoder_lp  # torch.compile'd callable (compile_encoder)
 
@@ -468,11 +468,11 @@ def test_a_bf16_decoder_copy_is_used_and_passes_its_check(rng_seed):
     prior = ClassifierFreeGuidance(dit, CFG_SCALE)
     options = dict(FP32_COPIES, decoder_dtype="bf16")
     compiled = latent_sampler(prior, decoder, ve, class_map, noise="philox", backend="compiled", backend_options=options)
-    assert compiled._step.decoder_lp.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+    assert compiled.stepper.decoder_lp.vae.decoder.conv_in.weight.dtype == torch.bfloat16
     assert decoder.vae.decoder.conv_in.weight.dtype == torch.float32  # the user's decoder is not cast
     labels, seeds = [2, 1], random_seeds(2)
     latents = compiled.sample(labels, seeds, decode=False)
-    parts = {part["part"]: part for part in compiled._step.self_check_report["parts"]}
+    parts = {part["part"]: part for part in compiled.self_check_report["parts"]}
     assert 1e-4 < parts["decoder"]["error"] <= SELF_CHECK_TOLERANCES["bf16"]["decoder"]  # really bf16, and within
     assert parts["unet"]["error"] < 1e-4  # the UNet copy stays fp32
     eager = latent_sampler(prior, decoder, ve, class_map, noise="philox").sample(labels, seeds, decode=False)
@@ -499,7 +499,7 @@ def test_a_planted_decoder_fault_stops_the_run_at_the_first_step(rng_seed, fault
     dit, decoder, ve, class_map = latent_models()
     sampler = latent_sampler(ClassifierFreeGuidance(dit, CFG_SCALE), decoder, ve, class_map, noise="philox",
                              backend="compiled", backend_options=dict(FP32_COPIES))
-    step = sampler._step
+    step = sampler.stepper
     if fault == "10%":
         scale_output(step.decoder_lp.vae.decoder.conv_out, 1.1)
     else:

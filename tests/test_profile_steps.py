@@ -46,7 +46,7 @@ def recorded_run(sampler, monkeypatch, events, fail_at=None):
     """Sample one batch, recording ("step", k), ("start",) and ("stop",) in order."""
     monkeypatch.setattr(window_module, "profiler_start", lambda device: events.append(("start",)))
     monkeypatch.setattr(window_module, "profiler_stop", lambda device: events.append(("stop",)))
-    advance = type(sampler._step).advance.__get__(sampler._step)  # the step's own, not an earlier wrapper
+    advance = type(sampler.stepper).advance.__get__(sampler.stepper)  # the step's own, not an earlier wrapper
     k = [0]
 
     def recording_advance(x, i, batch):
@@ -57,7 +57,7 @@ def recorded_run(sampler, monkeypatch, events, fail_at=None):
         k[0] += 1
         return advance(x, i, batch)
 
-    monkeypatch.setattr(sampler._step, "advance", recording_advance)
+    monkeypatch.setattr(sampler.stepper, "advance", recording_advance)
     return sampler.sample([0, 1], [5, 6])
 
 

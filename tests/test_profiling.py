@@ -6,6 +6,7 @@ syntax-checked and bench/gpu_check.sh runs its --dry-run plan.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -32,7 +33,15 @@ def load_script(relative_path: str, name: str):
 
 @pytest.fixture(scope="module")
 def bench():
+    """bench/sampler.py, the command line, loaded as `python bench/sampler.py` runs it."""
     return load_script("bench/sampler.py", "igds_bench_sampler_under_test")
+
+
+def bench_part(name: str):
+    """bench/<name>.py, imported as the bench scripts import it (bench/ is a package of the checkout's root)."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    return importlib.import_module(f"bench.{name}")
 
 
 def test_bench_kernels_keeps_the_table_when_a_case_fails(monkeypatch):
@@ -169,18 +178,19 @@ def test_bench_sampler_tiny_run_reports_every_column(bench, tmp_path, monkeypatc
     assert "open (not measured here)" in report  # the GPU targets stay open on CPU
 
 
-def test_bench_flop_counts_match_the_issue(bench):
-    flops = bench.flops_per_image_step("adm256")
+def test_bench_flop_counts_match_the_issue():
+    flops = bench_part("models").flops_per_image_step("adm256")
     assert flops["unet"] / 1e12 == pytest.approx(2.24, rel=0.01)  # the issue's 2.24 TFLOP per image-step
     assert 14e9 < flops["encoder"] < 18e9  # ResNet-50 forward + input backward at 224^2: ~16 GFLOP
 
 
-def test_bench_latent_flop_counts_match_dit_and_the_issue(bench):
+def test_bench_latent_flop_counts_match_dit_and_the_issue():
     # DiT-XL/2 at 256 px: 118.6 GMAC per forward (DiT's paper, Table 4, its "Gflops" are multiply-adds),
     # twice that under classifier-free guidance; SD's VAE decoder ~311 GMAC per 256 px image forward and
     # about as much for its input-gradient backward; every part counted = its forward-hook formula.
     pytest.importorskip("diffusers")
-    stats = bench.MODEL_STATS.latent_step_stats(bench.DIT_PRESETS["dit-xl2-256"], bench.MODEL_STATS.sd_vae_config(256))
+    models, model_stats = bench_part("models"), bench_part("model_stats")
+    stats = model_stats.latent_step_stats(models.DIT_PRESETS["dit-xl2-256"], model_stats.sd_vae_config(256))
     parts = stats["parts"]
     assert parts["dit"]["flops"] / 2e9 == pytest.approx(118.6, rel=0.01)
     assert parts["cfg_dit"]["flops"] == 2 * parts["dit"]["flops"]
@@ -191,7 +201,7 @@ def test_bench_latent_flop_counts_match_dit_and_the_issue(bench):
         assert part["flops"] == sum(part["formula"].values()), name
     assert round(stats["params"] / 1e6, 1) == 674.8 and stats["frozen_params"] == 256 * 1152  # pos_embed apart
     assert 0.70 < stats["decoder_share"] < 0.73
-    flops = bench.latent_flops_per_image_step("dit-xl2-256")
+    flops = models.latent_flops_per_image_step("dit-xl2-256")
     assert flops["total"] == stats["guided"] == flops["unet"] + flops["decoder"] + flops["encoder"]
     assert flops["unguided"] == flops["unet"] == parts["cfg_dit"]["flops"]
 

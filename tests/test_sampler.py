@@ -291,9 +291,9 @@ def test_fp32_reference_math_on_cuda_turns_tf32_off_and_cudnn_deterministic_then
         torch.set_float32_matmul_precision(before[3])
 
 
-@pytest.mark.parametrize("use_kernels", [False, True])
+@pytest.mark.parametrize("backend", ["eager", "fused"])
 @pytest.mark.parametrize("reference", [True, False])
-def test_eager_steps_run_under_fp32_reference_math(use_kernels, reference, monkeypatch):
+def test_eager_steps_run_under_fp32_reference_math(backend, reference, monkeypatch):
     import igds_fast.sampling.eager as sampler_module
 
     devices = []
@@ -306,10 +306,57 @@ def test_eager_steps_run_under_fp32_reference_math(use_kernels, reference, monke
     monkeypatch.setattr(sampler_module, "fp32_reference_math", recording)
     unet, ve = tiny_adm(), tiny_ve()
     schedule = DiffusionSchedule(ScheduleConfig("linear", 1000, "3"))
-    sampler = Sampler(unet, schedule, ve, GuidanceConfig(scale=1.0), use_kernels=use_kernels, prior_class_map=PRIOR_MAP,
+    sampler = Sampler(unet, schedule, ve, GuidanceConfig(scale=1.0), backend=backend, prior_class_map=PRIOR_MAP,
                       reference_numerics=reference)
     sampler.sample([0, 1], [5, 6])
-    if reference and not use_kernels:
+    if reference and backend == "eager":
         assert devices == ["cpu"]  # once per batch, around the whole loop (not set and restored per step)
     else:  # the plain-PyTorch baseline bench/sampler.py times, and the kernel path (a fast path)
         assert devices == []
+
+
+def test_a_batch_stepped_one_step_at_a_time_is_sample(parts):
+    # Sampler.batch is sample's own loop, stepped by the caller (what the benchmarks and profilers use).
+    unet, ve, _ = parts
+    sampler = Sampler(unet, DiffusionSchedule(ScheduleConfig("linear", 1000, "4")), ve,
+                      GuidanceConfig(scale=1.0, beta=0.5, gamma=0.5), prior_class_map=PRIOR_MAP)
+    labels, seeds = [0, 2, 2], [31, 32, 33]
+    expected, expected_trace = sampler.sample(labels, seeds, pad_to=4, trace=True)
+    finished = []
+    run = sampler.batch(labels, seeds, pad_to=4, trace=True, on_steps_done=lambda done, n: finished.append(done))
+    with run:
+        assert run.count == 3 and run.x.shape == (3, 3, 16, 16) and run.remaining == 4
+        indices = []
+        while run.remaining:
+            indices.append(run.step())
+        with pytest.raises(IGDSInputError, match="all 4 steps of this batch have run"):
+            run.step()
+        run.finish()
+    assert indices == [3, 2, 1, 0] and finished == [1, 2, 3, 4]
+    assert torch.equal(run.x.clamp(-1, 1), expected)
+    trace = run.read_trace()
+    assert set(trace) == set(expected_trace)
+    for term, values in trace.items():  # NaN where a step is not guided
+        torch.testing.assert_close(values, expected_trace[term], rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(IGDSInputError, match="runs once"):
+        run.__enter__()
+
+
+def test_a_batch_refuses_steps_out_of_order_in_one_line(parts):
+    sampler = make_sampler(parts, scale=1.0)
+    run = sampler.batch([0, 1], [1, 2])
+    errors = []
+    for call, message in [(run.step, r"step\(\) runs inside `with sampler.batch"),
+                          (run.finish, r"finish\(\) runs inside"), (run.read_trace, "needs a run entered with")]:
+        with pytest.raises(IGDSInputError, match=message) as info:
+            call()
+        errors.append(str(info.value))
+    with run:
+        run.step()
+        with pytest.raises(IGDSInputError, match=f"19 of {STEPS} steps have not run") as info:
+            run.finish()
+        errors.append(str(info.value))
+    with pytest.raises(IGDSInputError, match="labels outside") as info:
+        sampler.batch([0, 9], [1, 2])  # checked when the run is made, before anything runs
+    errors.append(str(info.value))
+    assert not any("\n" in error for error in errors)

@@ -145,11 +145,24 @@ def test_a_planted_fault_stops_the_run_at_the_first_step_in_one_line(fault):
     unet, ve = digits_models()
     sampler = compiled_sampler(unet, ve)
     plant, pattern = FAULTS[fault]
-    plant(sampler._step)
+    plant(sampler.stepper)
     with pytest.raises(IGDSNumericsError, match=pattern) as caught:
         sampler.sample([0, 3, 7, 9], random_seeds(4))
     message = str(caught.value)
     assert "\n" not in message and f"respaced index {int(STEPS) - 1}" in message, message
+
+
+def test_a_failed_self_check_is_reported_once():
+    # After the one-line error the check is done: a later call does not run (and fail) it again.
+    unet, ve = digits_models()
+    sampler = compiled_sampler(unet, ve)
+    scale_output(sampler.stepper.unet_lp.unet.out, 1.1)
+    with pytest.raises(IGDSNumericsError, match="UNet output off by"):
+        sampler.sample([0, 3], random_seeds(2))
+    reference_calls = []
+    unet.register_forward_hook(lambda module, inputs, output: reference_calls.append(inputs[0].shape[0]))
+    images = sampler.sample([0, 3], random_seeds(2))
+    assert reference_calls == [] and images.shape == (2, 1, 16, 16) and sampler.self_check_report is None
 
 
 def test_a_faulty_head_or_update_kernel_is_named(monkeypatch):
@@ -175,7 +188,7 @@ def test_a_compile_only_fault_is_blamed_on_torch_compile(monkeypatch):
     # on an Intel CPU looked like. (aot_eager compiles; the fault is planted in the compiled callable.)
     unet, ve = digits_models()
     sampler = compiled_sampler(unet, ve, dict(FP32_COPIES, compile=True, backend="aot_eager", compile_encoder=False))
-    step = sampler._step
+    step = sampler.stepper
     compiled_unet = step.ops.unet_fn
     step.ops.unet_fn = lambda *args: compiled_unet(*args) * float("nan")
     with pytest.raises(IGDSNumericsError, match=r"uncompiled fp32 copy agrees: a torch\.compile fault"):
@@ -190,7 +203,7 @@ def test_a_correct_run_pays_one_reference_step_per_run_not_per_batch():
     # On the user's float32 UNet, after the copies were made (a deep copy would take the hook along).
     unet.register_forward_hook(lambda module, inputs, output: reference_calls.append(inputs[0].shape[0]))
     sampler.sample([0, 0, 1, 1, 2, 2], random_seeds(6), pad_to=8)
-    report = sampler._step.self_check_report
+    report = sampler.self_check_report
     assert report["index"] == int(STEPS) - 1 and report["images"] == 4  # classes 0 and 1: two whole groups
     assert [part["part"] for part in report["parts"]] == ["unet", "features", "head", "gradient", "step"]
     assert not any(part["failed"] for part in report["parts"])
@@ -200,13 +213,13 @@ def test_a_correct_run_pays_one_reference_step_per_run_not_per_batch():
     sampler.sample([5, 6, 7, 8], random_seeds(4))
     assert reference_calls == [4]  # later batches: no more reference work
     off.sample([1, 2], random_seeds(2))
-    assert reference_calls == [4] and off._step.self_check_report is None
+    assert reference_calls == [4] and off.self_check_report is None
 
 
 def test_bf16_copies_of_the_digits_architecture_pass_their_own_check():
     unet, ve = digits_models()
     sampler = compiled_sampler(unet, ve, dict(dtype="bf16", compile=False, channels_last=True), mode="xt")
     sampler.sample([2, 5, 8], random_seeds(3))
-    parts = {part["part"]: part for part in sampler._step.self_check_report["parts"]}
+    parts = {part["part"]: part for part in sampler.self_check_report["parts"]}
     assert 1e-4 < parts["unet"]["error"] <= SELF_CHECK_TOLERANCES["bf16"]["unet"]  # really bf16, and within
     assert parts["step"]["error"] <= SELF_CHECK_TOLERANCES["bf16"]["step"]

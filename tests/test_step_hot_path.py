@@ -44,21 +44,19 @@ def make(models, **kwargs):
                    prior_class_map=PRIOR_MAP, **kwargs)
 
 
-@pytest.mark.parametrize("kind", ["eager", "eager-philox", "kernels", "batch-invariant"])
+@pytest.mark.parametrize("kind", ["eager", "eager-philox", "fused", "batch-invariant"])
 def test_the_loop_reads_the_host_once_per_batch(models, kind, monkeypatch):
-    options = {"eager": {}, "eager-philox": {"noise": "philox"}, "kernels": {"use_kernels": True},
+    options = {"eager": {}, "eager-philox": {"noise": "philox"}, "fused": {"backend": "fused"},
                "batch-invariant": {"batch_invariant": True}}[kind]
     sampler = make(models, **options)
-    step = sampler._step
     labels, seeds = torch.tensor([0, 1, 3]), random_seeds(3)
-    x = sampler.noise_source(seeds, -1, (3, 16, 16), "cpu")
-    x, batch = step.begin_batch(x, labels, seeds, None)  # batch-invariant: its parts, found here once
-    calls = host_reads(monkeypatch)
-    with SyncingOpRecorder(calls), step.numerics():
-        for i in (3, 2, 1, 0):  # every step guided
-            x = step.advance(x, i, batch)
-    assert calls == [], f"host reads inside the loop: {sorted(set(calls))}"
-    step.finish_batch(batch)  # the batch's one read of its finite check
+    with sampler.batch(labels, seeds) as run:  # batch-invariant: its parts, found here once
+        calls = host_reads(monkeypatch)
+        with SyncingOpRecorder(calls):
+            while run.remaining:  # the loop of Sampler.sample; every step guided
+                run.step()
+        assert calls == [], f"host reads inside the loop: {sorted(set(calls))}"
+        run.finish()  # the batch's one read of its finite check
     assert calls and set(calls) <= {"item", "__bool__", "tolist", "__index__", "__int__", "aten._local_scalar_dense"}
 
 

@@ -3,9 +3,9 @@
 The fused-kernel and compiled backends (`sampling.fused`, `sampling.compiled`) load on demand
 through `sampling.backends`, so importing this package never imports triton or the compiler.
 """
-from .backends import BACKENDS, NOISE_SOURCES, build_step, resolve_noise_source
+from .backends import BACKENDS, NOISE_SOURCES, Stepper, build_step, resolve_noise_source
 from .eager import EagerStep, fp32_reference_math
-from .sampler import Sampler
+from .sampler import Sampler, SamplingRun
 from .step import NonFiniteTracker, StepContext, StepInputs, StepOps, reverse_step
 
 __all__ = [
@@ -14,9 +14,11 @@ __all__ = [
     "NOISE_SOURCES",
     "NonFiniteTracker",
     "Sampler",
+    "SamplingRun",
     "StepContext",
     "StepInputs",
     "StepOps",
+    "Stepper",
     "build_step",
     "fp32_reference_math",
     "resolve_noise_source",

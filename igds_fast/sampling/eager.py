@@ -54,7 +54,8 @@ class BatchState:
         self.group_ids = group_ids
         self.seeds = None if seeds is None else context.noise_keys(seeds, context.device)
         self.members = members
-        self.tracker = NonFiniteTracker(labels.shape[0], context.device) if context.config.check_finite else None
+        checks_finite = context.guidance_config.check_finite
+        self.tracker = NonFiniteTracker(labels.shape[0], context.device) if checks_finite else None
         self.trace = GuidanceTrace(context.num_steps, labels.shape[0], context.device) if trace else None
 
     def inputs(self, i: int, index, noise=None) -> StepInputs:
@@ -62,7 +63,11 @@ class BatchState:
 
 
 class EagerStep:
-    """The step seam of `Sampler(backend="eager")`: the float32 reference (module docstring)."""
+    """The stepper of `Sampler(backend="eager")`: the float32 reference (module docstring; surface:
+    sampling.backends.Stepper)."""
+
+    batch_size: int | None = None  # no batch size of its own: the caller's
+    self_check_report: dict | None = None  # nothing to check: this is the reference
 
     def __init__(self, context: StepContext, batch_invariant: bool = False):
         self.context = context
@@ -122,7 +127,7 @@ class EagerStep:
     def _members(self, labels, group_ids, batch: int):
         if not self.batch_invariant or batch == 1:
             return None
-        if self.context.config.gamma != 0.0:
+        if self.context.guidance_config.gamma != 0.0:
             keys = labels if group_ids is None else group_ids
             return [(keys == key).nonzero().flatten() for key in torch.unique(keys)]
         return [torch.tensor([b], device=labels.device) for b in range(batch)]

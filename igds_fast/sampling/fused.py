@@ -1,4 +1,4 @@
-"""The reverse step on the fused Triton kernels: `Sampler(..., use_kernels=True)` runs this.
+"""The reverse step on the fused Triton kernels: `Sampler(..., backend="fused")` runs this.
 
 The same `reverse_step` as the eager step, with these operations (x0 mode; shapes [B, C, H, W]):
 
@@ -56,25 +56,25 @@ class KernelOps(StepOps):
 
     def predict_x0(self, x, model_output, inputs: StepInputs) -> torch.Tensor:
         c = self.context
-        return predict_x0(x, model_output, inputs.index, self.tables, c.learn_sigma, clip=c.config.clip_x0)
+        return predict_x0(x, model_output, inputs.index, self.tables, c.learn_sigma, clip=c.guidance_config.clip_x0)
 
     def update(self, x, model_output, x0, grad, inputs: StepInputs) -> torch.Tensor:
         c = self.context
         return fused_ddpm_update(
-            x, model_output, inputs.index, self.tables, c.learn_sigma, grad=grad, scale=c.config.scale,
-            noise=inputs.noise, seeds=inputs.seeds if inputs.noise is None else None, clip=c.config.clip_x0,
+            x, model_output, inputs.index, self.tables, c.learn_sigma, grad=grad, scale=c.guidance_config.scale,
+            noise=inputs.noise, seeds=inputs.seeds if inputs.noise is None else None, clip=c.guidance_config.clip_x0,
             # Elementwise and same-index: each element is read before it is overwritten.
             out=x if self.out_in_place else None,
         )
 
 
 class FusedStep(EagerStep):
-    """The step seam of `Sampler(use_kernels=True)`: the eager step's loop on `KernelOps`."""
+    """The stepper of `Sampler(backend="fused")`: the eager step's loop on `KernelOps`."""
 
     def __init__(self, context: StepContext):
         super().__init__(context)
         self.tables = StepTables(context.schedule)  # fp32, contiguous, on the sampling device: built once
-        if context.config.mode != "xt":
+        if context.guidance_config.mode != "xt":
             self.ops = KernelOps(context, self.tables)
 
     def numerics(self):

@@ -3,14 +3,15 @@
 `Sampler.sample(labels, seeds)` runs i = N-1 .. 0 from x_T keyed by each image's seed (the step
 itself: sampling/step.py), so an image depends only on (seed, label) — never on its batch
 neighbours — as long as gamma = 0 (the diversity term deliberately couples the images of one group).
-The loop, for every backend:
+The loop, for every backend, drives the backend's stepper (`Sampler.stepper`, sampling.backends.Stepper):
 
-    x, batch = step.begin_batch(x_T, labels, seeds, group_ids)    once per batch
-    x = step.advance(x, i, batch)                                  i = N-1 .. 0, no host sync
-    step.finish_batch(batch)                                       the one host read (finite check)
+    x, batch = stepper.begin_batch(x_T, labels, seeds, group_ids)    once per batch
+    x = stepper.advance(x, i, batch)                                  i = N-1 .. 0, no host sync
+    stepper.finish_batch(batch)                                       the one host read (finite check)
 
-inside `step.numerics()` (the eager reference's float32 settings on CUDA, entered once per batch).
-Every step runs inside an NVTX range `igds/step/<k>`, k the loop iteration (0 = the first step from
+inside `stepper.numerics()` (the eager reference's float32 settings on CUDA, entered once per batch).
+Its body is written once, in `SamplingRun` (`Sampler.batch`): `sample` runs it to the end, and the
+benchmarks and profilers step it one reverse step at a time. Every step runs inside an NVTX range `igds/step/<k>`, k the loop iteration (0 = the first step from
 noise), the index `IGDS_PROFILE_STEPS=A:B` names: the first batch in the process opens the CUDA
 profiler around steps A .. B-1 (profiling/window.py), so `profiling/nsys.sh` captures a real run's
 steady state. `on_steps_done` reports finished steps as the device finishes them, read from CUDA
@@ -18,6 +19,8 @@ events (`Event.query`, never a wait), so a progress bar moves within a batch wit
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections import deque
 from typing import Callable, Sequence
 
@@ -35,7 +38,7 @@ from ..profiling.window import (
     resolve_step_window,
 )
 from ..seeding import INITIAL_NOISE_STREAM
-from .backends import build_step, resolve_noise_source
+from .backends import Stepper, build_step, default_noise, resolve_noise_source
 from .step import StepContext
 
 DECODE_CHUNK = 8  # latents decoded at once by Sampler.decode (the decoder's activations are large)
@@ -55,9 +58,8 @@ class Sampler:
         so an image's bytes do not depend on its batch (batched kernels may round differently for
         other batch sizes). Slower; what byte-identical outputs across world and batch sizes need.
     noise: "torch" or "philox" (see `sampling.backends.resolve_noise_source`): x_T and every step's
-        noise. None = "philox" when the step draws its noise in-kernel (use_kernels, compiled), else "torch".
-    use_kernels: run the guidance head and the DDPM update through the fused Triton kernels
-        (`sampling.fused.FusedStep`); the loop and the result stay those of the eager step.
+        noise. None = "philox" when the step draws its noise in-kernel (fused, compiled), else "torch".
+    use_kernels: deprecated spelling of backend="fused" (a DeprecationWarning).
     reference_numerics: (eager backend, CUDA) run under `fp32_reference_math` — float32 without TF32,
         deterministic cuDNN — as the reference must; False = PyTorch's defaults (TF32 convolutions,
         cudnn.benchmark as set): what bench/sampler.py times as the plain-PyTorch baseline.
@@ -65,7 +67,9 @@ class Sampler:
         in_channels = the prior's, out_channels = the VE's): the guidance decodes every x0 prediction
         before the VE sees it (the gradient flows back through it), and `sample` returns decoded
         images. None = the prior's samples are images.
-    backend: "eager" (float32 reference: no compile, no graphs) or "compiled"
+    backend: one of `sampling.backends.BACKENDS`: "eager" (float32 reference: no compile, no graphs),
+        "fused" (`sampling.fused.FusedStep`: the eager step with the guidance head and the DDPM update
+        on the fused Triton kernels; the UNet stays eager) or "compiled"
         (`sampling.compiled.CompiledStep`: low-precision compiled UNet, CUDA-graph-captured step),
         configured by `backend_options` (a `CompileConfig` or its fields as a dict).
     profile_steps: "A:B" (or (A, B)): open the CUDA profiler around loop steps A .. B-1 (0 = the first
@@ -73,8 +77,9 @@ class Sampler:
         a no-op without CUDA). None = $IGDS_PROFILE_STEPS, if set; both set and different is refused.
 
     Attributes: guidance (the GuidanceConfig), guidance_fn (the eager IGDSGuidance), context (what
-    every step reads), tau, channels, image_size, learn_sigma, num_classes, device, noise_source,
-    decoder (or None), profile_window (the StepWindow to profile, or None).
+    every step reads), backend (its name), stepper (the backend's step object), self_check_report,
+    tau, channels, image_size, learn_sigma, num_classes, device, noise_source, decoder (or None),
+    profile_window (the StepWindow to profile, or None).
     """
 
     def __init__(
@@ -97,6 +102,8 @@ class Sampler:
             raise IGDSInputError(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
         if not isinstance(reference_numerics, bool):
             raise IGDSInputError(f"reference_numerics must be True or False, got {reference_numerics!r}")
+        if use_kernels:
+            backend = _fused_from_use_kernels(backend)
         unet = as_prior(unet)  # guided-diffusion's UNetModel as it is (models.protocols)
         self.unet, self.schedule, self.ve, self.guidance = unet, schedule, ve, guidance
         self.backend = backend
@@ -115,19 +122,15 @@ class Sampler:
                                                   "profile_steps" if profile_steps is not None else PROFILE_STEPS_ENV)
         self.guidance_fn = IGDSGuidance.from_config(ve, guidance, decoder=decoder)
         self.tau = self.guidance_fn.tau
-        in_kernel_noise = use_kernels or backend == "compiled"
-        if noise is None:
-            noise = "philox" if in_kernel_noise else "torch"
-        elif in_kernel_noise and noise != "philox":
-            raise IGDSInputError(f"noise={noise!r} cannot be used with fused kernels: they draw Philox noise in-kernel")
+        noise = default_noise(backend, noise)
         self.noise_source, noise_keys = resolve_noise_source(noise)
         self.context = StepContext(
-            unet=unet, schedule=schedule, config=guidance, guidance=self.guidance_fn, channels=self.channels,
+            unet=unet, schedule=schedule, guidance_config=guidance, guidance=self.guidance_fn, channels=self.channels,
             image_size=self.image_size, learn_sigma=self.learn_sigma, class_map=self._build_class_map(prior_class_map),
             conditional=getattr(unet, "num_classes", None) is not None, noise=noise, noise_source=self.noise_source,
             noise_keys=noise_keys, device=self.device, reference_numerics=reference_numerics,
         )
-        self._step = build_step(self.context, backend, use_kernels, batch_invariant, backend_options)
+        self._stepper = build_step(self.context, backend, batch_invariant, backend_options)
 
     def _build_class_map(self, prior_class_map):
         prior_classes = getattr(self.unet, "num_classes", None)
@@ -149,19 +152,19 @@ class Sampler:
 
     def numerics(self):
         """The numerics context of this sampler's steps (see `reference_numerics`)."""
-        return self._step.numerics()
+        return self._stepper.numerics()
 
     def prior_labels(self, labels: torch.Tensor) -> torch.Tensor | None:
         """The labels the UNet is conditioned on (None for an unconditional prior)."""
         return self.context.prior_labels(labels)
 
-    # ---- the seam every backend implements ------------------------------------------------------
+    # ---- steps ---------------------------------------------------------------------------------------
     def step(self, x, i: int, labels, noise=None, group_ids=None, seeds=None) -> torch.Tensor:
         """One reverse step x_i -> x_{i-1} at respaced index i (N-1 .. 0), on its own.
 
         noise: [B, C, H, W] to add (None with seeds = draw it from the noise source keyed by
         (seeds[b], i); None without seeds = no noise, the posterior mean). A non-finite guidance
-        gradient is raised by this call (eager, kernels) or by the call at i = 0 (compiled).
+        gradient is raised by this call (eager, fused) or by the call at i = 0 (compiled).
         """
         expected = (self.channels, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
@@ -169,12 +172,26 @@ class Sampler:
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1)
         if group_ids is not None:
             group_ids = torch.as_tensor(group_ids, dtype=torch.long, device=self.device).reshape(-1)
-        return self._step(x, i, labels, noise, group_ids, seeds)
+        return self._stepper(x, i, labels, noise, group_ids, seeds)
+
+    @property
+    def stepper(self) -> Stepper:
+        """The backend's step object (EagerStep, FusedStep or CompiledStep; its surface: backends.Stepper).
+
+        The loop that drives it is `batch` / `sample`; use it for what a backend exposes beyond that
+        (the compiled backend's copies, graphs and configuration).
+        """
+        return self._stepper
+
+    @property
+    def self_check_report(self) -> dict | None:
+        """The compiled backend's passed first-step self-check report (see backends.Stepper), else None."""
+        return self._stepper.self_check_report
 
     @property
     def preferred_batch_size(self) -> int | None:
         """The backend's own batch size (compiled: given, or chosen from free device memory), else None."""
-        return getattr(self._step, "batch_size", None)
+        return self._stepper.batch_size
 
     def sample(self, labels, seeds, group_ids=None, pad_to: int | None = None, x_T: torch.Tensor | None = None,
                callback=None, trace: bool = False, decode: bool = True,
@@ -205,12 +222,39 @@ class Sampler:
             on) before the next, so it never synchronises and may report late; on CPU after every
             step. The last call, (num_steps, num_steps), comes once the loop's results are read.
         """
-        labels, seeds, group_ids = self._validate_batch(labels, seeds, group_ids)
-        count = labels.numel()
         if not isinstance(decode, bool):
             raise IGDSInputError(f"decode must be True or False, got {decode!r}")
         if not decode and self.decoder is None:
             raise IGDSInputError("decode=False applies to a latent prior (a Sampler with a decoder) only")
+        with self.batch(labels, seeds, group_ids, pad_to, x_T, trace, callback, on_steps_done) as run:
+            while run.remaining:
+                run.step()
+            run.finish()
+        x = run.x
+        if self.decoder is None:
+            images = x.clamp(-1.0, 1.0)
+        else:
+            images = self.decode(x) if decode else x.clone()  # x may be a static buffer
+        if not trace:
+            return images
+        return images, run.read_trace()
+
+    def batch(self, labels, seeds, group_ids=None, pad_to: int | None = None, x_T: torch.Tensor | None = None,
+              trace: bool = False, callback=None,
+              on_steps_done: Callable[[int, int], None] | None = None) -> SamplingRun:
+        """One batch of the reverse loop, stepped by the caller: `sample`'s loop, one step at a time.
+
+            with sampler.batch(labels, seeds) as run:     x_T, numerics, the batch bound to the stepper
+                while run.remaining:
+                    run.step()                            one reverse step (i = N-1 .. 0)
+                run.finish()                              the batch's finite check (one host read)
+            images = run.x.clamp(-1, 1)
+
+        The arguments are `sample`'s (checked here, before anything runs); the SamplingRun is the
+        loop (see there). For benchmarks and profilers that time or trace single steps of a real run.
+        """
+        labels, seeds, group_ids = self._validate_batch(labels, seeds, group_ids)
+        count = labels.numel()
         if callback is not None and not callable(callback):
             raise IGDSInputError(f"callback must be callable, got {type(callback).__name__}")
         if on_steps_done is not None and not callable(on_steps_done):
@@ -231,41 +275,7 @@ class Sampler:
             labels, seeds, group_ids = _pad_batch(labels, seeds, group_ids, pad_to)
             if x_T is not None:
                 x_T = torch.cat([x_T, x_T[-1:].expand(pad_to - count, *shape)])
-        step = self._step
-        num_steps = self.schedule.num_steps
-        window = None
-        if self.profile_window is not None and claim_process_window():  # the process's first batch only
-            window = ProfilerWindow(self.profile_window, self.device)
-        watch = _StepWatch(on_steps_done, num_steps, self.device) if on_steps_done is not None else None
-        try:
-            with step.numerics():
-                x = self.noise_source(seeds, INITIAL_NOISE_STREAM, shape, self.device) if x_T is None else x_T
-                x, batch = step.begin_batch(x, labels, seeds, group_ids, trace=trace)
-                for k, i in enumerate(reversed(range(num_steps))):  # k: loop iteration, 0 = from noise
-                    if window is not None:
-                        window.before_step(k)
-                    before = x.clone() if callback is not None else None  # the compiled step updates x in place
-                    with nvtx_range(f"igds/step/{k}"):
-                        x = step.advance(x, i, batch)
-                    if callback is not None:
-                        x = self._call_back(callback, i, before, x, count)
-                    if window is not None:
-                        window.after_step(k)
-                    if watch is not None:
-                        watch.issued(k + 1)
-                step.finish_batch(batch)
-        finally:
-            if window is not None:
-                window.close()  # an error inside the window still ends the capture
-        if watch is not None:
-            watch.finished()
-        if self.decoder is None:
-            images = x[:count].clamp(-1.0, 1.0)
-        else:
-            images = self.decode(x[:count]) if decode else x[:count].clone()  # x may be a static buffer
-        if not trace:
-            return images
-        return images, {name: values[:, :count] for name, values in batch.trace.read().items()}
+        return SamplingRun(self, labels, seeds, group_ids, x_T, count, bool(trace), callback, on_steps_done)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B, C', H', W'] in [-1, 1] of latents [B, C, S, S]: the float32 decoder, in chunks.
@@ -277,21 +287,10 @@ class Sampler:
         if self.decoder is None:
             raise IGDSInputError("this sampler has no decoder: its samples are images already")
         chunk = 1 if self.batch_invariant else DECODE_CHUNK
-        with torch.no_grad(), self._step.numerics():
+        with torch.no_grad(), self._stepper.numerics():
             parts = [self.decoder(latents[start:start + chunk].to(self.device, torch.float32))
                      for start in range(0, latents.shape[0], chunk)]
         return torch.cat(parts).clamp(-1.0, 1.0)
-
-    def _call_back(self, callback, i: int, before: torch.Tensor, x: torch.Tensor, count: int) -> torch.Tensor:
-        """Run a per-step callback on (i, timestep, x_{i-1}, x0_hat); copy a returned replacement into x."""
-        eps, _ = self.schedule.split_model_output(self._step.last_model_output, self.channels, self.learn_sigma)
-        x0 = self.schedule.predict_x0(before, eps, i, clip=self.guidance.clip_x0)
-        replacement = callback(i, int(self.schedule.timestep_map[i]), x[:count], x0[:count])
-        if replacement is not None:
-            if not torch.is_tensor(replacement) or replacement.shape != x[:count].shape:
-                raise IGDSInputError(f"the callback must return None or a tensor of shape {tuple(x[:count].shape)}")
-            x[:count].copy_(replacement)  # in place: the compiled backend's x is its static buffer
-        return x
 
     # ---- validation ---------------------------------------------------------------------------
     def _validate_batch(self, labels, seeds, group_ids):
@@ -311,6 +310,127 @@ class Sampler:
             if group_ids.numel() != labels.numel():
                 raise IGDSInputError(f"got {labels.numel()} labels but {group_ids.numel()} group ids")
         return labels.to(self.device), seeds, group_ids
+
+
+class SamplingRun:
+    """One batch of a Sampler's reverse loop (`Sampler.batch`): the loop body, written once.
+
+    `with run:` claims the process's profiler window (IGDS_PROFILE_STEPS, the first batch only),
+    enters the backend's numerics (once per batch), takes x_T (given, or drawn from each image's
+    seed) and binds the batch to the stepper (`begin_batch`). `step()` runs the next reverse step;
+    `finish()`, after the last one, reads the batch's non-finite check. Leaving the block closes the
+    profiler window (an error inside it still ends the capture) and the numerics.
+
+    count: the real images (the rest of a padded batch are fillers); num_steps: N; remaining: the
+    steps still to run; x: the real images' current x_t [count, C, H, W] (a view of the stepper's x —
+    the compiled backend's static buffer: clone to keep).
+    """
+
+    def __init__(self, sampler: Sampler, labels, seeds, group_ids, x_T, count: int, trace: bool, callback,
+                 on_steps_done):
+        self._sampler, self._stepper = sampler, sampler._stepper
+        self._labels, self._seeds, self._group_ids, self._x_T = labels, seeds, group_ids, x_T
+        self.count, self.num_steps, self.trace = count, sampler.schedule.num_steps, trace
+        self._callback, self._on_steps_done = callback, on_steps_done
+        self._x: torch.Tensor | None = None
+        self._batch = None  # what the stepper's begin_batch returned
+        self._done = 0  # steps run; the next one is loop step k = _done, respaced index N-1-k
+        self._exit: contextlib.ExitStack | None = None  # open while inside the with block
+        self._window: ProfilerWindow | None = None
+        self._watch: _StepWatch | None = None
+
+    def __enter__(self) -> SamplingRun:
+        if self._x is not None:
+            raise IGDSInputError("a SamplingRun runs once: call sampler.batch(...) for the next batch")
+        sampler = self._sampler
+        with contextlib.ExitStack() as stack:  # undone at once if the set-up fails
+            if sampler.profile_window is not None and claim_process_window():  # the process's first batch only
+                self._window = ProfilerWindow(sampler.profile_window, sampler.device)
+                stack.callback(self._window.close)
+            if self._on_steps_done is not None:
+                self._watch = _StepWatch(self._on_steps_done, self.num_steps, sampler.device)
+            stack.enter_context(self._stepper.numerics())
+            shape = (sampler.channels, sampler.image_size, sampler.image_size)
+            x = self._x_T
+            if x is None:
+                x = sampler.noise_source(self._seeds, INITIAL_NOISE_STREAM, shape, sampler.device)
+            self._x, self._batch = self._stepper.begin_batch(x, self._labels, self._seeds, self._group_ids,
+                                                             trace=self.trace)
+            self._exit = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc_info):
+        exit_stack, self._exit = self._exit, None
+        return exit_stack.__exit__(*exc_info)
+
+    @property
+    def remaining(self) -> int:
+        return self.num_steps - self._done
+
+    @property
+    def x(self) -> torch.Tensor:
+        if self._x is None:
+            raise IGDSInputError("the run has no x before `with sampler.batch(...) as run:` is entered")
+        return self._x if self._x.shape[0] == self.count else self._x[: self.count]
+
+    def step(self) -> int:
+        """Run the next reverse step; returns its respaced index i (N-1 first, 0 last).
+
+        Loop step k (0 = the first step from noise) runs inside the NVTX / torch.profiler range
+        igds/step/<k>, between the profiler window's hooks; then the callback (if any) and the step
+        watch (on_steps_done). No host synchronisation but the callback's own.
+        """
+        if self._exit is None:
+            raise IGDSInputError("SamplingRun.step() runs inside `with sampler.batch(...) as run:`")
+        k = self._done
+        if k == self.num_steps:
+            raise IGDSInputError(f"all {self.num_steps} steps of this batch have run")
+        i = self.num_steps - 1 - k
+        window, callback = self._window, self._callback
+        if window is not None:
+            window.before_step(k)
+        before = self._x.clone() if callback is not None else None  # the compiled step updates x in place
+        with nvtx_range(f"igds/step/{k}"):
+            self._x = self._stepper.advance(self._x, i, self._batch)
+        if callback is not None:
+            self._call_back(callback, i, before)
+        if window is not None:
+            window.after_step(k)
+        if self._watch is not None:
+            self._watch.issued(k + 1)
+        self._done = k + 1
+        return i
+
+    def finish(self) -> None:
+        """After the last step: raise the batch's non-finite-gradient error, if any (its one host
+        read), then report every step done to on_steps_done."""
+        if self._exit is None:
+            raise IGDSInputError("SamplingRun.finish() runs inside `with sampler.batch(...) as run:`")
+        if self._done != self.num_steps:
+            raise IGDSInputError(f"finish() comes after the batch's last step: {self.remaining} of "
+                                 f"{self.num_steps} steps have not run")
+        self._stepper.finish_batch(self._batch)
+        if self._watch is not None:
+            self._watch.finished()
+
+    def read_trace(self) -> dict[str, torch.Tensor]:
+        """{term: [N, count]} of a traced batch (sampling.step.TRACE_TERMS; row i = respaced index i,
+        NaN where a step is not guided): one host read, after the steps."""
+        if not self.trace or self._batch is None:
+            raise IGDSInputError("read_trace() needs a run entered with sampler.batch(..., trace=True)")
+        return {name: values[:, : self.count] for name, values in self._batch.trace.read().items()}
+
+    def _call_back(self, callback, i: int, before: torch.Tensor) -> None:
+        """Run a per-step callback on (i, timestep, x_{i-1}, x0_hat); copy a returned replacement into x."""
+        sampler, count, x = self._sampler, self.count, self._x
+        eps, _ = sampler.schedule.split_model_output(self._stepper.last_model_output, sampler.channels,
+                                                     sampler.learn_sigma)
+        x0 = sampler.schedule.predict_x0(before, eps, i, clip=sampler.guidance.clip_x0)
+        replacement = callback(i, int(sampler.schedule.timestep_map[i]), x[:count], x0[:count])
+        if replacement is not None:
+            if not torch.is_tensor(replacement) or replacement.shape != x[:count].shape:
+                raise IGDSInputError(f"the callback must return None or a tensor of shape {tuple(x[:count].shape)}")
+            x[:count].copy_(replacement)  # in place: the compiled backend's x is its static buffer
 
 
 class _StepWatch:
@@ -352,6 +472,14 @@ class _StepWatch:
             self.report(steps, self.num_steps)
 
 
+def _fused_from_use_kernels(backend: str) -> str:
+    """backend="fused" for the deprecated use_kernels=True (which named no backend of its own)."""
+    warnings.warn('Sampler(use_kernels=True) is deprecated: pass backend="fused"', DeprecationWarning, stacklevel=3)
+    if backend not in ("eager", "fused"):
+        raise IGDSInputError(f'use_kernels=True (deprecated: backend="fused") cannot be combined with backend={backend!r}')
+    return "fused"
+
+
 def _decoder_out_channels(decoder, prior_channels: int) -> int:
     """The decoder's image channels, after checking it fits the prior (one-line errors)."""
     if not callable(decoder):
@@ -385,4 +513,4 @@ def _pad_batch(labels: torch.Tensor, seeds: list[int], group_ids, size: int):
     return labels, seeds, group_ids
 
 
-__all__ = ["Sampler"]
+__all__ = ["Sampler", "SamplingRun"]

@@ -34,7 +34,7 @@ class StepContext:
     """What every reverse step reads, built once by the Sampler.
 
     unet: (x, timesteps [B], y or None) -> [B, 2C or C, H, W]; schedule: tables on `device`;
-    config: the GuidanceConfig; guidance: the eager IGDSGuidance (the reference head and encoder);
+    guidance_config: the GuidanceConfig; guidance: the eager IGDSGuidance (the reference head and encoder);
     channels, image_size, learn_sigma: the prior's; class_map: VE class -> prior class [num VE
     classes] on the device, or None (identical indices); conditional: the prior takes labels;
     noise: "torch" or "philox"; noise_source: (seeds, stream, shape, device) -> noise [B, *shape];
@@ -44,7 +44,7 @@ class StepContext:
 
     unet: Callable
     schedule: DiffusionSchedule
-    config: GuidanceConfig
+    guidance_config: GuidanceConfig
     guidance: IGDSGuidance
     channels: int
     image_size: int
@@ -72,7 +72,7 @@ class StepContext:
         return labels if self.class_map is None else self.class_map.index_select(0, labels)
 
     def guided(self, i: int) -> bool:
-        return self.config.guides_step(self.num_steps - 1 - i)
+        return self.guidance_config.guides_step(self.num_steps - 1 - i)
 
 
 @dataclass
@@ -182,7 +182,7 @@ class StepOps:
     def predict_x0(self, x, model_output, inputs: StepInputs) -> torch.Tensor:
         c = self.context
         eps, _ = c.schedule.split_model_output(model_output, c.channels, c.learn_sigma)
-        return c.schedule.predict_x0(x, eps, self.step_index(inputs), clip=c.config.clip_x0)
+        return c.schedule.predict_x0(x, eps, self.step_index(inputs), clip=c.guidance_config.clip_x0)
 
     def unet_and_gradient(self, x, inputs: StepInputs):
         """(UNet output, x0_hat, dJ/dx_t, features z or None) with autograd through the UNet (mode xt)."""
@@ -213,7 +213,7 @@ class StepOps:
         mean = c.schedule.posterior_mean(x0, x, i)
         log_variance = c.schedule.log_variance(x, i, v)
         if grad is not None:
-            mean = mean + c.config.scale * torch.exp(log_variance) * grad
+            mean = mean + c.guidance_config.scale * torch.exp(log_variance) * grad
         if i == 0 or noise is None:
             return mean
         return mean + torch.exp(0.5 * log_variance) * noise
@@ -229,7 +229,7 @@ def reverse_step(ops: StepOps, x: torch.Tensor, inputs: StepInputs, tracker: Non
     context = ops.context
     guided = context.guided(inputs.i)
     x0 = grad = features = None
-    if guided and context.config.mode == "xt":
+    if guided and context.guidance_config.mode == "xt":
         model_output, x0, grad, features = ops.unet_and_gradient(x, inputs)
     else:
         with torch.no_grad(), nvtx_range("igds/unet"):

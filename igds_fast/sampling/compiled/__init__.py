@@ -12,8 +12,9 @@ _ON_FIRST_USE = {
     "ATTENTION_IMPLEMENTATIONS": "attention", "faster_attention": "attention", "set_attention": "attention",
     "traces_in_one_graph": "attention", "xformers_available": "attention",
     "LowPrecisionFeatures": "low_precision", "LowPrecisionUNet": "low_precision", "low_precision_copy": "low_precision",
-    "CPU_BATCH_SIZE": "memory", "choose_batch_size": "memory", "estimate_step_memory": "memory",
-    "graphs_per_batch_shape": "memory",
+    "CPU_BATCH_SIZE": "memory", "choose_batch_size": "memory", "compiled_batch_size": "memory",
+    "estimate_step_memory": "memory", "graphs_per_batch_shape": "memory", "probe_step_bytes": "memory",
+    "BatchBuffers": "buffers",
     "CompiledStep": "step",
 }
 

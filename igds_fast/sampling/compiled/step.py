@@ -49,62 +49,47 @@ step, and its capture in one CUDA graph, are unchanged.
 
 The guidance head is always the Triton `guidance_head` (GuidanceConfig.head is ignored), as in
 `sampling.fused.FusedStep`, whose operations (`KernelOps`) this backend runs. The first step of a
-run checks itself against the eager float32 step (`self_check.py`).
+run checks itself against the eager float32 step (`self_check.py`; a failure is reported once).
+The batch size, when not given, comes from free device memory (`memory.py`); the static buffers and
+the step body they run are `buffers.py`'s.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+import types
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
 
 from ...errors import IGDSInputError
 # Importing the kernels selects Triton's interpreter on a machine without CUDA (see igds_fast.kernels).
-from ...kernels import StepTables, philox_normal, predict_x0, seeds_to_tensor
+from ...kernels import StepTables, seeds_to_tensor
 from ...kernels._common import on_device
 from ...profiling import nvtx_range
 from ..backends import check_triton_runs_on
-from ..eager import fp32_reference_math
 from ..fused import KernelOps
-from ..step import GuidanceTrace, NonFiniteTracker, StepContext, StepInputs, StepOps, reverse_step
+from ..step import GuidanceTrace, StepContext
 from .attention import resolve_attention
+from .buffers import BatchBuffers, step_in_place
 from .config import DTYPES, CompileConfig
 from .low_precision import LowPrecisionFeatures, LowPrecisionUNet, low_precision_copy
-from .memory import CPU_BATCH_SIZE, choose_batch_size, estimate_step_memory, graphs_per_batch_shape
-from .self_check import SELF_CHECK_TOLERANCES, checked_rows, compare, first_diverging_module, raise_if_failed
+from .memory import compiled_batch_size
+from .self_check import run_self_check
 from .tensorrt import engine_unet
 
 
-class _BatchBuffers:
-    """Static device buffers of one batch shape; every graph of that shape reads/writes only these.
-
-    x [B, C, H, W] fp32 (x_t in, x_{t-1} out), noise [B, C, H, W] (only for explicitly given noise),
-    labels [B] int64, prior_labels [B] int64 (None for an unconditional prior), seeds [B] int64
-    (Philox keys; has_seeds False when none were given), group_ids [B] int64 or None, index 0-d
-    int64 (respaced step i), tracker (latest respaced index with a non-finite gradient, per image),
-    trace (the GuidanceTrace of a traced batch; `tracing` says whether this batch records it).
-    """
-
-    def __init__(self, batch: int, image_shape, device, with_groups: bool, conditional: bool):
-        self.x = torch.zeros(batch, *image_shape, device=device)
-        self.noise: torch.Tensor | None = None
-        self.labels = torch.zeros(batch, dtype=torch.long, device=device)
-        self.prior_labels = torch.zeros(batch, dtype=torch.long, device=device) if conditional else None
-        self.seeds = torch.zeros(batch, dtype=torch.long, device=device)
-        self.has_seeds = False
-        self.group_ids = torch.zeros(batch, dtype=torch.long, device=device) if with_groups else None
-        self.index = torch.zeros((), dtype=torch.long, device=device)
-        self.tracker = NonFiniteTracker(batch, device)
-        self.trace: GuidanceTrace | None = None
-        self.tracing = False
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
-
-    def inputs(self, i: int, noise_kind: str) -> StepInputs:
-        return StepInputs(i, self.index, self.labels, self.prior_labels, self.group_ids,
-                          self.seeds if noise_kind == "philox" else None, self.noise if noise_kind == "tensor" else None,
-                          self.trace if self.tracing else None)
+@contextlib.contextmanager
+def _building(piece: str):
+    """A failure while building an optional piece of the step, as one line that names the piece."""
+    try:
+        yield
+    except IGDSInputError:
+        raise  # one line already
+    except Exception as error:  # noqa: BLE001 - any failure of a third-party piece (xformers, TensorRT)
+        detail = str(error).strip().splitlines()
+        raise IGDSInputError(f"the compiled backend could not build its {piece}: {type(error).__name__}"
+                             + (f": {detail[0]}" if detail else "")) from error
 
 
 @contextlib.contextmanager
@@ -122,24 +107,29 @@ def _cudnn_benchmark(enabled: bool):
 
 
 class CompiledStep:
-    """The step seam of `Sampler(backend="compiled")`: `CompiledStep(context, backend_options)`.
+    """The stepper of `Sampler(backend="compiled")`: `CompiledStep(context, backend_options)`.
 
+    Its jobs here: the low-precision copies and their compile, the static buffers, the CUDA graphs'
+    capture and replay, and the glue; the first-step self-check is self_check.py's, the batch size
+    memory.py's. The surface every backend shares: sampling.backends.Stepper.
     begin_batch(x [B,C,H,W], labels [B], seeds, group_ids) -> (the static x holding x_T, its buffers);
     advance(x, i, buffers, noise=None) -> x_{i-1} (the static buffer); finish_batch(buffers) reads the
     non-finite tracker once; __call__(x, i, labels, noise=None, group_ids=None, seeds=None) is one
     step on its own (inputs copied in at every call; the tracker is reset at i = N-1, read at i = 0).
-    Attributes: config (CompileConfig resolved for the device), attention ("sdpa"/"xformers"/
+    Attributes: compile_config (CompileConfig resolved for the device), attention ("sdpa"/"xformers"/
     "tensorrt"), use_graphs (bool; the bench flips it to time one compilation with and without
-    graphs), unet_lp / features_lp (the low-precision modules; unet_lp is the TensorRTUNet when
-    CompileConfig.unet_engine is set), ops (the KernelOps the step runs), last_model_output (fp32 UNet
-    output of the latest step, [B, 2C or C, H, W], a static buffer in graph mode), self_check_report.
+    graphs), unet_lp / features_lp / decoder_lp (the low-precision modules; unet_lp is the
+    TensorRTUNet when CompileConfig.unet_engine is set), ops (the KernelOps the step runs), tables
+    (the kernels' coefficient tables), buffers (the static BatchBuffers per (batch, with groups),
+    read-only), last_model_output (fp32 UNet output of the latest step, [B, 2C or C, H, W], a static
+    buffer in graph mode), batch_size, self_check_report (the passed check's errors, else None).
     """
 
     def __init__(self, context: StepContext, backend_options=None):
         self.context = context
         self.device = context.device
-        self.config = CompileConfig.from_options(backend_options).for_device(self.device)
-        cfg = self.config
+        self.compile_config = CompileConfig.from_options(backend_options).for_device(self.device)
+        cfg = self.compile_config
         _check_triton_runs_here(self.device)
         self.tables = StepTables(context.schedule)  # fp32, contiguous, on the device: built once
         self.step_indices = torch.arange(context.num_steps, dtype=torch.int64, device=self.device)
@@ -150,12 +140,14 @@ class CompiledStep:
         if not isinstance(unet, nn.Module):
             raise IGDSInputError(f"the compiled backend needs an nn.Module UNet, got {type(unet).__name__}")
         if cfg.unet_engine is not None:
-            self.unet_lp = engine_unet(cfg, context)
+            with _building(f"TensorRT UNet engine {cfg.unet_engine}"):
+                self.unet_lp = engine_unet(cfg, context)
             self.attention = "tensorrt"
         else:
             self.unet_lp = LowPrecisionUNet(low_precision_copy(unet, self.dtype, cfg.channels_last), self.dtype,
                                             cfg.channels_last)
-            self.attention = resolve_attention(cfg.attention, self.unet_lp, context, compiled=cfg.compile)
+            with _building(f"attention {cfg.attention!r}"):
+                self.attention = resolve_attention(cfg.attention, self.unet_lp, context, compiled=cfg.compile)
 
         ve = context.guidance.ve
         encoder = getattr(ve, "encoder", None)
@@ -183,8 +175,8 @@ class CompiledStep:
         self.ops = KernelOps(context, self.tables, unet_fn=unet_fn, features=features_fn, out_in_place=True,
                              decoder=decoder_fn)
         self.use_graphs = cfg.cuda_graphs
-        self._buffers: dict[tuple[int, bool], _BatchBuffers] = {}
-        self._chosen_batch_size: int | None = None
+        self._buffers: dict[tuple[int, bool], BatchBuffers] = {}
+        self._batch_size: int | None = None
         self._capture_stream: torch.cuda.Stream | None = None
         self.last_model_output: torch.Tensor | None = None
         self._self_check_pending = cfg.self_check
@@ -192,7 +184,12 @@ class CompiledStep:
 
     def numerics(self):
         """cuDNN's benchmark mode for this backend's steps only (CompileConfig.cudnn_benchmark, CUDA)."""
-        return _cudnn_benchmark(self.device.type == "cuda" and self.config.cudnn_benchmark)
+        return _cudnn_benchmark(self.device.type == "cuda" and self.compile_config.cudnn_benchmark)
+
+    @property
+    def buffers(self) -> Mapping[tuple[int, bool], BatchBuffers]:
+        """The static buffers bound so far, per (batch size, with group ids): one set per batch shape."""
+        return types.MappingProxyType(self._buffers)
 
     # ---- the seam -------------------------------------------------------------------------------
     def begin_batch(self, x, labels, seeds, group_ids=None, trace: bool = False):
@@ -210,7 +207,7 @@ class CompiledStep:
                 buffers.trace.reset()
         return buffers.x, buffers
 
-    def advance(self, x, i: int, buffers: _BatchBuffers, noise=None) -> torch.Tensor:
+    def advance(self, x, i: int, buffers: BatchBuffers, noise=None) -> torch.Tensor:
         """x_{i-1} from x_i = x at respaced index i, within a bound batch (module docstring)."""
         # The sampler's device current for the whole step: Triton launches and the graph capture
         # stream follow the current device, not the tensors' (matters for cuda:N with N != current).
@@ -236,14 +233,14 @@ class CompiledStep:
                 with nvtx_range("igds/compiled/step"):
                     self.last_model_output = self._body(buffers, i, noise_kind)
             if checking:
+                self._self_check_pending = False  # once per run: a failure is reported once, not at every call
                 with nvtx_range("igds/compiled/self_check"):
-                    self.self_check_report = self._self_check(buffers, x_before, i, noise_kind)
-                self._self_check_pending = False
+                    self.self_check_report = run_self_check(self, buffers, x_before, i, noise_kind)
         return buffers.x
 
-    def finish_batch(self, buffers: _BatchBuffers) -> None:
+    def finish_batch(self, buffers: BatchBuffers) -> None:
         """Raise the eager step's error if a guidance gradient of the batch was non-finite (one host read)."""
-        if self.context.config.check_finite:
+        if self.context.guidance_config.check_finite:
             buffers.tracker.raise_if_any(buffers.labels, self.context.num_steps)
 
     def __call__(self, x, i: int, labels, noise=None, group_ids=None, seeds=None) -> torch.Tensor:
@@ -257,13 +254,13 @@ class CompiledStep:
         return result
 
     # ---- batch binding --------------------------------------------------------------------------
-    def _bind(self, x, labels, seeds, group_ids, reset: bool) -> _BatchBuffers:
+    def _bind(self, x, labels, seeds, group_ids, reset: bool) -> BatchBuffers:
         """The static buffers of x's batch shape, holding this batch (labels, keys and groups copied in)."""
         batch = x.shape[0]
         key = (batch, group_ids is not None)
         buffers = self._buffers.get(key)
         if buffers is None:
-            buffers = self._buffers[key] = _BatchBuffers(batch, x.shape[1:], self.device, group_ids is not None,
+            buffers = self._buffers[key] = BatchBuffers(batch, x.shape[1:], self.device, group_ids is not None,
                                                          self.context.conditional)
         label_tensor = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         if label_tensor.numel() != batch:
@@ -286,160 +283,12 @@ class CompiledStep:
         return buffers
 
     # ---- the step body (captured or run directly) ---------------------------------------------------
-    def _body(self, b: _BatchBuffers, i: int, noise_kind: str) -> torch.Tensor:
+    def _body(self, b: BatchBuffers, i: int, noise_kind: str) -> torch.Tensor:
         """One reverse step from the static buffers into b.x (in place); returns the UNet output."""
-        tracker = b.tracker if self.context.config.check_finite else None
-        return reverse_step(self.ops, b.x, b.inputs(i, noise_kind), tracker)[1]
-
-    # ---- the first-step self-check (self_check.py) ------------------------------------------------
-    def _self_check(self, b: _BatchBuffers, x_before: torch.Tensor, i: int, noise_kind: str) -> dict:
-        """Compare this step's first results with the eager float32 reference; raise on a disagreement.
-
-        x_before: x_t of the batch before the step (b.x now holds x_{t-1}); b.index still holds i.
-        Returns {"index", "images", "parts": [per-part comparison]} when every part agrees.
-        """
-        c = self.context
-        cfg = c.config
-        reference_guidance = c.guidance  # the eager head (GuidanceConfig.head) and the float32 encoder
-        unet_tolerances = SELF_CHECK_TOLERANCES[self.config.dtype]
-        encoder_tolerances = SELF_CHECK_TOLERANCES[self.config.encoder_dtype]
-        rows = checked_rows(b.labels, b.group_ids, coupled=cfg.gamma != 0.0)
-        x_rows, labels = x_before[rows], b.labels[rows]
-        groups = None if b.group_ids is None else b.group_ids[rows]
-        timesteps = c.schedule.timestep_map[i].expand(rows.numel())
-        prior_labels = None if b.prior_labels is None else b.prior_labels[rows]
-        results = []
-        with fp32_reference_math(self.device), torch.no_grad():
-            expected_output = c.unet(x_rows, timesteps, prior_labels)
-        results.append(compare("unet", self.last_model_output[rows], expected_output, unet_tolerances["unet"]))
-
-        x0_rows = fast_grad = None
-        if any(c.guided(k) for k in range(c.num_steps)):
-            # The guidance of the same x0 prediction (this step's, full batch: the compiled encoder
-            # keeps its one static shape), fast vs reference.
-            with torch.no_grad():
-                x0 = predict_x0(x_before, self.last_model_output, b.index, self.tables, c.learn_sigma,
-                                clip=cfg.clip_x0)
-            x0_rows = x0[rows]
-            if reference_guidance.decoder is not None:
-                # The decoded image the encoder sees (a latent prior), fast copy vs float32 decoder.
-                with torch.no_grad():
-                    fast_image = self.ops.guidance.decode(x0)
-                with fp32_reference_math(self.device), torch.no_grad():
-                    expected_image = reference_guidance.decode(x0_rows)
-                results.append(compare("decoder", fast_image[rows], expected_image,
-                                       SELF_CHECK_TOLERANCES[self.config.decoder_dtype]["decoder"]))
-            with torch.enable_grad():
-                fast_features = self.ops.guidance.encode(x0.detach().requires_grad_(True)).detach()
-            with fp32_reference_math(self.device), torch.no_grad():
-                expected_features = reference_guidance.encode(x0_rows)
-            results.append(compare("features", fast_features[rows], expected_features, encoder_tolerances["features"]))
-            # The Triton head (always fp32) on the reference features against the reference head.
-            _, fast_head = self.ops.guidance.head_gradient(expected_features, labels, groups)
-            with fp32_reference_math(self.device):
-                _, expected_head = reference_guidance.head_gradient(expected_features, labels, groups)
-            results.append(compare("head", fast_head, expected_head, encoder_tolerances["head"]))
-            _, fast_grad = self.ops.guidance(x0, b.labels, b.group_ids)
-            with fp32_reference_math(self.device):
-                _, expected_grad = reference_guidance(x0_rows, labels, groups)
-            results.append(compare("gradient", fast_grad[rows], expected_grad, encoder_tolerances["gradient"]))
-
-        # The update (fused kernel, and its CUDA graph) against the eager update of the same inputs:
-        # this step's own UNet output and guidance gradient, recomputed outside the graph. (The
-        # eager step from x_t itself is no test of the update: at the first step x0_hat =
-        # x_t / sqrt(abar) - sqrt(1/abar - 1) eps amplifies the UNet's rounding by sqrt(1/abar - 1),
-        # so its guidance sees another x0_hat.)
-        step_grad = None
-        if c.guided(i):
-            if cfg.mode == "xt":
-                inputs = b.inputs(i, "none")
-                inputs.trace = None
-                step_grad = self.ops.unet_and_gradient(x_before, inputs)[2]
-            else:
-                step_grad = fast_grad
-        if noise_kind == "tensor":
-            noise = b.noise[rows]
-        elif noise_kind == "philox" and i > 0:
-            noise = philox_normal(b.seeds[rows], i, x_before.shape[1:], self.device)
-        else:
-            noise = None
-        inputs = StepInputs(i, b.index, labels, prior_labels, groups, None, noise)
-        with torch.no_grad():
-            expected_next = StepOps(c).update(x_rows, self.last_model_output[rows], None,
-                                              None if step_grad is None else step_grad[rows], inputs)
-        results.append(compare("step", b.x[rows], expected_next, unet_tolerances["step"]))
-
-        def describe(result):
-            one = slice(result["worst_image"], result["worst_image"] + 1)  # diagnosis keeps every module's output
-            return self._describe_failure(result, x_rows[one], timesteps[one],
-                                          None if prior_labels is None else prior_labels[one],
-                                          None if x0_rows is None else x0_rows[one])
-
-        raise_if_failed(results, i, describe)
-        return {"index": i, "images": int(rows.numel()), "parts": results}
-
-    def _describe_failure(self, result, x_rows, timesteps, prior_labels, x0_rows):
-        """(where, what, culprit) of a failed self-check part, locating the module on its worst image."""
-        c = self.context
-        cfg = self.config
-        compiled_note = f", torch.compile backend {cfg.backend}" if cfg.compile else ""
-        part = result["part"]
-        if part == "step":
-            where = "fused DDPM update kernel" + (" / CUDA graph replay" if self.use_graphs else "")
-            return where, "x_(t-1)", "the UNet output and the guidance agree: the update or its graph differs"
-        if part == "unet":
-            where = f"UNet copy ({cfg.dtype}{compiled_note})"
-            if isinstance(self.unet_lp, LowPrecisionUNet):
-                copy = self.unet_lp
-                with fp32_reference_math(self.device):
-                    found = first_diverging_module(
-                        c.unet, copy.unet, lambda: c.unet(x_rows, timesteps, prior_labels),
-                        lambda: copy(x_rows, timesteps, prior_labels), result["tolerance"],
-                    )
-                return where, "UNet output", self._culprit(found, cfg.dtype, "UNet", cfg.compile)
-            return "TensorRT UNet engine", "UNet output", f"engine {cfg.unet_engine}"
-        if part == "decoder":
-            where = f"decoder copy ({cfg.decoder_dtype}{compiled_note if cfg.compile_encoder else ''})"
-            decoder, copy = c.guidance.decoder, self.decoder_lp
-            if isinstance(decoder, nn.Module) and isinstance(copy, nn.Module):
-                with fp32_reference_math(self.device):
-                    found = first_diverging_module(decoder, copy, lambda: decoder(x0_rows), lambda: copy(x0_rows),
-                                                   result["tolerance"])
-                return where, "decoded image", self._culprit(found, cfg.decoder_dtype, "decoder",
-                                                             cfg.compile and cfg.compile_encoder)
-            return where, "decoded image", None
-        where = f"VE encoder copy ({cfg.encoder_dtype}{compiled_note if cfg.compile_encoder else ''})"
-        if part == "head":
-            return "Triton guidance head", "dJ/dz of the reference features", None
-        if part == "gradient":  # features and head agree
-            backward = "decoder's and encoder's" if c.guidance.decoder is not None else "encoder's"
-            return where, "guidance gradient dJ/dx0", f"features and head agree: the {backward} input-gradient backward differs"
-        ve = c.guidance.ve
-        features = self.features_lp
-        if isinstance(features, LowPrecisionFeatures) and isinstance(getattr(ve, "encoder", None), nn.Module):
-            with fp32_reference_math(self.device):
-                with torch.no_grad():  # the encoder's input: the decoded image of a latent prior
-                    image = c.guidance.decode(x0_rows)
-                found = first_diverging_module(
-                    ve.encoder, features.encoder, lambda: ve.features(image), lambda: features(image),
-                    result["tolerance"],
-                )
-            return where, "encoder features", self._culprit(found, cfg.encoder_dtype, "encoder",
-                                                            cfg.compile and cfg.compile_encoder)
-        return "VE features", "encoder features", None
-
-    @staticmethod
-    def _culprit(found, dtype: str, what: str, compiled: bool) -> str:
-        if found is not None:
-            name, kind, problem = found
-            return f"first in {what} module '{name}' ({kind}): {problem} in the uncompiled {dtype} copy"
-        if compiled:
-            return (f"the uncompiled {dtype} copy agrees: a torch.compile fault; run with compile options "
-                    f"{{\"compile\": false}} or another dtype")
-        return "no single module leaves the tolerance: the error accumulates over the network"
+        return step_in_place(self.ops, b, i, noise_kind, self.context.guidance_config.check_finite)
 
     # ---- CUDA graphs --------------------------------------------------------------------------------
-    def _replay(self, b: _BatchBuffers, i: int, noise_kind: str) -> torch.Tensor:
+    def _replay(self, b: BatchBuffers, i: int, noise_kind: str) -> torch.Tensor:
         key = (self.context.guided(i), noise_kind, b.tracing)
         entry = b.graphs.get(key)
         if entry is None:
@@ -448,14 +297,14 @@ class CompiledStep:
             except torch.cuda.OutOfMemoryError:
                 raise IGDSInputError(
                     f"out of GPU memory capturing the step at batch {b.x.shape[0]}: pass a smaller batch_size "
-                    f"(or memory_fraction, now {self.config.memory_fraction})"
+                    f"(or memory_fraction, now {self.compile_config.memory_fraction})"
                 ) from None
         graph, model_output = entry
         with nvtx_range("igds/graph/replay"):
             graph.replay()
         return model_output
 
-    def _capture(self, b: _BatchBuffers, i: int, noise_kind: str):
+    def _capture(self, b: BatchBuffers, i: int, noise_kind: str):
         """Warm up on a side stream (compiles, autotunes), then capture the step body in a CUDA graph.
 
         Warm-up runs really execute the step; x_t and the non-finite tracker are restored afterwards
@@ -469,7 +318,7 @@ class CompiledStep:
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), nvtx_range("igds/graph/warmup"):
-            for _ in range(self.config.warmup_iterations):
+            for _ in range(self.compile_config.warmup_iterations):
                 self._body(b, i, noise_kind)
                 b.x.copy_(saved_x)
         torch.cuda.current_stream(self.device).wait_stream(side)
@@ -497,58 +346,13 @@ class CompiledStep:
         self._buffers.clear()
         self.last_model_output = None
 
-    # ---- batch size -----------------------------------------------------------------------------
+    # ---- batch size (memory.py) ----------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
-        """Images per batch: CompileConfig.batch_size, else chosen from free device memory.
-
-        CUDA: one eager step of the low-precision copies is probed at two batch sizes (peak memory
-        above the baseline; `estimate_step_memory`); `choose_batch_size` fits the per-image and fixed
-        costs into memory_fraction of the free memory (the driver's free memory plus what torch's
-        caching allocator holds unused). The captured graph's pool keeps one step's intermediates.
-        When the schedule has both guided and unguided steps (a guidance window), one batch shape
-        captures two graphs and the second one's warm-up runs beside the first one's pool, so the
-        costs are counted twice. CPU: CPU_BATCH_SIZE.
-        """
-        if self.config.batch_size is not None:
-            return self.config.batch_size
-        if self.config.unet_engine is not None:
-            return self.unet_lp.batch_size  # an engine runs the one batch size it was built for
-        if self._chosen_batch_size is None:
-            if self.device.type != "cuda":
-                self._chosen_batch_size = CPU_BATCH_SIZE
-            else:
-                with on_device(self.device), self.numerics():
-                    per_image, fixed = estimate_step_memory(self._probe_step_bytes)
-                    free, _ = torch.cuda.mem_get_info(self.device)
-                    # Blocks torch's caching allocator holds but does not use are free for this process.
-                    free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-                graphs = graphs_per_batch_shape(self.context.config, self.context.num_steps)
-                self._chosen_batch_size = choose_batch_size(
-                    per_image * graphs, free, fixed * graphs, self.config.memory_fraction
-                )
-        return self._chosen_batch_size
-
-    def _probe_step_bytes(self, batch: int) -> int:
-        """Peak bytes above the current allocation of one guided step at `batch`, uncompiled."""
-        c = self.context
-        compiled_ops = self.ops
-        self.ops = KernelOps(c, self.tables, unet_fn=self.unet_lp, features=self.features_lp, out_in_place=True,
-                             decoder=self.decoder_lp)
-        try:
-            torch.cuda.synchronize(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            probe = _BatchBuffers(batch, c.image_shape, self.device, with_groups=False, conditional=c.conditional)
-            probe.x.normal_(generator=torch.Generator(device=self.device).manual_seed(0))  # not the user's RNG
-            guided = [i for i in range(c.num_steps) if c.guided(i)]
-            i = guided[-1] if guided else c.num_steps - 1  # a guided step where there is one: the costlier
-            probe.index.fill_(i)
-            self._body(probe, i, "philox")
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - base
-        finally:
-            self.ops = compiled_ops
+        """Images per batch: given, the engine's, or chosen from free device memory once (memory.compiled_batch_size)."""
+        if self._batch_size is None:
+            self._batch_size = compiled_batch_size(self)
+        return self._batch_size
 
 
 def _check_triton_runs_here(device: torch.device) -> None:

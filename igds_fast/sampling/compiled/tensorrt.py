@@ -158,7 +158,7 @@ class TensorRTUNet:
 
 def engine_unet(config, context) -> TensorRTUNet:
     """The TensorRT engine of CompileConfig.unet_engine, checked against the prior of the step context."""
-    if context.config.mode != "x0":
+    if context.guidance_config.mode != "x0":
         raise IGDSInputError("a TensorRT UNet engine supports guidance mode x0 only (mode xt needs UNet gradients)")
     if context.device.type != "cuda":
         raise IGDSInputError("a TensorRT UNet engine runs on a CUDA device only")
