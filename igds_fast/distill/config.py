@@ -23,7 +23,7 @@ from ..jobs import COMPOSITE_SIZES, check_positive_int
 from ..models.adm import ADM_PRESETS
 from ..models.dit import DIT_PRESETS
 from ..models.priors import PRIOR_KINDS
-from ..sampling.backends import BACKENDS, NOISE_SOURCES
+from ..sampling.backends import BACKENDS, NOISE_SOURCES, default_noise
 from ..sampling.compiled.config import CompileConfig
 from ..select import S3Config
 from ..settings import Flag, option, replace, section
@@ -163,9 +163,7 @@ class BackendSettings:
             raise IGDSInputError(f"unknown noise source {self.noise!r}; expected one of {NOISE_SOURCES}")
         if self.batch_invariant and self.name != "eager":
             raise IGDSInputError("--batch-invariant applies to the eager backend only")
-        if self.name != "eager" and self.noise == "torch":
-            raise IGDSInputError(f"--noise torch cannot be used with --backend {self.name}: its kernels draw "
-                                 "Philox noise in-kernel")
+        default_noise(self.name, self.noise)  # the fused and compiled steps draw Philox noise in-kernel
 
 
 @dataclass(frozen=True)

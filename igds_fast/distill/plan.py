@@ -34,7 +34,7 @@ from ..guidance import GuidanceConfig
 from ..guidance.beta_table import resolve_beta
 from ..jobs import ImageJob, build_jobs, check_folder_name
 from ..models.priors import PriorSpec, describe_prior
-from ..sampling.backends import check_triton_runs_on
+from ..sampling.backends import check_triton_runs_on, default_noise
 from ..select import S3Config
 from ..ve import VariationalEstimator
 from .config import (CONFIG_FORMAT, DEFAULT_CFG_CHANNELS, DEFAULT_CFG_SCALE, DEFAULT_DIT_STEPS, DEFAULT_STEPS,
@@ -123,7 +123,7 @@ def plan_distill(config: DistillConfig) -> Plan:
         raise IGDSInputError(f"VE bundle not found: {models.ve}")
     beta, beta_source = run_beta(config)
     device = resolve_device(run.device)
-    noise = backend.noise or ("torch" if backend.name == "eager" else "philox")
+    noise = default_noise(backend.name, backend.noise)
     if backend.name != "eager" or noise == "philox" or config.guidance.head == "triton":
         # Before the VE loads: building a model imports triton (torch._dynamo), after which the
         # kernels can no longer select the interpreter on a CPU; one message for every Triton path.
