@@ -210,7 +210,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         "sampling_time_s": round(sampling_seconds, 3),
         "images_per_s": round(written / sampling_seconds, 4) if sampling_seconds > 0 else None,
     }
-    report = sampler.self_check_report
+    report = None if sampler is None else sampler.self_check_report  # no sampler: nothing was left to sample
     if report is not None:  # the compiled backend's first-step errors against the eager float32 step
         rank_stats["self_check"] = {part["part"]: float(f"{part['error']:.3g}") for part in report["parts"]}
     if config.run.trace:
