@@ -52,13 +52,13 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .data import ON_CORRUPT, FolderImages, check_labelled_images
+from .data import ON_CORRUPT, FolderImages, check_folder_settings, check_labelled_images
 from .devices import resolve_device
 from .errors import IGDSInputError
 from .evaluate.augment import AugmentConfig
 from .guidance.objective import contextual_kl
 from .seeding import stream_seed
-from .settings import option, section
+from .settings import option, require_paths, section
 from .threads import cpu_threads, torch_threads
 from .ve import VariationalEstimator
 
@@ -176,13 +176,8 @@ class CalibrateRun:
     calibration: CalibrationSettings = section(CalibrationSettings, "calibration", required=True)
 
     def __post_init__(self):
-        for flag, path in (("--data", self.data), ("--val", self.val), ("--ve", self.ve), ("--out", self.out)):
-            if not isinstance(path, str) or not path:
-                raise IGDSInputError(f"give {flag}")
-        if self.image_size is not None and (not _is_int(self.image_size) or self.image_size < 1):
-            raise IGDSInputError(f"--image-size must be a positive integer, got {self.image_size!r}")
-        if self.on_corrupt not in ON_CORRUPT:
-            raise IGDSInputError(f"--on-corrupt must be one of {', '.join(ON_CORRUPT)}, got {self.on_corrupt!r}")
+        require_paths(("--data", self.data), ("--val", self.val), ("--ve", self.ve), ("--out", self.out))
+        check_folder_settings(self.image_size, self.on_corrupt)
 
 
 # ---- scoring and sampling -------------------------------------------------------------------------

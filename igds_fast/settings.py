@@ -395,6 +395,14 @@ def _apply_json(cls: type, base: Any, values: Mapping[str, Any], flag: str, excl
     return dataclasses.replace(base, **values)
 
 
+def require_paths(*flags_and_values: tuple[str, Any]) -> None:
+    """Refuse, in one line naming the flag, the first required path that is not a non-empty string
+    (argparse enforces required flags; a tree built in Python is checked here)."""
+    for flag, value in flags_and_values:
+        if not isinstance(value, str) or not value:
+            raise IGDSInputError(f"give {flag}")
+
+
 # ---- dictionaries ------------------------------------------------------------------------------
 
 
@@ -473,4 +481,5 @@ def _replace_paths(tree: Any, cls: type, changes: Mapping[str, Any]) -> Any:
 
 
 __all__ = ["Flag", "NOTE_PREFIX", "add_arguments", "flags_of", "from_args", "from_dict", "given_dests",
-           "given_settings", "leaf_paths", "option", "replace", "section", "section_paths", "to_dict"]
+           "given_settings", "leaf_paths", "option", "replace", "require_paths", "section", "section_paths",
+           "to_dict"]

@@ -24,7 +24,7 @@ held in memory instead, behind the same interface and with the same batches bit 
 
 from .checks import check_labelled_images
 from .digits import load_digits_split, stratified_split
-from .folders import (IMAGE_EXTENSIONS, ON_CORRUPT, LoadReport, is_image_file, load_image, load_image_folder, resize_and_center_crop,
+from .folders import (IMAGE_EXTENSIONS, ON_CORRUPT, LoadReport, check_folder_settings, is_image_file, load_image, load_image_folder, resize_and_center_crop,
                       scan_image_folder, uint8_to_unit_range)
 from .streams import (DATA_WORKERS_ENV, DEFAULT_IN_MEMORY_MB, IN_MEMORY_ENV, FolderImages, TensorImages,
                       default_num_workers, in_memory_limit_bytes)
@@ -38,6 +38,7 @@ __all__ = [
     "LoadReport",
     "ON_CORRUPT",
     "TensorImages",
+    "check_folder_settings",
     "check_labelled_images",
     "default_num_workers",
     "in_memory_limit_bytes",

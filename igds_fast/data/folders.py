@@ -153,6 +153,17 @@ def check_load_arguments(image_size, channels, on_corrupt) -> None:
         raise IGDSInputError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
 
 
+def check_folder_settings(image_size: int | None, on_corrupt: str, channels: int | None = None) -> None:
+    """The one-line checks of a command's image-folder settings: --image-size (None: the command's
+    default), --on-corrupt and --channels (None: not a setting of the command)."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise IGDSInputError(f"--image-size must be a positive integer, got {image_size!r}")
+    if channels is not None and channels not in _PIL_MODES:
+        raise IGDSInputError(f"--channels must be 1 or 3, got {channels!r}")
+    if on_corrupt not in ON_CORRUPT:
+        raise IGDSInputError(f"--on-corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
+
+
 def load_image_folder(
     root: str | os.PathLike,
     image_size: int,

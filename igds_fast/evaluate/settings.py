@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from igds_fast.data import ON_CORRUPT, is_image_file
+from igds_fast.data import ON_CORRUPT, check_folder_settings, is_image_file
 from igds_fast.errors import IGDSInputError
 from igds_fast.evaluate.protocol import PROTOCOLS, SCHEDULES, protocol_for
-from igds_fast.settings import option, section
+from igds_fast.settings import option, require_paths, section
 
 
 def _is_int(value) -> bool:
@@ -115,15 +115,8 @@ class EvalRun:
     training: EvalSettings = section(EvalSettings, "training recipe")
 
     def __post_init__(self):
-        for flag, path in (("--train", self.train), ("--val", self.val)):
-            if not isinstance(path, str) or not path:
-                raise IGDSInputError(f"give {flag}")
-        if self.image_size is not None and (not _is_int(self.image_size) or self.image_size < 1):
-            raise IGDSInputError(f"--image-size must be a positive integer, got {self.image_size!r}")
-        if self.channels not in (1, 3):
-            raise IGDSInputError(f"--channels must be 1 or 3, got {self.channels!r}")
-        if self.on_corrupt not in ON_CORRUPT:
-            raise IGDSInputError(f"--on-corrupt must be one of {', '.join(ON_CORRUPT)}, got {self.on_corrupt!r}")
+        require_paths(("--train", self.train), ("--val", self.val))
+        check_folder_settings(self.image_size, self.on_corrupt, self.channels)
 
     def load_size(self, first_class: str) -> int:
         """The side both sets are loaded at: --image-size, else the shorter side of the first image of

@@ -9,10 +9,10 @@ import numbers
 import os
 from dataclasses import dataclass
 
-from ..data import ON_CORRUPT
+from ..data import ON_CORRUPT, check_folder_settings
 from ..errors import IGDSInputError
 from ..models.resnet import ARCHS, NORMS
-from ..settings import option, section
+from ..settings import option, require_paths, section
 
 CENTROID_UPDATES = ("ema", "epoch")
 OPTIMIZERS = ("sgd", "adam")
@@ -267,13 +267,8 @@ class VETrainRun:
     training: VETrainConfig = section(VETrainConfig, "encoder")
 
     def __post_init__(self):
-        for flag, path in (("--data", self.data), ("--out", self.out)):
-            if not isinstance(path, str) or not path:
-                raise IGDSInputError(f"give {flag}")
-        if self.image_size is not None and (not _is_int(self.image_size) or self.image_size < 1):
-            raise IGDSInputError(f"--image-size must be a positive integer, got {self.image_size!r}")
-        if self.on_corrupt not in ON_CORRUPT:
-            raise IGDSInputError(f"--on-corrupt must be one of {', '.join(ON_CORRUPT)}, got {self.on_corrupt!r}")
+        require_paths(("--data", self.data), ("--out", self.out))
+        check_folder_settings(self.image_size, self.on_corrupt)
 
     @property
     def load_size(self) -> int:
