@@ -112,8 +112,8 @@ def test_distill_cifar10_from_the_flat_folder_two_steps(diffusers, tmp_path):
               "--beta", "0.1", "--device", "cpu", "--quiet"]
     assert _cli(["--prior", str(folder), "--out", str(tmp_path / "a"), *common]) == 0
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert manifest["prior"] == {"kind": "diffusers", "path": str(folder), "preset": None, "conditional": False,
-                                 "num_classes": None}
+    assert manifest["prior"] == {"kind": "diffusers", "path": str(folder), "preset": None, "variance": "fixed_large",
+                                 "conditional": False, "num_classes": None}
     assert manifest["pixel_settings"]["diffusion"]["fixed_variance"] == "large"
     assert manifest["pixel_settings"]["classes"] == CIFAR10 and manifest["settings"]["job"]["composite"] == 1
     assert [image["prior_label"] for image in manifest["images"]] == [None] * 10

@@ -427,7 +427,7 @@ def test_an_unconditional_diffusers_prior_samples_every_ve_class(models, tmp_pat
                             batch_size=4, scale=1.0, beta=0.2, progress=False)
     manifest = distill(config)
     assert manifest["prior"] == {"kind": "diffusers", "path": str(tmp_path / "unet"), "preset": None,
-                                 "conditional": False, "num_classes": None}
+                                 "variance": "fixed_large", "conditional": False, "num_classes": None}
     assert [(c["name"], c["label"], c["prior_label"]) for c in manifest["classes"]] == [
         ("cat", 0, None), ("dog", 1, None), ("owl", 2, None), ("emu", 3, None)]
     assert manifest["settings"]["job"]["composite"] == 1  # composites default on for the ADM paper presets only

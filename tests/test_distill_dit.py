@@ -104,6 +104,7 @@ def test_the_run_is_the_samplers_cfg_dit_decoded_by_the_vae_with_imagenet_labels
     latent = manifest["pixel_settings"]["latent"]
     assert latent["cfg_scale"] == 3.0 and latent["cfg_channels"] == 3 and latent["vae_fingerprint"]
     assert manifest["settings"]["job"]["composite"] == 1  # one 8x-decoded sample per image
+    assert manifest["prior"]["variance"] == "learned_range"  # not the schedule's unused fixed_variance
     assert [c["prior_label"] for c in manifest["classes"]] == [imagenet_wnids().index(w) for w in WOOF[:2]]
     assert pngs(out) == sorted(f"{w}/{i:05d}.png" for w in WOOF[:2] for i in range(2))
 

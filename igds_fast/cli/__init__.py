@@ -59,6 +59,15 @@ def refuse_unknown(command: str, extras: list[str]) -> IGDSInputError:
     flags = list(dict.fromkeys(arg.split("=", 1)[0] for arg in extras if arg.startswith("-")))
     if not flags:
         return IGDSInputError(f"unrecognized arguments: {' '.join(extras)}")
+    # A flag of the sampler the user comes from (DiT's --ckpt, ...): name ours. `igds-fast distill`
+    # without --prior/--ve was routed to the demo, but the user typed distill: its table applies.
+    from igds_fast.cli.distill import PEER_FLAGS
+
+    if command in ("distill", "demo"):
+        for flag in flags:
+            if flag in PEER_FLAGS:
+                owner, ours = PEER_FLAGS[flag]
+                return IGDSInputError(f"{flag} is {owner} flag; igds-fast distill takes {ours}")
     verb = "applies" if len(flags) == 1 else "apply"
     distill_flags = set(flags_of(DistillConfig, old=True))
     demo_flags = set(flags_of(DigitsDemo, old=True))

@@ -18,6 +18,23 @@ from igds_fast.threads import pinned_threads, torch_threads
 
 COMMAND = "distill"
 SETTINGS = DistillConfig
+# The flags of the samplers users come from (guided-diffusion's classifier_sample.py, DiT's and
+# MinimaxDiffusion's sample.py, IGD's igd_sample.py) that distill spells otherwise: refused naming ours.
+PEER_FLAGS = {
+    "--num-sampling-steps": ("DiT's and MinimaxDiffusion's", "--steps"),
+    "--timestep_respacing": ("guided-diffusion's", "--timestep-respacing (or --steps)"),
+    "--ckpt": ("DiT's and MinimaxDiffusion's", "--prior"),
+    "--model_path": ("guided-diffusion's", "--prior"),
+    "--model": ("DiT's", "--arch (or nothing: a DiT's size is read off its checkpoint)"),
+    "--image-size": ("DiT's and MinimaxDiffusion's", "--arch (the checkpoint's architecture fixes the image size)"),
+    "--image_size": ("guided-diffusion's", "--arch (the checkpoint's architecture fixes the image size)"),
+    "--save-dir": ("MinimaxDiffusion's", "--out"),
+    "--classifier_path": ("guided-diffusion's", "--ve (the variational estimator)"),
+    "--classifier_scale": ("guided-diffusion's", "--scale"),
+    "--num-samples": ("MinimaxDiffusion's", "--ipc (images per class)"),
+    "--low": ("IGD's", "--guide-t-range LOW:HIGH"),
+    "--high": ("IGD's", "--guide-t-range LOW:HIGH"),
+}
 
 
 def add_parser(subparsers) -> None:

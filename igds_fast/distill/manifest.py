@@ -128,6 +128,7 @@ def build_manifest(plan: Plan, written: int, sampled: int, sampling_seconds: flo
         "pixel_settings": plan.pixel_settings,
         "prior": {
             "kind": plan.prior.kind, "path": plan.prior.path, "preset": plan.prior.preset,
+            "variance": plan.prior.variance,  # what the sampler uses (pixel_settings' fixed_variance only without it)
             "conditional": plan.prior.class_names is not None,
             "num_classes": None if plan.prior.class_names is None else len(plan.prior.class_names),
         },

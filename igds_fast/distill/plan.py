@@ -140,9 +140,7 @@ def plan_distill(config: DistillConfig) -> Plan:
         steps = DEFAULT_DIT_STEPS if spec.kind == "dit" else DEFAULT_STEPS
     schedule_config = ScheduleConfig(sampling_steps=str(steps), **spec.schedule)
     num_steps = len(space_timesteps(schedule_config.diffusion_steps, schedule_config.sampling_steps))
-    if guidance.guide_from_step >= num_steps:
-        raise IGDSInputError(f"--guide-from-step {guidance.guide_from_step} is past the last of {num_steps} "
-                             "sampling steps")
+    guidance.check_window(num_steps)
 
     if spec.class_names is not None:
         prior_index = {name: i for i, name in enumerate(spec.class_names)}
@@ -200,8 +198,9 @@ def plan_distill(config: DistillConfig) -> Plan:
         pixel_settings["prediction_type"] = spec.prediction_type
     if not spec.clip_x0:
         pixel_settings["clip_x0"] = False
-    if guidance.guide_from_step != 0 or guidance.guide_until_step is not None:
-        pixel_settings["guide_window"] = [guidance.guide_from_step, guidance.guide_until_step]
+    window = guidance.step_window(num_steps)  # the same record for either convention of one window
+    if window != (0, None):
+        pixel_settings["guide_window"] = list(window)
     if latent is not None:
         pixel_settings["latent"] = latent
     if backend.name == "compiled":

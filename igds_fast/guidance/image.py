@@ -99,6 +99,12 @@ class IGDSGuidance:
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """The image the encoder sees: decoder(x0) for a latent prior, else x0 itself."""
         if self.decoder is None:
+            expected = getattr(getattr(self.ve, "encoder", None), "in_channels", None)
+            if expected is not None and x0.dim() == 4 and x0.shape[1] != expected:
+                raise IGDSInputError(
+                    f"the VE reads {expected}-channel images but the x0 prediction has {x0.shape[1]} channels: a "
+                    "latent prior's (DiT's) predictions are decoded before the VE sees them -- pass the decoder, "
+                    "IGDSGuidance(ve, decoder=igds_fast.load_vae(DIR))")
             return x0
         with nvtx_range("igds/decoder/forward"):
             return self.decoder(x0)

@@ -161,10 +161,13 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        attention = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + (self.gamma1 * attention if hasattr(self, "gamma1") else attention)
-        mlp = gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x + (self.gamma2 * mlp if hasattr(self, "gamma2") else mlp)
+        # MinimaxDiffusion's order, `x + gamma1 * gate * attn(...)` evaluated left to right: the DiffFit
+        # scale multiplies the gate first (the other grouping differs in the last bits).
+        gate_msa, gate_mlp = gate_msa.unsqueeze(1), gate_mlp.unsqueeze(1)
+        if hasattr(self, "gamma1"):
+            gate_msa, gate_mlp = self.gamma1 * gate_msa, self.gamma2 * gate_mlp
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):

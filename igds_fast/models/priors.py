@@ -124,6 +124,13 @@ class PriorSpec:
     prediction_type: str = "epsilon"  # diffusers priors: what the UNet predicts (turned into eps on load)
     clip_x0: bool = True  # the x0 clipping the prior was sampled with (diffusers' clip_sample)
     flags: dict | None = None  # DiT priors: the DiT constructor's arguments (preset, or read off the shapes)
+    learn_sigma: bool = False  # the UNet outputs its variance (learned range); else schedule["fixed_variance"]
+
+    @property
+    def variance(self) -> str:
+        """The reverse-step variance the sampler uses with this prior: "learned_range", "fixed_large" or
+        "fixed_small" (a learned-range prior ignores the schedule's fixed_variance)."""
+        return "learned_range" if self.learn_sigma else f"fixed_{self.schedule['fixed_variance']}"
 
     @property
     def latent(self) -> bool:
@@ -195,7 +202,7 @@ def describe_prior(prior: str | None, preset: str | None, diffusers: str | None,
         if scheduler.source is not None:
             fingerprint["scheduler_config.json"] = file_fingerprint(scheduler.source)
         return PriorSpec("diffusers", directory, None, class_names, scheduler.schedule, fingerprint,
-                         scheduler.prediction_type, scheduler.clip_sample)
+                         scheduler.prediction_type, scheduler.clip_sample, learn_sigma=out == 2 * channels)
 
     return describe_prior_file(prior, preset, prior_kind, ve_class_names, prior_class_names)
 
@@ -221,7 +228,8 @@ def describe_prior_file(prior: str, preset: str | None, prior_kind: str | None =
         flags = ADM_PRESETS[preset]
         class_names = imagenet_wnids() if flags.get("class_cond") else None
         schedule = {**ADM_DIFFUSION_FLAGS[preset], "fixed_variance": "large"}
-        return PriorSpec("adm", path, preset, class_names, schedule, file_fingerprint(path))
+        return PriorSpec("adm", path, preset, class_names, schedule, file_fingerprint(path),
+                         learn_sigma=bool(flags.get("learn_sigma")))
 
     try:
         header = read_prior_header(path)
@@ -237,7 +245,8 @@ def describe_prior_file(prior: str, preset: str | None, prior_kind: str | None =
         "diffusion_steps": int(header["diffusion"]["diffusion_steps"]),
         "fixed_variance": header["diffusion"].get("fixed_variance", "small"),
     }
-    return PriorSpec("igds", path, None, class_names, schedule, file_fingerprint(path))
+    return PriorSpec("igds", path, None, class_names, schedule, file_fingerprint(path),
+                     learn_sigma=bool(header["flags"].get("learn_sigma")))
 
 
 def _describe_dit(path: str, preset: str | None, ve_class_names: list[str] | None,
@@ -263,7 +272,8 @@ def _describe_dit(path: str, preset: str | None, ve_class_names: list[str] | Non
         raise IGDSInputError(f"the DiT has {classes} classes, neither ImageNet-1K's 1000 nor the VE's: "
                              "its class list is unknown")
     schedule = {"noise_schedule": "linear", "diffusion_steps": 1000, "fixed_variance": "large"}
-    return PriorSpec("dit", path, preset, class_names, schedule, file_fingerprint(path), clip_x0=False, flags=flags)
+    return PriorSpec("dit", path, preset, class_names, schedule, file_fingerprint(path), clip_x0=False, flags=flags,
+                     learn_sigma=bool(flags.get("learn_sigma", True)))
 
 
 def load_prior_unet(spec: PriorSpec, device):

@@ -2,7 +2,7 @@
 
 One guided reverse step at respaced index i (IGDS_SPEC section 3), shapes [B, C, H, W]:
 
-    guided   = GuidanceConfig.guides_step(N - 1 - i)
+    guided   = GuidanceConfig.guides(i, N)
     eps, v   = UNet(x_t, timestep_map[i], y)               (v only for learned-sigma priors)
     x0_hat   = clip(sqrt(1/abar_i) x_t - sqrt(1/abar_i - 1) eps, -1, 1)
     g        = dJ(x0_hat, y) / d x0_hat     (mode "x0")  or  dJ / d x_t through the UNet (mode "xt")
@@ -72,7 +72,7 @@ class StepContext:
         return labels if self.class_map is None else self.class_map.index_select(0, labels)
 
     def guided(self, i: int) -> bool:
-        return self.guidance_config.guides_step(self.num_steps - 1 - i)
+        return self.guidance_config.guides(i, self.num_steps)
 
 
 @dataclass

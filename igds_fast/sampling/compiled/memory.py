@@ -45,7 +45,7 @@ def choose_batch_size(
 
 def graphs_per_batch_shape(guidance, num_steps: int) -> int:
     """How many step graphs one batch shape captures: 2 when some steps are guided and some not."""
-    return len({guidance.guides_step(step) for step in range(num_steps)})
+    return len({guidance.guides(i, num_steps) for i in range(num_steps)})
 
 
 def estimate_step_memory(probe_bytes: Callable[[int], int], sizes: tuple[int, int] = (2, 4)) -> tuple[int, int]:
