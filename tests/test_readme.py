@@ -52,7 +52,7 @@ def front_end_snippets() -> list[str]:
 
 def test_the_three_front_end_routes_run_as_written(tmp_path, monkeypatch):
     script_util = __import__("pytest").importorskip("guided_diffusion.script_util")
-    snippets = front_end_snippets()
+    snippets = front_end_snippets()[:3]
     assert len(snippets) == 3
     namespace: dict = {}
     options_code = snippets[0].split("model, diffusion =")[0]
@@ -87,6 +87,44 @@ def minimax_dit_command() -> list[str]:
     commands = [shlex.split(line) for line in lines if line.strip()]
     assert len(commands) == 1 and commands[0][:2] == ["igds-fast", "distill"], commands
     return commands[0][2:]
+
+
+def test_the_dit_and_igd_routes_run_as_written_in_their_own_code(tmp_path, monkeypatch):
+    """The DiT / MinimaxDiffusion and IGD snippets, after the three routes, with each peer's own `diffusion`
+    and `models` importable under those names (tests/peers.py; skipped without them)."""
+    import sys
+    import types
+
+    from factories import tiny_vae
+    from peers import load_peer
+
+    snippets = front_end_snippets()
+    assert len(snippets) == 5
+    dit = load_peer("dit", "models", "diffusion")
+    wandb = types.ModuleType("wandb")  # IGD's experiment logger (not reached by these branches)
+    wandb.log = lambda *args, **kwargs: None
+    igd = load_peer("igd", "models", "diffusion", stubs={"wandb": wandb})
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        torch.save(randomize_(dit["models"].DiT_models["DiT-S/2"](input_size=8, num_classes=4), 0.05).state_dict(),
+                   tmp_path / "dit.pt")
+        torch.save(randomize_(igd["models"].DiT_models["DiT-S/2"](input_size=8, num_classes=4), 0.05).state_dict(),
+                   tmp_path / "minimax_dit.pt")
+        tiny_vae(latent_channels=4, scale_factor=8).save_pretrained(tmp_path / "vae")  # 8x8 latents -> 64 px
+        ve = tiny_ve(num_classes=4, channels=3, resolution=16)
+    ve.class_names = ["a", "b", "c", "d"]
+    ve.save(tmp_path / "ve_dit.safetensors")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile("import torch\nfrom igds_fast import IGDSGuidance, load_ve\n"
+                 "from igds_fast.frontends import IGDSConditioner", "README.md", "exec"), namespace)  # noqa: S102
+    for snippet, code in ((snippets[3], dit), (snippets[4], igd)):
+        monkeypatch.setitem(sys.modules, "diffusion", code["diffusion"])
+        monkeypatch.setitem(sys.modules, "models", code["models"])
+        exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102
+        latents = namespace["latents"]
+        assert latents.shape[1:] == (4, 8, 8) and torch.isfinite(latents).all()
+    assert namespace["conditioner"].window == (30, 45)
 
 
 def test_the_minimax_dit_recipe_runs_as_written(tmp_path, monkeypatch):

@@ -17,8 +17,22 @@ Three ways to hand it to such a sampler, none of which imports its code:
     conditioner.bind(model, diffusion)          # an unpatched diffusion: cond_fn runs the UNet itself
     diffusion.p_sample_loop(..., cond_fn=conditioner.cond_fn, ...)         (one more UNet forward a step)
 
-    # forks whose p_sample_loop takes cond_fn_with_grad=True (IGD): p_mean_var computed with grad
+    # forks whose p_sample_loop takes cond_fn_with_grad=True: p_mean_var computed with grad
     diffusion.p_sample_loop(..., cond_fn=conditioner.cond_fn_with_grad, cond_fn_with_grad=True, ...)
+
+IGD's loop (`Lokshaw-Chau/MinimaxDiffusion` master, the diffusion its igd_sample.py builds) takes the
+patch route: its p_sample calls condition_mean whenever cond_fn is given, and reads gen_type / low /
+high from model_kwargs (gen_type other than "igd" / "rgd": no gradient matching of its own). Its
+`--low/--high` window is `window=(low, high)`, in the same t it gates on; it runs its UNet with
+autograd on, so mode xt differentiates the loop's own x0 prediction (no second forward):
+
+    conditioner = IGDSConditioner(guidance, scale, label_map, clip_denoised=False, window=(30, 45))
+    conditioner.patch(diffusion, model.forward_with_cfg)
+    diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False, cond_fn=conditioner.cond_fn,
+                            model_kwargs=dict(y=y, cfg_scale=4.0, gen_type="none"), device=device)
+
+Unguided steps (scale 0, or outside the window) return before any gradient work: a patched
+condition_mean gives the loop's own mean, the cond_fn routes zeros, without a UNet call.
 
 Labels: the model's `y` are the prior's classes (ImageNet indices for an ImageNet ADM or DiT); the
 VE's classes come from `label_map` (prior class -> VE class; -1 or absent = not a VE class, an error
@@ -48,8 +62,8 @@ for the second; mode xt gives dJ/dx of the first-half objective w.r.t. the whole
 through forward_with_cfg, which is zero on the second half too for DiT's (it never reads x[B:]). The
 second half's mean is thus not shifted, and as forward_with_cfg re-duplicates x[:B] at every step
 only the first half -- the loop's output samples.chunk(2)[0] -- carries the guidance. DiT samples
-latents with clip_denoised=False: pass clip_denoised=False here too (the xt mode and the cond_fn
-route predict x0 themselves with this setting).
+latents with clip_denoised=False: pass clip_denoised=False here too (a CFG batch with
+clip_denoised=True is refused: the xt mode and the cond_fn route predict x0 themselves with it).
 """
 from __future__ import annotations
 
@@ -72,10 +86,17 @@ class IGDSConditioner:
     routes where this object predicts x0 itself. group_ids: diversity groups (gamma != 0) of the
     batch; None = the VE labels. null_class: the prior's null class for classifier-free guidance
     batches (`cfg_scale` in model_kwargs: module docstring); None = the bound model's if it has one.
+    window: (low, high) = guide only the steps whose t, the respaced index the loop passes to
+    p_sample (N-1, pure noise, down to 0), is in [low, high] (IGD's --low/--high gate; our
+    `GuidanceConfig.guide_t_range`); None = every step.
+
+    Refused in one line: a CFG batch with clip_denoised=True (latents are never in [-1, 1]); an x0
+    this object predicts itself that is not the loop's own pred_xstart (another model or clipping).
     """
 
     def __init__(self, guidance: IGDSGuidance, scale: float = 1.0, label_map=None, mode: str = "x0",
-                 clip_denoised: bool = True, group_ids=None, null_class: int | None = None):
+                 clip_denoised: bool = True, group_ids=None, null_class: int | None = None,
+                 window: tuple[int, int] | None = None):
         if not isinstance(guidance, IGDSGuidance):
             raise IGDSInputError(f"guidance must be an IGDSGuidance, got {type(guidance).__name__}")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
@@ -90,6 +111,12 @@ class IGDSConditioner:
                                        or null_class < 0):
             raise IGDSInputError(f"null_class must be an integer >= 0 or None, got {null_class!r}")
         self.null_class = null_class
+        if window is not None:
+            window = tuple(window)
+            if (len(window) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in window)
+                    or not 0 <= window[0] <= window[1]):
+                raise IGDSInputError(f"window must be (low, high) with 0 <= low <= high, got {window!r}")
+        self.window = window
         self.labels: torch.Tensor | None = None
         self.model = self.diffusion = None
 
@@ -118,7 +145,11 @@ class IGDSConditioner:
         conditioner = self
 
         def condition_mean(diffusion_self, cond_fn, p_mean_var, x, t, model_kwargs=None):
-            grad = conditioner._gradient_at(p_mean_var, x, t, model_kwargs or {}, indices_given=True)
+            model_kwargs = model_kwargs or {}
+            conditioner._cfg_half(x, model_kwargs)  # a CFG batch is checked at every step, guided or not
+            if not conditioner.guides(t, indices_given=True):
+                return p_mean_var["mean"]  # what the loop computes without a cond_fn, bit for bit
+            grad = conditioner._gradient_at(p_mean_var, x, t, model_kwargs, indices_given=True)
             return p_mean_var["mean"].float() + p_mean_var["variance"] * grad.float()
 
         def condition_mean_with_grad(diffusion_self, cond_fn, p_mean_var, x, t, model_kwargs=None):
@@ -145,6 +176,9 @@ class IGDSConditioner:
         """
         if self.model is None or self.diffusion is None:
             raise IGDSInputError("cond_fn predicts x0 with the UNet: call bind(model, diffusion) first (or patch)")
+        self._cfg_half(x, model_kwargs)
+        if not self.guides(t, indices_given=False):
+            return torch.zeros_like(x)  # before any UNet call: an unguided step costs what the loop costs
         return self._gradient_at(None, x, t, model_kwargs, indices_given=False)
 
     def cond_fn_with_grad(self, x, t, p_mean_var, **model_kwargs) -> torch.Tensor:
@@ -153,19 +187,43 @@ class IGDSConditioner:
         Mode x0 takes the gradient at the detached pred_xstart; mode xt differentiates
         pred_xstart w.r.t. x (the fork enabled autograd for it).
         """
-        return self._gradient_from(p_mean_var["pred_xstart"], x, model_kwargs, self._cfg_half(x, model_kwargs))
+        half = self._cfg_half(x, model_kwargs)
+        if not self.guides(t, indices_given=False):
+            return torch.zeros_like(x)
+        return self._gradient_from(p_mean_var["pred_xstart"], x, model_kwargs, half)
+
+    def guides(self, t, indices_given: bool) -> bool:
+        """Whether the loop's step at t is guided: scale > 0 and, with a window, low <= t <= high for
+        the respaced index t the loop passes to p_sample (`indices_given`: t is that index, as a
+        patched condition_mean receives it; else the original timesteps a SpacedDiffusion hands its
+        wrapped cond_fn, mapped back through the bound diffusion). One host read of t per step, as
+        the loop's own `t[0]` checks."""
+        if self.scale == 0:
+            return False
+        if self.window is None:
+            return True
+        index = t if indices_given or self.diffusion is None else self._indices(torch.as_tensor(t))
+        step = int(torch.as_tensor(index).reshape(-1)[0])
+        low, high = self.window
+        return low <= step <= high
 
     # ---- the gradient ----------------------------------------------------------------------------------
     def _gradient_at(self, p_mean_var, x, t, model_kwargs, indices_given: bool) -> torch.Tensor:
         half = self._cfg_half(x, model_kwargs)
         if self.mode == "x0" and p_mean_var is not None:
             return self._gradient_from(p_mean_var["pred_xstart"].detach(), None, model_kwargs, half)
+        if p_mean_var is not None and p_mean_var["pred_xstart"].requires_grad and x.requires_grad:
+            # Mode xt in a loop that ran its UNet with autograd on (IGD's): differentiate the loop's own
+            # x0 prediction -- no second UNet forward.
+            return self._gradient_from(p_mean_var["pred_xstart"], x, model_kwargs, half)
         indices = t if indices_given else self._indices(t)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(self.mode == "xt")
             # model_kwargs as the loop passes them (y, and cfg_scale for a CFG batch's forward_with_cfg)
             out = self.diffusion.p_mean_variance(self.model, x_in, indices, clip_denoised=self.clip_denoised,
                                                  model_kwargs=model_kwargs)
+            if p_mean_var is not None:
+                _check_same_x0(out["pred_xstart"].detach(), p_mean_var["pred_xstart"].detach(), self.clip_denoised)
             x0 = out["pred_xstart"] if self.mode == "xt" else out["pred_xstart"].detach()
             return self._gradient_from(x0, x_in if self.mode == "xt" else None, model_kwargs, half)
 
@@ -194,6 +252,10 @@ class IGDSConditioner:
             raise IGDSInputError(f"a classifier-free guidance batch (cfg_scale given) has 2B rows [samples; "
                                  f"copies], got an odd batch of {rows}")
         half = rows // 2
+        if self.clip_denoised:
+            raise IGDSInputError("a classifier-free guidance (DiT) batch samples latents, which are never in [-1, 1]: "
+                                 "clip_denoised=True would clip them; pass IGDSConditioner(..., clip_denoised=False), "
+                                 "as the loop's own p_sample_loop(..., clip_denoised=False)")
         y = model_kwargs.get("y")
         if y is None:
             return half
@@ -244,6 +306,20 @@ class IGDSConditioner:
             return timesteps
         table = torch.as_tensor(table, dtype=torch.long, device=t.device)
         return torch.searchsorted(table, timesteps)
+
+
+X0_TOLERANCE = 1e-4  # relative: the conditioner's own x0 against the loop's (the same computation)
+
+
+def _check_same_x0(ours: torch.Tensor, loops: torch.Tensor, clip_denoised: bool) -> None:
+    """Refuse, in one line, an x0 prediction that is not the loop's own (another model, another
+    clip_denoised, another model_kwargs): the gradient would be taken somewhere the loop is not."""
+    scale = float(loops.abs().max()) + 1.0
+    error = float((ours.float() - loops.float()).abs().max())
+    if not error <= X0_TOLERANCE * scale:
+        raise IGDSInputError(
+            f"the x0 this conditioner predicts (its model, clip_denoised={clip_denoised}) differs from the loop's own "
+            f"pred_xstart by {error:.3g}: pass the model and clip_denoised the loop samples with")
 
 
 def _null_class_of(model) -> int | None:
