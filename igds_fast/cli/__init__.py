@@ -1,10 +1,10 @@
-"""The ``igds-fast`` command line: argparse and nothing else, one module per command.
+"""The ``igds-fast`` command line: one module per command, each a parser generated from its settings tree.
 
 A command module `igds_fast/cli/<name>.py` holds ``SETTINGS``, the root class of its settings tree
 (igds_fast/settings.py: every flag is declared on a field of that tree), ``add_parser(subparsers)``,
 which generates its arguments from ``SETTINGS`` and sets ``handler=run``, and ``run(args) -> int``,
-which builds the tree from the arguments and runs the domain code with it. To add a command, write the module and list it in
-``COMMANDS``. The domain modules import nothing from here.
+which builds the tree from the arguments and runs the domain code with it. To add a command, write
+the module and list it in ``COMMANDS``. The domain modules import nothing from here.
 
 Errors: an IGDSInputError anywhere prints ``igds-fast: error: <message>`` to stderr and exits 2
 (argparse's own usage errors exit 2 the same way).
@@ -52,6 +52,7 @@ def route(argv: list[str]) -> list[str]:
 
 def refuse_unknown(command: str, extras: list[str]) -> IGDSInputError:
     """One line for arguments the command does not take, naming the command that does take them."""
+    from igds_fast.cli.distill import PEER_FLAGS
     from igds_fast.distill import DistillConfig
     from igds_fast.presets.digits import DigitsDemo
     from igds_fast.settings import flags_of
@@ -61,8 +62,6 @@ def refuse_unknown(command: str, extras: list[str]) -> IGDSInputError:
         return IGDSInputError(f"unrecognized arguments: {' '.join(extras)}")
     # A flag of the sampler the user comes from (DiT's --ckpt, ...): name ours. `igds-fast distill`
     # without --prior/--ve was routed to the demo, but the user typed distill: its table applies.
-    from igds_fast.cli.distill import PEER_FLAGS
-
     if command in ("distill", "demo"):
         for flag in flags:
             if flag in PEER_FLAGS:
