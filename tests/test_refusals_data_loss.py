@@ -434,6 +434,6 @@ def test_file_outputs_of_the_other_commands_never_land_in_their_inputs(real, tmp
     refused(["calibrate-beta", "--data", real, "--val", val, "--ve", ve, "--out", ve, "--ipc", "1", "--betas", "0"],
             capsys, "--out", "--ve", "same path")
     refused(["eval", "--train", real, "--val", val, "--out", val / "cat" / "00000.png"], capsys, "lies inside --val")
-    refused(["eval", "--train", real, "--val", real / "cat"], capsys, "lies inside --train")
+    refused(["eval", "--train", real, "--val", val, "--out", real / "results.json"], capsys, "lies inside --train")
     refused(["train-prior", "--data", real, "--out", real / "cat" / "prior.safetensors"], capsys, "lies inside --data")
     assert {"real": tree(real), "val": tree(val)} == before and ve.read_bytes() == b"a VE"

@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     """`igds-fast eval`: build the settings tree, check both folders, train and test, print (and write) the results."""
     settings = from_args(EvalRun, args)
     recipe = settings.training
-    # The results file outside both folders; the distilled and the real folders apart (overlap.py).
-    check_apart([("--out", settings.out), ("--train", settings.train)], [("--val", settings.val)])
+    # The results file outside both folders it reads (overlap.py).
+    check_apart([("--out", settings.out)], [("--train", settings.train), ("--val", settings.val)])
     if settings.out is not None:
         out_folder = os.path.dirname(os.path.abspath(settings.out))
         if not os.path.isdir(out_folder):
