@@ -82,7 +82,7 @@ def _make_folder(folder: str) -> bool:
     except OSError as exc:
         if exc.errno in DISK_FULL_ERRNOS:
             raise IGDSDiskFullError(os.path.dirname(os.path.abspath(folder))) from exc
-        raise
+        raise IGDSInputError(f"cannot create {folder}: {exc.strerror}") from exc
     return True
 
 
@@ -90,7 +90,12 @@ def _acquire(folder: str, flag: str, log: Callable[[str], None] | None) -> int:
     """The locked file descriptor of FOLDER/.igds_lock, holding this process's record."""
     path = os.path.join(folder, LOCK_NAME)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise IGDSDiskFullError(folder) from exc
+            raise IGDSInputError(f"cannot write in {folder}: {exc.strerror}") from exc
         if not _try_lock(fd):
             holder = _read_holder(fd)
             os.close(fd)
