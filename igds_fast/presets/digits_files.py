@@ -95,7 +95,8 @@ def note_set(folder: str, name: str) -> None:
 
 def check_demo_names(folder: str, flag: str, names: list[str], sets: list[str]) -> None:
     """Refuse, naming it, a file at one of `names` that is not the demo's own (recorded, unchanged),
-    or a folder at one of the set names `sets` (under distilled/) that the demo did not make."""
+    a folder at one of the set names `sets` (under distilled/) that the demo did not make, and a file
+    distill did not write inside one it made (the demo clears a set whose settings changed)."""
     record = read_record(folder)
     for name in names:
         path = os.path.join(folder, name)
@@ -104,9 +105,13 @@ def check_demo_names(folder: str, flag: str, names: list[str], sets: list[str]) 
                                  f"or changed since); the demo would replace it: move it away or choose another {flag}")
     for name in sets:
         path = os.path.join(folder, SETS_DIR, name)
-        if os.path.lexists(path) and name not in record["sets"]:
+        if os.path.lexists(path) and (name not in record["sets"] or os.path.islink(path)):
             raise IGDSInputError(f"{path} is not a set the digits demo made; the demo would write into it: move it "
                                  f"away or choose another {flag}")
+        if os.path.isdir(path) and not os.path.islink(path):  # a set of the demo's: it may clear it (other settings)
+            contents = survey(path, read_settings(path))
+            if contents.foreign:
+                raise foreign_refusal(path, contents)
 
 
 def demo_folders(work_dir: str, out_dir: str | None) -> list[tuple[str, str]]:
