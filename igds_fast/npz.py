@@ -8,7 +8,9 @@
 guided-diffusion's `evaluations/evaluator.py` and the sample scripts of its forks read `arr_0` (and
 the labels from `arr_1`). The archive is written member by member with the .npy header first, so
 memory stays at one image whatever the folder's size (np.savez would hold the whole array); it
-appears only by an atomic rename when complete.
+appears only by an atomic rename when complete, never inside the folder it reads, over an existing
+file only with --force, and only from the folder's own files (a manifest path that leaves the
+folder is refused).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import IGDSInputError
+from .overlap import check_apart, inside, resolved
 from .settings import option
 
 
@@ -34,44 +37,84 @@ def _npy_header(dtype, shape) -> bytes:
 
 
 def _read_rgb(path: str) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a file that is not a whole image
+        raise IGDSInputError(f"{path} is not a readable image ({type(exc).__name__}); rerun distill on the folder "
+                             "to make it again") from None
 
 
-def export_npz(folder: str, out: str) -> dict:
-    """Write `folder`'s images (its manifest.json) to `out` (.npz); returns {"images", "shape", "path"}."""
+def _check_out(folder: str, out: str, force: bool) -> None:
+    """The archive goes outside its input folder, never over a file unless `force`, never over a folder."""
+    check_apart([("--out", out)], [("DISTILLED_DIR", folder)])
+    if os.path.isdir(out):
+        raise IGDSInputError(f"--out {out} is a folder; give the .npz file to write")
+    if os.path.lexists(out) and not force:
+        raise IGDSInputError(f"--out {out} exists; use --force to replace it")
+    out_folder = os.path.dirname(os.path.abspath(out)) or "."
+    if not os.path.isdir(out_folder):
+        raise IGDSInputError(f"output folder {out_folder!r} does not exist")
+
+
+def _image_path(folder: str, entry, manifest_path: str) -> str:
+    """The file of one manifest entry: a relative path that stays inside `folder` (symlinks resolved)."""
+    relative = entry.get("path") if isinstance(entry, dict) else None
+    if not isinstance(relative, str) or not relative:
+        raise IGDSInputError(f"{manifest_path} has an image entry without a path")
+    path = os.path.join(folder, relative)
+    if (os.path.isabs(relative) or ".." in relative.replace("\\", "/").split("/")
+            or not inside(resolved(path), resolved(folder))):
+        raise IGDSInputError(f"{manifest_path} names {relative!r}, outside {folder}: export-npz reads only the "
+                             "folder's own images")
+    return path
+
+
+def export_npz(folder: str, out: str, force: bool = False) -> dict:
+    """Write `folder`'s images (its manifest.json) to `out` (.npz); returns {"images", "shape", "path"}.
+
+    Refused in one line before anything is written: `out` inside `folder` (or the folder itself), an
+    existing `out` without `force`, and a manifest entry whose path leaves the folder (absolute, `..`,
+    or a symlink out of it).
+    """
     manifest_path = os.path.join(folder, "manifest.json")
     if not os.path.isfile(manifest_path):
         raise IGDSInputError(f"{folder} has no manifest.json: not a finished igds-fast distill folder")
-    with open(manifest_path, encoding="utf-8") as handle:
-        manifest = json.load(handle)
-    images = manifest.get("images") or []
+    _check_out(folder, out, force)
+    try:
+        with open(manifest_path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise IGDSInputError(f"{manifest_path} is not a JSON manifest") from None
+    images = (manifest.get("images") if isinstance(manifest, dict) else None) or []
     if not images:
         raise IGDSInputError(f"{manifest_path} lists no images")
-    missing = [entry["path"] for entry in images if not os.path.isfile(os.path.join(folder, entry["path"]))]
+    paths = [_image_path(folder, entry, manifest_path) for entry in images]
+    missing = [entry["path"] for entry, path in zip(images, paths) if not os.path.isfile(path)]
     if missing:
         raise IGDSInputError(f"{len(missing)} image(s) of the manifest are missing, e.g. {missing[0]}")
-    first = _read_rgb(os.path.join(folder, images[0]["path"]))
+    first = _read_rgb(paths[0])
     shape = (len(images), *first.shape)
     labels = np.array([entry["label"] if entry.get("prior_label") is None else entry["prior_label"]
                        for entry in images], dtype=np.int64)
     out_folder = os.path.dirname(os.path.abspath(out)) or "."
-    if not os.path.isdir(out_folder):
-        raise IGDSInputError(f"output folder {out_folder!r} does not exist")
     handle, temporary = tempfile.mkstemp(dir=out_folder, prefix=".", suffix=".npz.tmp")
     os.close(handle)
     try:
         with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             with archive.open("arr_0.npy", "w", force_zip64=True) as member:
                 member.write(_npy_header(np.uint8, shape))
-                for entry in images:
-                    pixels = _read_rgb(os.path.join(folder, entry["path"]))
+                for entry, path in zip(images, paths):
+                    pixels = _read_rgb(path)
                     if pixels.shape != first.shape:
                         raise IGDSInputError(f"{entry['path']} is {pixels.shape}, the first image {first.shape}")
                     member.write(np.ascontiguousarray(pixels).tobytes())
             with archive.open("arr_1.npy", "w") as member:
                 member.write(_npy_header(np.int64, labels.shape))
                 member.write(labels.tobytes())
+        os.chmod(temporary, 0o644)  # mkstemp makes 0600; an archive is an ordinary shareable file
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())  # the bytes are on disk before the name points at them
         os.replace(temporary, out)
     except BaseException:
         if os.path.exists(temporary):
@@ -87,7 +130,9 @@ class ExportNpzRun:
     """`igds-fast export-npz`: which distilled folder, to which archive."""
 
     folder: str = option(flag="DISTILLED_DIR", help="a folder written by igds-fast distill")
-    out: str = option(flag="--out", metavar="SAMPLES.npz", help="the .npz to write (atomically)")
+    out: str = option(flag="--out", metavar="SAMPLES.npz", help="the .npz to write (atomically; never inside "
+                      "DISTILLED_DIR)")
+    force: bool = option(False, "--force", action="store_true", help="replace an existing --out file")
 
 
 __all__ = ["ExportNpzRun", "export_npz"]

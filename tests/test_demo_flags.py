@@ -103,7 +103,7 @@ def _fake_results(settings):
 def test_the_demo_says_first_what_it_does_how_long_and_where_it_writes(monkeypatch, tmp_path, capsys):
     calls = []
 
-    def fake_run_digits(settings, work_dir, log, out_dir=None, retrain_prior=False):
+    def fake_run_digits(settings, work_dir, log, out_dir=None, retrain_prior=False, force=False):
         calls.append((settings, work_dir, out_dir, capsys.readouterr().err))
         return _fake_results(settings)
 
@@ -295,11 +295,16 @@ def test_a_full_disk_stops_in_one_line_and_the_rerun_resumes_byte_identically(mo
 
 
 def test_the_demo_writes_its_sets_and_table_under_out_and_force_clears_only_its_files(tmp_path):
+    from igds_fast.presets.digits_files import note_file
+
     out, work = tmp_path / "out", tmp_path / "work"
     (out / "distilled").mkdir(parents=True)
-    (out / "distilled" / "stale").write_text("x")
+    (out / "distilled" / "stale").write_text("x")  # the user's, under the demo's distilled/
     (out / "keep.txt").write_text("mine")
     (out / "results.txt").write_text("old")
+    note_file(str(out), "results.txt")  # the demo's own (its record names it with these bytes)
     (work / "distilled").mkdir(parents=True)
     digits.clear_work_dir(str(work), str(out))
-    assert sorted(os.listdir(out)) == ["keep.txt"] and not (work / "distilled").exists()
+    # By the demo's record only (tests/test_refusals_data_loss.py has the full case): never by name.
+    assert sorted(os.listdir(out)) == ["distilled", "keep.txt"] and os.listdir(out / "distilled") == ["stale"]
+    assert (work / "distilled").exists()

@@ -43,7 +43,7 @@ NON_DEFAULT_ARGV = {
     "eval": ["eval", "--train", "distilled", "--val", "val", "--protocol", "minimax", "--lr", "0.1", "--no-flip",
              "--cutmix-prob", "0.5", "--schedule", "cosine", "--out", "results.json", "--quiet"],
     "export": ["export-unet", "--prior", "prior.pt", "--batch-size", "4", "--out", "unet.onnx", "--no-check"],
-    "export_npz": ["export-npz", "distilled", "--out", "samples.npz"],
+    "export_npz": ["export-npz", "distilled", "--out", "samples.npz", "--force"],
 }
 
 

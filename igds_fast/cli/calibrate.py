@@ -12,6 +12,7 @@ from igds_fast.calibrate import CalibrateRun, calibrate_beta
 from igds_fast.data import FolderImages, scan_image_folder
 from igds_fast.errors import IGDSInputError
 from igds_fast.guidance.beta_table import write_beta_table
+from igds_fast.overlap import check_apart
 from igds_fast.settings import add_arguments, from_args, to_dict
 from igds_fast.ve import VariationalEstimator
 
@@ -38,6 +39,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """`igds-fast calibrate-beta`: build the settings tree, load, calibrate, write the beta table atomically."""
     settings = from_args(CalibrateRun, args)
+    check_apart([("--out", settings.out)], [("--data", settings.data), ("--val", settings.val), ("--ve", settings.ve)])
     out_folder = os.path.dirname(os.path.abspath(settings.out))
     if not os.path.isdir(out_folder):
         raise IGDSInputError(f"output folder {out_folder!r} does not exist")

@@ -13,8 +13,8 @@ import sys
 
 from igds_fast.distributed import QuietRankError, launched_by_torchrun
 from igds_fast.errors import IGDSInputError
-from igds_fast.presets.digits import (RESULTS_NAME, DigitsDemo, DigitsSettings, clear_work_dir, describe_run,
-                                     format_table, run_digits)
+from igds_fast.presets.digits import (RESULTS_NAME, DigitsDemo, DigitsSettings, describe_run, format_table,
+                                     run_digits)
 from igds_fast.settings import add_arguments, from_args, given_settings
 
 COMMAND = "demo"
@@ -68,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
     out_dir = demo.out or demo.work_dir
     log = (lambda message: None) if not demo.progress else (lambda message: print(message, file=sys.stderr, flush=True))
     log(describe_run(settings, demo.work_dir, out_dir, fast=demo.fast, retrain_prior=demo.retrain_prior))
-    if demo.force:
-        clear_work_dir(demo.work_dir, out_dir)
-    results = run_digits(settings, demo.work_dir, log, out_dir=out_dir, retrain_prior=demo.retrain_prior)
+    # --force clears only after every input is checked (run_digits: device, folders, locks, the demo's records).
+    results = run_digits(settings, demo.work_dir, log, out_dir=out_dir, retrain_prior=demo.retrain_prior,
+                         force=demo.force)
     print(format_table(results))
     print(f"results written to {os.path.join(out_dir, RESULTS_NAME)}")
     return 0

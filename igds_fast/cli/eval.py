@@ -16,6 +16,7 @@ from igds_fast.evaluate.networks import build_eval_network
 from igds_fast.evaluate.settings import EvalRun
 from igds_fast.evaluate.train import evaluate_distilled
 from igds_fast.imageio import write_json_atomic
+from igds_fast.overlap import check_apart
 from igds_fast.progress import Progress
 from igds_fast.settings import add_arguments, from_args, to_dict
 
@@ -90,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     """`igds-fast eval`: build the settings tree, check both folders, train and test, print (and write) the results."""
     settings = from_args(EvalRun, args)
     recipe = settings.training
+    # The results file outside both folders it reads (overlap.py).
+    check_apart([("--out", settings.out)], [("--train", settings.train), ("--val", settings.val)])
     if settings.out is not None:
         out_folder = os.path.dirname(os.path.abspath(settings.out))
         if not os.path.isdir(out_folder):

@@ -28,6 +28,6 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = from_args(ExportNpzRun, args)
-    report = export_npz(settings.folder, settings.out)
+    report = export_npz(settings.folder, settings.out, force=settings.force)
     print(f"export-npz: {report['images']} images {tuple(report['shape'][1:])} -> {report['path']}")
     return 0

@@ -11,6 +11,7 @@ from igds_fast.data import load_digits_split, load_image_folder
 from igds_fast.devices import resolve_device
 from igds_fast.errors import IGDSInputError
 from igds_fast.models.priors import save_prior
+from igds_fast.overlap import check_apart
 from igds_fast.presets.digits import CLASS_NAMES as DIGIT_CLASSES
 from igds_fast.presets.digits import SPLIT as DIGITS_SPLIT
 from igds_fast.settings import add_arguments, from_args, to_dict
@@ -39,6 +40,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     """The `train-prior` subcommand: load data, train, save atomically; returns the exit code."""
     settings = from_args(PriorTrainRun, args)
+    check_apart([("--out", settings.out)], [("--data", settings.data)])
     out_folder = os.path.dirname(os.path.abspath(settings.out))
     if not os.path.isdir(out_folder):
         raise IGDSInputError(f"output folder {out_folder!r} does not exist")

@@ -11,6 +11,7 @@ import sys
 from igds_fast.data import FolderImages, scan_image_folder
 from igds_fast.errors import IGDSInputError
 from igds_fast.imageio import write_json_atomic
+from igds_fast.overlap import check_apart
 from igds_fast.settings import add_arguments, from_args, to_dict
 from igds_fast.train_ve import VETrainRun, train_ve_from_source
 
@@ -37,6 +38,9 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """`igds-fast train-ve`: load the folders, train, write the bundle and its report atomically."""
     settings = from_args(VETrainRun, args)
+    # Its files never inside the image folders it reads (igds_fast/overlap.py).
+    check_apart([("--out", settings.out), ("--out", settings.out + ".report.json"),
+                 ("--checkpoint", settings.checkpoint_path)], [("--data", settings.data), ("--val", settings.val)])
     out_folder = os.path.dirname(os.path.abspath(settings.out))
     if not os.path.isdir(out_folder):
         raise IGDSInputError(f"output folder {out_folder!r} does not exist")

@@ -207,7 +207,8 @@ class RunSettings:
     cpu_threads: int | None = option(None, "--cpu-threads", parse=int, metavar="N", default_text="1, whatever the "
                                      "world size, so the bytes do not depend on it", help="CPU runs: torch intra-op "
                                      "threads of each process (another N gives the bytes of N)")
-    force: bool = option(False, "--force", action="store_true", help="clear an output folder of another configuration")
+    force: bool = option(False, "--force", action="store_true", help="clear an output folder of another "
+                         "configuration of what distill wrote there (by its settings file), and nothing else")
     progress: bool = option(True, "--quiet", action="store_false", help="no progress output")
     profile_steps: str | None = option(None, "--profile-steps", metavar="A:B", default_text="$IGDS_PROFILE_STEPS",
                                        help="open the CUDA profiler (what profiling/nsys.sh captures) around sampling "

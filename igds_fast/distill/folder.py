@@ -4,11 +4,15 @@
     OUT/preview.png                one row per class (at most 20 classes, 10 images each)
     OUT/.igds_config.json          the settings that determine the pixels, written first
     OUT/.igds_batch.json           the batch size a gamma != 0 folder was started with
+    OUT/.igds_lock                 while a run writes: its PID (igds_fast/locks.py)
+
+What distill wrote, the --force clearing and the resume's image check: owned.py.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -20,13 +24,12 @@ from ..imageio import (
     save_png_atomic,
     write_json_atomic,
 )
+from .owned import (BATCH_NAME, CONFIG_NAME, MANIFEST_NAME, NAMED_FILES, PREVIEW_NAME, clear, image_paths, output_check,
+                    remove_defective_images, temp_of)
 
 PREVIEW_MAX_CLASSES = 20
 PREVIEW_MAX_IMAGES = 10
-CONFIG_NAME = ".igds_config.json"
-BATCH_NAME = ".igds_batch.json"  # the batch size a gamma != 0 folder was started with (it couples batch members)
-MANIFEST_NAME = "manifest.json"
-PREVIEW_NAME = "preview.png"
+_IMAGE_NAME = re.compile(r"\d{5}\.png")
 
 
 def coupled_batch_size(out: str, gamma: float, asked: int | None, composite: int) -> int | None:
@@ -53,39 +56,6 @@ def coupled_batch_size(out: str, gamma: float, asked: int | None, composite: int
     return saved
 
 
-def _differing_setting(saved: dict, current: dict) -> str | None:
-    """The first setting (by name) whose value differs, described for a one-line error."""
-    for key in current:
-        if saved.get(key) != current[key]:
-            def short(value):
-                text = json.dumps(value, sort_keys=True)
-                return text if len(text) <= 60 else text[:57] + "..."
-            return f"{key} (folder: {short(saved.get(key))}, now: {short(current[key])})"
-    for key in saved:
-        if key not in current:
-            return f"{key} (folder has it, this run does not)"
-    return None
-
-
-def _clear_outputs(out: str, class_keys: list[str]) -> None:
-    """Remove what distill writes: class-folder PNGs and temp files, the preview, manifest, config."""
-    with os.scandir(out) as entries:
-        folders = [entry.path for entry in entries if entry.is_dir(follow_symlinks=False)]
-    for folder in folders:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.is_file(follow_symlinks=False) and (
-                    entry.name.endswith(".png") or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
-                ):
-                    os.unlink(entry.path)
-        if not os.listdir(folder):
-            os.rmdir(folder)
-    for name in (MANIFEST_NAME, PREVIEW_NAME, CONFIG_NAME, BATCH_NAME):
-        path = os.path.join(out, name)
-        if os.path.isfile(path):
-            os.unlink(path)
-
-
 def _make_folder(path: str) -> None:
     """os.makedirs(exist_ok=True); a full disk is the one-line IGDSDiskFullError naming the folder."""
     try:
@@ -96,61 +66,39 @@ def _make_folder(path: str) -> None:
         raise
 
 
-def output_refusal(out: str, settings: dict) -> str | None:
-    """Why `out` cannot take a run with these settings (one line), or None; reads only.
+def prepare_output(out: str, settings: dict, force: bool, log) -> int:
+    """Make OUT hold this configuration (rank 0, holding OUT's lock): returns how many of its images are done.
 
-    Refused: a folder whose `.igds_config.json` holds other settings, or a non-empty folder that was
-    not written by distill. Every rank may call it (nothing is written).
-    """
-    if not os.path.isdir(out):
-        return None
-    config_path = os.path.join(out, CONFIG_NAME)
-    if os.path.isfile(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as handle:
-                saved = json.load(handle)
-        except (OSError, json.JSONDecodeError):
-            saved = {"format": "unreadable"}
-        difference = _differing_setting(saved, settings)
-        if difference is not None:
-            return (f"{out} holds images of another configuration: {difference}; "
-                    "use --force to clear it or choose another --out")
-        return None
-    if any(not name.startswith(".") for name in os.listdir(out)):
-        return (f"{out} is not empty and was not written by distill (no {CONFIG_NAME}); "
-                "use --force to clear its images or choose another --out")
-    return None
-
-
-def prepare_output(out: str, pixel_settings: dict, class_keys: list[str], force: bool, log) -> int:
-    """Make `out` hold this configuration: check or write `.igds_config.json` first, create class folders.
-
-    Returns how many finished PNGs the folder already holds for this configuration.
-    Refuses (one line) a folder written with other pixel settings, or a non-empty folder that is
-    not a distill output, unless `force` (then its images are cleared).
+    Refused in one line (owned.output_check): other settings without `force`; with `force`, a folder
+    holding anything distill did not write; a non-empty folder without a settings file. With `force`
+    and other settings, distill's own files are removed first (by the folder's record, nothing else).
+    Then the settings file is written (first, so a crash leaves a folder that knows its settings),
+    the class folders made, temp files of killed writers removed, and every existing image checked:
+    one that is not a whole PNG is removed, to be made again.
     """
     _make_folder(out)
+    contents = output_check(out, settings, force)
+    if contents is not None:
+        log(f"distill: --force: clearing the {len(contents.ours)} file(s) distill wrote in {out} (other settings)")
+        clear(out, contents)
     config_path = os.path.join(out, CONFIG_NAME)
-    refusal = output_refusal(out, pixel_settings)
-    if refusal is not None:
-        if not force:
-            raise IGDSInputError(refusal)
-        log(f"distill: --force: clearing the images of {out} ({refusal.split('; use --force')[0]})")
-        _clear_outputs(out, class_keys)
     if not os.path.isfile(config_path):
-        write_json_atomic(config_path, pixel_settings)  # first: a crash leaves a folder that knows its settings
-    for key in class_keys:
+        write_json_atomic(config_path, settings)
+    # Temp files left by a writer killed mid-write (SIGKILL, a dead rank), of distill's own names only:
+    # never a finished file. Safe to remove here: no writer of this run has started yet (under
+    # torchrun rank 0 prepares the folder while the other ranks wait).
+    for name in os.listdir(out):
+        if temp_of(name) in NAMED_FILES:
+            os.unlink(os.path.join(out, name))
+    for key in settings["classes"]:
         folder = os.path.join(out, key)
         _make_folder(folder)
-        # Temp files left by a writer killed mid-write (SIGKILL, a dead rank): never a finished image.
-        # Safe to remove here: no writer of this run has started yet (under torchrun rank 0 prepares
-        # the folder while the other ranks wait).
         for name in os.listdir(folder):
-            if name.startswith(".") and name.endswith(".tmp"):
+            final = temp_of(name)
+            if final is not None and _IMAGE_NAME.fullmatch(final):
                 os.unlink(os.path.join(folder, name))
-    return sum(
-        1 for key in class_keys for name in os.listdir(os.path.join(out, key)) if name.endswith(".png")
-    )
+    remove_defective_images(out, settings, log)
+    return sum(1 for path in image_paths(settings) if os.path.isfile(os.path.join(out, path)))
 
 
 def _read_png(path: str) -> torch.Tensor:
@@ -182,4 +130,5 @@ def write_preview(out: str, class_keys: list[str], ipc: int) -> str | None:
     return path
 
 
-__all__ = ["BATCH_NAME", "CONFIG_NAME", "MANIFEST_NAME", "PREVIEW_NAME", "coupled_batch_size", "prepare_output", "write_preview"]
+__all__ = ["BATCH_NAME", "CONFIG_NAME", "MANIFEST_NAME", "PREVIEW_NAME", "coupled_batch_size", "output_check",
+           "prepare_output", "write_preview"]

@@ -34,6 +34,7 @@ from ..guidance import GuidanceConfig
 from ..guidance.beta_table import resolve_beta
 from ..jobs import ImageJob, build_jobs, check_folder_name
 from ..models.priors import PriorSpec, describe_prior
+from ..overlap import check_apart, check_output_folder, inside
 from ..sampling.backends import check_triton_runs_on, default_noise
 from ..select import S3Config
 from ..ve import VariationalEstimator
@@ -78,8 +79,10 @@ def run_beta(config: DistillConfig) -> tuple[float, str]:
 def check_selection_paths(config: DistillConfig) -> S3Config | None:
     """The S3Config of a `--select s3` run after checking its paths (cheap, no image read), or None.
 
-    Refused in one line: a missing --real / --select-encoder path, and a candidates folder that is
-    OUT or lies inside it (an ImageFolder reader of OUT would take it for a class) or holds OUT.
+    Refused in one line: a missing --real / --select-encoder path, a candidates folder that is OUT
+    or lies inside it (an ImageFolder reader of OUT would take it for a class), and any other overlap
+    of --out, --candidates and --real (resolved through symlinks; igds_fast/overlap.py), or a
+    candidates folder at / or the home folder.
     """
     selection = config.selection
     if selection is None:
@@ -90,11 +93,13 @@ def check_selection_paths(config: DistillConfig) -> S3Config | None:
         raise IGDSInputError(f"--real {selection.real} is not a folder (an ImageFolder of real training images)")
     out = os.path.realpath(config.run.out)
     candidates = os.path.realpath(candidates_folder(config))
-    if candidates == out or candidates.startswith(out + os.sep):
+    if inside(candidates, out):
         raise IGDSInputError(f"the candidates folder {candidates} must not be inside the output folder {out} "
                              "(an image-folder reader would take it for a class)")
-    if out.startswith(candidates + os.sep):
-        raise IGDSInputError(f"the output folder {out} must not be inside the candidates folder {candidates}")
+    check_output_folder("--out", config.run.out)
+    check_output_folder("--candidates", candidates_folder(config))
+    check_apart([("--out", config.run.out), ("--candidates", candidates_folder(config))],
+                [("--real", selection.real)])
     return selection.s3
 
 
@@ -119,6 +124,7 @@ def plan_distill(config: DistillConfig) -> Plan:
     models, job, run, backend = config.models, config.job, config.run, config.backend
     if os.path.exists(run.out) and not os.path.isdir(run.out):
         raise IGDSInputError(f"output path {run.out!r} exists and is not a folder")
+    check_output_folder("--out", run.out)
     if not os.path.isfile(models.ve):
         raise IGDSInputError(f"VE bundle not found: {models.ve}")
     beta, beta_source = run_beta(config)

@@ -1,6 +1,7 @@
 """Running a distillation: the batches, the sampler, the atomic writes, torchrun sharding, the manifest.
 
-Resume: every file appears only by an atomic rename, so an existing image is complete. Work is cut
+Resume: every file appears only by an atomic rename, and rank 0 checks every existing image before
+counting it (folder.prepare_output: a file that is not a whole PNG is made again). Work is cut
 into fixed batches of the full job list (interleaving classes); a rerun skips the batches whose
 images all exist and re-samples a partly written batch with exactly its original members, writing
 only its missing files. Because a batch is always computed with the same members, a resumed run's
@@ -19,6 +20,7 @@ the first batch (profiling/window.py), validated here before any model loads.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -41,6 +43,7 @@ from ..distributed import (
 )
 from ..imageio import make_composite, save_png_atomic, write_json_atomic
 from ..jobs import batch_jobs, batch_samples, is_done
+from ..locks import hold_folder
 from ..models.cfg import ClassifierFreeGuidance
 from ..models.priors import load_prior_unet
 from ..models.vae import load_vae
@@ -65,7 +68,16 @@ def _stderr(message: str) -> None:
 
 
 def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: Plan | None = None) -> dict:
-    """Run (or resume) a distillation; returns the manifest dict (also written to OUT/manifest.json)."""
+    """Run (or resume) a distillation; returns the manifest dict (also written to OUT/manifest.json).
+
+    OUT is locked for the run (igds_fast/locks.py: one writer per folder; rank 0 holds it for every
+    rank under torchrun), from before its contents are checked until the manifest is written.
+    """
+    with contextlib.ExitStack() as held:
+        return _distill(config, log, plan, held)
+
+
+def _distill(config: DistillConfig, log: Callable[[str], None], plan: Plan | None, held: contextlib.ExitStack) -> dict:
     started = time.perf_counter()
     # Under torchrun: rank 0 validates the inputs and prepares the folder first; the other ranks wait,
     # so a bad input fails once with one message. A single process runs the same code unchanged.
@@ -81,7 +93,8 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
 
     def prepare() -> tuple[int, int | None]:
         if ctx.is_main:
-            done = prepare_output(out, plan.pixel_settings, plan.class_keys, config.run.force, log)
+            held.enter_context(hold_folder(out, "--out", log))
+            done = prepare_output(out, plan.pixel_settings, config.run.force, log)
         else:
             done = sum(1 for job in plan.jobs if is_done(job, out))
         return done, coupled_batch_size(out, plan.guidance.gamma, config.run.batch_size, plan.composite)

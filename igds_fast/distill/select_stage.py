@@ -45,6 +45,7 @@ settings file includes all of them, OUT is refused (or, with --force, cleared) w
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -62,21 +63,18 @@ from ..distributed import QuietRankError, launched_by_torchrun
 from ..errors import IGDSInputError
 from ..imageio import write_bytes_atomic, write_json_atomic
 from ..jobs import ImageJob, image_file_name
+from ..locks import hold_folder
 from ..models.feature_encoder import FeatureEncoder, load_feature_encoder
 from ..select import ClassCentroidAccumulator, S3Config, s3_search_centroids, select_real_indices, subgroup_centroids
 from .config import DistillConfig
-from .folder import MANIFEST_NAME, output_refusal, prepare_output, write_preview
+from .folder import MANIFEST_NAME, output_check, prepare_output, write_preview
+from .owned import FEATURES_DIR, STAGE_DIR, STAGE_FILES, temp_of
 from .manifest import build_manifest
 from ..settings import replace as replace_settings
 from .plan import Plan, candidates_folder, check_selection_paths, plan_distill, run_beta
 from .run import distill
 
-STAGE_DIR = ".s3"
-STATE_NAME = "state.json"
-FEATURES_DIR = "features"
-REAL_NAME = "real_centroids.safetensors"
-REAL_PARTIAL_NAME = "real_partial.safetensors"
-SELECTION_NAME = "selection.json"
+STATE_NAME, REAL_NAME, REAL_PARTIAL_NAME, SELECTION_NAME = STAGE_FILES  # in CAND/.s3 (names: owned.py)
 FEATURE_BATCH = 128  # candidate images per feature batch (fixed: the batches are the resume unit)
 REAL_BATCH = 128
 REAL_CHECKPOINT_BATCHES = 20
@@ -200,11 +198,6 @@ def plan_selection(config: DistillConfig, real_images=None) -> SelectionPlan:
                          out_settings)
 
 
-def _output_refusal(out: str, settings: dict, force: bool) -> str | None:
-    """Why OUT cannot take this run (read-only, so every rank can check it), or None."""
-    return None if force else output_refusal(out, settings)
-
-
 # ---- the run --------------------------------------------------------------------------------------
 
 
@@ -221,22 +214,27 @@ def distill_with_selection(config: DistillConfig, log: Callable[[str], None] = _
         return distill(config, log=log)
     started = time.perf_counter()
     quiet_rank = launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
-    try:
-        plan = plan_selection(config, real_images)
-        refusal = _output_refusal(config.run.out, plan.out_settings, config.run.force)
-        if refusal is not None:
-            raise IGDSInputError(refusal)
-    except IGDSInputError as exc:
-        if quiet_rank:  # every rank checks the same inputs; rank 0 reports them once
-            raise QuietRankError(str(exc)) from exc
-        raise
-    if not quiet_rank:
-        # OUT's settings file first (the candidates come after), so a crash leaves a folder that knows them.
-        prepare_output(config.run.out, plan.out_settings, plan.candidate_plan.class_keys, config.run.force, log)
-    candidates_manifest = distill(plan.candidate_config, log=log, plan=plan.candidate_plan)
-    if "images" not in candidates_manifest:
-        return candidates_manifest  # a non-zero rank: its share of the candidates is done
-    return _select_and_write(plan, candidates_manifest, started, log)
+    with contextlib.ExitStack() as held:
+        try:
+            plan = plan_selection(config, real_images)
+            if not quiet_rank:  # one writer per folder: both locked before their contents are checked
+                held.enter_context(hold_folder(config.run.out, "--out", log))
+                held.enter_context(hold_folder(plan.candidates, "--candidates", log))
+            # What --force would remove is decided only now, after every input is checked, and for both
+            # folders before either is touched (read-only: every rank checks).
+            output_check(config.run.out, plan.out_settings, config.run.force)
+            output_check(plan.candidates, plan.candidate_plan.pixel_settings, config.run.force)
+        except IGDSInputError as exc:
+            if quiet_rank:  # every rank checks the same inputs; rank 0 reports them once
+                raise QuietRankError(str(exc)) from exc
+            raise
+        if not quiet_rank:
+            # OUT's settings file first (the candidates come after), so a crash leaves a folder that knows them.
+            prepare_output(config.run.out, plan.out_settings, config.run.force, log)
+        candidates_manifest = distill(plan.candidate_config, log=log, plan=plan.candidate_plan)
+        if "images" not in candidates_manifest:
+            return candidates_manifest  # a non-zero rank: its share of the candidates is done
+        return _select_and_write(plan, candidates_manifest, started, log)
 
 
 def _stage_paths(candidates: str) -> dict:
@@ -262,17 +260,20 @@ def _prepare_stage(plan: SelectionPlan, image_size: int, channels: int, log) -> 
     if saved != key:
         if saved is not None:
             log(f"distill: S3: {paths['stage']} was computed from other candidates or another encoder; recomputing")
-        for folder in (paths["features"], paths["stage"]):
-            for name in os.listdir(folder):
-                path = os.path.join(folder, name)
-                if os.path.isfile(path):
-                    os.unlink(path)
+        for folder, names in ((paths["features"], _is_feature_file), (paths["stage"], STAGE_FILES.__contains__)):
+            for name in os.listdir(folder):  # the stage files only (owned.py), never anything else
+                if names(name) and os.path.isfile(os.path.join(folder, name)):
+                    os.unlink(os.path.join(folder, name))
         write_json_atomic(paths["state"], key)
-    for folder in (paths["features"], paths["stage"]):  # temp files of a writer killed mid-write
-        for name in os.listdir(folder):
-            if name.startswith(".") and name.endswith(".tmp"):
+    for folder, names in ((paths["features"], _is_feature_file), (paths["stage"], STAGE_FILES.__contains__)):
+        for name in os.listdir(folder):  # temp files of a stage writer killed mid-write
+            if temp_of(name) is not None and names(temp_of(name)):
                 os.unlink(os.path.join(folder, name))
     return paths, key
+
+
+def _is_feature_file(name: str) -> bool:
+    return len(name) == 6 + len(".safetensors") and name[:6].isdigit() and name.endswith(".safetensors")
 
 
 def _save_tensors_atomic(path: str, tensors: dict, key: str, **extra) -> None:

@@ -90,10 +90,10 @@ at IPC 1); features, real centroids, selection and copy take about 1 s per set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -103,6 +103,7 @@ import numpy as np
 import torch
 
 from ..data import TensorImages, load_digits_split, load_image_folder
+from ..devices import resolve_device
 from ..distill import DistillConfig, JobSettings, ModelSettings, RunSettings, SamplerSettings, distill_with_selection
 from ..distill.config import SelectionSettings
 from ..errors import IGDSInputError
@@ -110,12 +111,15 @@ from ..evaluate import AugmentConfig, evaluate_distilled
 from ..guidance import GuidanceConfig
 from ..guidance.beta_table import beta_for_ipc, read_beta_table
 from ..imageio import write_bytes_atomic, write_json_atomic
+from ..locks import hold_folder
 from ..models.priors import read_prior_header, save_prior
+from ..overlap import check_apart, check_output_folder
 from ..select import S3Config
 from ..settings import Flag, option, section
 from ..train_prior import PriorTrainConfig, train_prior
 from ..threads import torch_threads
 from ..train_ve import VETrainConfig, train_ve
+from .digits_files import SETS_DIR, check_demo_names, clear_demo, demo_folders, note_file, note_set
 
 CLASS_NAMES = [str(digit) for digit in range(10)]
 IMAGE_SIZE = 16
@@ -128,6 +132,7 @@ SHIPPED_PRIOR = os.path.join(_DATA_DIR, "digits_prior.safetensors")
 SHIPPED_PRIOR_RECORD = os.path.join(_DATA_DIR, "digits_prior.json")
 RESULTS_NAME = "results.json"
 TABLE_NAME = "results.txt"
+PRIOR_NAME, VE_NAME, VE_RECORD_NAME = "prior.safetensors", "ve.safetensors", "ve_train.json"  # WORK's cache
 METHODS = ("random", "ddpm", "igds", "igds_s3")
 METHOD_TITLES = {"random": "random real subset", "ddpm": "DDPM, unguided (scale 0)", "igds": "IGDS",
                  "igds_s3": "IGDS + S\u00b3"}
@@ -274,7 +279,7 @@ def ensure_prior(work_dir: str, settings: DigitsSettings, train_x, train_y, log,
         report = shipped_prior_record().get("report", {})
         summary = {key: report[key] for key in ("wall_time_s", "final_loss", "final_mse", "samples_per_s") if key in report}
         return SHIPPED_PRIOR, {"cached": True, "shipped": True, **summary}
-    path = os.path.join(work_dir, "prior.safetensors")
+    path = os.path.join(work_dir, PRIOR_NAME)
     if prior_matches(path, settings):
         log(f"digits: prior: cached {path}")
         return path, {"cached": True, **read_prior_header(path)["training"].get("report", {})}
@@ -295,6 +300,7 @@ def ensure_prior(work_dir: str, settings: DigitsSettings, train_x, train_y, log,
                "final_mse": report.final_mse, "samples_per_s": round(report.samples_per_s, 1)}
     save_prior(path, unet, flags, schedule_config, CLASS_NAMES,
                {"config": dataclasses.asdict(settings.prior), "data": {"digits": SPLIT}, "report": summary})
+    note_file(work_dir, PRIOR_NAME)
     log(f"digits: prior: trained in {report.wall_time_s:.1f}s (final loss {report.final_loss:.4f})")
     return path, {"cached": False, **summary}
 
@@ -306,8 +312,8 @@ def shipped_prior_record() -> dict:
 
 def ensure_ve(work_dir: str, settings: DigitsSettings, train_x, train_y, test_x, test_y, log) -> tuple[str, dict]:
     """WORK/ve.safetensors from `train_ve` with `VETrainConfig.digits(**ve_overrides)` (reused when it matches)."""
-    path = os.path.join(work_dir, "ve.safetensors")
-    sidecar = os.path.join(work_dir, "ve_train.json")
+    path = os.path.join(work_dir, VE_NAME)
+    sidecar = os.path.join(work_dir, VE_RECORD_NAME)
     config = VETrainConfig.digits(device=settings.device, num_threads=settings.threads, **settings.ve_overrides)
     key = {"config": config.to_dict(), "data": SPLIT}
     cached = _read_json(sidecar)
@@ -318,12 +324,14 @@ def ensure_ve(work_dir: str, settings: DigitsSettings, train_x, train_y, test_x,
     ve, report = train_ve(train_x, train_y, CLASS_NAMES, config, test_x, test_y,
                           log=lambda message: log(f"digits: VE: {message}"))
     ve.save(path)
+    note_file(work_dir, VE_NAME)
     summary = {
         "seconds": report.get("seconds", {}).get("total"),
         "train_accuracy": report.get("train", {}).get("accuracy"),
         "test_accuracy": report.get("val", {}).get("accuracy"),
     }
     write_json_atomic(sidecar, {"cache_key": key, "summary": summary})
+    note_file(work_dir, VE_RECORD_NAME)
     return path, {"cached": False, **summary}
 
 
@@ -336,7 +344,10 @@ def distill_set(out_dir, prior_path, ve_path, method, ipc, seed, settings: Digit
     of s3_groups x IPC candidates, S³-selected against the real centroids of `real`, a
     data.TensorImages of the train split), into OUT/distilled/<method>_ipc<k>_seed<s> (igds_s3's
     candidates beside it, in <that>.s3-candidates)."""
-    out = os.path.join(out_dir, "distilled", f"{method}_ipc{ipc}_seed{seed}")
+    name = f"{method}_ipc{ipc}_seed{seed}"
+    out = os.path.join(out_dir, SETS_DIR, name)
+    for made in (name, f"{name}.s3-candidates") if method == "igds_s3" else (name,):
+        note_set(out_dir, made)  # recorded before the set's first file: --force may clear it whatever happens
     guided = method in ("igds", "igds_s3")
     selected = method == "igds_s3"
     config = DistillConfig(
@@ -383,19 +394,44 @@ def evaluate_set(images, labels, test_x, test_y, seed: int, settings: DigitsSett
     return float(result["accuracies"][0])
 
 
+def set_names(settings: DigitsSettings) -> list[str]:
+    """The set folders a run writes under OUT/distilled/ (igds_s3's candidates folders included)."""
+    names = [f"{method}_ipc{ipc}_seed{seed}" for ipc in settings.ipcs for seed in range(settings.seeds)
+             for method in GENERATED_METHODS if method != "igds_s3" or ipc in settings.selection_ipcs]
+    return names + [f"{name}.s3-candidates" for name in names if name.startswith("igds_s3_")]
+
+
 def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: Callable[[str], None] | None = None,
-               out_dir: str | None = None, retrain_prior: bool = False) -> dict:
+               out_dir: str | None = None, retrain_prior: bool = False, force: bool = False) -> dict:
     """The whole pipeline; returns {"accuracies": {method: {ipc: [acc per seed]}}, "timings_s": ..., ...}.
 
     work_dir caches the trained VE (and the prior, when it is not the shipped one or retrain_prior); out_dir (default: work_dir) receives the distilled
     sets (OUT/distilled/) and the results: OUT/results.json and the printed table OUT/results.txt
-    (both atomically).
+    (both atomically). Refused in one line before any work: the device, / or home as a folder, one
+    folder inside the other, a folder another process writes (locks.py), a file or set the run would
+    write that the demo did not write (digits_files.py). Then `force` removes what the demo wrote.
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     out_dir = out_dir or work_dir
+    resolve_device(settings.device)
+    for folder, flag in demo_folders(work_dir, out_dir):
+        check_output_folder(flag, folder)
+    check_apart([(flag, folder) for folder, flag in demo_folders(work_dir, out_dir)])
+    own_prior = retrain_prior or not prior_matches(SHIPPED_PRIOR, settings)
+    cached = ([PRIOR_NAME] if own_prior else []) + [VE_NAME, VE_RECORD_NAME]
+    with contextlib.ExitStack() as held:
+        for folder, flag in demo_folders(work_dir, out_dir):
+            held.enter_context(hold_folder(folder, flag, log))
+        check_demo_names(work_dir, "--work-dir", cached, [])
+        check_demo_names(out_dir, "--out", [RESULTS_NAME, TABLE_NAME], set_names(settings))
+        if force:
+            clear_work_dir(work_dir, out_dir)
+        return _run_digits(settings, work_dir, log, out_dir, retrain_prior)
+
+
+def _run_digits(settings: DigitsSettings, work_dir: str, log: Callable[[str], None], out_dir: str,
+                retrain_prior: bool) -> dict:
     started = time.perf_counter()
-    os.makedirs(work_dir, exist_ok=True)
-    os.makedirs(out_dir, exist_ok=True)
     timings: dict[str, float] = {}
     accuracies = {method: {ipc: [] for ipc in settings.ipcs} for method in METHODS}
     accuracies["igds_s3"] = {ipc: [] for ipc in settings.selection_ipcs}
@@ -451,7 +487,9 @@ def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: 
         "out": os.path.abspath(out_dir),
     }
     write_json_atomic(os.path.join(out_dir, RESULTS_NAME), results)
+    note_file(out_dir, RESULTS_NAME)
     write_bytes_atomic(os.path.join(out_dir, TABLE_NAME), (format_table(results) + "\n").encode("utf-8"))
+    note_file(out_dir, TABLE_NAME)
     return results
 
 
@@ -516,8 +554,6 @@ class DigitsDemo:
     settings: DigitsSettings = section(DigitsSettings, "digits pipeline")
 
 
-CACHED_FILES = ("prior.safetensors", "ve.safetensors", "ve_train.json", RESULTS_NAME, TABLE_NAME)
-OUTPUT_FILES = (RESULTS_NAME, TABLE_NAME)
 
 # Measured wall times of the default settings (module docstring, README): 2-core CPUs, fresh and cached.
 FIRST_RUN_MINUTES = "7"
@@ -526,16 +562,9 @@ FAST_RUN_MINUTES = "1"
 
 
 def clear_work_dir(work_dir: str, out_dir: str | None = None) -> None:
-    """Remove what the pipeline caches in `work_dir` and writes to `out_dir` (default: work_dir), and
-    nothing else those folders may hold."""
-    for folder, names in ((work_dir, CACHED_FILES), (out_dir or work_dir, OUTPUT_FILES)):
-        for name in names:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                os.unlink(path)
-        distilled = os.path.join(folder, "distilled")
-        if os.path.isdir(distilled):
-            shutil.rmtree(distilled)
+    """--force: remove what the demo wrote in `work_dir` and `out_dir` (default: work_dir), by the
+    records it keeps there (digits_files.py), and nothing else those folders may hold."""
+    clear_demo(work_dir, out_dir)
 
 
 def describe_run(settings: DigitsSettings, work_dir: str, out_dir: str | None = None, fast: bool = False,
