@@ -48,6 +48,7 @@ from factories import digits_adm, randomize_, tiny_adm, tiny_ve
 from host_reads import SyncingOpRecorder, host_reads
 from igds_fast.sampling.compiled import (
     ATTENTION_IMPLEMENTATIONS,
+    AUTOTUNE_INDUCTOR_OPTIONS,
     CONV_UNET_INDUCTOR_OPTIONS,
     CompileConfig,
     CompiledStep,
@@ -191,13 +192,22 @@ def test_config_device_defaults_and_compile_arguments():
     cpu = CompileConfig().for_device("cpu")
     assert cpu.cuda_graphs is False and cpu.mode == "default" and cpu.inductor_options == {}
     assert cpu.encoder_dtype == "bf16" and cpu.attention == "auto"
+    # The CUDA default compiles in minutes: mode "default", no tuning, only the free 1x1-conv flag.
     cuda = CompileConfig().for_device("cuda")
-    assert cuda.cuda_graphs is True and cuda.mode == "max-autotune-no-cudagraphs"
-    assert cuda.inductor_options == CONV_UNET_INDUCTOR_OPTIONS
+    assert cuda.cuda_graphs is True and cuda.mode == "default"
+    assert cuda.inductor_options == CONV_UNET_INDUCTOR_OPTIONS == {"conv_1x1_as_mm": True}
     kwargs = cuda.compile_kwargs()
     assert kwargs["fullgraph"] and kwargs["dynamic"] is False and "mode" not in kwargs
     options = kwargs["options"]
-    assert options["max_autotune"] and options["conv_1x1_as_mm"] and options["triton.cudagraphs"] is False
+    assert options["conv_1x1_as_mm"] and options["triton.cudagraphs"] is False
+    assert not options.get("max_autotune") and not options.get("coordinate_descent_tuning")
+    # max-autotune is one flag away (--compile-mode), with the conv-UNet tuning recipe on top.
+    tuned = CompileConfig(mode="max-autotune-no-cudagraphs").for_device("cuda")
+    assert tuned.inductor_options == {**CONV_UNET_INDUCTOR_OPTIONS, **AUTOTUNE_INDUCTOR_OPTIONS}
+    options = tuned.compile_kwargs()["options"]
+    assert options["max_autotune"] and options["coordinate_descent_tuning"] and options["epilogue_fusion"] is False
+    assert options["triton.cudagraphs"] is False
+    assert CompileConfig(mode="max-autotune-no-cudagraphs", inductor_options={}).for_device("cuda").inductor_options == {}
     assert CompileConfig(backend="aot_eager").for_device("cuda").compile_kwargs() == dict(
         backend="aot_eager", fullgraph=True, dynamic=False
     )
