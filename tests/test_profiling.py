@@ -178,6 +178,33 @@ def test_bench_sampler_tiny_run_reports_every_column(bench, tmp_path, monkeypatc
     assert "open (not measured here)" in report  # the GPU targets stay open on CPU
 
 
+def test_bench_sampler_saves_every_row_as_it_comes_and_a_failing_variant_is_its_error_row(bench, tmp_path,
+                                                                                          monkeypatch):
+    # bench/gpu_check.sh kills a part at its time limit: every finished row must already be on disk.
+    writes = []
+    original = bench.write_atomic
+
+    def recording_write(path, text):
+        original(path, text)
+        if path.endswith(".json"):
+            writes.append([row["variant"] for row in json.loads(text)["rows"]])
+
+    monkeypatch.setattr(bench, "write_atomic", recording_write)
+    out, report = tmp_path / "rows.json", tmp_path / "report.md"
+    argv = ["--presets", "tiny", "--batch-sizes", "2", "--warmup", "1", "--steps", "1", "--same-math-rounds", "0",
+            "--variants", "eager-fp32,compiled,eager-half", "--compile-options", '{"dtype": "int8"}',
+            "--json", str(out), "--report", str(report)]
+    assert bench.main(argv) == 0
+    assert writes[:3] == [["eager-fp32"], ["eager-fp32", "compiled"], ["eager-fp32", "compiled", "eager-bf16"]]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[1]["error"].startswith("IGDSInputError: compile dtype must be one of") and "ms_per_step" not in rows[1]
+    assert "ms_per_step" in rows[0] and "ms_per_step" in rows[2]
+    assert "| tiny | compiled | 2 | IGDSInputError: compile dtype" in report.read_text()
+    assert not list(tmp_path.glob("*.tmp*"))  # written through a temporary file, renamed over the target
+    assert bench.overhead_kind("graphs", True) == "compile+capture" and bench.overhead_kind("graphs", False) == "capture"
+    assert bench.overhead_kind("compiled", True) == "compile" and bench.overhead_kind("compiled", False) is None
+
+
 def test_bench_flop_counts_match_the_issue():
     flops = bench_part("models").flops_per_image_step("adm256")
     assert flops["unet"] / 1e12 == pytest.approx(2.24, rel=0.01)  # the issue's 2.24 TFLOP per image-step
