@@ -138,7 +138,7 @@ def test_dry_run_prints_the_calls_with_their_files_clock_and_commands(tmp_path):
     ('PLAN=("${PLAN[@]/adm256:1:300:420:0/adm256:1:300:520:0}")\n', "part adm256's limit 520 s does not fit"),
     ('CALLS=("${CALLS[@]/1:540:A/1:700:A}")\n', "call 1's timeout_s 700 s exceeds the device's 600 s"),
     ('CALLS=("${CALLS[@]/2:150:A/2:240:A}")\n', "session A needs 940 s of device time"),
-])
+], ids=["nine-files", "over-timeout", "part-over-call", "over-600-s", "session-over-900-s"])
 def test_dry_run_refuses_a_plan_that_does_not_fit(tmp_path, plan, message):
     result = dry_run(tmp_path, plan)
     assert result.returncode == 1 and message in result.stderr, result.stdout[-2000:] + result.stderr
