@@ -286,7 +286,7 @@ write_archive() {  # gpu_check/ into $OUT, under the device's 16 MiB per file; t
 # What a part's log says in a few lines: the benches' rows, pytest's outcomes, the self-check rows,
 # the compile's progress (case-insensitive: pytest -v writes PASSED / FAILED).
 highlights() {
-  sed -n '/^--- output ---$/,$p' "$1" | grep -aiE '^\[bench\]|^\| |passed|failed|error|timeout|skipped|not installed|not found|^torch |^xformers|^diffusers|^guided|MiB|^(tiny|digits|adm256) |^compiled backend:|^cpus ' | tail -n 60
+  sed -n '/^--- output ---$/,$p' "$1" | grep -aiE '^\[bench\]|^\| |passed|failed|error|timeout|skipped|not installed|not found|^torch |^xformers|^diffusers|^guided|MiB|^(model|tiny|digits|adm256) |^compiled backend:|^cpus ' | tail -n 60
 }
 
 # ---- running a part ------------------------------------------------------------------------------
