@@ -42,10 +42,16 @@ where there are no graphs, on CPU; eager fp32 where nothing was compiled) agains
 one step each per round, each side's fastest step kept (load from other processes only adds time),
 their ratio in the JSON's "same_math" (tests/test_bench_peers.py checks it on CPU).
 
+Rows come in the order of --variants (bench/gpu_check.sh puts the headline first: graphs, then the
+baselines), the fidelity check right after the graphs row (the compiled row without graphs), and
+--json / --report are rewritten after every variant, atomically: a run killed at a time limit keeps
+every finished row. A variant that fails, to build or to run, becomes its error row; the others run.
+
 Timing: `--warmup` steps first, each timed alone: the first includes torch.compile, autotuning or
-graph capture, and its time above a steady step is the row's "compile/capture s" (a graphs row's is
-capture alone when the compiled row ran before it at that guidance mode, else compile+capture);
-their sum is "warm-up s". Then `--repeats` blocks of `--steps` steps, each timed between device
+graph capture, and its time above a steady step is the row's "compile/capture s" (the first of
+compiled / graphs at a batch size and guidance mode carries the compile, "compile+capture" on a
+graphs row; a later graphs row the capture alone; a later compiled row nothing); their sum is
+"warm-up s". Then `--repeats` blocks of `--steps` steps, each timed between device
 synchronisations, the fastest block kept; seconds per image at 250 steps = (block time / steps) *
 250 / batch — scaled from the timed steps, not a measured 250-step run (every step of the paper's
 setting has the same cost).
@@ -96,7 +102,7 @@ from bench.models import (  # noqa: E402
     build_prior, build_schedule, build_ve, flops_per_image_step, latent_flops_per_image_step, make_sampler,
     prior_class_map,
 )
-from bench.peers import PEER_VARIANTS, Peer, build_gd_peer, build_minimax_peer, same_math_check  # noqa: E402
+from bench.peers import PEER_VARIANTS, build_gd_peer, build_minimax_peer, same_math_check  # noqa: E402
 from bench.report import add_ratios, format_report  # noqa: E402
 from bench.timing import DEVICE, GPU, fidelity, matmul_peak_tflops, time_decoder, time_steps  # noqa: E402
 from igds_fast.sampling import Sampler  # noqa: E402
@@ -136,8 +142,56 @@ def failure_message(error: Exception) -> str:
         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200])
 
 
-def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[dict], list[dict]]:
-    rows, checks = [], []
+class Results:
+    """The rows and checks measured so far, written out after every variant (a killed run keeps them).
+
+    save() rewrites --json (rows, fidelity, same-math, peak, command) and --report (the markdown
+    report of bench/report.py) atomically: a temporary file beside the target, then os.replace, so a
+    reader never sees half a file, even when the run is killed mid-write."""
+
+    def __init__(self, args, command: str, peak: float, peak_n: int):
+        self.args, self.command, self.peak, self.peak_n = args, command, peak, peak_n
+        self.rows: list[dict] = []
+        self.checks: list[dict] = []
+
+    def report(self) -> str:
+        add_ratios(self.rows)
+        return format_report(self.rows, self.checks, self.peak, self.peak_n, self.args, self.command)
+
+    def save(self) -> str:
+        report = self.report()
+        if self.args.json:
+            write_atomic(self.args.json, json.dumps(
+                {"rows": self.rows, "fidelity": [c for c in self.checks if c["kind"] == "fidelity"],
+                 "same_math": [c for c in self.checks if c["kind"] == "same-math"], "peak_tflops": self.peak,
+                 "command": self.command}, indent=1))
+        if self.args.report:
+            write_atomic(self.args.report, report)
+        return report
+
+
+def write_atomic(path: str, text: str) -> None:
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def overhead_kind(variant: str, first_of_the_compile: bool) -> str | None:
+    """What a compiled row's first warm-up step carries: the compile on the first of compiled / graphs
+    at a batch shape and guidance mode (torch.compile with dynamic=False compiles per batch shape),
+    the capture alone on a later graphs row, nothing on a later compiled row."""
+    if variant == "compiled":
+        return "compile" if first_of_the_compile else None
+    if variant == "graphs":
+        return "compile+capture" if first_of_the_compile else "capture"
+    return None
+
+
+def run_preset(preset: str, args, peak_tflops: float, half_dtype, results: Results) -> None:
+    """Every variant of `args.variants` at every batch size, in the order given: each row (or error
+    row) goes into `results` and is saved at once."""
+    rows, checks = results.rows, results.checks
     latent = preset in LATENT_PRESETS
     if latent:
         flops = latent_flops_per_image_step(preset)
@@ -149,6 +203,9 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
         unet, decoder = build_prior(preset, DEVICE), None
         image_size = unet.image_size
         steps_per_image, modes = STEPS_PER_IMAGE, ("igds",)
+    gflops = dict(unet_gflop=flops["unet"] / 1e9, encoder_gflop=flops["encoder"] / 1e9)
+    if latent:
+        gflops.update(decoder_gflop=flops["decoder"] / 1e9, unguided_gflop=flops["unguided"] / 1e9)
     ve = build_ve(preset, image_size, DEVICE)
     schedule = build_schedule(preset, DEVICE)
     class_map = prior_class_map(unet)
@@ -161,41 +218,45 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
     # The peers take the IGDS guidance (VE, head, decoder) and the class map from `eager`.
     eager = make_sampler(unet, schedule, ve, class_map, reference=False, decoder=decoder, noise="torch")
     reference = make_sampler(unet, schedule, ve, class_map, decoder=decoder) if args.check_fidelity else None
-    half = None
-    if "eager-half" in variants:
-        half_unet = HalfPrecisionPrior(unet, half_dtype) if latent else low_precision_copy(unet, half_dtype,
-                                                                                          channels_last=False)
-        half_decoder = None if decoder is None else low_precision_copy(decoder, half_dtype, channels_last=False)
-        half = make_sampler(half_unet, schedule, HalfPrecisionVE(ve, half_dtype), class_map, reference=False,
-                            decoder=half_decoder, noise="torch")
-    compiled = None
-    if "compiled" in variants or "graphs" in variants:
-        compiled = make_sampler(unet, schedule, ve, class_map, "compiled", options, decoder=decoder)
-    peers: dict[str, Peer | Exception] = {}
 
-    def peer_of(variant: str) -> Peer:
-        if variant not in peers:
+    def build(kind: str):
+        if kind == "eager-half":
+            half_unet = HalfPrecisionPrior(unet, half_dtype) if latent else low_precision_copy(unet, half_dtype,
+                                                                                              channels_last=False)
+            half_decoder = None if decoder is None else low_precision_copy(decoder, half_dtype, channels_last=False)
+            return make_sampler(half_unet, schedule, HalfPrecisionVE(ve, half_dtype), class_map, reference=False,
+                                decoder=half_decoder, noise="torch")
+        if kind == "compiled":
+            return make_sampler(unet, schedule, ve, class_map, "compiled", options, decoder=decoder)
+        if latent:
+            return build_minimax_peer(unet, eager, class_map, batch_one=kind == "minimax-b1")
+        return build_gd_peer(preset, unet, eager, class_map, use_fp16=kind == "gd-fp16")
+
+    built: dict[str, object] = {"eager-fp32": eager}
+
+    def runner(variant: str):
+        """The variant's sampler or peer, built on first use; a build failure is that variant's error."""
+        kind = "compiled" if variant == "graphs" else variant
+        if kind not in built:
             try:
-                if latent:
-                    peers[variant] = build_minimax_peer(unet, eager, class_map, batch_one=variant == "minimax-b1")
-                else:
-                    peers[variant] = build_gd_peer(preset, unet, eager, class_map, use_fp16=variant == "gd-fp16")
-            except Exception as error:  # noqa: BLE001 - a peer that cannot be built is an error row
+                built[kind] = build(kind)
+            except Exception as error:  # noqa: BLE001 - the variant's error row, the others still run
                 traceback.print_exc()
-                peers[variant] = error
-        if isinstance(peers[variant], Exception):
-            raise peers[variant]
-        return peers[variant]
+                built[kind] = error
+        if isinstance(built[kind], Exception):
+            raise built[kind]
+        return built[kind]
 
-    compiled_modes = set()  # modes the compiled variant has run (then a graphs row's overhead is capture)
+    def record(row: dict) -> None:
+        rows.append(row)
+        results.save()
+
+    compiled_at = set()  # (batch, mode) where the compiled sampler has run: its code exists
+    fidelity_after = "graphs" if "graphs" in variants else "compiled"
     for batch in args.batch_sizes:
         decoder_s = {}  # per sampler (the graphs rows share the compiled sampler's decoder)
         for variant in variants:
             peer = variant in PEER_VARIANTS
-            sampler = None if peer else {"eager-fp32": eager, "eager-half": half, "compiled": compiled,
-                                         "graphs": compiled}[variant]
-            if sampler is not None and sampler.backend == "compiled":
-                sampler.stepper.use_graphs = variant == "graphs"
             name = half_name if variant == "eager-half" else variant
             run_batch = 1 if variant == "minimax-b1" else batch
             if variant == "minimax-b1" and batch != args.batch_sizes[0]:
@@ -203,19 +264,23 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
             for mode in modes:
                 label = f"{preset}/{name}/B{run_batch}" + (f"/{mode}" if latent else "")
                 profile = GPU and args.profile == variant and batch == args.batch_sizes[-1] and mode == "igds"
-                key = {"preset": preset, "variant": name, "batch": run_batch}
+                key = {"preset": preset, "variant": name, "batch": run_batch, **gflops}
                 if latent:
                     key["guidance"] = mode
+                sampler = None
                 try:
+                    sampler = None if peer else runner(variant)
                     if peer:
-                        result = peer_of(variant).time(run_batch, args.warmup, args.steps, args.repeats, label,
-                                                       guided=mode == "igds")
+                        result = runner(variant).time(run_batch, args.warmup, args.steps, args.repeats, label,
+                                                      guided=mode == "igds")
                     else:
+                        if sampler.backend == "compiled":
+                            sampler.stepper.use_graphs = variant == "graphs"
                         with guidance_scale(sampler, 0.0) if mode == "none" else contextlib.nullcontext():
                             result = time_steps(sampler, batch, args.warmup, args.steps, label, profile, args.repeats)
                 except Exception as error:  # noqa: BLE001 - one failing variant must not cost the others' rows
                     message = failure_message(error)
-                    rows.append({**key, "error": message})
+                    record({**key, "error": message})
                     print(f"[bench] {label}: FAILED {message}", file=sys.stderr, flush=True)
                     traceback.print_exc()
                     if GPU:
@@ -232,10 +297,10 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
                             torch.cuda.empty_cache()
                 step_flops = flops["unguided"] if mode == "none" else flops["total"]
                 tflops = step_flops * run_batch / result["step_s"] / 1e12
-                overhead_kind = {"compiled": "compile",
-                                 "graphs": "capture" if mode in compiled_modes else "compile+capture"}.get(variant)
-                if variant == "compiled":
-                    compiled_modes.add(mode)
+                kind = None
+                if variant in ("compiled", "graphs"):
+                    kind = overhead_kind(variant, (batch, mode) not in compiled_at)
+                    compiled_at.add((batch, mode))
                 row = {
                     **key,
                     "ms_per_step": result["step_s"] * 1e3,
@@ -244,55 +309,56 @@ def run_preset(preset: str, args, peak_tflops: float, half_dtype) -> tuple[list[
                     "tflops": tflops, "peak_fraction": tflops / peak_tflops,
                     "work_gib": None if result["work_bytes"] is None else result["work_bytes"] / 2**30,
                     "warmup_s": result["warmup_s"], "first_step_s": result["first_step_s"],
-                    "overhead_s": result["overhead_s"], "overhead_kind": overhead_kind,
+                    "overhead_s": result["overhead_s"], "overhead_kind": kind,
                     "block_ms_per_step": [b * 1e3 for b in result["block_step_s"]],
                     "peer": peer, "steps_per_image": steps_per_image,
                 }
+                if sampler is not None and sampler.backend == "compiled":
+                    row["config"] = compiled_config(sampler, latent)
                 extra = ""
                 if latent and mode == "igds" and sampler is not None and decoder_s[id(sampler)] is not None:
                     row["decoder_ms"] = decoder_s[id(sampler)] * 1e3
                     row["decoder_share"] = decoder_s[id(sampler)] / result["step_s"]
                     extra = (f", decoder fwd+bwd {row['decoder_ms']:.2f} ms "
                              f"({100 * row['decoder_share']:.0f}% of the step)")
-                if overhead_kind is not None and result["overhead_s"] is not None:
-                    extra += f", {overhead_kind} {result['overhead_s']:.1f} s (1st step above a steady one)"
-                # Progress as it is measured: a run cut short by a timeout still leaves its finished rows.
+                if kind is not None and result["overhead_s"] is not None:
+                    extra += f", {kind} {result['overhead_s']:.1f} s (1st step above a steady one)"
+                # Progress as it is measured; the row is saved at once (a run cut short keeps it).
                 print(f"[bench] {label}: {result['step_s'] * 1e3:.2f} ms/step, "
                       f"{row['s_per_image']:.3f} s/image @{steps_per_image}, {tflops:.2f} TFLOP/s, "
                       f"warm-up {result['warmup_s']:.1f} s{extra}", file=sys.stderr, flush=True)
-                rows.append(row)
-        if (batch == args.batch_sizes[0] and args.same_math_rounds and "eager-fp32" in variants
-                and "gd-fp32" in variants and not isinstance(peers.get("gd-fp32"), Exception)):
-            try:
-                checks.append({"preset": preset, "kind": "same-math",
-                               **same_math_check(eager, peer_of("gd-fp32"), batch, args.same_math_rounds)})
-            except Exception:  # noqa: BLE001 - report it, keep the timing rows
-                traceback.print_exc()
-        if compiled is not None:
-            if args.check_fidelity and batch == args.batch_sizes[0]:
+                record(row)
+            if (args.check_fidelity and variant == fidelity_after and batch == args.batch_sizes[0]
+                    and not isinstance(built.get("compiled"), (Exception, type(None)))):
+                # Right after the headline row: the graph replay (or the compiled step) against true fp32.
+                compiled = built["compiled"]
                 compiled.stepper.use_graphs = GPU and "graphs" in variants
                 try:
                     checks.append({"preset": preset, "kind": "fidelity", "batch": batch,
                                    "graphs": compiled.stepper.use_graphs,
                                    **fidelity(reference, compiled, batch, args.fidelity_steps)})
+                    results.save()
                 except Exception:  # noqa: BLE001 - report it, keep the timing rows
                     traceback.print_exc()
-            compiled.stepper.release_graphs()
+        if (batch == args.batch_sizes[0] and args.same_math_rounds and "eager-fp32" in variants
+                and "gd-fp32" in variants and not isinstance(built.get("gd-fp32"), Exception)):
+            try:
+                checks.append({"preset": preset, "kind": "same-math",
+                               **same_math_check(eager, runner("gd-fp32"), batch, args.same_math_rounds)})
+                results.save()
+            except Exception:  # noqa: BLE001 - report it, keep the timing rows
+                traceback.print_exc()
+        if not isinstance(built.get("compiled"), (Exception, type(None))):
+            built["compiled"].stepper.release_graphs()
         if GPU:
             torch.cuda.empty_cache()
-    add_ratios(rows)
-    for row in rows:
-        row.update(unet_gflop=flops["unet"] / 1e9, encoder_gflop=flops["encoder"] / 1e9)
-        if latent:
-            row.update(decoder_gflop=flops["decoder"] / 1e9, unguided_gflop=flops["unguided"] / 1e9)
-    if compiled is not None:
-        config = compiled.stepper.compile_config
-        for row in rows:
-            if row["variant"] in ("compiled", "graphs"):
-                row["config"] = (f"{config.dtype}/{config.encoder_dtype}"
-                                 + (f"/{config.decoder_dtype}" if latent else "")
-                                 + f", {config.backend} {config.mode}, attention {compiled.stepper.attention}")
-    return rows, checks
+
+
+def compiled_config(sampler: Sampler, latent: bool) -> str:
+    """`bf16/bf16, inductor default, attention sdpa`: what a compiled row ran."""
+    config = sampler.stepper.compile_config
+    return (f"{config.dtype}/{config.encoder_dtype}" + (f"/{config.decoder_dtype}" if latent else "")
+            + f", {config.backend} {config.mode}, attention {sampler.stepper.attention}")
 
 
 def parse_args(argv=None):
@@ -317,7 +383,10 @@ def parse_args(argv=None):
     parser.add_argument("--fidelity-steps", type=int, default=4)
     parser.add_argument("--profile", choices=VARIANTS, default=None,
                         help="wrap this variant's timed steps (largest batch) in cudaProfilerStart/Stop for nsys")
-    parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON to this path (rewritten after "
+                                                      "every variant)")
+    parser.add_argument("--report", default=None, help="also write the report (markdown) to this path (rewritten "
+                                                        "after every variant)")
     parser.add_argument("--append-results", action="store_true", help=f"append the report to {RESULTS}")
     args = parser.parse_args(argv)
     args.presets = [p.strip() for p in args.presets.split(",") if p.strip()]
@@ -347,20 +416,13 @@ def main(argv=None) -> int:
     command = "python bench/sampler.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     peak, peak_n = matmul_peak_tflops()
     half_dtype = torch.float16 if args.half_dtype == "fp16" else torch.bfloat16
-    rows, checks = [], []
+    results = Results(args, command, peak, peak_n)
     for preset in args.presets:
         batches = args.explicit_batches or ",".join(map(str, DEFAULT_BATCHES[preset]))
         args.batch_sizes = [int(b) for b in batches.split(",")]
-        found_rows, found_checks = run_preset(preset, args, peak, half_dtype)
-        rows += found_rows
-        checks += found_checks
-    report = format_report(rows, checks, peak, peak_n, args, command)
+        run_preset(preset, args, peak, half_dtype, results)
+    report = results.save()
     print(report)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"rows": rows, "fidelity": [c for c in checks if c["kind"] == "fidelity"],
-                       "same_math": [c for c in checks if c["kind"] == "same-math"], "peak_tflops": peak,
-                       "command": command}, handle, indent=1)
     if args.append_results:
         with open(RESULTS, "a") as handle:
             handle.write("\n" + report)

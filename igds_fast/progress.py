@@ -4,6 +4,7 @@
     progress.set_partial(12.8)     # optional: work in flight (e.g. 40% of a 32-image batch's steps)
     progress.set_partial(0)
     progress.update(32)            # after each finished batch
+    log_line("compiled backend: ...")  # any time: a one-off line, never on the bar's line (log_line)
     progress.close()
 
 On a TTY the bar redraws in place (carriage return) at most every `min_interval_s`. When the stream
@@ -32,6 +33,18 @@ def format_duration(seconds: float) -> str:
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def log_line(message: str, stream: TextIO | None = None) -> None:
+    """One line on `stream` (stderr): a long run's one-off messages (what it compiles, how long).
+
+    On a TTY the line first clears the one a progress bar is being redrawn on ("\\r", erase to the
+    end): the bar's next update draws it again below the message, so the two never share a line.
+    """
+    stream = stream if stream is not None else sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    stream.write(("\r\x1b[K" if isatty and isatty() else "") + message + "\n")
+    stream.flush()
 
 
 class Progress:

@@ -48,6 +48,7 @@ from factories import digits_adm, randomize_, tiny_adm, tiny_ve
 from host_reads import SyncingOpRecorder, host_reads
 from igds_fast.sampling.compiled import (
     ATTENTION_IMPLEMENTATIONS,
+    AUTOTUNE_INDUCTOR_OPTIONS,
     CONV_UNET_INDUCTOR_OPTIONS,
     CompileConfig,
     CompiledStep,
@@ -191,13 +192,22 @@ def test_config_device_defaults_and_compile_arguments():
     cpu = CompileConfig().for_device("cpu")
     assert cpu.cuda_graphs is False and cpu.mode == "default" and cpu.inductor_options == {}
     assert cpu.encoder_dtype == "bf16" and cpu.attention == "auto"
+    # The CUDA default compiles in minutes: mode "default", no tuning, only the free 1x1-conv flag.
     cuda = CompileConfig().for_device("cuda")
-    assert cuda.cuda_graphs is True and cuda.mode == "max-autotune-no-cudagraphs"
-    assert cuda.inductor_options == CONV_UNET_INDUCTOR_OPTIONS
+    assert cuda.cuda_graphs is True and cuda.mode == "default"
+    assert cuda.inductor_options == CONV_UNET_INDUCTOR_OPTIONS == {"conv_1x1_as_mm": True}
     kwargs = cuda.compile_kwargs()
     assert kwargs["fullgraph"] and kwargs["dynamic"] is False and "mode" not in kwargs
     options = kwargs["options"]
-    assert options["max_autotune"] and options["conv_1x1_as_mm"] and options["triton.cudagraphs"] is False
+    assert options["conv_1x1_as_mm"] and options["triton.cudagraphs"] is False
+    assert not options.get("max_autotune") and not options.get("coordinate_descent_tuning")
+    # max-autotune is one flag away (--compile-mode), with the conv-UNet tuning recipe on top.
+    tuned = CompileConfig(mode="max-autotune-no-cudagraphs").for_device("cuda")
+    assert tuned.inductor_options == {**CONV_UNET_INDUCTOR_OPTIONS, **AUTOTUNE_INDUCTOR_OPTIONS}
+    options = tuned.compile_kwargs()["options"]
+    assert options["max_autotune"] and options["coordinate_descent_tuning"] and options["epilogue_fusion"] is False
+    assert options["triton.cudagraphs"] is False
+    assert CompileConfig(mode="max-autotune-no-cudagraphs", inductor_options={}).for_device("cuda").inductor_options == {}
     assert CompileConfig(backend="aot_eager").for_device("cuda").compile_kwargs() == dict(
         backend="aot_eager", fullgraph=True, dynamic=False
     )
@@ -508,7 +518,10 @@ def test_nonfinite_gradient_raises_after_the_batch_like_eager():
 
 # GPU tests check fidelity and graph mechanics, not speed: mode "default" without the autotuning
 # inductor flags keeps each compile short (max-autotune and the flags are bench/sampler.py's to time).
+# Every compiling GPU test runs at one batch shape, GPU_BATCH (dynamic=False: another batch size is a
+# cold compile); after the first, inductor's cache serves the same graphs again.
 GPU_TEST_COMPILE = {"mode": "default", "inductor_options": {}}
+GPU_BATCH = 4
 
 
 @pytest.mark.parametrize("mode, gamma", [("x0", 0.0), ("x0", 0.3), ("xt", 0.3)])
@@ -595,12 +608,12 @@ def test_gpu_graphs_bf16_fidelity_and_graph_equivalence():
     eager, compiled = make_pair(unet, ve, class_map, options, steps="50", device="cuda")
     step = compiled.stepper
     assert step.use_graphs
-    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3], device="cuda")
-    found = check_fidelity(eager, compiled, ve, TOLERANCES["bf16-gpu"], labels, random_seeds(8))
+    labels = torch.tensor([0, 1, 2, 3], device="cuda")
+    found = check_fidelity(eager, compiled, ve, TOLERANCES["bf16-gpu"], labels, random_seeds(GPU_BATCH))
     print(f"model seed {seed}: {found}")
     # The replayed graph computes what the same compiled step computes without it.
-    x = torch.randn(8, 3, 64, 64, device="cuda")
-    seeds = random_seeds(8)
+    x = torch.randn(GPU_BATCH, 3, 64, 64, device="cuda")
+    seeds = random_seeds(GPU_BATCH)
     replayed = compiled.step(x, 30, labels, None, None, seeds).clone()
     step.use_graphs = False
     direct = compiled.step(x, 30, labels, None, None, seeds).clone()
@@ -615,10 +628,10 @@ def test_gpu_graph_loop_has_no_host_sync_and_reuses_graphs():
     eager, compiled = make_pair(unet, ve, class_map, dict(GPU_TEST_COMPILE), steps="10", device="cuda")
     step = compiled.stepper
     labels = torch.tensor([1, 2, 3, 0], device="cuda")
-    first = compiled.sample(labels, random_seeds(4))  # captures the graph
-    buffers = step.buffers[(4, False)]
+    first = compiled.sample(labels, random_seeds(GPU_BATCH))  # captures the graph
+    buffers = step.buffers[(GPU_BATCH, False)]
     graphs = dict(buffers.graphs)
-    seeds = random_seeds(4)
+    seeds = random_seeds(GPU_BATCH)
     x = compiled.noise_source(seeds, INITIAL_NOISE_STREAM, (3, 64, 64), "cuda")
     x, batch = step.begin_batch(x, labels, seeds, None)
     torch.cuda.synchronize()
@@ -642,13 +655,14 @@ def test_gpu_graph_loop_has_no_host_sync_and_reuses_graphs():
 def test_gpu_xt_mode_and_nonfinite_under_graphs():
     unet, ve, class_map, _ = gpu_models()
     eager, compiled = make_pair(unet, ve, class_map, dict(GPU_TEST_COMPILE), steps="8", device="cuda", mode="xt")
-    errors = teacher_forced_errors(eager, compiled, torch.tensor([0, 1], device="cuda"), random_seeds(2))
+    labels = torch.tensor([0, 1, 3, 1], device="cuda")
+    errors = teacher_forced_errors(eager, compiled, labels, random_seeds(GPU_BATCH))
     assert max(e[2] for e in errors) <= TOLERANCES["bf16-gpu"][1], errors
     with torch.no_grad():
         ve.log_centroids[2, 0] = float("nan")
     _, broken = make_pair(unet, ve, class_map, dict(GPU_TEST_COMPILE), steps="8", device="cuda")
     with pytest.raises(IGDSInputError, match=r"non-finite guidance gradient at sampling step 0 .*\[2\]"):
-        broken.sample([0, 2], random_seeds(2))
+        broken.sample([0, 2, 0, 1], random_seeds(GPU_BATCH))
 
 
 @gpu

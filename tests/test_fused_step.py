@@ -22,7 +22,7 @@ from igds_fast.sampling.fused import FusedStep
 from igds_fast.kernels import philox_normal
 from igds_fast.preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
 from igds_fast.errors import IGDSInputError
-from igds_fast.sampling import BACKENDS, EagerStep, Sampler, StepOps, Stepper
+from igds_fast.sampling import BACKENDS, EagerStep, Sampler, StepOps, Stepper, fp32_reference_math
 
 from tolerances import tolerance
 
@@ -256,9 +256,13 @@ def test_full_sampling_run_on_gpu(rng_seed):
     unet, ve = TinyUNet(image_size=32).cuda(), TinyVE(resolution=24, dim=64, device="cuda")
     eager, fused = make_samplers(unet, ve, steps="25", device="cuda", gamma=0.3, scale=1.0)
     labels, seeds = [0, 1, 2, 3, 3, 1], random_seeds(6)
-    torch.testing.assert_close(
-        fused.sample(labels, seeds), eager.sample(labels, seeds), **tolerance(torch.float32, "trajectory")
-    )
+    # FusedStep.numerics() keeps PyTorch's defaults, where cuDNN convolutions may round through TF32
+    # (~5e-4 per convolution, compounded over 25 steps); the eager reference runs true float32
+    # (fp32_reference_math). This test checks the kernels, so the fused run gets the reference's
+    # numerics too, and the float32 trajectory tolerance stays the fair one.
+    with fp32_reference_math(torch.device("cuda")):
+        fused_images = fused.sample(labels, seeds)
+    torch.testing.assert_close(fused_images, eager.sample(labels, seeds), **tolerance(torch.float32, "trajectory"))
 
 
 def test_full_sampling_run_with_real_adm_unet_and_ve(rng_seed):

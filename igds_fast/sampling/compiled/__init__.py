@@ -5,7 +5,8 @@ memory sizing load on first use (they import the Triton kernels and with them tr
 """
 import importlib
 
-from .config import ATTENTION_BACKENDS, COMPILE_BACKENDS, COMPILE_MODES, CONV_UNET_INDUCTOR_OPTIONS, DTYPES, CompileConfig
+from .config import (ATTENTION_BACKENDS, AUTOTUNE_INDUCTOR_OPTIONS, COMPILE_BACKENDS, COMPILE_MODES,
+                     CONV_UNET_INDUCTOR_OPTIONS, DTYPES, CompileConfig)
 
 # name -> the module of this package that defines it
 _ON_FIRST_USE = {
@@ -25,5 +26,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ATTENTION_BACKENDS", "COMPILE_BACKENDS", "COMPILE_MODES", "CONV_UNET_INDUCTOR_OPTIONS", "CompileConfig",
-           "DTYPES", *_ON_FIRST_USE]
+__all__ = ["ATTENTION_BACKENDS", "AUTOTUNE_INDUCTOR_OPTIONS", "COMPILE_BACKENDS", "COMPILE_MODES",
+           "CONV_UNET_INDUCTOR_OPTIONS", "CompileConfig", "DTYPES", *_ON_FIRST_USE]

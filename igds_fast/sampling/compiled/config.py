@@ -17,19 +17,23 @@ COMPILE_BACKENDS = ("inductor", "aot_eager")
 # which cannot nest inside the whole-step graph this backend captures.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
-# Inductor flags for convolutional diffusion UNets (PyTorch's "diffusion-fast" / SDXL recipe):
-# 1x1 convolutions (ADM's attention qkv / proj_out are Conv1d k=1, skip convs) as matmuls, so they can
-# fuse with neighbouring pointwise ops and use the GEMM autotuner; coordinate-descent tuning of the
-# generated pointwise/reduction kernels (GroupNorm + SiLU + residual fusions dominate the non-conv time);
-# no epilogue fusion into autotuned GEMM templates (it measured slower in that recipe). bench/sampler.py
-# --inductor-options times alternatives on the device at hand.
-CONV_UNET_INDUCTOR_OPTIONS: dict[str, Any] = {
-    "conv_1x1_as_mm": True,
+# The CUDA default compiles in minutes: mode "default" (no kernel benchmarking at compile time) plus
+# one flag that costs no compile time: 1x1 convolutions (ADM's attention qkv / proj_out are Conv1d
+# k=1, skip convs) as matmuls, so they fuse with neighbouring pointwise ops.
+CONV_UNET_INDUCTOR_OPTIONS: dict[str, Any] = {"conv_1x1_as_mm": True}
+# What mode "max-autotune-no-cudagraphs" adds for a convolutional UNet (PyTorch's "diffusion-fast" /
+# SDXL recipe): coordinate-descent tuning of the generated pointwise / reduction kernels in every
+# direction (GroupNorm + SiLU + residual fusions dominate the non-conv time; the mode itself already
+# turns the tuning on in torch >= 2.6) and no epilogue fusion into the autotuned GEMM templates (it
+# measured slower in that recipe). The tuning multiplies the first compile (pytorch/pytorch#136867:
+# "doubled compilation time" on one model; autotuning 25 s -> 360 s on another, torchdynamo#1807) for a
+# few percent on ResNets (1.4% on ResNet-50, #97203): one flag away, `--compile-mode
+# max-autotune-no-cudagraphs`, its gain to be measured on a GPU (bench/gpu_check.sh, part adm256-ma).
+AUTOTUNE_INDUCTOR_OPTIONS: dict[str, Any] = {
     "coordinate_descent_tuning": True,
     "coordinate_descent_check_all_directions": True,
     "epilogue_fusion": False,
 }
-
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,12 @@ class CompileConfig:
         decoder — (their input-gradient backward is then compiled by AOTAutograd).
     backend: torch.compile backend, "inductor" (default) or "aot_eager" (dynamo + AOTAutograd, no
         code generation: the cheap CPU test mode).
-    mode: inductor mode, "default" or "max-autotune-no-cudagraphs"; None = the latter on CUDA,
-        "default" on CPU (max-autotune on CPU only costs compile time).
-    inductor_options: inductor config overrides (merged over the mode's); None = CONV_UNET_INDUCTOR_OPTIONS
-        on CUDA, none on CPU.
+    mode: inductor mode, "default" or "max-autotune-no-cudagraphs"; None = "default" (a first compile
+        in minutes; max-autotune benchmarks kernels while compiling: a far longer first compile for
+        faster steps).
+    inductor_options: inductor config overrides (merged over the mode's); None = on CUDA
+        CONV_UNET_INDUCTOR_OPTIONS, plus AUTOTUNE_INDUCTOR_OPTIONS in mode max-autotune-no-cudagraphs;
+        none on CPU.
     cuda_graphs: capture the whole step in a CUDA graph per batch shape (forced False without CUDA).
     attention: "auto" (default: xformers only when it is importable, the device is CUDA AND the
         copy's UNet forward measures faster with it than with SDPA; else sdpa — measured, not
@@ -68,6 +74,8 @@ class CompileConfig:
     unet_engine: path of a TensorRT engine of this UNet (igds-fast export-unet --engine) that runs
         in place of the torch.compile'd UNet (CUDA, guidance mode x0, the engine's batch size; the
         engine's own precision — dtype then applies to the encoder only). None = torch.compile.
+    progress: log a line before each compile (what, at which batch size, in which mode, roughly how
+        long), a heartbeat while it runs and the measured time after (announce.py); False = silent.
     self_check: compare the first step of the run with the eager float32 step on the same batch
         and stop with one line naming the part and module when they disagree beyond the dtype's
         tolerance (sampling/compiled/self_check.py; costs one eager step on a few images, once per run).
@@ -87,8 +95,9 @@ class CompileConfig:
                                    help="compile only the UNet, not the encoder / decoder forward")
     backend: str = option("inductor", "--compile-backend", choices=COMPILE_BACKENDS,
                           help="torch.compile backend (aot_eager: no code generation)")
-    mode: str | None = option(None, "--compile-mode", choices=COMPILE_MODES, default_text="max-autotune-no-cudagraphs "
-                              "on CUDA, default on a CPU", help="inductor mode")
+    mode: str | None = option(None, "--compile-mode", choices=COMPILE_MODES, default_text="default",
+                              help="inductor mode (max-autotune-no-cudagraphs: a far longer first compile, "
+                                   "faster steps)")
     inductor_options: Mapping[str, Any] | None = field(default=None, hash=False)
     cuda_graphs: bool = option(True, "--no-cuda-graphs", action="store_false",
                                help="replay the step without capturing it in a CUDA graph")
@@ -103,6 +112,8 @@ class CompileConfig:
                                    help="do not let cuDNN choose convolution algorithms by measurement")
     unet_engine: str | None = option(None, "--unet-engine", metavar="PLAN",
                                      help="a TensorRT engine of this UNet (igds-fast export-unet --engine)")
+    progress: bool = option(True, "--no-compile-progress", action="store_false",
+                            help="say nothing about the compile (the line before it, its progress, its time)")
     self_check: bool = option(True, "--no-self-check", action="store_false",
                               help="skip the first step's comparison with the eager float32 step")
 
@@ -111,7 +122,8 @@ class CompileConfig:
             value = getattr(self, name)
             if not (value is None and name != "dtype") and value not in DTYPES:
                 raise IGDSInputError(f"compile {name} must be one of {tuple(DTYPES)}, got {value!r}")
-        for name in ("channels_last", "compile", "compile_encoder", "cuda_graphs", "cudnn_benchmark", "self_check"):
+        for name in ("channels_last", "compile", "compile_encoder", "cuda_graphs", "cudnn_benchmark", "progress",
+                     "self_check"):
             if not isinstance(getattr(self, name), bool):
                 raise IGDSInputError(f"compile option {name} must be True or False, got {getattr(self, name)!r}")
         if self.backend not in COMPILE_BACKENDS:
@@ -164,10 +176,14 @@ class CompileConfig:
     def for_device(self, device) -> "CompileConfig":
         """The configuration with the device-dependent defaults filled in (graphs off without CUDA)."""
         cuda = torch.device(device).type == "cuda"
-        mode = self.mode or ("max-autotune-no-cudagraphs" if cuda else "default")
+        mode = self.mode or "default"
         options = self.inductor_options
         if options is None:
-            options = dict(CONV_UNET_INDUCTOR_OPTIONS) if cuda and self.backend == "inductor" else {}
+            options = {}
+            if cuda and self.backend == "inductor":
+                options = dict(CONV_UNET_INDUCTOR_OPTIONS)
+                if mode == "max-autotune-no-cudagraphs":
+                    options.update(AUTOTUNE_INDUCTOR_OPTIONS)
         return replace(
             self,
             mode=mode,
@@ -190,4 +206,5 @@ class CompileConfig:
         return kwargs
 
 
-__all__ = ["ATTENTION_BACKENDS", "COMPILE_BACKENDS", "COMPILE_MODES", "CONV_UNET_INDUCTOR_OPTIONS", "CompileConfig", "DTYPES"]
+__all__ = ["ATTENTION_BACKENDS", "AUTOTUNE_INDUCTOR_OPTIONS", "COMPILE_BACKENDS", "COMPILE_MODES",
+           "CONV_UNET_INDUCTOR_OPTIONS", "CompileConfig", "DTYPES"]

@@ -51,7 +51,10 @@ The guidance head is always the Triton `guidance_head` (GuidanceConfig.head is i
 `sampling.fused.FusedStep`, whose operations (`KernelOps`) this backend runs. The first step of a
 run checks itself against the eager float32 step (`self_check.py`; a failure is reported once).
 The batch size, when not given, comes from free device memory (`memory.py`); the static buffers and
-the step body they run are `buffers.py`'s.
+the step body they run are `buffers.py`'s. Before a step runs newly compiled code (the first step of
+a batch shape), one line says what is compiled, at which batch size, in which mode and roughly how
+long it takes; a heartbeat follows while it compiles, then each warm-up step's and the capture's
+measured time (`announce.py`; `CompileConfig.progress`).
 """
 from __future__ import annotations
 
@@ -67,9 +70,11 @@ from ...errors import IGDSInputError
 from ...kernels import StepTables, seeds_to_tensor
 from ...kernels._common import on_device
 from ...profiling import nvtx_range
+from ...progress import log_line
 from ..backends import check_triton_runs_on
 from ..fused import KernelOps
 from ..step import GuidanceTrace, StepContext
+from .announce import HEARTBEAT_S, CompileProgress, compile_line, describe_model, estimate_compile_seconds, leaf_modules
 from .attention import resolve_attention
 from .buffers import BatchBuffers, step_in_place
 from .config import DTYPES, CompileConfig
@@ -122,7 +127,10 @@ class CompiledStep:
     TensorRTUNet when CompileConfig.unet_engine is set), ops (the KernelOps the step runs), tables
     (the kernels' coefficient tables), buffers (the static BatchBuffers per (batch, with groups),
     read-only), last_model_output (fp32 UNet output of the latest step, [B, 2C or C, H, W], a static
-    buffer in graph mode), batch_size, self_check_report (the passed check's errors, else None).
+    buffer in graph mode), batch_size, self_check_report (the passed check's errors, else None), log
+    (where the compile's lines go: one line on stderr, or nothing with CompileConfig.progress=False;
+    assign another callable taking a str to redirect them), heartbeat_s (seconds between "still
+    compiling" lines).
     """
 
     def __init__(self, context: StepContext, backend_options=None):
@@ -181,6 +189,9 @@ class CompiledStep:
         self.last_model_output: torch.Tensor | None = None
         self._self_check_pending = cfg.self_check
         self.self_check_report: dict | None = None  # the passed check's measured errors (self_check.py)
+        self.log: Callable[[str], None] = log_line if cfg.progress else _silent
+        self.heartbeat_s = HEARTBEAT_S
+        self._compiled: set[tuple] = set()  # (part, batch, passes) whose compiled code has run
 
     def numerics(self):
         """cuDNN's benchmark mode for this backend's steps only (CompileConfig.cudnn_benchmark, CUDA)."""
@@ -230,8 +241,12 @@ class CompiledStep:
             if self.use_graphs:
                 self.last_model_output = self._replay(buffers, i, noise_kind)
             else:
-                with nvtx_range("igds/compiled/step"):
+                notice = self._compile_notice(buffers, i)
+                with nvtx_range("igds/compiled/step"), self._compiling(notice) as progress:
                     self.last_model_output = self._body(buffers, i, noise_kind)
+                    if progress is not None:
+                        self._synchronize()
+                        progress.done("first step (the compile)")
             if checking:
                 self._self_check_pending = False  # once per run: a failure is reported once, not at every call
                 with nvtx_range("igds/compiled/self_check"):
@@ -315,26 +330,85 @@ class CompiledStep:
         """
         saved_x, saved_bad = b.x.clone(), b.tracker.latest.clone()
         saved_trace = b.trace.values.clone() if b.tracing else None
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), nvtx_range("igds/graph/warmup"):
-            for _ in range(self.compile_config.warmup_iterations):
-                self._body(b, i, noise_kind)
-                b.x.copy_(saved_x)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        b.tracker.latest.copy_(saved_bad)
-        if saved_trace is not None:
-            b.trace.values.copy_(saved_trace)
-        if b.pool is None:
-            b.pool = torch.cuda.graph_pool_handle()
-        if self._capture_stream is None:
-            # torch.cuda.graph's default capture stream is made once per process on whichever device
-            # is current then: ops on another device would run outside the capture. Our own, on ours.
-            self._capture_stream = torch.cuda.Stream(device=self.device)
-        graph = torch.cuda.CUDAGraph()
-        with nvtx_range("igds/graph/capture"), torch.cuda.graph(graph, pool=b.pool, stream=self._capture_stream):
-            model_output = self._body(b, i, noise_kind)
+        warmups = self.compile_config.warmup_iterations
+        with self._compiling(self._compile_notice(b, i)) as progress:
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), nvtx_range("igds/graph/warmup"):
+                for k in range(warmups):
+                    self._body(b, i, noise_kind)
+                    b.x.copy_(saved_x)
+                    if progress is not None:  # a compile's progress: each warm-up step timed (host sync)
+                        self._synchronize()
+                        progress.done(f"warm-up step {k + 1} of {warmups}" + (" (the compile)" if k == 0 else ""))
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            b.tracker.latest.copy_(saved_bad)
+            if saved_trace is not None:
+                b.trace.values.copy_(saved_trace)
+            if b.pool is None:
+                b.pool = torch.cuda.graph_pool_handle()
+            if self._capture_stream is None:
+                # torch.cuda.graph's default capture stream is made once per process on whichever device
+                # is current then: ops on another device would run outside the capture. Our own, on ours.
+                self._capture_stream = torch.cuda.Stream(device=self.device)
+            graph = torch.cuda.CUDAGraph()
+            with nvtx_range("igds/graph/capture"), torch.cuda.graph(graph, pool=b.pool, stream=self._capture_stream):
+                model_output = self._body(b, i, noise_kind)
+            if progress is not None:
+                self._synchronize()
+                progress.done("CUDA graph captured")
         return graph, model_output
+
+    # ---- what a compile says (announce.py) ----------------------------------------------------------
+    def _compile_notice(self, b: BatchBuffers, i: int) -> tuple[str, float, list[tuple]] | None:
+        """(the line to log, the estimated seconds, the parts' keys) when step i at b's batch size runs
+        compiled code for the first time, else None."""
+        cfg = self.compile_config
+        if not cfg.compile:
+            return None
+        batch = b.x.shape[0]
+        guided = self.context.guided(i)
+        xt = self.context.guidance_config.mode == "xt"
+        parts = []  # (key, description, module, passes)
+        if cfg.unet_engine is None:
+            passes = 2 if guided and xt else 1
+            parts.append((("unet", batch, passes), f"the UNet{' forward + backward' if passes == 2 else ''} "
+                          f"({describe_model(self.unet_lp)}, {cfg.dtype})", self.unet_lp, passes))
+        if cfg.compile_encoder and guided:
+            parts.append((("encoder", batch, 2), f"the encoder forward + input-gradient backward "
+                          f"({describe_model(self.features_lp)}, {cfg.encoder_dtype})", self.features_lp, 2))
+            if isinstance(self.decoder_lp, nn.Module):
+                parts.append((("decoder", batch, 2), f"the decoder forward + input-gradient backward "
+                              f"({describe_model(self.decoder_lp)}, {cfg.decoder_dtype})", self.decoder_lp, 2))
+        parts = [part for part in parts if part[0] not in self._compiled]
+        if not parts:
+            return None
+        modules = sum(leaf_modules(module) * passes for _, _, module, passes in parts)
+        estimate = estimate_compile_seconds(modules, cfg.backend, self.device.type, cfg.mode)
+        chosen = (cfg.batch_size is None and cfg.unet_engine is None and self.device.type == "cuda"
+                  and self._batch_size == batch)
+        line = compile_line([part[1] for part in parts], batch, " (chosen from free device memory)" if chosen else "",
+                            cfg.backend, cfg.mode, estimate, self.device.type)
+        return line, estimate, [part[0] for part in parts]
+
+    @contextlib.contextmanager
+    def _compiling(self, notice):
+        """Around a step that compiles: its line first, a CompileProgress while it runs (None: no compile)."""
+        if notice is None:
+            yield None
+            return
+        line, estimate, keys = notice
+        if self.log is _silent:
+            yield None
+        else:
+            self.log(line)
+            with CompileProgress(self.log, estimate, self.heartbeat_s) as progress:
+                yield progress
+        self._compiled.update(keys)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def release_graphs(self) -> None:
         """Drop every captured graph and static buffer (their memory returns to the caching allocator).
@@ -353,6 +427,10 @@ class CompiledStep:
         if self._batch_size is None:
             self._batch_size = compiled_batch_size(self)
         return self._batch_size
+
+
+def _silent(message: str) -> None:
+    """CompiledStep.log with CompileConfig.progress=False."""
 
 
 def _check_triton_runs_here(device: torch.device) -> None:
