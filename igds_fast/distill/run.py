@@ -21,6 +21,7 @@ the first batch (profiling/window.py), validated here before any model loads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -111,10 +112,13 @@ def _distill(config: DistillConfig, log: Callable[[str], None], plan: Plan | Non
             decoder = load_vae(config.models.vae, device)
         schedule = DiffusionSchedule(ScheduleConfig(**plan.pixel_settings["diffusion"]), device=device)
         backend = config.backend
+        compile_options = None
+        if backend.name == "compiled":  # --quiet silences the compile's lines too
+            compile_options = dataclasses.replace(backend.compile,
+                                                  progress=backend.compile.progress and config.run.progress)
         return Sampler(unet, schedule, plan.ve.to(device), plan.guidance, backend=backend.name,
                        prior_class_map=plan.prior_class_map, noise=plan.noise,
-                       batch_invariant=backend.batch_invariant,
-                       backend_options=backend.compile if backend.name == "compiled" else None, decoder=decoder,
+                       batch_invariant=backend.batch_invariant, backend_options=compile_options, decoder=decoder,
                        profile_steps=profile_window)
 
     sampler = None
