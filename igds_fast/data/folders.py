@@ -116,14 +116,56 @@ def resize_and_center_crop(image: Image.Image, image_size: int) -> Image.Image:
     return image.crop((left, top, left + image_size, top + image_size))
 
 
+# 16-bit and 32-bit integer modes: PIL's convert() clips them to [0, 255] (a full-range 16-bit image
+# becomes almost all white), so they are scaled here instead (see to_8bit).
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Modes convert() maps to L / RGB faithfully (torchvision's ImageFolder loader does the same): alpha is
+# dropped (LA, RGBA, PA, P with transparency: each pixel keeps its stored colour), CMYK and YCbCr go
+# through PIL's own conversions, 1 becomes 0 / 255.
+_EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr")
+
+
+class UnsupportedImageMode(ValueError):
+    """An image whose pixel format has no faithful 8-bit reading (treated like an unreadable file)."""
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An image of an 8-bit mode with the same picture: what :func:`load_image` converts to L / RGB.
+
+    I;16 (16-bit grey, any byte order) and I (32-bit integers, clipped to [0, 65535] first) are scaled
+    as round(v * 255 / 65535), so a 16-bit image saved from 8 bits (v = 257 x) reads back exactly and
+    a full-range gradient keeps every level within 1. F (32-bit float): values in [0, 1] are scaled
+    by 255 (rounded); a float image with values outside [0, 1] (or non-finite) has no known range and
+    is refused, as is any mode not listed in _EIGHT_BIT_MODES (LAB, HSV, ...). The 8-bit modes are
+    returned unchanged, so their decode is what it always was.
+    """
+    mode = image.mode
+    if mode in _EIGHT_BIT_MODES:
+        return image
+    if mode in _WIDE_INT_MODES:
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0:
+            low, high = float(np.nanmin(values)), float(np.nanmax(values))
+            raise UnsupportedImageMode(f"a floating-point image (mode F) with values in [{low:g}, {high:g}]: only "
+                                       "[0, 1] has a known 8-bit reading; save it as 8 or 16 bits")
+        return Image.fromarray(np.round(values * 255.0).astype(np.uint8))
+    raise UnsupportedImageMode(f"pixel format {mode} is not supported (8-bit L / RGB / RGBA / P / CMYK, or 16-bit "
+                               "grey); convert the file to RGB")
+
+
 def load_image(path: str, image_size: int, channels: int = 3) -> np.ndarray:
     """Decode, convert (RGB or L), resize + centre-crop one image: uint8 [C, H, W].
 
-    Raises PIL's own errors for unreadable files (the caller decides whether to skip).
+    16-bit grey and other wide modes are scaled to 8 bits first (:func:`to_8bit`), never clipped.
+    Raises PIL's own errors (or UnsupportedImageMode) for unreadable files (the caller decides whether
+    to skip); an image over PIL's decompression-bomb limit is one of them (DecompressionBombError).
     """
     with Image.open(path) as handle:
         handle.load()  # decode fully now, so truncation errors surface here
-        image = handle.convert(_PIL_MODES[channels])
+        image = to_8bit(handle).convert(_PIL_MODES[channels])
     image = resize_and_center_crop(image, image_size)
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:

@@ -1,0 +1,142 @@
+"""Issue 26, "silently wrong": inputs are decoded faithfully or refused in one line, never quietly changed.
+
+* 16-bit PNGs (and every other pixel format PIL can give) are scaled to 8 bits, not clipped;
+* ±Inf (and NaN) in any weight is refused when the file loads;
+* `distill --select s3` checks its `--real` images with the other inputs, before any sampling.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import zlib
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from igds_fast.data import FolderImages, load_image
+from igds_fast.data.folders import UnsupportedImageMode, to_8bit
+
+
+def write_png16(path, values: np.ndarray) -> None:
+    """A 16-bit PNG (grey [H, W] or RGB [H, W, 3]) written byte by byte (PIL cannot write 16-bit RGB)."""
+    height, width = values.shape[:2]
+    color_type = 0 if values.ndim == 2 else 2
+    raw = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    with open(path, "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+GRADIENT = np.arange(65536, dtype=np.uint32).reshape(256, 256)  # every 16-bit level once
+
+
+def test_a_16_bit_grey_gradient_round_trips_within_one_level(tmp_path):
+    path = tmp_path / "g16.png"
+    write_png16(path, GRADIENT)
+    assert Image.open(path).mode == "I;16"
+    for channels in (1, 3):
+        decoded = load_image(str(path), 256, channels).astype(np.int64)
+        assert decoded.shape == (channels, 256, 256)
+        assert np.abs(decoded - GRADIENT / 257.0).max() <= 0.5 + 1e-9  # round(v / 257): within 1 level
+        assert (decoded == 255).mean() < 0.01  # PIL's own convert() saturates 99.6% of it
+    # A 16-bit image saved from 8 bits (v = 257 x) reads back exactly.
+    eight = (GRADIENT % 256).astype(np.uint32)
+    write_png16(tmp_path / "x257.png", eight * 257)
+    assert np.array_equal(load_image(str(tmp_path / "x257.png"), 256, 1)[0], eight.astype(np.uint8))
+
+
+def test_a_16_bit_rgb_png_keeps_its_levels(tmp_path):
+    path = tmp_path / "rgb16.png"
+    write_png16(path, np.stack([GRADIENT, 65535 - GRADIENT, GRADIENT], axis=-1))
+    decoded = load_image(str(path), 256, 3).astype(np.int64)
+    assert np.abs(decoded[0] - GRADIENT / 257.0).max() <= 1.0
+    assert np.abs(decoded[1] - (65535 - GRADIENT) / 257.0).max() <= 1.0
+
+
+def _tiff_named_png(tmp_path, name, array) -> str:
+    """PIL opens a file by its content: a TIFF named .png gives the modes PNG cannot hold (I, F)."""
+    tiff = tmp_path / f"{name}.tiff"
+    Image.fromarray(array).save(tiff)
+    target = tmp_path / f"{name}.png"
+    shutil.move(tiff, target)
+    return str(target)
+
+
+def test_32_bit_integer_and_float_images_are_scaled_or_refused(tmp_path):
+    integer = _tiff_named_png(tmp_path, "i32", GRADIENT.astype(np.int32))
+    assert Image.open(integer).mode == "I"
+    assert np.abs(load_image(integer, 256, 1)[0] - GRADIENT / 257.0).max() <= 0.5 + 1e-9
+    unit = _tiff_named_png(tmp_path, "f01", (GRADIENT / 65535.0).astype(np.float32))
+    assert Image.open(unit).mode == "F"
+    assert np.abs(load_image(unit, 256, 1)[0] - GRADIENT / 257.0).max() <= 0.5 + 1e-6
+    wide = _tiff_named_png(tmp_path, "fwide", GRADIENT.astype(np.float32))
+    with pytest.raises(UnsupportedImageMode, match=r"mode F\) with values in \[0, 65535\]"):
+        load_image(wide, 256, 1)
+
+
+def _modes(tmp_path) -> dict[str, str]:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)  # square: no resize, no crop
+    images = {
+        "L": Image.fromarray(rgb[..., 0]),
+        "RGB": Image.fromarray(rgb),
+        "RGBA": Image.fromarray(np.concatenate([rgb, rgb[..., :1]], axis=-1)),
+        "LA": Image.fromarray(rgb[..., 0]).convert("LA"),
+        "1": Image.fromarray(rgb[..., 0] > 127),
+        "P": Image.fromarray(rgb).convert("P"),
+    }
+    paths = {}
+    for mode, image in images.items():
+        paths[mode] = str(tmp_path / f"{mode}.png")
+        image.save(paths[mode])
+    transparent = Image.fromarray(rgb).convert("P")
+    transparent.info["transparency"] = 3
+    paths["P+transparency"] = str(tmp_path / "pt.png")
+    transparent.save(paths["P+transparency"], transparency=3)
+    paths["CMYK"] = str(tmp_path / "cmyk.jpg")
+    Image.fromarray(rgb).convert("CMYK").save(paths["CMYK"])
+    paths["JPEG-RGB"] = str(tmp_path / "rgb.jpg")
+    Image.fromarray(rgb).save(paths["JPEG-RGB"], quality=90)
+    paths["JPEG-L"] = str(tmp_path / "l.jpg")
+    Image.fromarray(rgb[..., 0]).save(paths["JPEG-L"], quality=90)
+    return paths
+
+
+def test_eight_bit_modes_decode_as_they_always_did(tmp_path):
+    """The 8-bit modes (PNG L / RGB / RGBA / LA / 1 / P, P with transparency, CMYK and RGB / L JPEGs)
+    go through PIL's convert() exactly as before: alpha dropped, each pixel keeps its stored colour."""
+    paths = _modes(tmp_path)
+    for name, path in paths.items():
+        with Image.open(path) as image:
+            assert to_8bit(image) is image, name  # not touched
+            for channels, target in ((1, "L"), (3, "RGB")):
+                expected = np.asarray(image.convert(target), dtype=np.uint8)
+                expected = expected[:, :, None] if expected.ndim == 2 else expected
+                decoded = load_image(path, 12, channels)
+                assert np.array_equal(decoded.transpose(1, 2, 0), expected), (name, channels)
+
+
+def test_a_mode_without_an_8_bit_reading_is_refused_by_name(tmp_path):
+    path = tmp_path / "lab.tiff"
+    Image.new("LAB", (4, 4)).save(path)
+    with Image.open(path) as image, pytest.raises(UnsupportedImageMode, match="pixel format LAB is not supported"):
+        to_8bit(image)
+
+
+def test_a_16_bit_folder_streams_and_holds_the_same_scaled_pixels(tmp_path, monkeypatch):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_png16(tmp_path / name / "0.png", GRADIENT[:64, :64] * (1 if name == "a" else 3))
+    held = FolderImages(tmp_path, 64, channels=1, in_memory=True, num_workers=0)
+    streamed = FolderImages(tmp_path, 64, channels=1, in_memory=False, num_workers=0)
+    (x_held, _, _), = held.uint8_batches([[0, 1]])
+    (x_streamed, _, _), = streamed.uint8_batches([[0, 1]])
+    assert np.array_equal(x_held.numpy(), x_streamed.numpy())
+    assert np.abs(x_held[1, 0].numpy() - GRADIENT[:64, :64] * 3 / 257.0).max() <= 0.5 + 1e-9
