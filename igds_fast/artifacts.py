@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Mapping
 
+import torch
 from safetensors import safe_open
 
 from .errors import IGDSInputError
@@ -29,6 +31,24 @@ def read_safetensors(path: str, what: str, with_tensors: bool = False) -> tuple[
         reason = " ".join(str(exc).split())[:200]
         raise IGDSInputError(f"{path} is not a readable safetensors file: {reason}") from exc
     return metadata, tensors
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse, in one line naming `source` and the first bad tensor, weights holding NaN or ±Inf.
+
+    A model with such a weight samples saturated or NaN images; only the guidance gradient used to be
+    checked, so an Inf in a prior went through to the PNGs. Called by every loader (priors, VAE, VE,
+    encoders) when the file is read, before anything is sampled.
+    """
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.is_meta:
+            continue
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            infinite = int(torch.isinf(value).sum())
+            nan = int(torch.isnan(value).sum())
+            raise IGDSInputError(f"{source}: weight {key} is non-finite ({infinite} infinite and {nan} NaN value(s) of "
+                                 f"{value.numel()}): the file is corrupt (or its training diverged)")
 
 
 def parse_json_header(metadata: dict, path: str, key: str, format_name: str, format_version: int, what: str) -> dict:

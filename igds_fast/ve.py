@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .artifacts import parse_json_header, read_safetensors
+from .artifacts import check_finite_weights, parse_json_header, read_safetensors
 from .errors import IGDSInputError
 from .models.resnet import ARCHS, NORMS, ResNet, build_resnet, load_trunk_state
 from .preprocess import EncoderPreprocess
@@ -230,11 +230,15 @@ class VariationalEstimator(nn.Module):
         missing = [k for k in _HEAD_KEYS if k not in tensors]
         if missing or unexpected:
             raise IGDSInputError(f"not a VE bundle layout; missing {missing}, unexpected {unexpected[:4]}")
+        # Any floating dtype is read as float32, what the VE computes in (as the prior loaders do): a
+        # float16 or float64 bundle would otherwise meet float32 images at the first sampling step.
+        tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}
         classes, dim = header["num_classes"], header["feature_dim"]
         expected_shapes = {"classifier.weight": (classes, dim), "classifier.bias": (classes,), "log_centroids": (classes, dim)}
         for key, shape in expected_shapes.items():
             if tuple(tensors[key].shape) != shape:
                 raise IGDSInputError(f"{key} has shape {tuple(tensors[key].shape)}, header says {shape}")
+        check_finite_weights({k: tensors[k] for k in _HEAD_KEYS}, "VE bundle")
         encoder_state = {k[len(_ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(_ENCODER_PREFIX)}
         encoder = load_trunk_state(encoder, encoder_state, "encoder.*")
         preprocess = EncoderPreprocess(header["resolution"], header["mean"], header["std"])

@@ -140,3 +140,104 @@ def test_a_16_bit_folder_streams_and_holds_the_same_scaled_pixels(tmp_path, monk
     (x_streamed, _, _), = streamed.uint8_batches([[0, 1]])
     assert np.array_equal(x_held.numpy(), x_streamed.numpy())
     assert np.abs(x_held[1, 0].numpy() - GRADIENT[:64, :64] * 3 / 257.0).max() <= 0.5 + 1e-9
+
+
+# ---- weights: Inf as well as NaN refused at load ---------------------------------------------------
+
+
+def _rewrite_safetensors(path, change) -> None:
+    """Rewrite a safetensors file with `change(tensors)` applied, keeping its metadata (header)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.fixture
+def models(tmp_path):
+    from factories import write_tiny_prior_and_ve
+
+    prior, ve = write_tiny_prior_and_ve(tmp_path)
+    return {"prior": prior, "ve": ve, "dir": tmp_path}
+
+
+def _distill(models, out, *extra):
+    from igds_fast import cli
+
+    return cli.main(["distill", "--prior", models["prior"], "--ve", models["ve"], "--ipc", "1", "--steps", "2",
+                     "--out", str(out), "--quiet", "--device", "cpu", *extra])
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("igds-fast: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_prior_with_a_non_finite_weight_is_refused_before_sampling(models, capsys, value):
+    def poison(tensors):
+        key = sorted(k for k in tensors if k.endswith("weight"))[3]
+        tensors[key].view(-1)[5] = value
+
+    _rewrite_safetensors(models["prior"], poison)
+    out = models["dir"] / "out"
+    assert _distill(models, out) == 2
+    line = _one_error_line(capsys)
+    expected = "0 infinite and 1 NaN" if value != value else "1 infinite and 0 NaN"
+    assert models["prior"] in line and f"is non-finite ({expected} value(s)" in line
+    assert not any(out.rglob("*.png"))  # nothing sampled
+
+
+@pytest.mark.parametrize("key", ["classifier.weight", "log_centroids", "encoder.conv1.weight"])
+def test_a_ve_with_an_infinite_weight_is_refused_at_load(models, capsys, key):
+    def poison(tensors):
+        tensors[key].view(-1)[0] = float("inf")
+
+    _rewrite_safetensors(models["ve"], poison)
+    assert _distill(models, models["dir"] / "out") == 2
+    line = _one_error_line(capsys)
+    assert models["ve"] in line and "non-finite (1 infinite" in line and key.split(".", 1)[-1] in line
+
+
+def test_the_adm_and_dit_loaders_refuse_infinite_weights(tmp_path):
+    import torch
+
+    from factories import tiny_adm, tiny_dit
+    from igds_fast.errors import IGDSInputError
+    from igds_fast.models.adm import adm_from_state_dict
+    from igds_fast.models.dit import load_dit
+
+    unet = tiny_adm()
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    state["out.2.bias"][0] = float("-inf")
+    flags = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult=(1, 2), learn_sigma=True,
+                 class_cond=True, attention_resolutions="8", num_head_channels=16, use_scale_shift_norm=True,
+                 resblock_updown=True, dropout=0.0)
+    with pytest.raises(IGDSInputError, match=r"out\.2\.bias is non-finite \(1 infinite"):
+        adm_from_state_dict(state, source="checkpoint x.pt", **flags)
+    dit = tiny_dit()
+    state = {k: v.clone() for k, v in dit.state_dict().items()}
+    state["final_layer.linear.weight"][0, 0] = float("inf")
+    torch.save(state, tmp_path / "dit.pt")
+    with pytest.raises(IGDSInputError, match=r"final_layer\.linear\.weight is non-finite \(1 infinite"):
+        load_dit(tmp_path / "dit.pt", preset=None, num_heads=2)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64", "bfloat16"])
+def test_a_ve_bundle_of_another_float_dtype_is_read_as_float32_and_samples(models, capsys, dtype):
+    import torch
+
+    def cast(tensors):
+        for key, value in tensors.items():
+            if value.is_floating_point():
+                tensors[key] = value.to(getattr(torch, dtype))
+
+    _rewrite_safetensors(models["ve"], cast)
+    assert _distill(models, models["dir"] / "out") == 0, capsys.readouterr().err
+    assert len(list((models["dir"] / "out").rglob("0000*.png"))) == 2

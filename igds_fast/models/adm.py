@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..artifacts import check_finite_weights
 from ..errors import IGDSInputError
 
 NUM_IMAGENET_CLASSES = 1000
@@ -542,6 +543,7 @@ def adm_from_state_dict(
     with torch.device("meta"):
         model = ADMUNet.from_flags(**flags)
     check_state_dict(model, state, source)
+    check_finite_weights(state, source)
     model = model.to_empty(device=device)
     model.load_state_dict(state, strict=True)  # copy_ converts any stored dtype to float32
     return model.eval()

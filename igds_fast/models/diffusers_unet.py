@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..artifacts import check_finite_weights
 from ..diffusion import named_betas
 from ..errors import IGDSInputError
 
@@ -216,6 +217,7 @@ def load_diffusers_unet(directory: str | os.PathLike, device="cpu", prediction_t
         model = UNet2DModel.from_pretrained(directory, local_files_only=True)
     except Exception as error:  # noqa: BLE001 — any unreadable folder is one input error
         raise IGDSInputError(f"cannot load a UNet2DModel from {directory}: {type(error).__name__}: {error}") from None
+    check_finite_weights(model.state_dict(), f"diffusers UNet {directory}")
     alphas_cumprod = None
     if prediction_type != "epsilon":
         fields = dict(schedule or {})

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..artifacts import check_finite_weights
 from ..errors import IGDSInputError
 
 # The original's model sizes (DiT_models) and this project's presets (latent side = image side / 8).
@@ -343,6 +344,7 @@ def load_dit(path: str | os.PathLike, preset: str | None = "dit-xl2-256", device
     _check_dit_args(preset, overrides)
     state = dit_state_dict(_torch_load(path))
     model = DiT(**dit_flags(state, preset, path, **overrides))
+    check_finite_weights(state, f"DiT checkpoint {path}")
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -427,6 +429,7 @@ def dit_from_diffusers_state(config: Mapping, state: Mapping[str, torch.Tensor])
     model = DiT(**flags)
     ours["pos_embed"] = model.pos_embed.detach().clone()  # fixed, recomputed (diffusers does the same)
     check_dit_state(model, ours, "diffusers DiT")
+    check_finite_weights(ours, "diffusers DiT")
     model.load_state_dict(ours)
     return model.eval()
 

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save
 
-from ..artifacts import file_fingerprint, folder_fingerprint, parse_json_header, read_safetensors
+from ..artifacts import check_finite_weights, file_fingerprint, folder_fingerprint, parse_json_header, read_safetensors
 from ..classes import imagenet_wnids
 from ..diffusion import ScheduleConfig
 from ..errors import IGDSInputError
@@ -107,6 +107,7 @@ def load_prior(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise IGDSInputError(f"{path}: the UNet has {unet.num_classes} classes but the header names {len(class_names)}")
     state = load_file(path)
     check_state_dict(unet, state, f"prior {path}")
+    check_finite_weights(state, f"prior {path}")
     unet.load_state_dict(state)
     return unet.to(device).eval(), schedule_config, class_names
 

@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
+from ..artifacts import check_finite_weights
 from ..errors import IGDSInputError
 
 ARCHS = ("resnet18", "resnet50")
@@ -296,6 +297,7 @@ def load_trunk_state(model: ResNet, state: Mapping[str, torch.Tensor], source: s
             continue
         if not value.is_floating_point():
             raise IGDSInputError(f"{source}: {key} must be a floating-point tensor, got {value.dtype}")
+    check_finite_weights(state, source)
     # assign=True: take the checkpoint's tensors as they are, so a model built on the meta device
     # (no memory, no initialisation cost) becomes a real one. A model with a classifier keeps its fc.
     model.load_state_dict(dict(state), strict=model.num_classes is None, assign=True)
