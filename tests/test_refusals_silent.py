@@ -241,3 +241,61 @@ def test_a_ve_bundle_of_another_float_dtype_is_read_as_float32_and_samples(model
     _rewrite_safetensors(models["ve"], cast)
     assert _distill(models, models["dir"] / "out") == 0, capsys.readouterr().err
     assert len(list((models["dir"] / "out").rglob("0000*.png"))) == 2
+
+
+# ---- S³: --real is checked with the other inputs, before sampling ------------------------------------
+
+
+def _real_folder(root, per_class=3) -> str:
+    rng = np.random.default_rng(1)
+    for name in ("cat", "dog"):
+        os.makedirs(root / name)
+        for index in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / name / f"{index}.png")
+    return str(root)
+
+
+def _s3(models, real, out, *extra):
+    return _distill(models, out, "--select", "s3", "--groups", "2", "--real", real, "--real-per-class", "3", *extra)
+
+
+def test_a_corrupt_real_image_stops_s3_before_any_candidate_is_sampled(models, capsys, monkeypatch):
+    monkeypatch.setenv("IGDS_DATA_WORKERS", "0")
+    real = _real_folder(models["dir"] / "real")
+    bad = os.path.join(real, "dog", "1.png")
+    with open(bad, "r+b") as handle:
+        handle.truncate(60)  # a truncated PNG
+    out = models["dir"] / "out"
+    assert _s3(models, real, out, "--on-corrupt", "fail") == 2
+    line = _one_error_line(capsys)
+    assert bad in line and "corrupt image" in line
+    assert not os.path.exists(f"{out}.s3-candidates")  # nothing sampled, no candidate folder made
+    assert not out.exists()
+
+
+def test_s3_skips_and_counts_an_unreadable_real_image(models, capsys, monkeypatch):
+    monkeypatch.setenv("IGDS_DATA_WORKERS", "0")
+    real = _real_folder(models["dir"] / "real")
+    (models["dir"] / "real" / "cat" / "2.png").write_bytes(b"not an image")
+    out = models["dir"] / "out"
+    assert _s3(models, real, out) == 0  # --on-corrupt skip is the default, as for the other commands
+    assert "skipped 1 unreadable --real image(s)" in capsys.readouterr().err
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["selection"]["real"]["skipped_unreadable"] == 1
+    assert len(list(out.rglob("0000*.png"))) == 2
+
+
+def test_a_decompression_bomb_under_real_is_one_line(models, capsys, monkeypatch):
+    """The 30000 x 30000 PNG of the issue, made small: PIL's pixel limit lowered to 1000 pixels."""
+    monkeypatch.setenv("IGDS_DATA_WORKERS", "0")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    real = _real_folder(models["dir"] / "real")
+    bomb = os.path.join(real, "cat", "0.png")
+    Image.new("L", (100, 100)).save(bomb)  # 10,000 pixels: over twice the limit
+    out = models["dir"] / "out"
+    assert _s3(models, real, out, "--on-corrupt", "fail") == 2
+    line = _one_error_line(capsys)
+    assert bomb in line and "decompression bomb" in line
+    assert not os.path.exists(f"{out}.s3-candidates")
