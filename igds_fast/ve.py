@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from .artifacts import check_finite_weights, parse_json_header, read_safetensors
 from .errors import IGDSInputError
+from .limits import check_class_name, header_int
 from .models.resnet import ARCHS, NORMS, ResNet, build_resnet, load_trunk_state
 from .preprocess import EncoderPreprocess
 
@@ -269,10 +270,15 @@ def _parse_header(metadata: dict, path: str) -> dict:
         value = header[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise IGDSInputError(f"{path}: header {key} must be a positive int, got {value!r}")
+    # Bounded before anything is built: the resolution sizes every guided step's encoder input.
+    for key, cap in (("resolution", "image side"), ("in_channels", "image channels"), ("num_classes", "classes")):
+        header_int(header[key], key, cap, f"VE bundle {path}")
     header["tau"] = _check_tau(header["tau"])
     if not isinstance(header["class_names"], list) or len(header["class_names"]) != header["num_classes"]:
         count = len(header["class_names"]) if isinstance(header["class_names"], list) else "no list of"
         raise IGDSInputError(f"{path}: header has {count} class_names for {header['num_classes']} classes")
+    for name in header["class_names"]:
+        check_class_name(name, f"{path}: class")
     return header
 
 

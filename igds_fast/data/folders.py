@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..errors import IGDSInputError
+from ..limits import HEADER_CAPS, format_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ON_CORRUPT = ("skip", "fail")  # what a loader does with an unreadable image: count and leave it out, or stop
@@ -189,6 +190,8 @@ def uint8_to_unit_range(images: torch.Tensor) -> torch.Tensor:
 def check_load_arguments(image_size, channels, on_corrupt) -> None:
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise IGDSInputError(f"image_size must be a positive integer, got {image_size!r}")
+    if image_size > HEADER_CAPS["image side"]:
+        raise IGDSInputError(f"image_size {image_size} is above {HEADER_CAPS['image side']} pixels")
     if channels not in _PIL_MODES:
         raise IGDSInputError(f"channels must be 1 or 3, got {channels!r}")
     if on_corrupt not in ON_CORRUPT:
@@ -200,6 +203,9 @@ def check_folder_settings(image_size: int | None, on_corrupt: str, channels: int
     default), --on-corrupt and --channels (None: not a setting of the command)."""
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise IGDSInputError(f"--image-size must be a positive integer, got {image_size!r}")
+    if image_size is not None and image_size > HEADER_CAPS["image side"]:
+        raise IGDSInputError(f"--image-size {image_size} is above {HEADER_CAPS['image side']} pixels (a decoded image of "
+                             f"{format_bytes(4 * 3 * image_size ** 2)} in float32)")
     if channels is not None and channels not in _PIL_MODES:
         raise IGDSInputError(f"--channels must be 1 or 3, got {channels!r}")
     if on_corrupt not in ON_CORRUPT:

@@ -220,6 +220,9 @@ class RunSettings:
                                        "without CUDA)")
     trace: bool = option(False, "--trace", action="store_true", help="also write OUT/trace.json and OUT/trace.png: "
                          "the guidance terms of every step per class")
+    allow_large: bool = option(False, "--allow-large", action="store_true", help="lift the sane caps on the run's "
+                               "work (images per class, samples, prior size) and its memory check, for a run that "
+                               "really is that large (also IGDS_ALLOW_LARGE=1)")
 
     def __post_init__(self):
         if not isinstance(self.out, str) or not self.out:

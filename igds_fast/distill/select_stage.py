@@ -62,6 +62,7 @@ from ..distributed import QuietRankError, launched_by_torchrun
 from ..errors import IGDSInputError
 from ..imageio import write_bytes_atomic, write_json_atomic
 from ..jobs import ImageJob, image_file_name
+from ..limits import check_work_cap
 from ..models.feature_encoder import FeatureEncoder, load_feature_encoder
 from ..select import ClassCentroidAccumulator, S3Config, s3_search_centroids, select_real_indices, subgroup_centroids
 from .config import DistillConfig
@@ -202,6 +203,9 @@ def plan_selection(config: DistillConfig, real_images=None) -> SelectionPlan:
         raise IGDSInputError("give --real DIR or in-memory real images, not both")
     if os.path.exists(config.run.out) and not os.path.isdir(config.run.out):
         raise IGDSInputError(f"output path {config.run.out!r} exists and is not a folder")
+    # G x IPC candidates per class, bounded before anything is planned or sampled (distill/work.py).
+    check_work_cap("images per class", s3.groups * config.job.ipc, f"--ipc {config.job.ipc:,} x --groups {s3.groups:,}",
+                   config.run.allow_large)
     beta, beta_source = run_beta(config)  # at the target IPC, not at G x IPC
     candidates = candidates_folder(config)
     # The candidates: a plain run of G x IPC images per class with the target IPC's beta.

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import check_finite_weights
+from ..artifacts import check_finite_weights, check_torch_archive
 from ..errors import IGDSInputError
 
 NUM_IMAGENET_CLASSES = 1000
@@ -502,7 +502,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             state = load_file(path)
         else:
+            check_torch_archive(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except IGDSInputError:
+        raise
     except Exception as error:  # noqa: BLE001 — any unreadable file is one input error
         raise IGDSInputError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):

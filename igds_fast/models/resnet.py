@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from ..artifacts import check_finite_weights
+from ..artifacts import check_finite_weights, check_torch_archive
 from ..errors import IGDSInputError
 
 ARCHS = ("resnet18", "resnet50")
@@ -323,6 +323,7 @@ def load_moco_encoder(
         raise IGDSInputError(f"MoCo checkpoint not found: {path}")
     with torch.device("meta"):
         model = build_resnet(arch, num_classes=None, softplus_beta=softplus_beta, norm=norm)
+    check_torch_archive(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types (pickle, zip, weights_only refusals)
