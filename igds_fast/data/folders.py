@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..errors import IGDSInputError
-from ..limits import HEADER_CAPS, format_bytes
+from ..limits import HEADER_CAPS, check_class_name, format_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ON_CORRUPT = ("skip", "fail")  # what a loader does with an unreadable image: count and leave it out, or stop
@@ -52,6 +52,26 @@ def _list_folder(folder: str) -> list[os.DirEntry]:
         raise IGDSInputError(f"cannot list folder {folder!r}: {exc.strerror or exc}")
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether a visible entry of the root is a class folder; a symbolic-link loop (or any other entry
+    that cannot be examined) is one line naming it, since it may be a class that cannot be read."""
+    try:
+        return entry.is_dir()
+    except OSError as exc:
+        raise IGDSInputError(f"cannot examine {entry.path!r}: {exc.strerror or exc} (a symbolic-link loop?)") from None
+
+
+def _is_image_entry(entry: os.DirEntry) -> bool:
+    """An image-named entry that is not a folder: files, and also links that lead nowhere (dangling, or a
+    loop), listed so that decoding them fails and --on-corrupt skips or names them, never silently."""
+    if not is_image_file(entry.name):
+        return False
+    try:
+        return not entry.is_dir()
+    except OSError:
+        return True
+
+
 def scan_image_folder(
     root: str | os.PathLike,
     class_names: Sequence[str] | None = None,
@@ -70,12 +90,14 @@ def scan_image_folder(
         raise IGDSInputError(f"image folder {root!r} does not exist")
     if not os.path.isdir(root):
         raise IGDSInputError(f"image folder {root!r} is not a directory")
-    folders = sorted(e.name for e in _list_folder(root) if e.is_dir() and not e.name.startswith("."))
+    folders = sorted(e.name for e in _list_folder(root) if not e.name.startswith(".") and _is_dir(e))
     if not folders:
         raise IGDSInputError(f"image folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
 
     if class_names is None:
         ordered = folders
+        for name in ordered:  # the folders' names become the classes (a VE's, a distilled set's)
+            check_class_name(name, f"class folder in {root!r}:")
     else:
         ordered = [str(name) for name in class_names]
         if len(set(ordered)) != len(ordered):
@@ -92,7 +114,7 @@ def scan_image_folder(
     paths_per_class = []
     for name in ordered:
         folder = os.path.join(root, name)
-        files = sorted(e.name for e in _list_folder(folder) if e.is_file() and is_image_file(e.name))
+        files = sorted(e.name for e in _list_folder(folder) if _is_image_entry(e))
         if not files:
             raise IGDSInputError(
                 f"class folder {folder!r} contains no images ({', '.join(IMAGE_EXTENSIONS)})"

@@ -119,7 +119,7 @@ class RealFolder:
         self.chosen = torch.arange(len(self.paths))  # the source opened below holds the chosen files only
         digest = hashlib.sha256()
         for path, label in zip(self.paths, self.labels.tolist()):
-            digest.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
+            digest.update(os.fsencode(os.path.relpath(path, root)) + f"\t{label}\n".encode())  # names in any encoding
         self.description = {"kind": "folder", "images": len(self.paths), "chosen_sha256": digest.hexdigest()}
         self.skipped: list[str] = []
 
