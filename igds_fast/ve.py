@@ -15,15 +15,15 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
 from .artifacts import check_finite_weights, parse_json_header, read_safetensors
 from .errors import IGDSInputError
+from .imageio import write_bytes_atomic
 from .limits import check_class_name, header_int
 from .models.resnet import ARCHS, NORMS, ResNet, build_resnet, load_trunk_state
 from .preprocess import EncoderPreprocess
@@ -178,25 +178,14 @@ class VariationalEstimator(nn.Module):
         return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the bundle as one safetensors file, atomically (temp file in the same dir + os.replace)."""
+        """Write the bundle as one safetensors file, atomically, with the mode the umask gives every other
+        artifact (imageio.write_bytes_atomic: temp file in the same folder, fsync, os.replace)."""
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise IGDSInputError(f"cannot save VE bundle: directory does not exist: {directory}")
-        tensors = self.bundle_tensors()
         metadata = {METADATA_KEY: json.dumps(self.header(), sort_keys=True)}
-        handle, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; a bundle is an ordinary shareable file
-            save_file(tensors, tmp_path, metadata=metadata)
-            with open(tmp_path, "rb") as written:
-                os.fsync(written.fileno())  # the data is on disk before the name points at it
-            os.replace(tmp_path, path)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.unlink(tmp_path)
-            raise
+        write_bytes_atomic(path, save_bytes(self.bundle_tensors(), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "VariationalEstimator":
