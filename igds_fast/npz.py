@@ -13,7 +13,6 @@ appears only by an atomic rename when complete.
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 import zipfile
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import IGDSInputError
+from .limits import read_json
 from .settings import option
 
 
@@ -33,21 +33,52 @@ def _npy_header(dtype, shape) -> bytes:
     return buffer.getvalue()  # write_array_header_1_0 writes the magic string too
 
 
+MANIFEST_MAX_BYTES = 1 << 30  # ImageNet-1K at IPC 100 is about 40 MB
+
+
 def _read_rgb(path: str) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    """The image at `path` as uint8 [H, W, 3]; a file PIL cannot decode is one line naming it."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise IGDSInputError(f"{path} is not a readable image ({reason})") from None
+
+
+def _manifest_images(manifest, manifest_path: str) -> list[dict]:
+    """The manifest's image entries, each with a relative "path" inside the folder and an integer label."""
+    if not isinstance(manifest, dict):
+        raise IGDSInputError(f"{manifest_path} is not a distill manifest (not a JSON object)")
+    images = manifest.get("images")
+    if not isinstance(images, list) or not images:
+        raise IGDSInputError(f"{manifest_path} lists no images")
+    for number, entry in enumerate(images):
+        where = f"{manifest_path}: image entry {number}"
+        if not isinstance(entry, dict):
+            raise IGDSInputError(f"{where} is not an object")
+        for key in ("path", "label"):
+            if key not in entry:
+                raise IGDSInputError(f"{where} lacks {key!r}")
+        path = entry["path"]
+        if not isinstance(path, str) or not path or os.path.isabs(path) or ".." in path.replace("\\", "/").split("/"):
+            raise IGDSInputError(f"{where}: path {path!r} is not a file name inside the folder")
+        for key in ("label", "prior_label"):
+            value = entry.get(key)
+            if (value is not None or key == "label") and (isinstance(value, bool) or not isinstance(value, int)):
+                raise IGDSInputError(f"{where}: {key} {value!r} is not an integer")
+    return images
 
 
 def export_npz(folder: str, out: str) -> dict:
     """Write `folder`'s images (its manifest.json) to `out` (.npz); returns {"images", "shape", "path"}."""
+    if not os.path.isdir(folder):
+        raise IGDSInputError(f"{folder} is not a folder: give a finished igds-fast distill folder")
     manifest_path = os.path.join(folder, "manifest.json")
     if not os.path.isfile(manifest_path):
         raise IGDSInputError(f"{folder} has no manifest.json: not a finished igds-fast distill folder")
-    with open(manifest_path, encoding="utf-8") as handle:
-        manifest = json.load(handle)
-    images = manifest.get("images") or []
-    if not images:
-        raise IGDSInputError(f"{manifest_path} lists no images")
+    manifest = read_json(manifest_path, "manifest", max_bytes=MANIFEST_MAX_BYTES)
+    images = _manifest_images(manifest, manifest_path)
     missing = [entry["path"] for entry in images if not os.path.isfile(os.path.join(folder, entry["path"]))]
     if missing:
         raise IGDSInputError(f"{len(missing)} image(s) of the manifest are missing, e.g. {missing[0]}")

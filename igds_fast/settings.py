@@ -215,8 +215,8 @@ def _json_object(flag: str) -> Callable[[str], dict]:
     def parse(text: str) -> dict:
         try:
             value = loads_json(text, "the value")
-        except IGDSInputError as exc:  # argparse shows an ArgumentTypeError's own message
-            raise argparse.ArgumentTypeError(str(exc)) from None
+        except IGDSInputError as exc:  # argparse shows an ArgumentTypeError's own message (after the flag)
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("the value is ").removeprefix("the value: ")) from None
         if not isinstance(value, dict):
             raise argparse.ArgumentTypeError("must be a JSON object of setting names and values")
         return value

@@ -11,11 +11,10 @@ from typing import Sequence
 
 from igds_fast.cli import PROG
 from igds_fast.data import FolderImages, load_image_folder, scan_image_folder
-from igds_fast.errors import IGDSInputError
 from igds_fast.evaluate.networks import build_eval_network
 from igds_fast.evaluate.settings import EvalRun
 from igds_fast.evaluate.train import evaluate_distilled
-from igds_fast.imageio import write_json_atomic
+from igds_fast.imageio import check_output_file, write_json_atomic
 from igds_fast.progress import Progress
 from igds_fast.settings import add_arguments, from_args, to_dict
 
@@ -91,9 +90,7 @@ def run(args: argparse.Namespace) -> int:
     settings = from_args(EvalRun, args)
     recipe = settings.training
     if settings.out is not None:
-        out_folder = os.path.dirname(os.path.abspath(settings.out))
-        if not os.path.isdir(out_folder):
-            raise IGDSInputError(f"output folder {out_folder!r} does not exist")
+        check_output_file(settings.out)  # before the training, not after it
 
     # Check both trees (structure, class correspondence) before decoding a single image. Extra
     # validation classes (a full ImageNet val tree for a 10-class subset) are not evaluated.

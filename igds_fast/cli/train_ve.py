@@ -9,8 +9,7 @@ import os
 import sys
 
 from igds_fast.data import FolderImages, scan_image_folder
-from igds_fast.errors import IGDSInputError
-from igds_fast.imageio import write_json_atomic
+from igds_fast.imageio import check_output_file, write_json_atomic
 from igds_fast.settings import add_arguments, from_args, to_dict
 from igds_fast.train_ve import VETrainRun, train_ve_from_source
 
@@ -31,15 +30,18 @@ def add_parser(subparsers) -> None:
         ),
     )
     add_arguments(parser, VETrainRun)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, interrupted="rerun the same command to resume after the last finished epoch "
+                        "(OUT.checkpoint)")
 
 
 def run(args: argparse.Namespace) -> int:
     """`igds-fast train-ve`: load the folders, train, write the bundle and its report atomically."""
     settings = from_args(VETrainRun, args)
-    out_folder = os.path.dirname(os.path.abspath(settings.out))
-    if not os.path.isdir(out_folder):
-        raise IGDSInputError(f"output folder {out_folder!r} does not exist")
+    # Every file this writes, checked before any decoding or training (an existing folder, a dangling
+    # link, a read-only folder would otherwise fail after the training).
+    check_output_file(settings.out)
+    check_output_file(settings.out + ".report.json", "--out")
+    check_output_file(settings.checkpoint_path, "--checkpoint")
     config, channels, checkpoint = settings.training, settings.training.in_channels, settings.checkpoint_path
     # Structure of both trees first (cheap), then one decoding pass each (corrupt files; the pixel
     # statistics). Large sets are streamed from here on, small ones held (IGDS_IN_MEMORY_MB).

@@ -32,6 +32,7 @@ from ..diffusion import ScheduleConfig, space_timesteps
 from ..errors import IGDSInputError
 from ..guidance import GuidanceConfig
 from ..guidance.beta_table import resolve_beta
+from ..imageio import check_output_folder
 from ..jobs import ImageJob, build_jobs, check_folder_name
 from ..limits import check_work_cap
 from ..models.priors import PriorSpec, declared_size, describe_prior
@@ -98,6 +99,8 @@ def check_selection_paths(config: DistillConfig) -> S3Config | None:
                              "(an image-folder reader would take it for a class)")
     if out.startswith(candidates + os.sep):
         raise IGDSInputError(f"the output folder {out} must not be inside the candidates folder {candidates}")
+    check_output_folder(config.run.out)
+    check_output_folder(candidates_folder(config), "--candidates")
     return selection.s3
 
 
@@ -124,6 +127,7 @@ def plan_distill(config: DistillConfig) -> Plan:
     check_work_cap("images per class", job.ipc, f"--ipc {job.ipc:,}", run.allow_large)
     if os.path.exists(run.out) and not os.path.isdir(run.out):
         raise IGDSInputError(f"output path {run.out!r} exists and is not a folder")
+    check_output_folder(run.out)  # a dangling link, a read-only folder: now, not after the models load
     if not os.path.isfile(models.ve):
         raise IGDSInputError(f"VE bundle not found: {models.ve}")
     beta, beta_source = run_beta(config)
