@@ -209,6 +209,15 @@ def device_memory_bytes(device) -> int | None:
     return None
 
 
+def check_fits(nbytes: int, device, what: str, flag: str | None = None) -> None:
+    """Refuse, in one line with the numbers, `what` (a buffer a command will hold, `nbytes` of it) when it
+    exceeds the memory of `device` (device_memory_bytes), unless the caps are lifted (ALLOW_LARGE_ENV)."""
+    available = device_memory_bytes(device)
+    if available is not None and nbytes > available and not large_allowed():
+        raise IGDSInputError(f"{what} needs {format_bytes(nbytes)} but {device} has {format_bytes(available)}; "
+                             f"{override_hint(flag)}")
+
+
 __all__ = ["ALLOW_LARGE_ENV", "HEADER_CAPS", "JSON_MAX_BYTES", "JSON_MAX_DEPTH", "MAX_CLASS_NAME_BYTES", "WORK_CAPS",
-           "check_class_name", "check_work_cap", "class_name_problem", "device_memory_bytes", "format_bytes",
+           "check_class_name", "check_fits", "check_work_cap", "class_name_problem", "device_memory_bytes", "format_bytes",
            "header_int", "json_depth", "large_allowed", "loads_json", "override_hint", "read_json"]

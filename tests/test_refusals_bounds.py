@@ -210,3 +210,35 @@ def test_image_sizes_of_the_folder_commands_are_bounded(tmp_path, capsys):
     line = refused_quickly(capsys, ["train-ve", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "ve.safetensors"),
                                     "--image-size", "100000"], within=2.0)
     assert "--image-size 100000 is above 8192 pixels" in line
+
+
+def test_the_folder_commands_refuse_what_cannot_fit_before_training(tmp_path, capsys, monkeypatch):
+    """eval holds the distilled set, train-prior its folder, train-ve the probe's features: each counted
+    from the scan, before any decoding or training; IGDS_ALLOW_LARGE=1 lets them through."""
+    import numpy as np
+    from PIL import Image
+
+    import igds_fast.limits
+
+    for name in ("cat", "dog"):
+        (tmp_path / "d" / name).mkdir(parents=True)
+        for index in range(3):
+            Image.fromarray(np.full((8, 8, 3), index * 40, np.uint8)).save(tmp_path / "d" / name / f"{index}.png")
+    data = str(tmp_path / "d")
+    monkeypatch.setattr(igds_fast.limits, "device_memory_bytes", lambda device: 1024)  # a 1 KiB device
+    for what, argv in {
+        "holding the 6 distilled images of 3x8x8": ["eval", "--train", data, "--val", data, "--device", "cpu",
+                                                    "--network", "convnet3"],
+        "the linear probe's features of 6 images (resnet18: 512 each)": ["train-ve", "--data", data, "--out",
+                                                                         str(tmp_path / "ve.safetensors")],
+        "holding 6 images of 3x16x16": ["train-prior", "--data", data, "--out", str(tmp_path / "p.safetensors")],
+    }.items():
+        line = refused_quickly(capsys, argv)
+        assert f"{what} needs" in line and "but cpu has 1.0 KiB" in line and ALLOW_LARGE_ENV in line, line
+    monkeypatch.setattr("igds_fast.cli.eval.evaluate_distilled", lambda *a, **k: pytest.fail("trained") or {})
+    monkeypatch.setenv(ALLOW_LARGE_ENV, "1")
+    with pytest.raises(BaseException, match="trained"):
+        cli.main(["eval", "--train", data, "--val", data, "--device", "cpu", "--quiet", "--network", "convnet3"])
+    line = refused_quickly(capsys, ["train-prior", "--data", data, "--out", str(tmp_path / "p.safetensors"),
+                                    "--image-size", "100000"])
+    assert "--image-size 100000 is above 8192 pixels" in line

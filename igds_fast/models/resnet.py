@@ -28,6 +28,7 @@ from ..artifacts import check_finite_weights, check_torch_archive
 from ..errors import IGDSInputError
 
 ARCHS = ("resnet18", "resnet50")
+FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048}  # the pooled trunk features (512 x block expansion)
 NORMS = ("batch", "instance")
 
 
