@@ -23,6 +23,7 @@ characters, no path separators, not hidden ('.'), no leading or trailing white s
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import unicodedata
@@ -38,7 +39,9 @@ HEADER_CAPS = {
     "image channels": 64,  # a prior's in_channels (3 for pixels, 4 for SD latents), a VE's in_channels
     "diffusion steps": 100_000,  # guided-diffusion trains with 1000 or 4000
     "classes": 100_000,  # ImageNet-21K has 21,841
-    "sampling steps": 100_000,
+    "model channels": 65_536,  # an ADM's num_channels (256 for ImageNet 256x256)
+    "blocks per level": 64,  # an ADM's num_res_blocks (2 or 3)
+    "levels": 16,  # the entries of an ADM's channel_mult (6 at 512x512)
 }
 
 # Sane caps of a distill run's work (ALLOW_LARGE_ENV=1 or --allow-large lifts them).
@@ -78,7 +81,7 @@ def format_bytes(count: int | float) -> str:
 
 def header_int(value: Any, field: str, cap_name: str, source: str, minimum: int = 1) -> int:
     """A header's integer field, checked against HEADER_CAPS[cap_name]; one-line errors naming `source`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or int(value) != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or int(value) != value:
         raise IGDSInputError(f"{source}: {field} must be an integer, got {value!r}")
     value = int(value)
     cap = HEADER_CAPS[cap_name]

@@ -80,6 +80,12 @@ def read_prior_header(path: str | os.PathLike) -> dict:
     header_int(flags.get("in_channels", 3), "in_channels", "image channels", source)
     header_int(flags.get("num_classes", 1000), "num_classes", "classes", source)
     header_int(diffusion.get("diffusion_steps"), "diffusion_steps", "diffusion steps", source, minimum=2)
+    header_int(flags.get("num_channels"), "num_channels", "model channels", source)
+    header_int(flags.get("num_res_blocks"), "num_res_blocks", "blocks per level", source)
+    mult = flags.get("channel_mult") or ""
+    levels = len(str(mult).split(",")) if isinstance(mult, str) else len(mult) if isinstance(mult, (list, tuple)) else 0
+    if levels > HEADER_CAPS["levels"]:
+        raise IGDSInputError(f"{source}: channel_mult has {levels} levels, more than {HEADER_CAPS['levels']}")
     if len(names) > HEADER_CAPS["classes"]:
         raise IGDSInputError(f"{source}: {len(names)} class names, more than {HEADER_CAPS['classes']}")
     for name in names:
@@ -303,7 +309,7 @@ def declared_size(spec: PriorSpec) -> tuple[int, tuple[int, int, int]]:
         try:
             with torch.device("meta"):
                 unet = ADMUNet.from_flags(**flags)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise IGDSInputError(f"{spec.path}: bad prior flags ({type(exc).__name__}: {exc})") from exc
         parameters = sum(p.numel() for p in unet.parameters())
         return parameters, (unet.in_channels, unet.image_size, unet.image_size)
