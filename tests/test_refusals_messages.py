@@ -236,22 +236,23 @@ def test_ctrl_c_is_one_line_saying_the_folder_is_resumable_and_exits_130(models,
 def test_a_real_sigint_then_the_same_command_finishes_the_folder(models, tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "igds_fast", "distill", "--prior", models["prior"], "--ve", models["ve"], "--ipc",
-            "3", "--steps", "200", "--batch-size", "2", "--device", "cpu", "--out", str(out)]
+            "3", "--steps", "100", "--batch-size", "2", "--device", "cpu", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (out / ".igds_config.json").exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
+    while not list(out.rglob("0*.png")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)  # after the first batch: the run is in its second
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     lines = [line for line in err.splitlines() if line.startswith("igds-fast:")]
     assert lines == ["igds-fast: interrupted: the output folder keeps every finished image and is resumable: rerun "
                      "the same command"] and "Traceback" not in err
+    kept = len(list(out.rglob("0*.png")))
+    assert 1 <= kept < 6
     finished = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
-    assert len(list(out.rglob("0000*.png"))) == 6
+    assert len(list(out.rglob("0000*.png"))) == 6 and f"{6 - kept} written this run" in finished.stdout
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
