@@ -201,12 +201,12 @@ def test_a_read_only_out_is_refused_before_any_work(models, tmp_path, capsys, no
 def test_a_name_longer_than_the_file_system_allows_is_one_line(models, capsys):
     out = models["dir"] / ("x" * 300) / "out"
     line = one_line(capsys, distill(models, out=out))
-    assert "File name too long" in line and "a name is longer than the file system allows" not in line.split(":")[0]
+    assert "File name too long (shorten the path: a name is longer than the file system allows)" in line
 
 
 def test_describe_os_error_names_the_paths_and_the_reason():
     assert describe_os_error(OSError(errno.EROFS, "Read-only file system", "/a/b")) == \
-        "'/a/b': Read-only file system (the file system is read-only)"
+        "'/a/b': Read-only file system (choose a folder on a writable file system)"
     assert describe_os_error(OSError(errno.ENOSPC, "No space left on device")) == \
         "No space left on device (free space and rerun; nothing partial was kept)"
     assert describe_os_error(OSError(errno.EEXIST, "File exists", "/a", None, "/b")) == "'/a' -> '/b': File exists"

@@ -113,8 +113,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 INTERRUPTED_DEFAULT = "nothing partial was kept (every output is written atomically)"
 # Said after the strerror of these errnos: what the user can do.
 _OS_HINTS = {
-    errno.EROFS: "the file system is read-only",
-    errno.ENAMETOOLONG: "a name is longer than the file system allows",
+    errno.EROFS: "choose a folder on a writable file system",
+    errno.ENAMETOOLONG: "shorten the path: a name is longer than the file system allows",
     errno.ELOOP: "a symbolic-link loop",
     errno.ENOSPC: "free space and rerun; nothing partial was kept",
     getattr(errno, "EDQUOT", errno.ENOSPC): "free space and rerun; nothing partial was kept",
@@ -125,7 +125,7 @@ def describe_os_error(exc: OSError) -> str:
     """One line for an OSError: the path(s) it names, its reason and, for some, what to do."""
     reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
     hint = _OS_HINTS.get(exc.errno)
-    if hint and hint.lower() != reason.lower():
+    if hint:
         reason = f"{reason} ({hint})"
     names = [os.fsdecode(name) for name in (exc.filename, exc.filename2) if name is not None]
     return f"{' -> '.join(repr(name) for name in names)}: {reason}" if names else reason
