@@ -97,9 +97,10 @@ def parse_ipcs(ipcs: Iterable | str) -> list[int]:
 
 
 def parse_betas(betas: Iterable | str) -> list[float]:
-    """Distinct finite betas, ascending, from numbers or a comma-separated string ('0,0.01,0.1')."""
-    return _grid(betas, float, lambda v: isinstance(v, numbers.Real) and math.isfinite(v), "betas", "numbers",
-                 "the beta grid is empty", "beta must be a finite number")
+    """Distinct finite betas >= 0, ascending, from numbers or a comma-separated string ('0,0.01,0.1')."""
+    return _grid(betas, float, lambda v: isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0, "betas",
+                 "numbers", "the beta grid is empty", "beta must be a finite number >= 0 (a weight of the "
+                 "contextual term)")
 
 
 # ---- settings -------------------------------------------------------------------------------------

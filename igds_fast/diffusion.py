@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import IGDSInputError
+from .limits import HEADER_CAPS
 
 NOISE_SCHEDULES = ("linear", "cosine", "scaled_linear")
 FIXED_VARIANCES = ("small", "large")
@@ -150,8 +151,10 @@ class ScheduleConfig:
             raise IGDSInputError(
                 f"unknown noise schedule {self.noise_schedule!r}; expected one of {NOISE_SCHEDULES}"
             )
-        if not isinstance(self.diffusion_steps, int) or self.diffusion_steps <= 1:
-            raise IGDSInputError(f"diffusion_steps must be an integer > 1, got {self.diffusion_steps!r}")
+        cap = HEADER_CAPS["diffusion steps"]
+        if (isinstance(self.diffusion_steps, bool) or not isinstance(self.diffusion_steps, int)
+                or not 1 < self.diffusion_steps <= cap):
+            raise IGDSInputError(f"diffusion_steps must be an integer in (1, {cap}], got {self.diffusion_steps!r}")
         if self.fixed_variance not in FIXED_VARIANCES:
             raise IGDSInputError(
                 f"fixed_variance must be one of {FIXED_VARIANCES}, got {self.fixed_variance!r}"

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from igds_fast.errors import IGDSDiskFullError, IGDSInputError
+from igds_fast.overlap import refuse_root_or_home
 
 # What a full disk (or an exhausted quota) raises: reported in one line naming the folder.
 DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
@@ -92,10 +93,55 @@ def encode_png(image) -> bytes:
     return buffer.getvalue()
 
 
+def file_mode() -> int:
+    """The mode of a new output file: 0666 less the process's umask, as open() would give it."""
+    return 0o666 & ~_current_umask()
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _writable_folder(folder: str, flag: str, path: str) -> None:
+    """Refuse a folder this process cannot create files in (read-only file system, no permission)."""
+    if not os.access(folder, os.W_OK | os.X_OK):  # access(2) reports EROFS for a read-only file system
+        raise IGDSInputError(f"{flag} {path}: cannot write in {folder} (read-only file system or no permission)")
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
+    """The checks a command makes on a file it will write, before any work: one line each.
+
+    Refused: an existing folder, a symbolic link that leads nowhere, a missing parent folder, a parent
+    this process cannot write in. (The write itself is atomic: write_bytes_atomic.)
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IGDSInputError(f"{flag} {path} is a folder; give the path of a file to write")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise IGDSInputError(f"{flag} {path} is a symbolic link to {os.readlink(path)!r}, which does not exist")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise IGDSInputError(f"{flag} {path}: output folder {folder!r} does not exist")
+    _writable_folder(folder, flag, path)
+
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> None:
+    """The same for an output folder a command creates or fills: a file, a dangling link, a folder (or,
+    when it does not exist yet, its nearest existing parent) it cannot write in."""
+    path = os.fspath(path)
+    refuse_root_or_home(flag, path)  # a folder of its own: never / or the user's home (overlap.py)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise IGDSInputError(f"{flag} {path} is a symbolic link to {os.readlink(path)!r}, which does not exist")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise IGDSInputError(f"{flag} {path} exists and is not a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise IGDSInputError(f"{flag} {path}: {existing} is a file, not a folder")
+    _writable_folder(existing, flag, path)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -118,7 +164,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
     try:
         # mkstemp creates 0600; outputs are ordinary files, readable as the user's umask allows.
-        os.fchmod(fd, 0o666 & ~_current_umask())
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

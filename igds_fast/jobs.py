@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 from .errors import IGDSInputError
+from .limits import class_name_problem
 from .seeding import image_seed
 
 COMPOSITE_SIZES = (1, 4)
@@ -69,17 +70,13 @@ def check_positive_int(value, what: str) -> int:
 
 
 def check_folder_name(name: str) -> str:
-    """A class key usable as one folder name (no separators, not '.' / '..', not hidden, not empty)."""
-    if (
-        not isinstance(name, str)
-        or not name
-        or name in (".", "..")
-        or name.startswith(".")
-        or "/" in name
-        or (os.sep != "/" and os.sep in name)
-        or "\0" in name
-    ):
-        raise IGDSInputError(f"class {name!r} cannot be used as an output folder name")
+    """A class key usable as one folder name: limits.class_name_problem's rule (at most 128 bytes of UTF-8,
+    no separators, not '.' / '..', not hidden, not empty, no control or invisible formatting characters)."""
+    problem = class_name_problem(name)
+    if problem is not None:
+        shown = ascii(name) if isinstance(name, str) else repr(name)
+        shown = shown if len(shown) <= 80 else shown[:60] + "..." + shown[-10:]
+        raise IGDSInputError(f"class {shown} cannot be used as an output folder name: {problem}")
     return name
 
 

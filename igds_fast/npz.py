@@ -15,7 +15,6 @@ folder is refused).
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 import zipfile
@@ -25,6 +24,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import IGDSInputError
+from .imageio import file_mode
+from .limits import read_json
 from .overlap import check_apart, inside, resolved
 from .settings import option
 
@@ -35,14 +36,18 @@ def _npy_header(dtype, shape) -> bytes:
                                                    "fortran_order": False, "shape": tuple(shape)})
     return buffer.getvalue()  # write_array_header_1_0 writes the magic string too
 
+MANIFEST_MAX_BYTES = 1 << 30  # ImageNet-1K at IPC 100 is about 40 MB
+
 
 def _read_rgb(path: str) -> np.ndarray:
+    """The image at `path` as uint8 [H, W, 3]; a file PIL cannot decode is one line naming it."""
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a file that is not a whole image
-        raise IGDSInputError(f"{path} is not a readable image ({type(exc).__name__}); rerun distill on the folder "
-                             "to make it again") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise IGDSInputError(f"{path} is not a readable image ({reason}); rerun distill on the folder to make it "
+                             "again") from None
 
 
 def _check_out(folder: str, out: str, force: bool) -> None:
@@ -57,9 +62,30 @@ def _check_out(folder: str, out: str, force: bool) -> None:
         raise IGDSInputError(f"output folder {out_folder!r} does not exist")
 
 
-def _image_path(folder: str, entry, manifest_path: str) -> str:
+def _manifest_images(manifest, manifest_path: str) -> list[dict]:
+    """The manifest's image entries, each with a relative "path" inside the folder and an integer label."""
+    if not isinstance(manifest, dict):
+        raise IGDSInputError(f"{manifest_path} is not a distill manifest (not a JSON object)")
+    images = manifest.get("images")
+    if not isinstance(images, list) or not images:
+        raise IGDSInputError(f"{manifest_path} lists no images")
+    for number, entry in enumerate(images):
+        where = f"{manifest_path}: image entry {number}"
+        if not isinstance(entry, dict):
+            raise IGDSInputError(f"{where} is not an object")
+        for key in ("path", "label"):
+            if key not in entry:
+                raise IGDSInputError(f"{where} lacks {key!r}")
+        for key in ("label", "prior_label"):
+            value = entry.get(key)
+            if (value is not None or key == "label") and (isinstance(value, bool) or not isinstance(value, int)):
+                raise IGDSInputError(f"{where}: {key} {value!r} is not an integer")
+    return images
+
+
+def _image_path(folder: str, entry: dict, manifest_path: str) -> str:
     """The file of one manifest entry: a relative path that stays inside `folder` (symlinks resolved)."""
-    relative = entry.get("path") if isinstance(entry, dict) else None
+    relative = entry["path"]
     if not isinstance(relative, str) or not relative:
         raise IGDSInputError(f"{manifest_path} has an image entry without a path")
     path = os.path.join(folder, relative)
@@ -74,21 +100,17 @@ def export_npz(folder: str, out: str, force: bool = False) -> dict:
     """Write `folder`'s images (its manifest.json) to `out` (.npz); returns {"images", "shape", "path"}.
 
     Refused in one line before anything is written: `out` inside `folder` (or the folder itself), an
-    existing `out` without `force`, and a manifest entry whose path leaves the folder (absolute, `..`,
-    or a symlink out of it).
+    existing `out` without `force`, a manifest that is not one (bounded JSON, entries with a path and
+    integer labels), and an entry whose path leaves the folder (absolute, `..`, or a symlink out of it).
     """
+    if not os.path.isdir(folder):
+        raise IGDSInputError(f"{folder} is not a folder: give a finished igds-fast distill folder")
     manifest_path = os.path.join(folder, "manifest.json")
     if not os.path.isfile(manifest_path):
         raise IGDSInputError(f"{folder} has no manifest.json: not a finished igds-fast distill folder")
     _check_out(folder, out, force)
-    try:
-        with open(manifest_path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise IGDSInputError(f"{manifest_path} is not a JSON manifest") from None
-    images = (manifest.get("images") if isinstance(manifest, dict) else None) or []
-    if not images:
-        raise IGDSInputError(f"{manifest_path} lists no images")
+    manifest = read_json(manifest_path, "manifest", max_bytes=MANIFEST_MAX_BYTES)
+    images = _manifest_images(manifest, manifest_path)
     paths = [_image_path(folder, entry, manifest_path) for entry in images]
     missing = [entry["path"] for entry, path in zip(images, paths) if not os.path.isfile(path)]
     if missing:
@@ -112,7 +134,7 @@ def export_npz(folder: str, out: str, force: bool = False) -> dict:
             with archive.open("arr_1.npy", "w") as member:
                 member.write(_npy_header(np.int64, labels.shape))
                 member.write(labels.tobytes())
-        os.chmod(temporary, 0o644)  # mkstemp makes 0600; an archive is an ordinary shareable file
+        os.chmod(temporary, file_mode())  # mkstemp makes 0600; an archive follows the umask like every output
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())  # the bytes are on disk before the name points at them
         os.replace(temporary, out)
@@ -121,8 +143,6 @@ def export_npz(folder: str, out: str, force: bool = False) -> dict:
             os.unlink(temporary)
         raise
     return {"images": shape[0], "shape": list(shape), "path": os.path.abspath(out)}
-
-
 
 
 @dataclass(frozen=True, kw_only=True)

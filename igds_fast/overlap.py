@@ -37,7 +37,7 @@ def _shown(flag: str, path: str) -> str:
     return f"{flag} {path}" if os.path.abspath(path) == real else f"{flag} {path} (= {real})"
 
 
-def check_output_folder(flag: str, path: str) -> None:
+def refuse_root_or_home(flag: str, path: str) -> None:
     """Refuse an output folder that is the file system root or the user's home folder."""
     real = resolved(path)
     home = os.path.expanduser("~")
@@ -70,4 +70,4 @@ def check_apart(outputs: Iterable[Named], inputs: Iterable[Named] = ()) -> None:
                                      f"{flag} must be a place of its own, around none of the others")
 
 
-__all__ = ["check_apart", "check_output_folder", "inside", "resolved"]
+__all__ = ["check_apart", "inside", "refuse_root_or_home", "resolved"]

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import MISSING, dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 from .errors import IGDSInputError
+from .limits import loads_json
 
 _OPTION = "igds_option"
 _SECTION = "igds_section"
@@ -214,9 +214,9 @@ def _help_text(spec: OptionSpec, default: Any) -> str:
 def _json_object(flag: str) -> Callable[[str], dict]:
     def parse(text: str) -> dict:
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise argparse.ArgumentTypeError(f"not valid JSON: {exc.msg} at character {exc.pos}") from None
+            value = loads_json(text, "the value")
+        except IGDSInputError as exc:  # argparse shows an ArgumentTypeError's own message (after the flag)
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("the value is ").removeprefix("the value: ")) from None
         if not isinstance(value, dict):
             raise argparse.ArgumentTypeError("must be a JSON object of setting names and values")
         return value

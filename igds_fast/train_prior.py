@@ -38,6 +38,7 @@ from .data import check_labelled_images
 from .devices import resolve_device
 from .diffusion import NOISE_SCHEDULES, DiffusionSchedule, ScheduleConfig
 from .errors import IGDSInputError
+from .limits import HEADER_CAPS
 from .models.adm import ADMUNet
 from .settings import option, section
 
@@ -159,6 +160,8 @@ class PriorTrainRun:
             raise IGDSInputError("give --out PRIOR.safetensors")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 4:
             raise IGDSInputError(f"--image-size must be an integer >= 4, got {self.image_size!r}")
+        if self.image_size > HEADER_CAPS["image side"]:
+            raise IGDSInputError(f"--image-size {self.image_size} is above {HEADER_CAPS['image side']} pixels")
 
 
 # ---- losses ---------------------------------------------------------------------------------------

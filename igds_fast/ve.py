@@ -15,15 +15,16 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
-from .artifacts import parse_json_header, read_safetensors
+from .artifacts import check_finite_weights, parse_json_header, read_safetensors
 from .errors import IGDSInputError
+from .imageio import write_bytes_atomic
+from .limits import check_class_name, header_int
 from .models.resnet import ARCHS, NORMS, ResNet, build_resnet, load_trunk_state
 from .preprocess import EncoderPreprocess
 
@@ -177,25 +178,14 @@ class VariationalEstimator(nn.Module):
         return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the bundle as one safetensors file, atomically (temp file in the same dir + os.replace)."""
+        """Write the bundle as one safetensors file, atomically, with the mode the umask gives every other
+        artifact (imageio.write_bytes_atomic: temp file in the same folder, fsync, os.replace)."""
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise IGDSInputError(f"cannot save VE bundle: directory does not exist: {directory}")
-        tensors = self.bundle_tensors()
         metadata = {METADATA_KEY: json.dumps(self.header(), sort_keys=True)}
-        handle, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; a bundle is an ordinary shareable file
-            save_file(tensors, tmp_path, metadata=metadata)
-            with open(tmp_path, "rb") as written:
-                os.fsync(written.fileno())  # the data is on disk before the name points at it
-            os.replace(tmp_path, path)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.unlink(tmp_path)
-            raise
+        write_bytes_atomic(path, save_bytes(self.bundle_tensors(), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "VariationalEstimator":
@@ -230,11 +220,15 @@ class VariationalEstimator(nn.Module):
         missing = [k for k in _HEAD_KEYS if k not in tensors]
         if missing or unexpected:
             raise IGDSInputError(f"not a VE bundle layout; missing {missing}, unexpected {unexpected[:4]}")
+        # Any floating dtype is read as float32, what the VE computes in (as the prior loaders do): a
+        # float16 or float64 bundle would otherwise meet float32 images at the first sampling step.
+        tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}
         classes, dim = header["num_classes"], header["feature_dim"]
         expected_shapes = {"classifier.weight": (classes, dim), "classifier.bias": (classes,), "log_centroids": (classes, dim)}
         for key, shape in expected_shapes.items():
             if tuple(tensors[key].shape) != shape:
                 raise IGDSInputError(f"{key} has shape {tuple(tensors[key].shape)}, header says {shape}")
+        check_finite_weights({k: tensors[k] for k in _HEAD_KEYS}, "VE bundle")
         encoder_state = {k[len(_ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(_ENCODER_PREFIX)}
         encoder = load_trunk_state(encoder, encoder_state, "encoder.*")
         preprocess = EncoderPreprocess(header["resolution"], header["mean"], header["std"])
@@ -265,10 +259,15 @@ def _parse_header(metadata: dict, path: str) -> dict:
         value = header[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise IGDSInputError(f"{path}: header {key} must be a positive int, got {value!r}")
+    # Bounded before anything is built: the resolution sizes every guided step's encoder input.
+    for key, cap in (("resolution", "image side"), ("in_channels", "image channels"), ("num_classes", "classes")):
+        header_int(header[key], key, cap, f"VE bundle {path}")
     header["tau"] = _check_tau(header["tau"])
     if not isinstance(header["class_names"], list) or len(header["class_names"]) != header["num_classes"]:
         count = len(header["class_names"]) if isinstance(header["class_names"], list) else "no list of"
         raise IGDSInputError(f"{path}: header has {count} class_names for {header['num_classes']} classes")
+    for name in header["class_names"]:
+        check_class_name(name, f"{path}: class")
     return header
 
 

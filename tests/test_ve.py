@@ -9,7 +9,6 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import igds_fast.ve as ve_module
 from igds_fast.errors import IGDSInputError
 from igds_fast.models.resnet import resnet18
 from igds_fast.preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
@@ -178,12 +177,11 @@ def test_save_is_atomic(tmp_path, saved_bundle, monkeypatch):
     ve.save(path)  # overwriting an existing bundle works
     before = path.read_bytes()
 
-    def fail_midway(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"partial")
+    def fail_midway(fd):  # the bundle's bytes are in the temporary file, not yet on disk
         raise OSError("disk full")
 
-    monkeypatch.setattr(ve_module, "save_file", fail_midway)
+    # The bundle goes through the one atomic writer (imageio.write_bytes_atomic), as every artifact.
+    monkeypatch.setattr(os, "fsync", fail_midway)
     with pytest.raises(OSError, match="disk full"):
         ve.save(path)
     assert path.read_bytes() == before  # the old bundle is untouched

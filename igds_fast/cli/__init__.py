@@ -6,13 +6,20 @@ which generates its arguments from ``SETTINGS`` and sets ``handler=run``, and ``
 which builds the tree from the arguments and runs the domain code with it. To add a command, write
 the module and list it in ``COMMANDS``. The domain modules import nothing from here.
 
-Errors: an IGDSInputError anywhere prints ``igds-fast: error: <message>`` to stderr and exits 2
-(argparse's own usage errors exit 2 the same way).
+Errors, in this one place (`main`): an IGDSInputError anywhere prints ``igds-fast: error: <message>``
+to stderr and exits 2 (argparse's own usage errors exit 2 the same way). So does an OSError, which
+a user or a file causes, never the code (a read-only or full file system, a name too long, a link
+loop, a missing file, a folder where a file should be, an image PIL cannot open): one line naming the
+path (`describe_os_error`). Ctrl-C (KeyboardInterrupt) prints one line saying what is kept (the
+command's `interrupted` default; distill: the folder is resumable) and exits 130, as a shell's
+128 + SIGINT.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -110,6 +117,36 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+INTERRUPTED_DEFAULT = "nothing partial was kept (every output is written atomically)"
+# Said after the strerror of these errnos: what the user can do.
+_OS_HINTS = {
+    errno.EROFS: "choose a folder on a writable file system",
+    errno.ENAMETOOLONG: "shorten the path: a name is longer than the file system allows",
+    errno.ELOOP: "a symbolic-link loop",
+    errno.ENOSPC: "free space and rerun; nothing partial was kept",
+    getattr(errno, "EDQUOT", errno.ENOSPC): "free space and rerun; nothing partial was kept",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError: the path(s) it names, its reason and, for some, what to do."""
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    hint = _OS_HINTS.get(exc.errno)
+    if hint:
+        reason = f"{reason} ({hint})"
+    names = [os.fsdecode(name) for name in (exc.filename, exc.filename2) if name is not None]
+    return f"{' -> '.join(repr(name) for name in names)}: {reason}" if names else reason
+
+
+def _raised_by_pil(exc: BaseException) -> bool:
+    """Whether the innermost frame of `exc` is Pillow's (its SyntaxError / EOFError mean a broken image)."""
+    trace = exc.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    return trace is not None and str(trace.tb_frame.f_globals.get("__name__", "")).startswith("PIL.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: parse ``argv`` (default sys.argv[1:]), run the subcommand, return its exit code.
 
@@ -118,12 +155,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     on a CPU (igds_fast.cpu_math).
     """
     request_reproducible_cpu_math()
+    args = None
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
         return int(args.handler(args) or 0)
     except IGDSInputError as exc:
         if not getattr(exc, "quiet", False):  # under torchrun only rank 0 reports a bad input
             print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; rank 0 says it
+            note = getattr(args, "interrupted", None) or INTERRUPTED_DEFAULT
+            print(f"{PROG}: interrupted: {note}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        print(f"{PROG}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    except (SyntaxError, EOFError) as exc:
+        if not _raised_by_pil(exc):  # a SyntaxError of our own code is a bug: its traceback is wanted
+            raise
+        print(f"{PROG}: error: an image could not be decoded: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

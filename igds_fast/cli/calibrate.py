@@ -10,7 +10,7 @@ import sys
 
 from igds_fast.calibrate import CalibrateRun, calibrate_beta
 from igds_fast.data import FolderImages, scan_image_folder
-from igds_fast.errors import IGDSInputError
+from igds_fast.imageio import check_output_file
 from igds_fast.guidance.beta_table import write_beta_table
 from igds_fast.overlap import check_apart
 from igds_fast.settings import add_arguments, from_args, to_dict
@@ -40,9 +40,7 @@ def run(args: argparse.Namespace) -> int:
     """`igds-fast calibrate-beta`: build the settings tree, load, calibrate, write the beta table atomically."""
     settings = from_args(CalibrateRun, args)
     check_apart([("--out", settings.out)], [("--data", settings.data), ("--val", settings.val), ("--ve", settings.ve)])
-    out_folder = os.path.dirname(os.path.abspath(settings.out))
-    if not os.path.isdir(out_folder):
-        raise IGDSInputError(f"output folder {out_folder!r} does not exist")
+    check_output_file(settings.out)  # before the calibration's training, not after it
     ve = VariationalEstimator.load(settings.ve)
     class_names = list(ve.class_names)
     # Structure first (cheap): the VE's classes must all be there; extra folders are not used.

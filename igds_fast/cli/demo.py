@@ -40,7 +40,8 @@ def add_parser(subparsers) -> None:
         ),
     )
     add_arguments(digits, DigitsDemo)
-    digits.set_defaults(handler=run)
+    digits.set_defaults(handler=run, interrupted="what finished (the prior, the VE, each distilled set) is kept: "
+                        "rerun the same command to reuse it")
 
 
 def _check(demo: DigitsDemo) -> None:

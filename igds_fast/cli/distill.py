@@ -51,7 +51,8 @@ def add_parser(subparsers) -> None:
         ),
     )
     add_arguments(parser, DistillConfig)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, interrupted="the output folder keeps every finished image and is resumable: "
+                        "rerun the same command")
 
 
 def _resumable(exc: IGDSDiskFullError) -> IGDSDiskFullError:

@@ -11,11 +11,12 @@ from typing import Sequence
 
 from igds_fast.cli import PROG
 from igds_fast.data import FolderImages, load_image_folder, scan_image_folder
-from igds_fast.errors import IGDSInputError
+from igds_fast.devices import resolve_device
+from igds_fast.limits import check_fits
 from igds_fast.evaluate.networks import build_eval_network
 from igds_fast.evaluate.settings import EvalRun
 from igds_fast.evaluate.train import evaluate_distilled
-from igds_fast.imageio import write_json_atomic
+from igds_fast.imageio import check_output_file, write_json_atomic
 from igds_fast.overlap import check_apart
 from igds_fast.progress import Progress
 from igds_fast.settings import add_arguments, from_args, to_dict
@@ -94,15 +95,17 @@ def run(args: argparse.Namespace) -> int:
     # The results file outside both folders it reads (overlap.py).
     check_apart([("--out", settings.out)], [("--train", settings.train), ("--val", settings.val)])
     if settings.out is not None:
-        out_folder = os.path.dirname(os.path.abspath(settings.out))
-        if not os.path.isdir(out_folder):
-            raise IGDSInputError(f"output folder {out_folder!r} does not exist")
+        check_output_file(settings.out)  # before the training, not after it
 
     # Check both trees (structure, class correspondence) before decoding a single image. Extra
     # validation classes (a full ImageNet val tree for a 10-class subset) are not evaluated.
-    class_names, _ = scan_image_folder(settings.train)
+    class_names, train_paths = scan_image_folder(settings.train)
     scan_image_folder(settings.val, class_names, ignore_unlisted=True)
     image_size = settings.load_size(class_names[0])
+    # The distilled set is held on the device as float32 [N, C, S, S] for the whole training: it must fit.
+    count = sum(len(paths) for paths in train_paths)
+    check_fits(4 * count * settings.channels * image_size ** 2, resolve_device(recipe.device),
+               f"holding the {count} distilled images of {settings.channels}x{image_size}x{image_size}")
     build_eval_network(recipe.network, settings.channels, len(class_names), image_size, width=recipe.width)
     # The preset for this problem (refuses minimax on grey images) and the flags that override it.
     training = recipe.keywords(len(class_names), settings.channels)

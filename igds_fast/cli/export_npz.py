@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from igds_fast.imageio import check_output_file
 from igds_fast.npz import ExportNpzRun, export_npz
 from igds_fast.settings import add_arguments, from_args
 
@@ -28,6 +29,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = from_args(ExportNpzRun, args)
+    check_output_file(settings.out)
     report = export_npz(settings.folder, settings.out, force=settings.force)
     print(f"export-npz: {report['images']} images {tuple(report['shape'][1:])} -> {report['path']}")
     return 0

@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 import sys
 
-from igds_fast.data import load_digits_split, load_image_folder
+from igds_fast.data import load_digits_split, load_image_folder, scan_image_folder
 from igds_fast.devices import resolve_device
-from igds_fast.errors import IGDSInputError
+from igds_fast.imageio import check_output_file
+from igds_fast.limits import check_fits
 from igds_fast.models.priors import save_prior
 from igds_fast.overlap import check_apart
 from igds_fast.presets.digits import CLASS_NAMES as DIGIT_CLASSES
@@ -41,10 +42,13 @@ def run(args) -> int:
     """The `train-prior` subcommand: load data, train, save atomically; returns the exit code."""
     settings = from_args(PriorTrainRun, args)
     check_apart([("--out", settings.out)], [("--data", settings.data)])
-    out_folder = os.path.dirname(os.path.abspath(settings.out))
-    if not os.path.isdir(out_folder):
-        raise IGDSInputError(f"output folder {out_folder!r} does not exist")
+    check_output_file(settings.out)  # before the training, not after it
     device = resolve_device(settings.device)
+    if not settings.digits:  # the folder is held in memory as float32 [N, C, S, S]: it must fit
+        _, paths = scan_image_folder(settings.data)
+        count = sum(len(class_paths) for class_paths in paths)
+        check_fits(4 * count * settings.channels * settings.image_size ** 2, "cpu",
+                   f"holding {count} images of {settings.channels}x{settings.image_size}x{settings.image_size}")
     config = settings.training
     with torch_threads(pinned_threads(settings.cpu_threads, device)):
         if settings.digits:

@@ -9,8 +9,10 @@ import os
 import sys
 
 from igds_fast.data import FolderImages, scan_image_folder
-from igds_fast.errors import IGDSInputError
-from igds_fast.imageio import write_json_atomic
+from igds_fast.devices import resolve_device
+from igds_fast.imageio import check_output_file, write_json_atomic
+from igds_fast.limits import check_fits
+from igds_fast.models.resnet import FEATURE_DIMS
 from igds_fast.overlap import check_apart
 from igds_fast.settings import add_arguments, from_args, to_dict
 from igds_fast.train_ve import VETrainRun, train_ve_from_source
@@ -32,22 +34,29 @@ def add_parser(subparsers) -> None:
         ),
     )
     add_arguments(parser, VETrainRun)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, interrupted="rerun the same command to resume after the last finished epoch "
+                        "(OUT.checkpoint)")
 
 
 def run(args: argparse.Namespace) -> int:
     """`igds-fast train-ve`: load the folders, train, write the bundle and its report atomically."""
     settings = from_args(VETrainRun, args)
-    # Its files never inside the image folders it reads (igds_fast/overlap.py).
+    # Its files never inside the image folders it reads (igds_fast/overlap.py), and each checked before any
+    # decoding or training (an existing folder, a dangling link, a read-only folder would otherwise fail
+    # after the training).
     check_apart([("--out", settings.out), ("--out", settings.out + ".report.json"),
                  ("--checkpoint", settings.checkpoint_path)], [("--data", settings.data), ("--val", settings.val)])
-    out_folder = os.path.dirname(os.path.abspath(settings.out))
-    if not os.path.isdir(out_folder):
-        raise IGDSInputError(f"output folder {out_folder!r} does not exist")
+    check_output_file(settings.out)
+    check_output_file(settings.out + ".report.json", "--out")
+    check_output_file(settings.checkpoint_path, "--checkpoint")
     config, channels, checkpoint = settings.training, settings.training.in_channels, settings.checkpoint_path
     # Structure of both trees first (cheap), then one decoding pass each (corrupt files; the pixel
     # statistics). Large sets are streamed from here on, small ones held (IGDS_IN_MEMORY_MB).
-    class_names, _ = scan_image_folder(settings.data)
+    class_names, train_paths = scan_image_folder(settings.data)
+    # The full-batch linear probe holds every training image's features, float32 [N, d], on the device.
+    count = sum(len(paths) for paths in train_paths)
+    check_fits(4 * count * FEATURE_DIMS[config.arch], resolve_device(config.device),
+               f"the linear probe's features of {count} images ({config.arch}: {FEATURE_DIMS[config.arch]} each)")
     if settings.val is not None:
         scan_image_folder(settings.val, class_names, ignore_unlisted=True)
     train = FolderImages(settings.data, settings.load_size, channels=channels, on_corrupt=settings.on_corrupt,

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..errors import IGDSInputError
+from ..limits import HEADER_CAPS, check_class_name, format_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ON_CORRUPT = ("skip", "fail")  # what a loader does with an unreadable image: count and leave it out, or stop
@@ -51,6 +52,26 @@ def _list_folder(folder: str) -> list[os.DirEntry]:
         raise IGDSInputError(f"cannot list folder {folder!r}: {exc.strerror or exc}")
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether a visible entry of the root is a class folder; a symbolic-link loop (or any other entry
+    that cannot be examined) is one line naming it, since it may be a class that cannot be read."""
+    try:
+        return entry.is_dir()
+    except OSError as exc:
+        raise IGDSInputError(f"cannot examine {entry.path!r}: {exc.strerror or exc} (a symbolic-link loop?)") from None
+
+
+def _is_image_entry(entry: os.DirEntry) -> bool:
+    """An image-named entry that is not a folder: files, and also links that lead nowhere (dangling, or a
+    loop), listed so that decoding them fails and --on-corrupt skips or names them, never silently."""
+    if not is_image_file(entry.name):
+        return False
+    try:
+        return not entry.is_dir()
+    except OSError:
+        return True
+
+
 def scan_image_folder(
     root: str | os.PathLike,
     class_names: Sequence[str] | None = None,
@@ -69,12 +90,14 @@ def scan_image_folder(
         raise IGDSInputError(f"image folder {root!r} does not exist")
     if not os.path.isdir(root):
         raise IGDSInputError(f"image folder {root!r} is not a directory")
-    folders = sorted(e.name for e in _list_folder(root) if e.is_dir() and not e.name.startswith("."))
+    folders = sorted(e.name for e in _list_folder(root) if not e.name.startswith(".") and _is_dir(e))
     if not folders:
         raise IGDSInputError(f"image folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
 
     if class_names is None:
         ordered = folders
+        for name in ordered:  # the folders' names become the classes (a VE's, a distilled set's)
+            check_class_name(name, f"class folder in {root!r}:")
     else:
         ordered = [str(name) for name in class_names]
         if len(set(ordered)) != len(ordered):
@@ -91,7 +114,7 @@ def scan_image_folder(
     paths_per_class = []
     for name in ordered:
         folder = os.path.join(root, name)
-        files = sorted(e.name for e in _list_folder(folder) if e.is_file() and is_image_file(e.name))
+        files = sorted(e.name for e in _list_folder(folder) if _is_image_entry(e))
         if not files:
             raise IGDSInputError(
                 f"class folder {folder!r} contains no images ({', '.join(IMAGE_EXTENSIONS)})"
@@ -116,14 +139,56 @@ def resize_and_center_crop(image: Image.Image, image_size: int) -> Image.Image:
     return image.crop((left, top, left + image_size, top + image_size))
 
 
+# 16-bit and 32-bit integer modes: PIL's convert() clips them to [0, 255] (a full-range 16-bit image
+# becomes almost all white), so they are scaled here instead (see to_8bit).
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Modes convert() maps to L / RGB faithfully (torchvision's ImageFolder loader does the same): alpha is
+# dropped (LA, RGBA, PA, P with transparency: each pixel keeps its stored colour), CMYK and YCbCr go
+# through PIL's own conversions, 1 becomes 0 / 255.
+_EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr")
+
+
+class UnsupportedImageMode(ValueError):
+    """An image whose pixel format has no faithful 8-bit reading (treated like an unreadable file)."""
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An image of an 8-bit mode with the same picture: what :func:`load_image` converts to L / RGB.
+
+    I;16 (16-bit grey, any byte order) and I (32-bit integers, clipped to [0, 65535] first) are scaled
+    as round(v * 255 / 65535), so a 16-bit image saved from 8 bits (v = 257 x) reads back exactly and
+    a full-range gradient keeps every level within 1. F (32-bit float): values in [0, 1] are scaled
+    by 255 (rounded); a float image with values outside [0, 1] (or non-finite) has no known range and
+    is refused, as is any mode not listed in _EIGHT_BIT_MODES (LAB, HSV, ...). The 8-bit modes are
+    returned unchanged, so their decode is what it always was.
+    """
+    mode = image.mode
+    if mode in _EIGHT_BIT_MODES:
+        return image
+    if mode in _WIDE_INT_MODES:
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0:
+            low, high = float(np.nanmin(values)), float(np.nanmax(values))
+            raise UnsupportedImageMode(f"a floating-point image (mode F) with values in [{low:g}, {high:g}]: only "
+                                       "[0, 1] has a known 8-bit reading; save it as 8 or 16 bits")
+        return Image.fromarray(np.round(values * 255.0).astype(np.uint8))
+    raise UnsupportedImageMode(f"pixel format {mode} is not supported (8-bit L / RGB / RGBA / P / CMYK, or 16-bit "
+                               "grey); convert the file to RGB")
+
+
 def load_image(path: str, image_size: int, channels: int = 3) -> np.ndarray:
     """Decode, convert (RGB or L), resize + centre-crop one image: uint8 [C, H, W].
 
-    Raises PIL's own errors for unreadable files (the caller decides whether to skip).
+    16-bit grey and other wide modes are scaled to 8 bits first (:func:`to_8bit`), never clipped.
+    Raises PIL's own errors (or UnsupportedImageMode) for unreadable files (the caller decides whether
+    to skip); an image over PIL's decompression-bomb limit is one of them (DecompressionBombError).
     """
     with Image.open(path) as handle:
         handle.load()  # decode fully now, so truncation errors surface here
-        image = handle.convert(_PIL_MODES[channels])
+        image = to_8bit(handle).convert(_PIL_MODES[channels])
     image = resize_and_center_crop(image, image_size)
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
@@ -147,6 +212,8 @@ def uint8_to_unit_range(images: torch.Tensor) -> torch.Tensor:
 def check_load_arguments(image_size, channels, on_corrupt) -> None:
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise IGDSInputError(f"image_size must be a positive integer, got {image_size!r}")
+    if image_size > HEADER_CAPS["image side"]:
+        raise IGDSInputError(f"image_size {image_size} is above {HEADER_CAPS['image side']} pixels")
     if channels not in _PIL_MODES:
         raise IGDSInputError(f"channels must be 1 or 3, got {channels!r}")
     if on_corrupt not in ON_CORRUPT:
@@ -158,6 +225,9 @@ def check_folder_settings(image_size: int | None, on_corrupt: str, channels: int
     default), --on-corrupt and --channels (None: not a setting of the command)."""
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise IGDSInputError(f"--image-size must be a positive integer, got {image_size!r}")
+    if image_size is not None and image_size > HEADER_CAPS["image side"]:
+        raise IGDSInputError(f"--image-size {image_size} is above {HEADER_CAPS['image side']} pixels (a decoded image of "
+                             f"{format_bytes(4 * 3 * image_size ** 2)} in float32)")
     if channels is not None and channels not in _PIL_MODES:
         raise IGDSInputError(f"--channels must be 1 or 3, got {channels!r}")
     if on_corrupt not in ON_CORRUPT:

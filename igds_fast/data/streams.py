@@ -343,7 +343,9 @@ class FolderImages:
         """sha256 of the image list (paths relative to the root, labels) and the decoding settings."""
         digest = hashlib.sha256(f"{self.image_size}:{self.channels}:{self.class_names!r}".encode())
         for path, label in zip(self.paths, self.labels.tolist()):
-            digest.update(f"\n{os.path.relpath(path, self.root)}\t{label}".encode())
+            # The name's bytes on disk (os.fsencode): a file name in another encoding than UTF-8 is hashed
+            # as it is (UTF-8 names give the bytes they always gave).
+            digest.update(b"\n" + os.fsencode(os.path.relpath(path, self.root)) + f"\t{label}".encode())
         return digest.hexdigest()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..data.folders import ON_CORRUPT
 from ..errors import IGDSInputError
 from ..guidance import GuidanceConfig
 from ..jobs import COMPOSITE_SIZES, check_positive_int
@@ -188,12 +189,16 @@ class SelectionSettings:
     candidates: str | None = option(None, "--candidates", metavar="DIR", default_text="OUT.s3-candidates beside OUT",
                                     help="folder of the G x IPC candidates and the selection's files (never inside "
                                     "OUT)")
+    on_corrupt: str = option("skip", "--on-corrupt", choices=ON_CORRUPT, help="unreadable --real images, found "
+                             "before sampling: skip and count them, or stop")
 
     def __post_init__(self):
         if self.method not in SELECT_METHODS:
             raise IGDSInputError(f"--select must be one of {', '.join(SELECT_METHODS)}, got {self.method!r}")
         for name, flag in (("encoder", "--select-encoder"), ("real", "--real"), ("candidates", "--candidates")):
             _optional_path(getattr(self, name), flag)
+        if self.on_corrupt not in ON_CORRUPT:
+            raise IGDSInputError(f"--on-corrupt must be one of {', '.join(ON_CORRUPT)}, got {self.on_corrupt!r}")
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,9 @@ class RunSettings:
                                        "without CUDA)")
     trace: bool = option(False, "--trace", action="store_true", help="also write OUT/trace.json and OUT/trace.png: "
                          "the guidance terms of every step per class")
+    allow_large: bool = option(False, "--allow-large", action="store_true", help="lift the sane caps on the run's "
+                               "work (images per class, samples, prior size) and its memory check, for a run that "
+                               "really is that large (also IGDS_ALLOW_LARGE=1)")
 
     def __post_init__(self):
         if not isinstance(self.out, str) or not self.out:

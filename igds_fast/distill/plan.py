@@ -32,14 +32,17 @@ from ..diffusion import ScheduleConfig, space_timesteps
 from ..errors import IGDSInputError
 from ..guidance import GuidanceConfig
 from ..guidance.beta_table import resolve_beta
+from ..imageio import check_output_folder
 from ..jobs import ImageJob, build_jobs, check_folder_name
-from ..models.priors import PriorSpec, describe_prior
-from ..overlap import check_apart, check_output_folder, inside
+from ..limits import check_work_cap
+from ..models.priors import PriorSpec, declared_size, describe_prior
+from ..overlap import check_apart, inside
 from ..sampling.backends import check_triton_runs_on, default_noise
 from ..select import S3Config
 from ..ve import VariationalEstimator
 from .config import (CONFIG_FORMAT, DEFAULT_CFG_CHANNELS, DEFAULT_CFG_SCALE, DEFAULT_DIT_STEPS, DEFAULT_STEPS,
-                     FORMAT_VERSION, DistillConfig, ModelSettings)
+                     DEFAULT_BATCH_SIZE, FORMAT_VERSION, DistillConfig, ModelSettings)
+from .work import DistillWork, check_counts, check_memory
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Plan:
     pixel_settings: dict
     jobs: list[ImageJob]
     device: torch.device
+    work: DistillWork | None = None  # what the run holds at least (distill/work.py)
 
     @property
     def beta(self) -> float:
@@ -96,8 +100,8 @@ def check_selection_paths(config: DistillConfig) -> S3Config | None:
     if inside(candidates, out):
         raise IGDSInputError(f"the candidates folder {candidates} must not be inside the output folder {out} "
                              "(an image-folder reader would take it for a class)")
-    check_output_folder("--out", config.run.out)
-    check_output_folder("--candidates", candidates_folder(config))
+    check_output_folder(config.run.out)
+    check_output_folder(candidates_folder(config), "--candidates")
     check_apart([("--out", config.run.out), ("--candidates", candidates_folder(config))],
                 [("--real", selection.real)])
     return selection.s3
@@ -122,9 +126,11 @@ def plan_distill(config: DistillConfig) -> Plan:
         # distill() samples only; the selection stages around it live in distill_with_selection.
         raise IGDSInputError("--select runs through igds_fast.distill.distill_with_selection, not distill()")
     models, job, run, backend = config.models, config.job, config.run, config.backend
+    # The IPC first: it alone bounds the job list (distill/work.py); the total needs the class count.
+    check_work_cap("images per class", job.ipc, f"--ipc {job.ipc:,}", run.allow_large)
     if os.path.exists(run.out) and not os.path.isdir(run.out):
         raise IGDSInputError(f"output path {run.out!r} exists and is not a folder")
-    check_output_folder("--out", run.out)
+    check_output_folder(run.out)  # a dangling link, a read-only folder, / or home: now, not after the models load
     if not os.path.isfile(models.ve):
         raise IGDSInputError(f"VE bundle not found: {models.ve}")
     beta, beta_source = run_beta(config)
@@ -172,6 +178,13 @@ def plan_distill(config: DistillConfig) -> Plan:
     ve_labels = [ve_index[name] for name in classes]
     prior_labels = [prior_class_map[label] if prior_class_map is not None else None for label in ve_labels]
     composite = job.composite if job.composite is not None else (4 if spec.kind == "adm" else 1)
+    # The work this implies, bounded before the job list or any model is built (distill/work.py).
+    samples = check_counts(len(classes), job.ipc, composite, run.allow_large, f"--ipc {job.ipc:,}")
+    parameters, sample_shape = declared_size(spec)
+    batch = 1 if run.batch_size is None and backend.name == "compiled" else (run.batch_size or DEFAULT_BATCH_SIZE)
+    work = DistillWork(samples, min(batch, samples), parameters, sample_shape,
+                       (ve.encoder.in_channels, ve.resolution, ve.resolution))
+    check_memory(work, device, run.allow_large)
     jobs = build_jobs(classes, ve_labels, job.ipc, job.seed, composite)
     if run.batch_size is not None and run.batch_size < composite:
         raise IGDSInputError(f"batch size {run.batch_size} cannot hold one composite image ({composite} samples)")
@@ -218,7 +231,7 @@ def plan_distill(config: DistillConfig) -> Plan:
         if options.unet_engine is not None:  # the engine's precision replaces the UNet dtype
             pixel_settings["compile"]["unet_engine"] = file_fingerprint(options.unet_engine)
     return Plan(config, ve, spec, list(classes), ve_labels, prior_labels, prior_class_map, steps, guidance,
-                beta_source, noise, composite, pixel_settings, jobs, device)
+                beta_source, noise, composite, pixel_settings, jobs, device, work)
 
 
 def _check_latent_options(models: ModelSettings, spec: PriorSpec) -> dict | None:

@@ -63,6 +63,7 @@ from ..distributed import QuietRankError, launched_by_torchrun
 from ..errors import IGDSInputError
 from ..imageio import write_bytes_atomic, write_json_atomic
 from ..jobs import ImageJob, image_file_name
+from ..limits import check_work_cap
 from ..locks import hold_folder
 from ..models.feature_encoder import FeatureEncoder, load_feature_encoder
 from ..select import ClassCentroidAccumulator, S3Config, s3_search_centroids, select_real_indices, subgroup_centroids
@@ -79,6 +80,7 @@ FEATURE_BATCH = 128  # candidate images per feature batch (fixed: the batches ar
 REAL_BATCH = 128
 REAL_CHECKPOINT_BATCHES = 20
 REAL_SEED = 0  # select_real_indices' seed: which real images make the centroids
+REAL_CHECK_SIZE = 8  # side of the check decode before sampling (the decode is the check; the size is not)
 STAGE_FORMAT = "igds_s3_stage"
 STAGE_METADATA_KEY = "igds_s3_stage"
 
@@ -115,8 +117,27 @@ class RealFolder:
         self.chosen = torch.arange(len(self.paths))  # the source opened below holds the chosen files only
         digest = hashlib.sha256()
         for path, label in zip(self.paths, self.labels.tolist()):
-            digest.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
+            digest.update(os.fsencode(os.path.relpath(path, root)) + f"\t{label}\n".encode())  # names in any encoding
         self.description = {"kind": "folder", "images": len(self.paths), "chosen_sha256": digest.hexdigest()}
+        self.skipped: list[str] = []
+
+    def check(self, on_corrupt: str, progress: bool = False) -> None:
+        """Decode every chosen image once, before sampling: an unreadable one (corrupt, truncated, over
+        PIL's decompression-bomb limit, an unsupported format) stops the run naming it (on_corrupt
+        "fail") or is left out of its class's centroid and counted ("skip"; a class left without a
+        readable image is refused). The description keeps naming the chosen list: what is skipped
+        depends only on those files, and every rank computes the same settings without decoding.
+        """
+        checked = FolderImages.from_paths(self.paths, self.labels, self.class_keys, REAL_CHECK_SIZE, channels=3,
+                                          on_corrupt=on_corrupt, root=self.root, in_memory=False, verify=True,
+                                          progress=progress)
+        skipped = set(checked.report.skipped_paths)
+        if skipped:
+            keep = [i for i, path in enumerate(self.paths) if path not in skipped]
+            self.skipped = [path for path in self.paths if path in skipped]
+            self.paths = [self.paths[i] for i in keep]
+            self.labels = self.labels[keep]
+            self.chosen = torch.arange(len(self.paths))
 
     def open(self, image_size: int, channels: int) -> FolderImages:
         # verify=False: every chosen image is decoded once, by the batch that needs it (or held when small).
@@ -140,6 +161,10 @@ class RealInMemory:
         self.source = source
         self.chosen = select_real_indices(labels, num_classes, per_class, REAL_SEED)
         self.description = {"kind": "in-memory", "images": int(self.chosen.numel()), "sha256": source.fingerprint()}
+        self.skipped: list[str] = []
+
+    def check(self, on_corrupt: str, progress: bool = False) -> None:
+        """Nothing to check: the images are decoded already."""
 
     def open(self, image_size: int, channels: int):
         return self.source  # decoded already: used as given (nothing to resize)
@@ -176,6 +201,9 @@ def plan_selection(config: DistillConfig, real_images=None) -> SelectionPlan:
         raise IGDSInputError("give --real DIR or in-memory real images, not both")
     if os.path.exists(config.run.out) and not os.path.isdir(config.run.out):
         raise IGDSInputError(f"output path {config.run.out!r} exists and is not a folder")
+    # G x IPC candidates per class, bounded before anything is planned or sampled (distill/work.py).
+    check_work_cap("images per class", s3.groups * config.job.ipc, f"--ipc {config.job.ipc:,} x --groups {s3.groups:,}",
+                   config.run.allow_large)
     beta, beta_source = run_beta(config)  # at the target IPC, not at G x IPC
     candidates = candidates_folder(config)
     # The candidates: a plain run of G x IPC images per class with the target IPC's beta.
@@ -229,6 +257,12 @@ def distill_with_selection(config: DistillConfig, log: Callable[[str], None] = _
                 raise QuietRankError(str(exc)) from exc
             raise
         if not quiet_rank:
+            # Every input is checked before sampling, and before anything is removed: the real images too
+            # (rank 0 only, which alone uses them).
+            plan.real.check(config.selection.on_corrupt, progress=config.run.progress)
+            if plan.real.skipped:
+                log(f"distill: S3: skipped {len(plan.real.skipped)} unreadable --real image(s), e.g. "
+                    f"{plan.real.skipped[0]}")
             # OUT's settings file first (the candidates come after), so a crash leaves a folder that knows them.
             prepare_output(config.run.out, plan.out_settings, config.run.force, log)
         candidates_manifest = distill(plan.candidate_config, log=log, plan=plan.candidate_plan)
@@ -358,7 +392,7 @@ def _subgroup_centroids(plan: SelectionPlan, files: list[str], key_hash: str) ->
 def _real_stage(plan: SelectionPlan, paths: dict, stage_key: dict, image_size: int, channels: int, device, log):
     """[C, d] real centroids, streamed (resumable from REAL_PARTIAL_NAME), saved once."""
     key_hash = _key_hash({**stage_key, "real": plan.real.description, "real_per_class": plan.s3.real_per_class,
-                          "real_seed": REAL_SEED})
+                          "real_seed": REAL_SEED, **({"real_skipped": plan.real.skipped} if plan.real.skipped else {})})
     saved = _read_tensors(paths["real"], key_hash)
     if saved is not None:
         return saved["centroids"], key_hash
@@ -496,6 +530,7 @@ def _build_manifest(plan: SelectionPlan, selection: dict, candidates_manifest: d
     real = dict(plan.real.description)
     if selection_settings.real is not None:
         real["path"] = os.path.abspath(selection_settings.real)
+        real["skipped_unreadable"] = len(plan.real.skipped)
     manifest["selection"] = {
         "method": selection_settings.method,
         **plan.s3.to_dict(),

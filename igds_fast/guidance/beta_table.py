@@ -9,7 +9,6 @@ with `read_beta_table` and takes the run's IPC with `beta_for_ipc`. File format 
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -17,6 +16,7 @@ import sys
 from typing import Callable, Mapping
 
 from ..errors import IGDSInputError
+from ..limits import read_json
 
 # Placeholder beta per IPC (IGDS_SPEC section 6): the paper's calibrated values did not survive
 # text extraction; it only states that beta is small at IPC 1 and grows with IPC. These numbers
@@ -61,8 +61,8 @@ def _check_beta_map(mapping, source: str) -> dict[int, float]:
             raise IGDSInputError(f"{source}: IPC key {key!r} is not an integer") from None
         if ipc < 1 or str(ipc) != str(key).strip():
             raise IGDSInputError(f"{source}: IPC key {key!r} is not a positive integer")
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-            raise IGDSInputError(f"{source}: beta for IPC {ipc} must be a finite number, got {value!r}")
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise IGDSInputError(f"{source}: beta for IPC {ipc} must be a finite number >= 0, got {value!r}")
         table[ipc] = float(value)
     return table
 
@@ -70,15 +70,7 @@ def _check_beta_map(mapping, source: str) -> dict[int, float]:
 def read_beta_table(path: str | os.PathLike) -> dict[int, float]:
     """{ipc: beta} from a file written by `write_beta_table`; any defect is a one-line IGDSInputError."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise IGDSInputError(f"beta table not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise IGDSInputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise IGDSInputError(f"cannot read beta table {path}: {exc}") from exc
+    document = read_json(path, "beta table")
     if not isinstance(document, dict) or "beta_per_ipc" not in document:
         raise IGDSInputError(f"{path} is not a beta table (no 'beta_per_ipc')")
     return _check_beta_map(document["beta_per_ipc"], path)

@@ -79,6 +79,10 @@ class GuidanceConfig:
                 raise IGDSInputError(f"guidance {name} must be a finite number, got {value!r}")
         if self.scale < 0:
             raise IGDSInputError(f"guidance scale must be >= 0, got {self.scale}")
+        if self.beta is not None and self.beta < 0:
+            # beta weighs KL(P || Q_y) in the objective the guidance ascends: a negative weight would push
+            # the images toward the class centroid instead of keeping their contextual information.
+            raise IGDSInputError(f"guidance beta must be >= 0 (the weight of the contextual term), got {self.beta:g}")
         if self.tau is not None and not (isinstance(self.tau, (int, float)) and self.tau > 0):
             raise IGDSInputError(f"tau must be positive, got {self.tau!r}")
         if self.mode not in GRADIENT_MODES:

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..artifacts import check_finite_weights, check_torch_archive
 from ..errors import IGDSInputError
 
 NUM_IMAGENET_CLASSES = 1000
@@ -501,7 +502,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             state = load_file(path)
         else:
+            check_torch_archive(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except IGDSInputError:
+        raise
     except Exception as error:  # noqa: BLE001 — any unreadable file is one input error
         raise IGDSInputError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
@@ -542,6 +546,7 @@ def adm_from_state_dict(
     with torch.device("meta"):
         model = ADMUNet.from_flags(**flags)
     check_state_dict(model, state, source)
+    check_finite_weights(state, source)
     model = model.to_empty(device=device)
     model.load_state_dict(state, strict=True)  # copy_ converts any stored dtype to float32
     return model.eval()

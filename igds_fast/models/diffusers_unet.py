@@ -24,7 +24,6 @@ respacing (guided-diffusion's space_timesteps, `--timestep-respacing`).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -32,8 +31,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..artifacts import check_finite_weights
 from ..diffusion import named_betas
 from ..errors import IGDSInputError
+from ..limits import header_int, read_json
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -96,11 +97,7 @@ def read_scheduler_config(directory: str | os.PathLike, noise_schedule: str = "l
     path = scheduler_config_path(directory)
     if path is None:
         return SchedulerSpec({"noise_schedule": noise_schedule, "diffusion_steps": 1000, "fixed_variance": "large"})
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise IGDSInputError(f"cannot read {path}: {exc}") from exc
+    config = read_json(path, "scheduler config")
     if not isinstance(config, dict):
         raise IGDSInputError(f"{path} is not a scheduler config (a JSON object)")
     if "timesteps" in config and "num_train_timesteps" not in config:
@@ -132,7 +129,8 @@ def read_scheduler_config(directory: str | os.PathLike, noise_schedule: str = "l
         refuse(f"clip_sample_range {config.get('clip_sample_range')!r} (only 1.0)")
     schedule = {
         "noise_schedule": BETA_SCHEDULES[schedule_name],
-        "diffusion_steps": int(config.get("num_train_timesteps", 1000)),
+        "diffusion_steps": header_int(config.get("num_train_timesteps", 1000), "num_train_timesteps", "diffusion steps",
+                                      f"scheduler config {path}", minimum=2),
         "fixed_variance": VARIANCE_TYPES[variance] or "large",
     }
     if schedule["noise_schedule"] != "cosine":
@@ -216,6 +214,7 @@ def load_diffusers_unet(directory: str | os.PathLike, device="cpu", prediction_t
         model = UNet2DModel.from_pretrained(directory, local_files_only=True)
     except Exception as error:  # noqa: BLE001 — any unreadable folder is one input error
         raise IGDSInputError(f"cannot load a UNet2DModel from {directory}: {type(error).__name__}: {error}") from None
+    check_finite_weights(model.state_dict(), f"diffusers UNet {directory}")
     alphas_cumprod = None
     if prediction_type != "epsilon":
         fields = dict(schedule or {})

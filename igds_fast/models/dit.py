@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 import os
 import zipfile
@@ -41,7 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..artifacts import check_finite_weights, check_torch_archive
 from ..errors import IGDSInputError
+from ..limits import header_int, read_json
 
 # The original's model sizes (DiT_models) and this project's presets (latent side = image side / 8).
 DIT_SIZES = {
@@ -230,6 +231,7 @@ def _torch_load(path: str, mmap: bool = False):
     """torch.load with weights_only=True; argparse.Namespace allowed (MinimaxDiffusion keeps its args).
 
     mmap: map the tensors instead of reading them (zip-format files; the describers read shapes only)."""
+    check_torch_archive(path, "DiT checkpoint")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
@@ -300,6 +302,9 @@ def dit_flags_from_state(state: Mapping[str, torch.Tensor]) -> dict:
                  mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden, class_dropout_prob=0.1,
                  num_classes=int(state["y_embedder.embedding_table.weight"].shape[0]) - 1,
                  learn_sigma=out == 2 * patch * patch * channels)
+    header_int(flags["input_size"], "input size (pos_embed x patch)", "image side", "DiT checkpoint")
+    header_int(flags["num_classes"], "num_classes (y_embedder rows - 1)", "classes", "DiT checkpoint")
+    header_int(channels, "in_channels", "image channels", "DiT checkpoint")
     heads = {size["hidden_size"]: size["num_heads"] for size in DIT_SIZES.values()}
     if hidden in heads:
         flags["num_heads"] = heads[hidden]
@@ -346,6 +351,7 @@ def load_dit(path: str | os.PathLike, preset: str | None = "dit-xl2-256", device
     _check_dit_args(preset, overrides)
     state = dit_state_dict(_torch_load(path))
     model = DiT(**dit_flags(state, preset, path, **overrides))
+    check_finite_weights(state, f"DiT checkpoint {path}")
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -430,6 +436,7 @@ def dit_from_diffusers_state(config: Mapping, state: Mapping[str, torch.Tensor])
     model = DiT(**flags)
     ours["pos_embed"] = model.pos_embed.detach().clone()  # fixed, recomputed (diffusers does the same)
     check_dit_state(model, ours, "diffusers DiT")
+    check_finite_weights(ours, "diffusers DiT")
     model.load_state_dict(ours)
     return model.eval()
 
@@ -445,8 +452,9 @@ def load_diffusers_dit(directory: str | os.PathLike, device="cpu") -> DiT:
     weights = os.path.join(directory, "diffusion_pytorch_model.safetensors")
     if not os.path.isfile(config_path) or not os.path.isfile(weights):
         raise IGDSInputError(f"not a diffusers DiT folder (config.json + diffusion_pytorch_model.safetensors): {directory}")
-    with open(config_path, encoding="utf-8") as handle:
-        config = json.load(handle)
+    config = read_json(config_path, "diffusers DiT config")
+    if not isinstance(config, dict):
+        raise IGDSInputError(f"{config_path} is not a diffusers config (a JSON object)")
     if config.get("_class_name") not in (None, "DiTTransformer2DModel", "Transformer2DModel"):
         raise IGDSInputError(f"{config_path}: a {config.get('_class_name')}, not a DiTTransformer2DModel")
     return dit_from_diffusers_state(config, load_file(weights)).to(device)

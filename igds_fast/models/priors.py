@@ -20,10 +20,11 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save
 
-from ..artifacts import file_fingerprint, folder_fingerprint, parse_json_header, read_safetensors
+from ..artifacts import check_finite_weights, check_torch_archive, file_fingerprint, folder_fingerprint, parse_json_header, read_safetensors
 from ..classes import imagenet_wnids
 from ..diffusion import ScheduleConfig
 from ..errors import IGDSInputError
+from ..limits import HEADER_CAPS, check_class_name, header_int, read_json
 from ..imageio import write_bytes_atomic
 from .adm import ADM_DIFFUSION_FLAGS, ADM_PRESETS, ADMUNet, check_state_dict, load_adm
 from .diffusers_unet import load_diffusers_unet, read_scheduler_config, unet_folder
@@ -70,6 +71,25 @@ def read_prior_header(path: str | os.PathLike) -> dict:
     for key in ("flags", "diffusion", "class_names"):
         if key not in header:
             raise IGDSInputError(f"{path}: prior header lacks {key!r}")
+    flags, diffusion, names = header["flags"], header["diffusion"], header["class_names"]
+    if not isinstance(flags, dict) or not isinstance(diffusion, dict) or not isinstance(names, list):
+        raise IGDSInputError(f"{path}: prior header's flags and diffusion must be objects, class_names a list")
+    # The sizes a model is built from, bounded before anything is built or allocated.
+    source = f"prior {path}"
+    header_int(flags.get("image_size"), "image_size", "image side", source)
+    header_int(flags.get("in_channels", 3), "in_channels", "image channels", source)
+    header_int(flags.get("num_classes", 1000), "num_classes", "classes", source)
+    header_int(diffusion.get("diffusion_steps"), "diffusion_steps", "diffusion steps", source, minimum=2)
+    header_int(flags.get("num_channels"), "num_channels", "model channels", source)
+    header_int(flags.get("num_res_blocks"), "num_res_blocks", "blocks per level", source)
+    mult = flags.get("channel_mult") or ""
+    levels = len(str(mult).split(",")) if isinstance(mult, str) else len(mult) if isinstance(mult, (list, tuple)) else 0
+    if levels > HEADER_CAPS["levels"]:
+        raise IGDSInputError(f"{source}: channel_mult has {levels} levels, more than {HEADER_CAPS['levels']}")
+    if len(names) > HEADER_CAPS["classes"]:
+        raise IGDSInputError(f"{source}: {len(names)} class names, more than {HEADER_CAPS['classes']}")
+    for name in names:
+        check_class_name(name, f"{source}: class")
     return header
 
 
@@ -107,6 +127,7 @@ def load_prior(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise IGDSInputError(f"{path}: the UNet has {unet.num_classes} classes but the header names {len(class_names)}")
     state = load_file(path)
     check_state_dict(unet, state, f"prior {path}")
+    check_finite_weights(state, f"prior {path}")
     unet.load_state_dict(state)
     return unet.to(device).eval(), schedule_config, class_names
 
@@ -170,12 +191,20 @@ def describe_prior(prior: str | None, preset: str | None, diffusers: str | None,
             raise IGDSInputError("--arch applies to checkpoint files, not to diffusers folders")
         if prior_kind is not None:
             raise IGDSInputError("--prior-kind applies to checkpoint files, not to diffusers folders")
-        try:
-            with open(config_path, encoding="utf-8") as handle:
-                unet_config = json.load(handle)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise IGDSInputError(f"cannot read {config_path}: {exc}") from exc
+        unet_config = read_json(config_path, "diffusers config")
+        if not isinstance(unet_config, dict):
+            raise IGDSInputError(f"{config_path} is not a diffusers config (a JSON object)")
+        source = f"diffusers config {config_path}"
+        sample_size = unet_config.get("sample_size")
+        for value in (sample_size if isinstance(sample_size, (list, tuple)) else [sample_size]):
+            if value is not None:
+                header_int(value, "sample_size", "image side", source)
+        for field in ("in_channels", "out_channels"):
+            if unet_config.get(field) is not None:
+                header_int(unet_config[field], field, "image channels", source)
         num_classes = unet_config.get("num_class_embeds")
+        if num_classes is not None:
+            header_int(num_classes, "num_class_embeds", "classes", source)
         if prior_class_names is not None:
             class_names = list(prior_class_names)
         elif not num_classes:
@@ -226,6 +255,8 @@ def describe_prior_file(prior: str, preset: str | None, prior_kind: str | None =
         if preset not in ADM_PRESETS:
             raise IGDSInputError(f"unknown ADM preset {preset!r}; available: {', '.join(sorted(ADM_PRESETS))}")
         flags = ADM_PRESETS[preset]
+        if not path.endswith(".safetensors"):
+            check_torch_archive(path, "ADM checkpoint")  # now, not when the sampler loads it
         class_names = imagenet_wnids() if flags.get("class_cond") else None
         schedule = {**ADM_DIFFUSION_FLAGS[preset], "fixed_variance": "large"}
         return PriorSpec("adm", path, preset, class_names, schedule, file_fingerprint(path),
@@ -276,6 +307,37 @@ def _describe_dit(path: str, preset: str | None, ve_class_names: list[str] | Non
                      learn_sigma=bool(flags.get("learn_sigma", True)))
 
 
+def declared_size(spec: PriorSpec) -> tuple[int, tuple[int, int, int]]:
+    """(parameters, [C, S, S] of one sample) of the prior `spec` describes, without reading a weight.
+
+    ADM presets and our prior files: the ADMUNet built on the meta device from the preset's / header's
+    flags; a DiT: the DiT of its flags on the meta device (its latent sample); a diffusers folder: its
+    config's sample size and channels, and its weight files' bytes / 4 (a lower bound for fp16 files).
+    """
+    if spec.kind in ("adm", "igds"):
+        flags = ADM_PRESETS[spec.preset] if spec.kind == "adm" else read_prior_header(spec.path)["flags"]
+        try:
+            with torch.device("meta"):
+                unet = ADMUNet.from_flags(**flags)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise IGDSInputError(f"{spec.path}: bad prior flags ({type(exc).__name__}: {exc})") from exc
+        parameters = sum(p.numel() for p in unet.parameters())
+        return parameters, (unet.in_channels, unet.image_size, unet.image_size)
+    if spec.kind == "dit":
+        from .dit import DiT
+
+        with torch.device("meta"):
+            dit = DiT(**spec.flags)
+        side = int(spec.flags["input_size"])
+        return sum(p.numel() for p in dit.parameters()), (int(spec.flags["in_channels"]), side, side)
+    config = read_json(os.path.join(spec.path, "config.json"), "diffusers config")
+    size = config.get("sample_size") or 1
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+    weights = sum(os.path.getsize(os.path.join(spec.path, name)) for name in os.listdir(spec.path)
+                  if name.endswith((".safetensors", ".bin")) and os.path.isfile(os.path.join(spec.path, name)))
+    return weights // 4, (int(config.get("in_channels") or 3), height, width)
+
+
 def load_prior_unet(spec: PriorSpec, device):
     """The UNet a PriorSpec describes, loaded onto `device` in eval mode (a DiT without its CFG wrapper)."""
     if spec.kind == "dit":
@@ -291,6 +353,7 @@ def load_prior_unet(spec: PriorSpec, device):
 __all__ = [
     "PRIOR_KINDS",
     "PriorSpec",
+    "declared_size",
     "describe_prior",
     "describe_prior_file",
     "is_prior_file",

@@ -24,9 +24,11 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
+from ..artifacts import check_finite_weights, check_torch_archive
 from ..errors import IGDSInputError
 
 ARCHS = ("resnet18", "resnet50")
+FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048}  # the pooled trunk features (512 x block expansion)
 NORMS = ("batch", "instance")
 
 
@@ -296,6 +298,7 @@ def load_trunk_state(model: ResNet, state: Mapping[str, torch.Tensor], source: s
             continue
         if not value.is_floating_point():
             raise IGDSInputError(f"{source}: {key} must be a floating-point tensor, got {value.dtype}")
+    check_finite_weights(state, source)
     # assign=True: take the checkpoint's tensors as they are, so a model built on the meta device
     # (no memory, no initialisation cost) becomes a real one. A model with a classifier keeps its fc.
     model.load_state_dict(dict(state), strict=model.num_classes is None, assign=True)
@@ -321,6 +324,7 @@ def load_moco_encoder(
         raise IGDSInputError(f"MoCo checkpoint not found: {path}")
     with torch.device("meta"):
         model = build_resnet(arch, num_classes=None, softplus_beta=softplus_beta, norm=norm)
+    check_torch_archive(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types (pickle, zip, weights_only refusals)

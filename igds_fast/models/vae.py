@@ -16,6 +16,7 @@ import os
 import torch
 import torch.nn as nn
 
+from ..artifacts import check_finite_weights
 from ..errors import IGDSInputError
 
 SD_VAE_SCALING_FACTOR = 0.18215
@@ -74,6 +75,7 @@ def load_vae(directory: str | os.PathLike, device="cpu", scaling_factor: float |
     except Exception as exc:  # noqa: BLE001 — an unreadable folder is one input error
         raise IGDSInputError(f"cannot load the VAE from {path}: {type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:200]}") from None
+    check_finite_weights(vae.state_dict(), f"VAE {path}")
     return LatentDecoder(vae.to(device), scaling_factor)
 
 

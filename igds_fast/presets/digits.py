@@ -111,9 +111,10 @@ from ..evaluate import AugmentConfig, evaluate_distilled
 from ..guidance import GuidanceConfig
 from ..guidance.beta_table import beta_for_ipc, read_beta_table
 from ..imageio import write_bytes_atomic, write_json_atomic
+from ..limits import check_work_cap
 from ..locks import hold_folder
 from ..models.priors import read_prior_header, save_prior
-from ..overlap import check_apart, check_output_folder
+from ..overlap import check_apart, refuse_root_or_home
 from ..select import S3Config
 from ..settings import Flag, option, section
 from ..train_prior import PriorTrainConfig, train_prior
@@ -215,6 +216,14 @@ class DigitsSettings:
                 raise IGDSInputError(f"{name} must be a positive integer, got {value!r}")
         if self.threads is not None and self.threads < 1:
             raise IGDSInputError(f"threads must be a positive integer, got {self.threads!r}")
+        # Before the prior and the VE are trained: the work the IPCs imply (distill/work.py's caps), a
+        # non-negative beta (GuidanceConfig refuses a negative one, but only when sampling starts).
+        largest = max(self.ipcs) * max(self.s3_groups, 1)
+        check_work_cap("images per class", largest, f"--ipc {max(self.ipcs):,} x {self.s3_groups} S3 groups", False,
+                       flag=None)
+        negative = {ipc: beta for ipc, beta in self.beta_by_ipc.items() if beta < 0}
+        if negative:
+            raise IGDSInputError(f"beta must be >= 0 (a weight of the contextual term), got {negative}")
 
     @classmethod
     def fast(cls, **overrides) -> "DigitsSettings":
@@ -415,7 +424,7 @@ def run_digits(settings: DigitsSettings, work_dir: str = DEFAULT_WORK_DIR, log: 
     out_dir = out_dir or work_dir
     resolve_device(settings.device)
     for folder, flag in demo_folders(work_dir, out_dir):
-        check_output_folder(flag, folder)
+        refuse_root_or_home(flag, folder)
     check_apart([(flag, folder) for folder, flag in demo_folders(work_dir, out_dir)])
     own_prior = retrain_prior or not prior_matches(SHIPPED_PRIOR, settings)
     cached = ([PRIOR_NAME] if own_prior else []) + [VE_NAME, VE_RECORD_NAME]
