@@ -93,9 +93,9 @@ def test_a_step_that_compiles_says_so_once_per_batch_shape(capsys):
 
 
 def test_compile_progress_off_is_silent():
-    step = compiled_sampler(progress=False).stepper
+    step = compiled_sampler(compile_progress=False).stepper
     notice = ("compiled backend: compiling the UNet", 1.0, [("unet", 2, 1)])
     with step._compiling(notice) as progress:
         assert progress is None
     assert ("unet", 2, 1) in step._compiled  # still recorded: no line for it later either
-    assert compiled_sampler().stepper.compile_config.progress is True
+    assert compiled_sampler().stepper.compile_config.compile_progress is True

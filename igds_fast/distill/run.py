@@ -114,8 +114,9 @@ def _distill(config: DistillConfig, log: Callable[[str], None], plan: Plan | Non
         backend = config.backend
         compile_options = None
         if backend.name == "compiled":  # --quiet silences the compile's lines too
+            quiet = not config.run.progress
             compile_options = dataclasses.replace(backend.compile,
-                                                  progress=backend.compile.progress and config.run.progress)
+                                                  compile_progress=backend.compile.compile_progress and not quiet)
         return Sampler(unet, schedule, plan.ve.to(device), plan.guidance, backend=backend.name,
                        prior_class_map=plan.prior_class_map, noise=plan.noise,
                        batch_invariant=backend.batch_invariant, backend_options=compile_options, decoder=decoder,

@@ -2,7 +2,7 @@
 
 A first compile of a large UNet takes minutes. With nothing on the screen a user cannot tell a compile
 from a hang, so before the first step of a batch shape runs newly compiled copies, CompiledStep logs
-(its `log`, by default one line on stderr; `CompileConfig.progress=False` / `--no-compile-progress`
+(its `log`, by default one line on stderr; `CompileConfig.compile_progress=False` / `--no-compile-progress`
 turns it off):
 
     compiled backend: compiling the UNet (ADMUNet, 553.8M parameters, bf16) and the encoder forward +

@@ -74,7 +74,7 @@ class CompileConfig:
     unet_engine: path of a TensorRT engine of this UNet (igds-fast export-unet --engine) that runs
         in place of the torch.compile'd UNet (CUDA, guidance mode x0, the engine's batch size; the
         engine's own precision — dtype then applies to the encoder only). None = torch.compile.
-    progress: log a line before each compile (what, at which batch size, in which mode, roughly how
+    compile_progress: log a line before each compile (what, at which batch size, in which mode, roughly how
         long), a heartbeat while it runs and the measured time after (announce.py); False = silent.
     self_check: compare the first step of the run with the eager float32 step on the same batch
         and stop with one line naming the part and module when they disagree beyond the dtype's
@@ -112,8 +112,8 @@ class CompileConfig:
                                    help="do not let cuDNN choose convolution algorithms by measurement")
     unet_engine: str | None = option(None, "--unet-engine", metavar="PLAN",
                                      help="a TensorRT engine of this UNet (igds-fast export-unet --engine)")
-    progress: bool = option(True, "--no-compile-progress", action="store_false",
-                            help="say nothing about the compile (the line before it, its progress, its time)")
+    compile_progress: bool = option(True, "--no-compile-progress", action="store_false",
+                                    help="say nothing about the compile (the line before it, its progress, its time)")
     self_check: bool = option(True, "--no-self-check", action="store_false",
                               help="skip the first step's comparison with the eager float32 step")
 
@@ -122,7 +122,7 @@ class CompileConfig:
             value = getattr(self, name)
             if not (value is None and name != "dtype") and value not in DTYPES:
                 raise IGDSInputError(f"compile {name} must be one of {tuple(DTYPES)}, got {value!r}")
-        for name in ("channels_last", "compile", "compile_encoder", "cuda_graphs", "cudnn_benchmark", "progress",
+        for name in ("channels_last", "compile", "compile_encoder", "cuda_graphs", "cudnn_benchmark", "compile_progress",
                      "self_check"):
             if not isinstance(getattr(self, name), bool):
                 raise IGDSInputError(f"compile option {name} must be True or False, got {getattr(self, name)!r}")

@@ -54,7 +54,7 @@ The batch size, when not given, comes from free device memory (`memory.py`); the
 the step body they run are `buffers.py`'s. Before a step runs newly compiled code (the first step of
 a batch shape), one line says what is compiled, at which batch size, in which mode and roughly how
 long it takes; a heartbeat follows while it compiles, then each warm-up step's and the capture's
-measured time (`announce.py`; `CompileConfig.progress`).
+measured time (`announce.py`; `CompileConfig.compile_progress`).
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ class CompiledStep:
     (the kernels' coefficient tables), buffers (the static BatchBuffers per (batch, with groups),
     read-only), last_model_output (fp32 UNet output of the latest step, [B, 2C or C, H, W], a static
     buffer in graph mode), batch_size, self_check_report (the passed check's errors, else None), log
-    (where the compile's lines go: one line on stderr, or nothing with CompileConfig.progress=False;
+    (where the compile's lines go: one line on stderr, or nothing with CompileConfig.compile_progress=False;
     assign another callable taking a str to redirect them), heartbeat_s (seconds between "still
     compiling" lines).
     """
@@ -189,7 +189,7 @@ class CompiledStep:
         self.last_model_output: torch.Tensor | None = None
         self._self_check_pending = cfg.self_check
         self.self_check_report: dict | None = None  # the passed check's measured errors (self_check.py)
-        self.log: Callable[[str], None] = log_line if cfg.progress else _silent
+        self.log: Callable[[str], None] = log_line if cfg.compile_progress else _silent
         self.heartbeat_s = HEARTBEAT_S
         self._compiled: set[tuple] = set()  # (part, batch, passes) whose compiled code has run
 
@@ -430,7 +430,7 @@ class CompiledStep:
 
 
 def _silent(message: str) -> None:
-    """CompiledStep.log with CompileConfig.progress=False."""
+    """CompiledStep.log with CompileConfig.compile_progress=False."""
 
 
 def _check_triton_runs_here(device: torch.device) -> None:
