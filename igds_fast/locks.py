@@ -82,7 +82,7 @@ def _make_folder(folder: str) -> bool:
     except OSError as exc:
         if exc.errno in DISK_FULL_ERRNOS:
             raise IGDSDiskFullError(os.path.dirname(os.path.abspath(folder))) from exc
-        raise IGDSInputError(f"cannot create {folder}: {exc.strerror}") from exc
+        raise  # cli.main says it in one line, with what to do for the common errnos
     return True
 
 

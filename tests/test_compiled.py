@@ -480,6 +480,23 @@ def test_a_padded_short_batch_reuses_the_full_batch_buffers(aot_pair):
     assert padded.shape == alone.shape and relative_error(padded, alone) <= x_tol
 
 
+def test_each_compiled_sampler_has_its_own_recompile_budget():
+    # Dynamo fails hard (fullgraph=True) once one code object was compiled recompile_limit times; all
+    # LowPrecisionUNets share one class forward, so without a per-instance code object the second
+    # sampler below (another model, another batch) would raise FailOnRecompileLimitHit at limit 1.
+    import torch._dynamo
+
+    options = dict(dtype="fp32", backend="aot_eager", channels_last=False, compile_encoder=True)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for batch in (2, 3, 2):
+            unet, ve, class_map, _ = build_models()
+            eager, compiled = make_pair(unet, ve, class_map, options, steps="2")
+            labels, seeds = torch.arange(batch) % NUM_CLASSES, random_seeds(batch)
+            assert torch.equal(compiled.sample(labels, seeds), compiled.sample(labels, seeds))
+    user_forward = type(compiled.stepper.unet_lp).forward
+    assert compiled.stepper.unet_lp.forward.__func__.__code__ is not user_forward.__code__
+
+
 def test_bf16_matches_eager_within_bf16_tolerances():
     unet, ve, class_map, seed = build_models()
     eager, compiled = make_pair(unet, ve, class_map, dict(dtype="bf16", compile=False, channels_last=False), steps="6")

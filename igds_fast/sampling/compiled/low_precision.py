@@ -7,6 +7,7 @@ channels_last; their wrappers take and return float32 (the layout the Triton ker
 from __future__ import annotations
 
 import copy
+import types
 from typing import Any
 
 import torch
@@ -82,4 +83,22 @@ class LowPrecisionFeatures(nn.Module):
         return self.encoder.forward_features(pixels).float()
 
 
-__all__ = ["LowPrecisionFeatures", "LowPrecisionUNet", "low_precision_copy"]
+def compile_instance(module: nn.Module, **compile_kwargs: Any) -> nn.Module:
+    """torch.compile(module), its forward given a code object of its own first.
+
+    Dynamo keeps compiled code per code object and, under fullgraph=True, fails hard once one code
+    object has been compiled `recompile_limit` (8) times. Every LowPrecisionUNet (every copy of one
+    decoder class) shares one forward, so the ninth compiled sampler a process builds with another
+    model, dtype or batch — a bench sweep, a front end's samplers per chunk — would stop with
+    FailOnRecompileLimitHit. A per-instance copy of the code gives each sampler its own budget (and
+    its cache dies with it). `module` is our own copy, so setting its `forward` touches nothing of the user's.
+    """
+    forward = type(module).forward
+    own = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__,
+                             forward.__defaults__, forward.__closure__)
+    own.__kwdefaults__ = forward.__kwdefaults__
+    module.forward = types.MethodType(own, module)
+    return torch.compile(module, **compile_kwargs)
+
+
+__all__ = ["LowPrecisionFeatures", "LowPrecisionUNet", "compile_instance", "low_precision_copy"]

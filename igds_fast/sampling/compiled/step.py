@@ -78,7 +78,7 @@ from .announce import HEARTBEAT_S, CompileProgress, compile_line, describe_model
 from .attention import resolve_attention
 from .buffers import BatchBuffers, step_in_place
 from .config import DTYPES, CompileConfig
-from .low_precision import LowPrecisionFeatures, LowPrecisionUNet, low_precision_copy
+from .low_precision import LowPrecisionFeatures, LowPrecisionUNet, compile_instance, low_precision_copy
 from .memory import compiled_batch_size
 from .self_check import run_self_check
 from .tensorrt import engine_unet
@@ -175,11 +175,12 @@ class CompiledStep:
         if cfg.compile:
             kwargs = cfg.compile_kwargs()
             if cfg.unet_engine is None:
-                unet_fn = torch.compile(self.unet_lp, **kwargs)
+                unet_fn = compile_instance(self.unet_lp, **kwargs)
             if cfg.compile_encoder:
-                features_fn = torch.compile(self.features_lp, **kwargs)
+                features_fn = (compile_instance(self.features_lp, **kwargs) if isinstance(self.features_lp, nn.Module)
+                               else torch.compile(self.features_lp, **kwargs))
                 if isinstance(self.decoder_lp, nn.Module):
-                    decoder_fn = torch.compile(self.decoder_lp, **kwargs)
+                    decoder_fn = compile_instance(self.decoder_lp, **kwargs)
         self.ops = KernelOps(context, self.tables, unet_fn=unet_fn, features=features_fn, out_in_place=True,
                              decoder=decoder_fn)
         self.use_graphs = cfg.cuda_graphs
