@@ -60,6 +60,12 @@ from .plan import Plan, plan_distill
 from .trace import TraceAccumulator
 
 
+def _ddim_note(plan: Plan) -> str:
+    """" (DDIM, eta E)" for a DDIM run's progress line, "" for DDPM (whose line is unchanged)."""
+    settings = plan.pixel_settings
+    return f" (DDIM, eta {settings['eta']:g})" if settings.get("sampler") == "ddim" else ""
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -102,7 +108,8 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
                        prior_class_map=plan.prior_class_map, noise=plan.noise,
                        batch_invariant=backend.batch_invariant,
                        backend_options=backend.compile if backend.name == "compiled" else None, decoder=decoder,
-                       profile_steps=profile_window)
+                       profile_steps=profile_window, sampler=plan.pixel_settings.get("sampler", "ddpm"),
+                       eta=plan.pixel_settings.get("eta"))
 
     sampler = None
     batch_size = config.run.batch_size or saved_batch_size
@@ -137,7 +144,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: P
         log(
             f"distill: {len(plan.class_keys)} classes x IPC {config.job.ipc} = {total_images} images "
             f"({plan.composite} sample(s) each), {total_images - already} to make{ranks}, beta {plan.beta:g} "
-            f"({plan.beta_source}), scale {plan.guidance.scale:g}, {plan.steps} steps, batch {batch_size}, "
+            f"({plan.beta_source}), scale {plan.guidance.scale:g}, {plan.steps} steps{_ddim_note(plan)}, batch {batch_size}, "
             f"backend {config.backend.name}, device {plan.device}"
         )
         if config.run.progress:
