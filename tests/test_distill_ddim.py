@@ -112,3 +112,33 @@ def test_a_ddim_folder_resumes_byte_identically_after_sigkill(models, tmp_path):
     ddpm = tmp_path / "ddpm"
     assert run_distill(_parse(_distill_args(models, ddpm))) == 0
     assert listing(ddpm) != listing(reference)  # DDIM really sampled other images
+
+
+def test_a_guided_first_ddim_step_on_a_cosine_prior_is_noted(tmp_path):
+    # DDIM's score shift multiplies the guidance by (1 - abar) sqrt(abar_prev) / sqrt(abar) - ...: ~3.5e3 at the
+    # first of 10 cosine steps (abar 2.4e-9), where DDPM's mean shift is <= 1x; distill says so, once, in one line.
+    from factories import tiny_ve
+    from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
+    from igds_fast.distill import distill_config
+    from igds_fast.distill.plan import plan_distill
+    from igds_fast.distill.run import _ddim_first_step_note
+    from igds_fast.presets.digits import CLASS_NAMES, SHIPPED_PRIOR
+
+    cosine = DiffusionSchedule(ScheduleConfig("cosine", 1000, "10"))
+    factor = cosine.ddim_guidance_factor(cosine.ddim(0.0))
+    assert 3000 < float(factor[-1]) < 4000 and float(factor[:-1].abs().max()) < 1.5 and float(factor[0]) < 1e-4
+    linear = DiffusionSchedule(ScheduleConfig("linear", 1000, "250"))
+    assert float(linear.ddim_guidance_factor(linear.ddim(0.0)).max()) < 0.1
+    ve = tiny_ve(num_classes=10, channels=1, resolution=16)
+    ve.class_names = list(CLASS_NAMES)
+    ve.save(tmp_path / "ve.safetensors")
+
+    def note(**settings):
+        config = distill_config(str(tmp_path / "ve.safetensors"), str(tmp_path / "out"), 1, prior=SHIPPED_PRIOR,
+                                steps=10, device="cpu", **settings)
+        return _ddim_first_step_note(plan_distill(config))
+
+    text = note(sampler="ddim")
+    assert text is not None and "\n" not in text and "--guide-from-step 1" in text and "349" in text
+    assert note(sampler="ddim", guide_from_step=1) is None
+    assert note() is None and note(sampler="ddim", scale=0.0) is None

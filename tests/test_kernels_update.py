@@ -235,3 +235,28 @@ def test_update_replays_in_cuda_graph_with_device_step_index(rng_seed):
         noise = philox_normal(seeds, i, (3, 32, 32), "cuda")
         expected = eager_update(schedule, x, model_output, i, True, grad, 1.5, noise, True)
         torch.testing.assert_close(out, expected, **tolerance(torch.float32, "noise"))
+
+
+@gpu_only
+def test_ddim_update_real_size_and_in_a_cuda_graph_gpu(rng_seed):
+    schedule = DiffusionSchedule(ScheduleConfig(), device="cuda")
+    ddim = schedule.ddim(0.5)
+    tables = DDIMStepTables(schedule, ddim)
+    x, model_output = step_inputs(8, (3, 256, 256), True, device="cuda")
+    grad = torch.randn_like(x)
+    seeds = torch.randint(0, 2**62, (8,), device="cuda")
+    index = torch.tensor(123, device="cuda")
+    out = torch.empty_like(x)
+    run = lambda: fused_ddim_update(x, model_output, index, tables, True, grad=grad, scale=2.0, seeds=seeds, out=out)
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for i in (123, 1, 0):
+        index.fill_(i)
+        out.fill_(float("nan"))
+        graph.replay()
+        noise = philox_normal(seeds, i, (3, 256, 256), "cuda")
+        expected = eager_ddim_update(schedule, ddim, x, model_output, i, True, grad, 2.0, noise, True)
+        torch.testing.assert_close(out, expected, **tolerance(torch.float32, "noise"))
