@@ -15,6 +15,12 @@ Notation (respaced process with N kept steps, index i = 0 .. N-1, i = N-1 is pur
     mu                = coef1_i * x0_hat + coef2_i * x_t                            [B, C, H, W]
     log sigma^2       = frac * log beta_i + (1 - frac) * log beta~_i, frac = (v + 1) / 2  (learned range)
     beta~_i           = beta_i (1 - abar_{i-1}) / (1 - abar_i), its log clipped at i = 0 to beta~_1
+
+DDIM (Song et al. 2021, eq. 12; guided-diffusion's `ddim_sample`) reads the same abar and, at one eta,
+the tables of `DDIMTables` (`DiffusionSchedule.ddim(eta)`):
+
+    sigma_i           = eta sqrt((1 - abar_{i-1}) / (1 - abar_i)) sqrt(1 - abar_i / abar_{i-1})
+    x_{i-1}           = sqrt(abar_{i-1}) x0_hat + sqrt(1 - abar_{i-1} - sigma_i^2) eps + sigma_i n
 """
 from __future__ import annotations
 
@@ -30,6 +36,24 @@ from .limits import HEADER_CAPS
 
 NOISE_SCHEDULES = ("linear", "cosine", "scaled_linear")
 FIXED_VARIANCES = ("small", "large")
+SAMPLERS = ("ddpm", "ddim")  # the reverse update: DDPM's ancestral posterior step, or DDIM's (eta = its noise)
+
+
+def resolve_eta(sampler: str, eta, what: str = "sampler") -> float | None:
+    """The eta of a sampler: None for "ddpm" (which has none: an eta given is refused), else the given
+    eta or 0 (deterministic DDIM); one-line IGDSInputError for an unknown sampler or an eta outside [0, 1]."""
+    if sampler not in SAMPLERS:
+        raise IGDSInputError(f"unknown {what} {sampler!r}; expected one of {SAMPLERS}")
+    if sampler == "ddpm":
+        if eta is not None:
+            raise IGDSInputError(f"eta applies to {what} 'ddim' only (DDPM's noise is its posterior variance)")
+        return None
+    if eta is None:
+        return 0.0
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise IGDSInputError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior "
+                             f"variance), got {eta!r}")
+    return float(eta)
 
 
 def linear_betas(num_steps: int) -> np.ndarray:
@@ -180,6 +204,22 @@ class ScheduleConfig:
         return fields
 
 
+@dataclass(frozen=True)
+class DDIMTables:
+    """DDIM's per-step tables at one eta ([num_steps] each, on the schedule's device; `DiffusionSchedule.ddim`).
+
+    sqrt_alphas_cumprod_prev: sqrt(abar_{i-1}) (1 at i = 0); sqrt_one_minus_alphas_cumprod: sqrt(1 - abar_i),
+    the score shift's factor (guided-diffusion's condition_score); sigma: the noise's std (0 for eta = 0
+    and at i = 0); direction: sqrt(1 - abar_{i-1} - sigma_i^2), the factor of eps.
+    """
+
+    eta: float
+    sqrt_alphas_cumprod_prev: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    sigma: torch.Tensor
+    direction: torch.Tensor
+
+
 class DiffusionSchedule:
     """Respaced DDPM coefficient tables on one device, indexed by the respaced step i.
 
@@ -217,6 +257,27 @@ class DiffusionSchedule:
             setattr(self, name, torch.tensor(values, dtype=dtype, device=self.device))
         self.timestep_map = torch.tensor(kept, dtype=torch.long, device=self.device)
         self.kept_timesteps = tuple(int(t) for t in kept)
+        self._kept_betas = betas  # float64, for tables built later (DDIM's at one eta)
+
+    def ddim(self, eta: float) -> "DDIMTables":
+        """DDIM's coefficient tables at `eta` (module docstring), on the schedule's device, built once per
+        sampler (never per step).
+
+        Computed as guided-diffusion's `ddim_sample` computes them at every step: in the table dtype
+        from the alpha-bars cast to it (its `_extract_into_tensor`), in its order, on the CPU (IEEE
+        float arithmetic: the same on every device). So our step equals its step: float64 tables would
+        be more exact but differ from it by up to 4e-5 at i = 1, where 1 - abar_{i-1} cancels (abar_0 =
+        0.9999) -- as diffusers' DDIMScheduler, which also works in float32. 1 - abar_{i-1} - sigma^2 is
+        floored at 0 (eta = 1 at i = N-1 may round below it, a NaN in guided-diffusion's step).
+        """
+        eta = resolve_eta("ddim", eta)
+        abar64 = np.cumprod(1.0 - self._kept_betas)
+        abar = torch.tensor(abar64, dtype=self.dtype)
+        abar_prev = torch.tensor(np.append(1.0, abar64[:-1]), dtype=self.dtype)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        tables = {"sqrt_alphas_cumprod_prev": torch.sqrt(abar_prev), "sqrt_one_minus_alphas_cumprod": (1 - abar).sqrt(),
+                  "sigma": sigma, "direction": torch.sqrt((1 - abar_prev - sigma ** 2).clamp_min(0.0))}
+        return DDIMTables(eta, **{name: values.to(self.device) for name, values in tables.items()})
 
     @staticmethod
     def _coefficients(betas: np.ndarray, fixed_variance: str) -> dict[str, np.ndarray]:
@@ -276,6 +337,31 @@ class DiffusionSchedule:
             - self.gather(self.sqrt_recipm1_alphas_cumprod, i, x_t.dim()) * eps
         )
         return x0.clamp(-1.0, 1.0) if clip else x0
+
+    def ddim_guidance_factor(self, tables: "DDIMTables") -> torch.Tensor:
+        """[num_steps] float64: how far DDIM's score shift moves x_{i-1} per unit of s * g.
+
+        eps - sqrt(1 - abar_i) s g moves x0 by (1 - abar_i) / sqrt(abar_i) s g, and x_{i-1} by
+        sqrt(abar_{i-1}) (1 - abar_i) / sqrt(abar_i) - direction_i sqrt(1 - abar_i) times s g; DDPM's mean
+        shift is sigma_i^2 <= beta_i <= 1 times s g. The two agree where abar_i / abar_{i-1} is near 1
+        (many steps, a linear schedule); at the first step of a cosine schedule (abar_{N-1} = 2.4e-9 at
+        t = 999, max_beta clipped) DDIM's is 1e2 (250 steps) to 3.5e3 (10 steps).
+        """
+        abar = self.alphas_cumprod.double()
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        return (abar_prev.sqrt() * (1 - abar) / abar.sqrt()
+                - tables.direction.double().cpu().to(abar.device) * (1 - abar).sqrt())
+
+    def predict_eps(self, x_t: torch.Tensor, x0: torch.Tensor, i) -> torch.Tensor:
+        """eps = (sqrt(1/abar_i) x_t - x0) / sqrt(1/abar_i - 1): the noise an x0 implies (guided-diffusion's
+        `_predict_eps_from_xstart`, in its order). Shapes [B, C, H, W]."""
+        return (self.gather(self.sqrt_recip_alphas_cumprod, i, x_t.dim()) * x_t - x0) / self.gather(
+            self.sqrt_recipm1_alphas_cumprod, i, x_t.dim())
+
+    def ddim_mean(self, x0: torch.Tensor, eps: torch.Tensor, i, tables: "DDIMTables") -> torch.Tensor:
+        """sqrt(abar_{i-1}) x0 + sqrt(1 - abar_{i-1} - sigma_i^2) eps: DDIM's x_{i-1} before its noise."""
+        return (self.gather(tables.sqrt_alphas_cumprod_prev, i, x0.dim()) * x0
+                + self.gather(tables.direction, i, x0.dim()) * eps)
 
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, i) -> torch.Tensor:
         """mu = coef1_i x0 + coef2_i x_t, the mean of q(x_{i-1} | x_i, x0). Shapes [B, C, H, W]."""

@@ -30,10 +30,14 @@ def _ticks(low: float, high: float) -> tuple[float, float]:
 
 
 def save_line_panels(path: str, x: Sequence[float], panels: Sequence[tuple[str, Mapping[str, Sequence[float]]]],
-                     x_label: str = "") -> None:
-    """Write the panels as one PNG (atomically)."""
+                     x_label: str = "", x_log: bool = False) -> None:
+    """Write the panels as one PNG (atomically). x_log: a logarithmic x axis, each x value labelled
+    below it and marked on every line (x must be > 0)."""
     import io
 
+    labels = list(x)
+    if x_log:
+        x = [math.log10(v) for v in x]
     width = PANEL_W * len(panels)
     names = list(panels[0][1]) if panels else []
     legend_rows = min(len(names), LEGEND_MAX)
@@ -50,12 +54,18 @@ def save_line_panels(path: str, x: Sequence[float], panels: Sequence[tuple[str, 
         draw.text((left, 4), title, fill="black")
         draw.text((left - MARGIN + 2, top), f"{y_high:.3g}", fill="#444444")
         draw.text((left - MARGIN + 2, bottom - 10), f"{y_low:.3g}", fill="#444444")
-        draw.text((left, bottom + 4), f"{min(x):.3g}", fill="#444444")
-        draw.text((right - 50, bottom + 4), f"{max(x):.3g} {x_label}", fill="#444444")
 
         def point(xv, yv):
             return (left + (xv - x_low) / (x_high - x_low) * (right - left),
                     bottom - (yv - y_low) / (y_high - y_low) * (bottom - top))
+
+        if x_log:
+            for xv, text in zip(x, labels):
+                draw.text((point(xv, y_low)[0] - 6, bottom + 4), f"{text:g}", fill="#444444")
+            draw.text((right - 60, bottom + 14), x_label, fill="#444444")
+        else:
+            draw.text((left, bottom + 4), f"{min(x):.3g}", fill="#444444")
+            draw.text((right - 50, bottom + 4), f"{max(x):.3g} {x_label}", fill="#444444")
 
         for s, (_, ys) in enumerate(series.items()):
             colour = PALETTE[s % len(PALETTE)]
@@ -67,6 +77,9 @@ def save_line_panels(path: str, x: Sequence[float], panels: Sequence[tuple[str, 
                     run = []
                     continue
                 run.append(point(xv, yv))
+            if x_log:
+                for cx, cy in (point(xv, yv) for xv, yv in zip(x, ys) if yv is not None and math.isfinite(yv)):
+                    draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
             if len(run) > 1:
                 draw.line(run, fill=colour, width=2)
             elif len(run) == 1:

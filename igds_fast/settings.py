@@ -444,12 +444,18 @@ def from_dict(cls: type, data: Mapping[str, Any], what: str | None = None) -> An
 def replace(tree: Any, **changes: Any) -> Any:
     """A copy of `tree` with settings changed, each named by its field (when that name is unique in
     the tree) or by its dotted path ("backend.name", also spelled backend__name); a section's path
-    takes a whole section ("backend.compile": CompileConfig(...)). A change inside a section that is
+    takes a whole section ("backend.compile": CompileConfig(...)), and any other value names the one
+    setting of that name (DistillConfig's sampler="ddim" is sampler.sampler). A change inside a section that is
     None (a switched-off section) creates it from its defaults."""
-    paths = list(leaf_paths(type(tree))) + list(section_paths(type(tree)))
+    leaves, sections = list(leaf_paths(type(tree))), list(section_paths(type(tree)))
+    paths = leaves + sections
     resolved: dict[str, Any] = {}
     for key, value in changes.items():
         path = key.replace("__", ".")
+        if path in sections and not (isinstance(value, Mapping) or dataclasses.is_dataclass(value) or value is None):
+            # Not a section's value: the setting of that name inside it (sampler="ddim" is sampler.sampler).
+            matches = [p for p in leaves if p.rsplit(".", 1)[-1] == path]
+            path = matches[0] if len(matches) == 1 else path
         if path not in paths:
             matches = [p for p in paths if p.rsplit(".", 1)[-1] == path]
             if not matches:

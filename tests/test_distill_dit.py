@@ -214,3 +214,20 @@ def test_latent_settings_are_pixel_settings_of_the_folder(models, tmp_path):
         with pytest.raises(IGDSInputError, match=rf"another configuration: {setting}") as info:
             distill(make_config(models, out, ipc=1, **overrides))
         assert "\n" not in str(info.value)
+
+
+def test_ddim_with_a_latent_prior_is_the_samplers_ddim_decoded(models, tmp_path):
+    # DDIM through the CFG DiT and the VAE (latents never clipped; the learned variance half unread).
+    out = tmp_path / "ddim"
+    manifest = distill(make_config(models, out, ipc=1, sampler="ddim", eta=0.5))
+    assert manifest["pixel_settings"]["sampler"] == "ddim" and manifest["pixel_settings"]["eta"] == 0.5
+    prior = ClassifierFreeGuidance(load_dit(models["prior"], preset=None), 3.0, 3)
+    sampler = Sampler(prior, DiffusionSchedule(ScheduleConfig("linear", 1000, str(STEPS), "large")), models["ve_model"],
+                      GuidanceConfig(scale=2.0, beta=0.3, clip_x0=False), noise="torch", decoder=load_vae(models["vae"]),
+                      prior_class_map=[imagenet_wnids().index(w) for w in WOOF], sampler="ddim", eta=0.5)
+    images = sampler.sample([0, 1], [image_seed(5, WOOF[c], 0) for c in range(2)])
+    for c, image in enumerate(images):
+        np.testing.assert_array_equal(png_pixels(out / WOOF[c] / "00000.png"), to_uint8(image))
+    ddpm = tmp_path / "ddpm"
+    distill(make_config(models, ddpm, ipc=1))
+    assert not np.array_equal(png_pixels(ddpm / WOOF[0] / "00000.png"), png_pixels(out / WOOF[0] / "00000.png"))

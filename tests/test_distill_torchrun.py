@@ -103,3 +103,15 @@ def test_batch_invariant_folders_do_not_depend_on_batch_size_or_world_size(model
     result = subprocess.run(torchrun_command(2, args), env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert listing(two) == listing(one)
+
+
+def test_a_ddim_folder_is_the_same_bytes_on_one_and_two_ranks(models, tmp_path):
+    # DDIM with eta > 0: its noise is keyed by (seed, step) like DDPM's, so the world size changes no byte.
+    ddim = ["--sampler", "ddim", "--eta", "0.5"]
+    one = tmp_path / "one"
+    assert run_distill(_parse(_distill_args(models, one) + ddim)) == 0
+    two = tmp_path / "two"
+    result = subprocess.run(torchrun_command(2, _distill_args(models, two) + ddim), env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert listing(two) == listing(one) and len(file_states(two)) == TOTAL

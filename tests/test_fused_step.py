@@ -69,11 +69,12 @@ class TinyVE:
         return F.softplus(self.preprocess(x).flatten(1) @ self.projection, beta=3.0)
 
 
-def make_samplers(unet, ve, steps="6", device="cpu", prior_class_map=None, **guidance):
+def make_samplers(unet, ve, steps="6", device="cpu", prior_class_map=None, sampler="ddpm", eta=None, **guidance):
     schedule = DiffusionSchedule(ScheduleConfig(sampling_steps=steps), device=device)
     config = GuidanceConfig(**{"scale": 4.0, "beta": 0.5, **guidance})
-    eager = Sampler(unet, schedule, ve, config, noise="philox", prior_class_map=prior_class_map)
-    fused = Sampler(unet, schedule, ve, config, noise="philox", backend="fused", prior_class_map=prior_class_map)
+    rule = dict(sampler=sampler, eta=eta, prior_class_map=prior_class_map)
+    eager = Sampler(unet, schedule, ve, config, noise="philox", **rule)
+    fused = Sampler(unet, schedule, ve, config, noise="philox", backend="fused", **rule)
     assert isinstance(fused.stepper, FusedStep) and isinstance(eager.stepper, EagerStep)
     return eager, fused
 
@@ -147,6 +148,32 @@ def test_full_sampling_run_matches_eager_philox(rng_seed, learn_sigma):
     torch.testing.assert_close(got, expected, **tolerance(torch.float32, "trajectory"))
     plain = Sampler(unet, eager.schedule, ve, GuidanceConfig(scale=0.0), noise="philox").sample(labels, seeds)
     assert (plain - expected).abs().max() > 1e-2  # the guidance changed the images
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_ddim_step_and_run_match_eager(rng_seed, monkeypatch, learn_sigma, eta):
+    # The DDIM variant of the update (fused_ddim_update) inside the same step, against the eager DDIM step.
+    unet, ve = TinyUNet(learn_sigma=learn_sigma), TinyVE()
+    eager, fused = make_samplers(unet, ve, sampler="ddim", eta=eta, gamma=0.3, scale=1.0)
+    labels, seeds = torch.tensor([0, 3, 3, 1]), random_seeds(4)
+    x = torch.randn(4, 3, 8, 8)
+    for i in (5, 2, 0):
+        torch.testing.assert_close(fused.step(x, i, labels, None, None, seeds), eager.step(x, i, labels, None, None, seeds),
+                                   **tolerance(torch.float32, "reduction"))
+    calls = []
+    original = fused_step_module.fused_ddim_update
+
+    def recording(*args, seeds=None, noise=None, **kwargs):
+        calls.append(seeds is not None or noise is not None)
+        return original(*args, seeds=seeds, noise=noise, **kwargs)
+
+    monkeypatch.setattr(fused_step_module, "fused_ddim_update", recording)
+    got = fused.sample(labels, seeds)
+    assert calls == [eta > 0] * 6  # eta 0: no noise read or drawn at any step
+    torch.testing.assert_close(got, eager.sample(labels, seeds), **tolerance(torch.float32, "trajectory"))
+    ddpm = make_samplers(unet, ve, gamma=0.3, scale=1.0)[0].sample(labels, seeds)
+    assert (ddpm - got).abs().max() > 1e-2  # another update than DDPM's
 
 
 def test_the_fused_backend_is_named_and_use_kernels_is_its_deprecated_spelling():

@@ -47,6 +47,12 @@ SIGNATURES = {
         "fixed_logvar_ptr:*fp32 scale:fp32 numel:i32 model_row_stride:i32",
         dict(CLIP=True, LEARN_SIGMA=True, GUIDED=True, NOISE=2, BLOCK=1024),
     ),
+    ("ddim_update", "_ddim_update_kernel"): (
+        "x_ptr:*fp32 model_ptr:*fp32 grad_ptr:*fp32 noise_ptr:*fp32 seeds_ptr:*i64 out_ptr:*fp32 step_ptr:*i64 "
+        "sra_ptr:*fp32 srm1_ptr:*fp32 sqrt_abar_prev_ptr:*fp32 sqrt_one_minus_abar_ptr:*fp32 sigma_ptr:*fp32 "
+        "direction_ptr:*fp32 scale:fp32 numel:i32 model_row_stride:i32",
+        dict(CLIP=True, GUIDED=True, NOISE=2, BLOCK=1024),
+    ),
     ("preprocess", "_preprocess_fwd_kernel"): (
         "x_ptr:*bf16 mean_ptr:*fp32 std_ptr:*fp32 y_ptr:*bf16 C:i32 H:i32 W:i32 OH:i32 OW:i32 scale_h:fp32 scale_w:fp32",
         dict(BLOCK=1024),

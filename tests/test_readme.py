@@ -73,7 +73,8 @@ def test_the_three_front_end_routes_run_as_written(tmp_path, monkeypatch):
     assert namespace["samples"].shape == (2, 3, 16, 16) and torch.isfinite(namespace["samples"]).all()
     grad = namespace["grad"]
     assert grad.shape == (2, 3, 16, 16) and grad.abs().max() > 0
-    assert "condition_mean" in vars(namespace["diffusion"])  # route 2 patched that object only
+    assert namespace["ddim_samples"].shape == (2, 3, 16, 16) and torch.isfinite(namespace["ddim_samples"]).all()
+    assert {"condition_mean", "condition_score"} <= set(vars(namespace["diffusion"]))  # route 2 patched that object only
 
 
 def minimax_dit_command() -> list[str]:

@@ -34,6 +34,7 @@ PEER_FLAGS = {
     "--num-samples": ("MinimaxDiffusion's", "--ipc (images per class)"),
     "--low": ("IGD's", "--guide-t-range LOW:HIGH"),
     "--high": ("IGD's", "--guide-t-range LOW:HIGH"),
+    "--use_ddim": ("guided-diffusion's", "--sampler ddim (and --eta)"),
 }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..data.folders import ON_CORRUPT
+from ..diffusion import SAMPLERS, resolve_eta
 from ..errors import IGDSInputError
 from ..guidance import GuidanceConfig
 from ..jobs import COMPOSITE_SIZES, check_positive_int
@@ -115,15 +116,27 @@ class JobSettings:
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """The reverse process: how many respaced steps."""
+    """The reverse process: how many respaced steps, and which update takes them.
+
+    sampler: "ddpm" (ancestral steps through the posterior, the paper's) or "ddim" (guided-diffusion's
+    ddim_sample; the guidance shifts the predicted noise); eta: DDIM's noise, None = 0 for DDIM
+    (refused with DDPM).
+    """
 
     steps: int | str | None = option(
         None, "--steps", parse=int, default_text=f"{DEFAULT_STEPS}; {DEFAULT_DIT_STEPS} for a DiT prior",
         help="respaced sampling steps",
         alternates=(Flag("--timestep-respacing", metavar="SPEC", help="guided-diffusion's timestep_respacing instead "
                          "of --steps: 250, ddim50, 10,20,30 (sections of the training steps, each sampled evenly)"),))
+    sampler: str = option("ddpm", "--sampler", choices=SAMPLERS, help="the reverse update: ddpm (ancestral, the "
+                          "paper's) or ddim (guided-diffusion's --use_ddim: deterministic at eta 0, fewer steps)")
+    eta: float | None = option(None, "--eta", parse=float, default_text="0 with --sampler ddim", help="DDIM's noise, "
+                               "in [0, 1] (1: DDPM's posterior variance)")
 
     def __post_init__(self):
+        if self.sampler == "ddpm" and self.eta is not None:
+            raise IGDSInputError("--eta applies to --sampler ddim only")
+        resolve_eta(self.sampler, self.eta, "--sampler")
         if isinstance(self.steps, str):  # a timestep respacing ("250", "ddim50", "10,20,30"): ScheduleConfig checks it
             if not self.steps.strip():
                 raise IGDSInputError("the timestep respacing is empty")

@@ -28,7 +28,7 @@ import torch
 from ..artifacts import file_fingerprint, folder_fingerprint
 from ..classes import resolve_classes
 from ..devices import resolve_device
-from ..diffusion import ScheduleConfig, space_timesteps
+from ..diffusion import ScheduleConfig, resolve_eta, space_timesteps
 from ..errors import IGDSInputError
 from ..guidance import GuidanceConfig
 from ..guidance.beta_table import resolve_beta
@@ -217,6 +217,9 @@ def plan_distill(config: DistillConfig) -> Plan:
         pixel_settings["prediction_type"] = spec.prediction_type
     if not spec.clip_x0:
         pixel_settings["clip_x0"] = False
+    if config.sampler.sampler != "ddpm":  # DDPM folders (every folder before DDIM) keep their record
+        pixel_settings["sampler"] = config.sampler.sampler
+        pixel_settings["eta"] = resolve_eta(config.sampler.sampler, config.sampler.eta)
     window = guidance.step_window(num_steps)  # the same record for either convention of one window
     if window != (0, None):
         pixel_settings["guide_window"] = list(window)

@@ -64,6 +64,33 @@ from .plan import Plan, plan_distill
 from .trace import TraceAccumulator
 
 
+DDIM_FIRST_STEP_NOTE_ABOVE = 10.0  # DDPM's mean shift is at most 1 x scale x dJ/dx
+
+
+def _ddim_first_step_note(plan: Plan) -> str | None:
+    """A note for a DDIM run that guides its first step where the score shift scales the guidance by more
+    than DDIM_FIRST_STEP_NOTE_ABOVE (diffusion.DiffusionSchedule.ddim_guidance_factor), else None."""
+    settings = plan.pixel_settings
+    if settings.get("sampler") != "ddim" or not plan.guidance.scale:
+        return None
+    schedule = DiffusionSchedule(ScheduleConfig(**settings["diffusion"]))
+    first = schedule.num_steps - 1
+    if not plan.guidance.guides(first, schedule.num_steps):
+        return None
+    factor = float(schedule.ddim_guidance_factor(schedule.ddim(settings["eta"]))[first])
+    if factor <= DDIM_FIRST_STEP_NOTE_ABOVE:
+        return None
+    return (f"distill: note: DDIM's score shift moves x by {factor:.0f} x scale x dJ/dx at the first step (abar "
+            f"{float(schedule.alphas_cumprod[first]):.1e}): --guide-from-step 1 leaves that step unguided (on the "
+            "digits prior a guided first step saturates the images; bench/RESULTS.md, the frontier)")
+
+
+def _ddim_note(plan: Plan) -> str:
+    """" (DDIM, eta E)" for a DDIM run's progress line, "" for DDPM (whose line is unchanged)."""
+    settings = plan.pixel_settings
+    return f" (DDIM, eta {settings['eta']:g})" if settings.get("sampler") == "ddim" else ""
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -120,7 +147,8 @@ def _distill(config: DistillConfig, log: Callable[[str], None], plan: Plan | Non
         return Sampler(unet, schedule, plan.ve.to(device), plan.guidance, backend=backend.name,
                        prior_class_map=plan.prior_class_map, noise=plan.noise,
                        batch_invariant=backend.batch_invariant, backend_options=compile_options, decoder=decoder,
-                       profile_steps=profile_window)
+                       profile_steps=profile_window, sampler=plan.pixel_settings.get("sampler", "ddpm"),
+                       eta=plan.pixel_settings.get("eta"))
 
     sampler = None
     batch_size = config.run.batch_size or saved_batch_size
@@ -155,9 +183,12 @@ def _distill(config: DistillConfig, log: Callable[[str], None], plan: Plan | Non
         log(
             f"distill: {len(plan.class_keys)} classes x IPC {config.job.ipc} = {total_images} images "
             f"({plan.composite} sample(s) each), {total_images - already} to make{ranks}, beta {plan.beta:g} "
-            f"({plan.beta_source}), scale {plan.guidance.scale:g}, {plan.steps} steps, batch {batch_size}, "
-            f"backend {config.backend.name}, device {plan.device}"
+            f"({plan.beta_source}), scale {plan.guidance.scale:g}, {plan.steps} steps{_ddim_note(plan)}, "
+            f"batch {batch_size}, backend {config.backend.name}, device {plan.device}"
         )
+        note = _ddim_first_step_note(plan)
+        if note is not None:
+            log(note)
         if config.run.progress:
             progress = Progress(total_images, unit="img", label="distill", initial=already)
             progress.start()

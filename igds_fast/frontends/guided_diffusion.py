@@ -8,6 +8,17 @@ log_variance, pred_xstart) and, given a `cond_fn`, shifts the mean by `condition
 
 IGDS's shift is `mean + scale * variance * dJ/dx0` at the x0 prediction (mode "x0"), or dJ/dx_t
 through the UNet (mode "xt"); J = log p(y|x0) + beta KL - gamma InfoNCE from an `IGDSGuidance`.
+
+Their DDIM (`ddim_sample`, `ddim_sample_loop`: guided-diffusion's `--use_ddim`) guides through
+`condition_score` instead, Song et al.'s score shift of the predicted noise:
+
+    eps~ = eps(x_t) - sqrt(1 - abar_t) * cond_fn(x_t, t, **model_kwargs);  pred_xstart, mean from eps~
+
+The conditioner gives both the same gradient, scale * dJ/dx (dJ/dx0 at pred_xstart, or dJ/dx_t): the
+score grad log p(x_t) = -eps / sqrt(1 - abar_t) moves by scale * dJ/dx in either, which
+condition_mean turns into the mean shift variance * scale * dJ/dx and condition_score into the eps
+shift above. So one conditioner serves `p_sample_loop` and `ddim_sample_loop`, and our
+`Sampler(..., sampler="ddim")` step equals guided-diffusion's ddim_sample with it.
 Three ways to hand it to such a sampler, none of which imports its code:
 
     conditioner = IGDSConditioner(guidance, scale=1.0, label_map=...)
@@ -132,12 +143,15 @@ class IGDSConditioner:
         return self
 
     def patch(self, diffusion, model=None):
-        """Make `diffusion.condition_mean` (and `condition_mean_with_grad` where it exists) apply IGDS.
+        """Make `diffusion.condition_mean` and `condition_score` (and their `_with_grad` forms where they
+        exist) apply IGDS: p_sample's mean shift and ddim_sample's score shift (module docstring).
 
-        The diffusion object's own p_sample then passes the p_mean_var it computed: in mode x0 the
-        gradient is taken at its pred_xstart (no extra UNet call); mode xt differentiates through
-        the UNet (`model`, required) from x_t. Returns the diffusion (patched in place, this
-        instance only); `unpatch` restores it.
+        The diffusion object's own p_sample / ddim_sample then passes the p_mean_var it computed: in
+        mode x0 the gradient is taken at its pred_xstart (no extra UNet call); mode xt differentiates
+        through the UNet (`model`, required) from x_t. An unguided step (scale 0, outside the window)
+        returns the loop's own mean / p_mean_var before any gradient work. condition_score is the
+        class's own, handed our gradient as its cond_fn (its eps and x0 algebra, its timestep map).
+        Returns the diffusion (patched in place, this instance only); `unpatch` restores it.
         """
         if self.mode == "xt" and model is None and self.model is None:
             raise IGDSInputError("patch(diffusion, model): mode xt differentiates through the UNet: pass the model")
@@ -155,15 +169,32 @@ class IGDSConditioner:
         def condition_mean_with_grad(diffusion_self, cond_fn, p_mean_var, x, t, model_kwargs=None):
             return condition_mean(diffusion_self, cond_fn, p_mean_var, x, t, model_kwargs)
 
+        def score_shift(own_name: str, with_grad: bool):
+            own = getattr(type(diffusion), own_name)
+
+            def condition_score(diffusion_self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+                model_kwargs = model_kwargs or {}
+                conditioner._cfg_half(x, model_kwargs)
+                if not conditioner.guides(t, indices_given=True):
+                    return p_mean_var  # ddim_sample's own unconditioned path, bit for bit
+                grad = conditioner._gradient_at(p_mean_var, x, t, model_kwargs, indices_given=True)
+                fixed = (lambda x_, t_, p_, **kw: grad) if with_grad else (lambda x_, t_, **kw: grad)
+                return own(diffusion_self, fixed, p_mean_var, x, t, model_kwargs=model_kwargs)
+
+            return condition_score
+
         diffusion.condition_mean = types.MethodType(condition_mean, diffusion)
         if hasattr(type(diffusion), "condition_mean_with_grad"):
             diffusion.condition_mean_with_grad = types.MethodType(condition_mean_with_grad, diffusion)
+        for name in ("condition_score", "condition_score_with_grad"):
+            if hasattr(type(diffusion), name):
+                setattr(diffusion, name, types.MethodType(score_shift(name, name.endswith("_with_grad")), diffusion))
         return diffusion
 
     @staticmethod
     def unpatch(diffusion):
-        """Undo `patch` (the class's own condition_mean again)."""
-        for name in ("condition_mean", "condition_mean_with_grad"):
+        """Undo `patch` (the class's own condition_mean and condition_score again)."""
+        for name in PATCHED:
             vars(diffusion).pop(name, None)
         return diffusion
 
@@ -308,6 +339,7 @@ class IGDSConditioner:
         return torch.searchsorted(table, timesteps)
 
 
+PATCHED = ("condition_mean", "condition_mean_with_grad", "condition_score", "condition_score_with_grad")
 X0_TOLERANCE = 1e-4  # relative: the conditioner's own x0 against the loop's (the same computation)
 
 

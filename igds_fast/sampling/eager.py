@@ -94,7 +94,7 @@ class EagerStep:
         if state.members is None:
             out, self.last_model_output = reverse_step(self.ops, x, inputs, state.tracker)
             return out
-        if inputs.noise is None and inputs.seeds is not None and i > 0:
+        if inputs.noise is None and inputs.seeds is not None and self.context.draws_noise(i):
             inputs.noise = self.context.noise_source(inputs.seeds, i, x.shape[1:], x.device)
         out = torch.empty_like(x)
         model_output = None

@@ -7,7 +7,9 @@ The same `reverse_step` as the eager step, with these operations (x0 mode; shape
     g            = IGDSGuidance with the Triton guidance head           torch encoder fwd/bwd around
                                                                         the fused head  "igds/guidance"
     x_{i-1}      = fused_ddpm_update kernel (recomputes x0_hat; mean,   Triton     "igds/update"
-                   variance, guided shift, noise in one pass)
+                   variance, guided shift, noise in one pass), or
+                   fused_ddim_update for sampler "ddim" (x0_hat, eps, the
+                   score shift, DDIM's mean and sigma * noise in one pass)
 
 Noise: a given `noise` tensor is loaded as is; otherwise it is drawn in-kernel from Philox keyed by
 (seed, i), i.e. exactly `philox_normal(seeds, i, x.shape[1:])`, so this step reproduces an eager
@@ -27,7 +29,7 @@ import contextlib
 
 import torch
 
-from ..kernels import StepTables, fused_ddpm_update, guidance_head, predict_x0
+from ..kernels import DDIMStepTables, StepTables, fused_ddim_update, fused_ddpm_update, guidance_head, predict_x0
 from .eager import EagerStep
 from .step import StepContext, StepInputs, StepOps
 
@@ -46,6 +48,7 @@ class KernelOps(StepOps):
         super().__init__(context, unet_fn,
                          context.guidance.with_operations(head=guidance_head, features=features, decoder=decoder))
         self.tables = tables
+        self.ddim_tables = None if context.ddim is None else DDIMStepTables(context.schedule, context.ddim)
         self.out_in_place = out_in_place
 
     def timesteps(self, inputs: StepInputs, batch: int) -> torch.Tensor:
@@ -60,6 +63,14 @@ class KernelOps(StepOps):
 
     def update(self, x, model_output, x0, grad, inputs: StepInputs) -> torch.Tensor:
         c = self.context
+        if self.ddim_tables is not None:
+            noisy = self.ddim_tables.eta > 0  # eta = 0: no noise read or drawn (sigma is 0 at every step)
+            return fused_ddim_update(
+                x, model_output, inputs.index, self.ddim_tables, c.learn_sigma, grad=grad,
+                scale=c.guidance_config.scale, noise=inputs.noise if noisy else None,
+                seeds=inputs.seeds if noisy and inputs.noise is None else None, clip=c.guidance_config.clip_x0,
+                out=x if self.out_in_place else None,  # elementwise, same index: read before overwritten
+            )
         return fused_ddpm_update(
             x, model_output, inputs.index, self.tables, c.learn_sigma, grad=grad, scale=c.guidance_config.scale,
             noise=inputs.noise, seeds=inputs.seeds if inputs.noise is None else None, clip=c.guidance_config.clip_x0,

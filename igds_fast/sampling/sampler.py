@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..diffusion import DiffusionSchedule
+from ..diffusion import DiffusionSchedule, resolve_eta
 from ..errors import IGDSInputError
 from ..guidance import GuidanceConfig, IGDSGuidance
 from ..models.protocols import as_prior, check_estimator
@@ -45,7 +45,7 @@ DECODE_CHUNK = 8  # latents decoded at once by Sampler.decode (the decoder's act
 
 
 class Sampler:
-    """Guided DDPM sampling with a diffusion prior and a variational estimator.
+    """Guided DDPM or DDIM sampling with a diffusion prior and a variational estimator.
 
     unet: callable (x [B,C,H,W], original timesteps [B], y [B] or None) -> [B, C or 2C, H, W], with
         attributes image_size, in_channels, learn_sigma, num_classes (None = unconditional).
@@ -75,11 +75,15 @@ class Sampler:
     profile_steps: "A:B" (or (A, B)): open the CUDA profiler around loop steps A .. B-1 (0 = the first
         step from noise, B excluded) of the first batch sampled in this process (profiling/window.py;
         a no-op without CUDA). None = $IGDS_PROFILE_STEPS, if set; both set and different is refused.
+    sampler: "ddpm" (ancestral steps through the posterior, the paper's) or "ddim" (guided-diffusion's
+        `ddim_sample`: the guidance shifts the predicted noise, sampling/step.py); eta: DDIM's noise
+        (0 = deterministic, the default; 1 = DDPM's posterior variance), refused with "ddpm". Every
+        backend runs either; the noise of eta > 0 is keyed by (seed, step) as DDPM's.
 
     Attributes: guidance (the GuidanceConfig), guidance_fn (the eager IGDSGuidance), context (what
     every step reads), backend (its name), stepper (the backend's step object), self_check_report,
     tau, channels, image_size, learn_sigma, num_classes, device, noise_source, decoder (or None),
-    profile_window (the StepWindow to profile, or None).
+    profile_window (the StepWindow to profile, or None), sampler, eta (None for DDPM).
     """
 
     def __init__(
@@ -97,6 +101,8 @@ class Sampler:
         reference_numerics: bool = True,
         decoder=None,
         profile_steps=None,
+        sampler: str = "ddpm",
+        eta: float | None = None,
     ):
         if not isinstance(guidance, GuidanceConfig):
             raise IGDSInputError(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
@@ -104,6 +110,8 @@ class Sampler:
             raise IGDSInputError(f"reference_numerics must be True or False, got {reference_numerics!r}")
         if use_kernels:
             backend = _fused_from_use_kernels(backend)
+        self.eta = resolve_eta(sampler, eta)  # one-line errors: an unknown sampler, eta with DDPM, eta outside [0, 1]
+        self.sampler = sampler
         unet = as_prior(unet)  # guided-diffusion's UNetModel as it is (models.protocols)
         self.unet, self.schedule, self.ve, self.guidance = unet, schedule, ve, guidance
         self.backend = backend
@@ -128,7 +136,8 @@ class Sampler:
             unet=unet, schedule=schedule, guidance_config=guidance, guidance=self.guidance_fn, channels=self.channels,
             image_size=self.image_size, learn_sigma=self.learn_sigma, class_map=self._build_class_map(prior_class_map),
             conditional=getattr(unet, "num_classes", None) is not None, noise=noise, noise_source=self.noise_source,
-            noise_keys=noise_keys, device=self.device, reference_numerics=reference_numerics,
+            noise_keys=noise_keys, device=self.device, reference_numerics=reference_numerics, sampler=sampler,
+            ddim=None if self.eta is None else schedule.ddim(self.eta),
         )
         self._stepper = build_step(self.context, backend, batch_invariant, backend_options)
 

@@ -11,6 +11,17 @@ One guided reverse step at respaced index i (IGDS_SPEC section 3), shapes [B, C,
     log s2   = learned-range interpolation of (log beta_i, log beta~_i) by (v + 1) / 2
     x_{i-1}  = mu + [guided] s * exp(log s2) * g + [i > 0] exp(log s2 / 2) * n,  n keyed by (seed, i)
 
+The update is one operation with two variants (`StepContext.sampler`); everything before it is the
+same. DDIM (sampler "ddim", eta; guided-diffusion's `ddim_sample` with `condition_score`, in its order):
+
+    eps      = (sqrt(1/abar_i) x_t - x0_hat) / sqrt(1/abar_i - 1)          (re-derived from the clipped x0)
+    [guided] eps = eps - sqrt(1 - abar_i) * (s * g);  x0 = sqrt(1/abar_i) x_t - sqrt(1/abar_i - 1) eps;
+             eps = (sqrt(1/abar_i) x_t - x0) / sqrt(1/abar_i - 1)          (the score shift; x0 not clipped again)
+    x_{i-1}  = sqrt(abar_{i-1}) x0 + sqrt(1 - abar_{i-1} - sigma_i^2) eps + [i > 0, eta > 0] sigma_i n
+
+The shift uses the same s * g as DDPM's mean shift s * sigma^2 * g: both add s * g to the score
+grad log p(x_t) = -eps / sqrt(1 - abar_i) (condition_mean vs condition_score, Song et al. 2021).
+
 `reverse_step(ops, context, inputs, tracker)` is that order; a backend only supplies the operations
 (`StepOps`: eager torch ops, fused Triton kernels, low-precision compiled copies) and, around the
 call, its own wrapper (batch splitting, static buffers, a CUDA graph). A step reads a
@@ -23,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from ..diffusion import DiffusionSchedule
+from ..diffusion import DDIMTables, DiffusionSchedule
 from ..errors import IGDSInputError
 from ..guidance import GuidanceConfig, IGDSGuidance
 from ..profiling import nvtx_range
@@ -39,7 +50,9 @@ class StepContext:
     classes] on the device, or None (identical indices); conditional: the prior takes labels;
     noise: "torch" or "philox"; noise_source: (seeds, stream, shape, device) -> noise [B, *shape];
     noise_keys: (seeds, device) -> the form of a batch's seeds the noise source reads fastest (built
-    once per batch); reference_numerics: the eager step runs float32 as float32 on CUDA (sampling.eager).
+    once per batch); reference_numerics: the eager step runs float32 as float32 on CUDA (sampling.eager);
+    sampler: "ddpm" or "ddim" (diffusion.SAMPLERS), the variant of the update; ddim: DDIM's tables at
+    the run's eta (None for DDPM).
     """
 
     unet: Callable
@@ -56,6 +69,12 @@ class StepContext:
     noise_keys: Callable
     device: torch.device
     reference_numerics: bool = True
+    sampler: str = "ddpm"
+    ddim: DDIMTables | None = None
+
+    def __post_init__(self):
+        if (self.sampler == "ddim") != (self.ddim is not None):
+            raise IGDSInputError("a DDIM step needs its tables (DiffusionSchedule.ddim(eta)), and only a DDIM step")
 
     @property
     def num_steps(self) -> int:
@@ -73,6 +92,10 @@ class StepContext:
 
     def guided(self, i: int) -> bool:
         return self.guidance_config.guides(i, self.num_steps)
+
+    def draws_noise(self, i: int) -> bool:
+        """Whether the update at respaced index i adds noise: i > 0, and for DDIM eta > 0."""
+        return i > 0 and (self.ddim is None or self.ddim.eta > 0)
 
 
 @dataclass
@@ -201,7 +224,46 @@ class StepOps:
         return out[1], (out[2] if inputs.trace is not None else None)
 
     def update(self, x, model_output, x0, grad, inputs: StepInputs) -> torch.Tensor:
-        """x_{i-1} = posterior mean (+ scale * variance * grad) (+ std * noise for i > 0)."""
+        """x_{i-1} from x_t: the DDPM or the DDIM variant (module docstring), by the context's sampler.
+
+        x0: the step's x0 prediction (None: recomputed from the UNet output); grad: the guidance
+        gradient g (None: an unguided step); noise: inputs.noise, else drawn from the seeds where the
+        variant adds noise (context.draws_noise).
+        """
+        if self.context.ddim is not None:
+            return self.ddim_update(x, model_output, x0, grad, inputs)
+        return self.ddpm_update(x, model_output, x0, grad, inputs)
+
+    def step_noise(self, x, inputs: StepInputs) -> torch.Tensor | None:
+        """The noise this step adds: the given tensor, else drawn keyed by (seed, i), else None."""
+        c = self.context
+        if not c.draws_noise(inputs.i):
+            return None
+        if inputs.noise is None and inputs.seeds is not None:
+            return c.noise_source(inputs.seeds, inputs.i, x.shape[1:], x.device)
+        return inputs.noise
+
+    def ddim_update(self, x, model_output, x0, grad, inputs: StepInputs) -> torch.Tensor:
+        """DDIM: x_{i-1} = sqrt(abar_{i-1}) x0 + sqrt(1 - abar_{i-1} - sigma^2) eps (+ sigma n), the guidance
+        as a shift of eps by -sqrt(1 - abar_i) s g (module docstring; guided-diffusion's order)."""
+        c = self.context
+        i, schedule, tables = inputs.i, c.schedule, c.ddim
+        if x0 is None:
+            x0 = self.predict_x0(x, model_output, inputs)
+        eps = schedule.predict_eps(x, x0, i)
+        if grad is not None:
+            shift = schedule.gather(tables.sqrt_one_minus_alphas_cumprod, i, x.dim())
+            eps = eps - shift * (c.guidance_config.scale * grad)
+            x0 = schedule.predict_x0(x, eps, i, clip=False)
+            eps = schedule.predict_eps(x, x0, i)
+        out = schedule.ddim_mean(x0, eps, i, tables)
+        noise = self.step_noise(x, inputs)
+        if noise is None:
+            return out
+        return out + schedule.gather(tables.sigma, i, x.dim()) * noise
+
+    def ddpm_update(self, x, model_output, x0, grad, inputs: StepInputs) -> torch.Tensor:
+        """DDPM: x_{i-1} = posterior mean (+ scale * variance * grad) (+ std * noise for i > 0)."""
         c = self.context
         i = inputs.i
         noise = inputs.noise

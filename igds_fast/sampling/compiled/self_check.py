@@ -289,7 +289,7 @@ def _describe_failure(step, result, x_rows, timesteps, prior_labels, x0_rows):
     compiled_note = f", torch.compile backend {cfg.backend}" if cfg.compile else ""
     part = result["part"]
     if part == "step":
-        where = "fused DDPM update kernel" + (" / CUDA graph replay" if step.use_graphs else "")
+        where = f"fused {c.sampler.upper()} update kernel" + (" / CUDA graph replay" if step.use_graphs else "")
         return where, "x_(t-1)", "the UNet output and the guidance agree: the update or its graph differs"
     if part == "unet":
         where = f"UNet copy ({cfg.dtype}{compiled_note})"
