@@ -7,7 +7,9 @@ on this machine's device: the loop without a cond_fn, with the patched condition
 the bound (cond_fn) conditioner at scale 0, one run of each per round in turn; the median seconds of
 each and their ratios to the plain loop. At scale 0 the conditioner returns before any gradient work
 (tests/test_peer_guided_diffusion.py counts: no guidance call, no extra UNet forward), so the ratios
-measure only the Python of its per-step check.
+measure only the Python of its per-step check. That check is also timed alone (condition_mean called
+directly on one step's p_mean_variance output, many calls) and set beside the plain loop's time per step:
+on a shared CPU the loop medians differ by their noise, the direct figure does not.
 """
 from __future__ import annotations
 
@@ -68,6 +70,25 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    def check_us(kind: str, calls: int = 2000) -> float:
+        """Microseconds of one scale-0 condition_mean call, the conditioner's whole per-step work."""
+        _, diffusion = script_util.create_model_and_diffusion(**options)
+        conditioner = IGDSConditioner(IGDSGuidance(ve, beta=0.1), scale=0.0)
+        if kind == "patch":
+            conditioner.patch(diffusion, model_fn)
+        else:
+            conditioner.bind(model_fn, diffusion)
+        x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+        t = torch.full((args.batch,), args.steps // 2, device=device, dtype=torch.long)
+        with torch.no_grad():
+            out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=True, model_kwargs={"y": y})
+        for _ in range(50):
+            diffusion.condition_mean(conditioner.cond_fn, out, x, t, model_kwargs={"y": y})
+        start = time.perf_counter()
+        for _ in range(calls):
+            diffusion.condition_mean(conditioner.cond_fn, out, x, t, model_kwargs={"y": y})
+        return (time.perf_counter() - start) / calls * 1e6
+
     kinds = ("plain", "patch", "bind")
     run("plain")  # warm-up
     times = {kind: [] for kind in kinds}
@@ -80,6 +101,11 @@ def main(argv=None) -> int:
     for kind in kinds:
         print(f"  {kind:5s}  median {medians[kind]:.3f} s  ratio to plain {medians[kind] / medians['plain']:.3f}  "
               f"(all: {', '.join(f'{v:.3f}' for v in times[kind])})")
+    step_us = medians["plain"] / args.steps * 1e6
+    for kind in ("patch", "bind"):
+        cost = check_us(kind)
+        print(f"  {kind:5s}  scale-0 check alone: {cost:.1f} us per step = {cost / step_us:.3%} of the plain loop's "
+              f"{step_us / 1e3:.1f} ms per step")
     return 0
 
 
