@@ -17,7 +17,7 @@ from igds_fast.cli import distill as distill_cli
 from igds_fast.distill import DistillConfig, plan_distill
 from igds_fast.distributed import QuietRankError
 from igds_fast.errors import IGDSInputError
-from igds_fast.presets import digits
+from igds_fast.presets import digits, digits_demo
 from igds_fast.sampling.backends import TRITON_ON_CPU_MESSAGE, check_triton_runs_on, resolve_noise_source
 from igds_fast.settings import flags_of
 
@@ -56,7 +56,7 @@ def no_demo_run(monkeypatch):
 
 
 def test_every_flag_the_demo_does_not_take_is_refused_in_one_line_naming_it(no_demo_run, capsys):
-    demo_flags = set(flags_of(digits.DigitsDemo, old=True))
+    demo_flags = set(flags_of(digits_demo.DigitsDemo, old=True))
     refused = [flag for flag in dict.fromkeys(flags_of(DistillConfig, old=True))
                if flag not in demo_flags and flag not in MODE_FLAGS]
     assert {"--classes", "--seed", "--composite", "--backend", "--noise", "--gamma", "--trace",
@@ -115,7 +115,7 @@ def test_the_demo_says_first_what_it_does_how_long_and_where_it_writes(monkeypat
     assert announced.startswith("digits demo (no --prior/--ve given)")
     assert f"cached in {work}" in announced and os.path.join(str(out), "distilled") in announced
     assert os.path.join(str(out), "results.json") in announced and "2-core CPU" in announced
-    assert f"{digits.FIRST_RUN_MINUTES} minutes" in announced  # the defaults' measured time
+    assert f"{digits_demo.FIRST_RUN_MINUTES} minutes" in announced  # the defaults' measured time
     assert f"results written to {os.path.join(str(out), 'results.json')}" in capsys.readouterr().out
     # Without --out the outputs go to the work dir; --quiet says nothing.
     assert _run(["--fast", "--work-dir", str(work), "--quiet"]) == 0

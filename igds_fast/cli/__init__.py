@@ -61,7 +61,7 @@ def refuse_unknown(command: str, extras: list[str]) -> IGDSInputError:
     """One line for arguments the command does not take, naming the command that does take them."""
     from igds_fast.cli.distill import PEER_FLAGS
     from igds_fast.distill import DistillConfig
-    from igds_fast.presets.digits import DigitsDemo
+    from igds_fast.presets.digits_demo import DigitsDemo
     from igds_fast.settings import flags_of
 
     flags = list(dict.fromkeys(arg.split("=", 1)[0] for arg in extras if arg.startswith("-")))

@@ -13,8 +13,8 @@ import sys
 
 from igds_fast.distributed import QuietRankError, launched_by_torchrun
 from igds_fast.errors import IGDSInputError
-from igds_fast.presets.digits import (RESULTS_NAME, DigitsDemo, DigitsSettings, describe_run, format_table,
-                                     run_digits)
+from igds_fast.presets.digits import RESULTS_NAME, DigitsSettings, format_table, run_digits
+from igds_fast.presets.digits_demo import DigitsDemo, describe_run
 from igds_fast.settings import add_arguments, from_args, given_settings
 
 COMMAND = "demo"
