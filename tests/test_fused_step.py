@@ -18,7 +18,7 @@ import igds_fast.sampling.fused as fused_step_module
 import igds_fast.sampling.step as sampler_module
 from igds_fast.guidance import GuidanceConfig, IGDSGuidance
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
-from igds_fast.sampling.fused import FusedStep
+from igds_fast.sampling.fused import FusedStep, KernelOps
 from igds_fast.kernels import philox_normal
 from igds_fast.preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
 from igds_fast.errors import IGDSInputError
@@ -198,17 +198,19 @@ def test_the_fused_backend_is_named_and_use_kernels_is_its_deprecated_spelling()
         assert "\n" not in str(info.value)
 
 
-def test_xt_mode_delegates_to_eager_with_philox_noise(rng_seed):
-    eager, fused = make_samplers(TinyUNet(), TinyVE(), mode="xt")
-    assert type(fused.stepper.ops) is StepOps  # mode xt: the torch operations throughout, no kernel ops
+@pytest.mark.parametrize("sampler, eta", [("ddpm", None), ("ddim", 0.5)])
+def test_xt_mode_runs_the_kernels_and_matches_eager(rng_seed, sampler, eta):
+    eager, fused = make_samplers(TinyUNet(), TinyVE(), mode="xt", sampler=sampler, eta=eta)
+    assert type(fused.stepper.ops) is KernelOps  # the Triton head and fused update, autograd through the UNet
     labels = torch.tensor([2, 0])
     seeds = random_seeds(2)
     x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(
-        fused.step(x, 3, labels, None, None, seeds),
-        eager.step(x, 3, labels, None, None, seeds),
-        **tolerance(torch.float32, "reduction"),
-    )
+    for i in (5, 3, 0):
+        torch.testing.assert_close(
+            fused.step(x, i, labels, None, None, seeds),
+            eager.step(x, i, labels, None, None, seeds),
+            **tolerance(torch.float32, "reduction"),
+        )
 
 
 def test_seed_tensor_built_once_per_batch(monkeypatch):

@@ -19,9 +19,10 @@ per step. The kernel path runs under PyTorch's default numerics (it is a fast pa
 float32 settings).
 
 `KernelOps` (the kernels' operations) is also what the compiled backend runs, with its own UNet and
-encoder copies. Guidance mode "xt" (gradient through the UNet) needs autograd through the UNet, which
-no elementwise kernel replaces: such a step runs the torch operations throughout, with the same
-Philox noise. The guidance head is always the Triton `guidance_head` here (GuidanceConfig.head is ignored).
+encoder copies. Guidance mode "xt" (gradient through the UNet) needs autograd through the UNet: on a
+guided step x0_hat is the torch expression (autograd sees it) and the gradient flows from the Triton
+head back through the encoder and the UNet; the update is still the fused kernel. The guidance head is
+always the Triton `guidance_head` here, in both modes (GuidanceConfig.head applies to eager only).
 """
 from __future__ import annotations
 
@@ -85,8 +86,7 @@ class FusedStep(EagerStep):
     def __init__(self, context: StepContext):
         super().__init__(context)
         self.tables = StepTables(context.schedule)  # fp32, contiguous, on the sampling device: built once
-        if context.guidance_config.mode != "xt":
-            self.ops = KernelOps(context, self.tables)
+        self.ops = KernelOps(context, self.tables)
 
     def numerics(self):
         return contextlib.nullcontext()  # PyTorch's defaults: the kernel path is a fast path
