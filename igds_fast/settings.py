@@ -225,6 +225,23 @@ def _json_object(flag: str) -> Callable[[str], dict]:
     return parse
 
 
+def _keeping_reasons(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` for argparse's type=: argparse replaces a ValueError's text (IGDSInputError is one) by
+    "invalid <name> value", so a parser's own reason (a missing file, a negative beta) is passed on as an
+    ArgumentTypeError, whose text argparse prints after the flag."""
+    if parse in (int, float, str):
+        return parse  # their ValueError says nothing more than argparse's own message
+
+    def parse_keeping_reason(text: str):
+        try:
+            return parse(text)
+        except IGDSInputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse_keeping_reason.__name__ = getattr(parse, "__name__", "value")
+    return parse_keeping_reason
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, path: str = "", group=None, groups=None,
                   exclude: tuple[str, ...] = ()) -> None:
     """Declare the flags of the tree under `cls` on `parser` (see the module docstring)."""
@@ -252,7 +269,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, path: str = "", gr
             kwargs["action"] = opt.action
         else:
             if opt.parse is not None:
-                kwargs["type"] = opt.parse
+                kwargs["type"] = _keeping_reasons(opt.parse)
             if opt.choices is not None:
                 kwargs["choices"] = opt.choices
             else:
@@ -267,7 +284,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, path: str = "", gr
                                            action="store_const", const=alternate.const)
                 else:
                     exclusive.add_argument(alternate.name, dest=dest, default=argparse.SUPPRESS,
-                                           help=alternate.help, type=alternate.parse,
+                                           help=alternate.help, type=_keeping_reasons(alternate.parse) if alternate.parse else None,
                                            metavar=alternate.metavar or f.name.upper())
         elif not opt.flag.startswith("-"):  # a positional argument, shown as `flag`
             kwargs.pop("dest")

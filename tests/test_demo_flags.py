@@ -308,3 +308,18 @@ def test_the_demo_writes_its_sets_and_table_under_out_and_force_clears_only_its_
     # By the demo's record only (tests/test_refusals_data_loss.py has the full case): never by name.
     assert sorted(os.listdir(out)) == ["distilled", "keep.txt"] and os.listdir(out / "distilled") == ["stale"]
     assert (work / "distilled").exists()
+
+
+def test_a_beta_table_that_cannot_serve_the_run_is_refused_before_any_training(no_demo_run, tmp_path, capsys):
+    """The parser's reason reaches the user (argparse alone prints "invalid ... value"), and a table
+    without an entry for the run's smallest IPC stops at the command line, not after the VE and two
+    sets are made."""
+    negative, only_ten = tmp_path / "negative.json", tmp_path / "ten.json"
+    negative.write_text(json.dumps({"beta_per_ipc": {"1": -0.5}}))
+    only_ten.write_text(json.dumps({"beta_per_ipc": {"10": 0.2}}))
+    for table, reason in ((negative, ">= 0"), (tmp_path / "missing.json", "not found")):
+        assert cli.main(["demo", "digits", "--beta-table", str(table)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and reason in err and "invalid" not in err, err
+    with pytest.raises(IGDSInputError, match=r"no entry for IPC 1 .*covers \[10\]"):
+        _run(["--beta-table", str(only_ten)])

@@ -224,6 +224,8 @@ class DigitsSettings:
         negative = {ipc: beta for ipc, beta in self.beta_by_ipc.items() if beta < 0}
         if negative:
             raise IGDSInputError(f"beta must be >= 0 (a weight of the contextual term), got {negative}")
+        for ipc in self.ipcs:  # a table without this IPC (or a smaller one) would stop the run after training
+            self.beta_for(ipc)
 
     @classmethod
     def fast(cls, **overrides) -> "DigitsSettings":
