@@ -177,6 +177,32 @@ def test_demo_refuses_files_at_its_names_it_did_not_write_before_removing_anythi
                 stray.rmdir()
 
 
+def test_a_demo_stopped_between_a_write_and_its_record_still_owns_the_file(tmp_path):
+    """Killed after the atomic rename and before the digest was recorded: the file holds new bytes the
+    record does not know. The rerun must reuse or replace it (the Ctrl-C line promises a rerun works),
+    not refuse it as the user's; a finished write is recorded with its new digest."""
+    from igds_fast.presets.digits_files import check_demo_names, owns, writing_file
+    from igds_fast.imageio import write_bytes_atomic
+
+    write_bytes_atomic(str(tmp_path / "results.json"), b"old")
+    note_file(str(tmp_path), "results.json")
+
+    class Killed(BaseException):
+        pass
+
+    with pytest.raises(Killed):
+        with writing_file(str(tmp_path), "results.json") as path:
+            write_bytes_atomic(path, b"new bytes")
+            raise Killed  # SIGKILL here: renamed, digest not recorded
+    check_demo_names(str(tmp_path), "--out", ["results.json"], [])  # not refused
+    assert owns(str(tmp_path), "results.json")
+    with writing_file(str(tmp_path), "results.json") as path:
+        write_bytes_atomic(path, b"newest")
+    (tmp_path / "results.json").write_bytes(b"edited by the user")  # a finished write's record is exact again
+    with pytest.raises(IGDSInputError, match="was not written by the digits demo"):
+        check_demo_names(str(tmp_path), "--out", ["results.json"], [])
+
+
 def test_demo_folders_apart_and_not_home(tmp_path, monkeypatch, capsys, no_demo_run):
     home = tmp_path / "home"
     home.mkdir()

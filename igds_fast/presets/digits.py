@@ -120,7 +120,7 @@ from ..settings import Flag, option
 from ..train_prior import PriorTrainConfig, train_prior
 from ..threads import torch_threads
 from ..train_ve import VETrainConfig, train_ve
-from .digits_files import SETS_DIR, check_demo_names, clear_demo, demo_folders, note_file, note_set
+from .digits_files import SETS_DIR, check_demo_names, clear_demo, demo_folders, note_set, writing_file
 
 CLASS_NAMES = [str(digit) for digit in range(10)]
 IMAGE_SIZE = 16
@@ -309,9 +309,9 @@ def ensure_prior(work_dir: str, settings: DigitsSettings, train_x, train_y, log,
     flags = settings.prior.unet_flags(IMAGE_SIZE, train_x.shape[1], len(CLASS_NAMES))
     summary = {"wall_time_s": round(report.wall_time_s, 2), "final_loss": report.final_loss,
                "final_mse": report.final_mse, "samples_per_s": round(report.samples_per_s, 1)}
-    save_prior(path, unet, flags, schedule_config, CLASS_NAMES,
-               {"config": dataclasses.asdict(settings.prior), "data": {"digits": SPLIT}, "report": summary})
-    note_file(work_dir, PRIOR_NAME)
+    with writing_file(work_dir, PRIOR_NAME):
+        save_prior(path, unet, flags, schedule_config, CLASS_NAMES,
+                   {"config": dataclasses.asdict(settings.prior), "data": {"digits": SPLIT}, "report": summary})
     log(f"digits: prior: trained in {report.wall_time_s:.1f}s (final loss {report.final_loss:.4f})")
     return path, {"cached": False, **summary}
 
@@ -334,15 +334,15 @@ def ensure_ve(work_dir: str, settings: DigitsSettings, train_x, train_y, test_x,
     log(f"digits: VE: training ({config.arch}, {config.epochs} epochs)")
     ve, report = train_ve(train_x, train_y, CLASS_NAMES, config, test_x, test_y,
                           log=lambda message: log(f"digits: VE: {message}"))
-    ve.save(path)
-    note_file(work_dir, VE_NAME)
+    with writing_file(work_dir, VE_NAME):
+        ve.save(path)
     summary = {
         "seconds": report.get("seconds", {}).get("total"),
         "train_accuracy": report.get("train", {}).get("accuracy"),
         "test_accuracy": report.get("val", {}).get("accuracy"),
     }
-    write_json_atomic(sidecar, {"cache_key": key, "summary": summary})
-    note_file(work_dir, VE_RECORD_NAME)
+    with writing_file(work_dir, VE_RECORD_NAME):
+        write_json_atomic(sidecar, {"cache_key": key, "summary": summary})
     return path, {"cached": False, **summary}
 
 
@@ -497,10 +497,10 @@ def _run_digits(settings: DigitsSettings, work_dir: str, log: Callable[[str], No
         "work_dir": os.path.abspath(work_dir),
         "out": os.path.abspath(out_dir),
     }
-    write_json_atomic(os.path.join(out_dir, RESULTS_NAME), results)
-    note_file(out_dir, RESULTS_NAME)
-    write_bytes_atomic(os.path.join(out_dir, TABLE_NAME), (format_table(results) + "\n").encode("utf-8"))
-    note_file(out_dir, TABLE_NAME)
+    with writing_file(out_dir, RESULTS_NAME) as path:
+        write_json_atomic(path, results)
+    with writing_file(out_dir, TABLE_NAME) as path:
+        write_bytes_atomic(path, (format_table(results) + "\n").encode("utf-8"))
     return results
 
 

@@ -7,7 +7,9 @@ sets OUT/distilled/<method>_ipc<k>_seed<s>/ (igds_s3's candidates beside them, i
 
 Each of the two folders keeps the demo's record, FOLDER/.igds_demo.json: every file the demo wrote
 there, with its size and sha256 once written, and every set folder it made. A file is the demo's
-only when the record lists it with those bytes; anything else is the user's. So:
+only when the record lists it with those bytes, or as being written (the record says so before the
+write, so a run stopped between the write and the digest does not disown its own file); anything else
+is the user's. So:
 
 * before any work, a file at one of the demo's names that is not its own (a ve.safetensors of the
   user's, a results.json the user edited) is refused in one line naming it, and so is a set folder
@@ -75,6 +77,8 @@ def owns(folder: str, name: str, record: dict | None = None) -> bool:
     path = os.path.join(folder, name)
     if entry is None or os.path.islink(path) or not os.path.isfile(path):
         return False
+    if entry.get("writing"):  # stopped between the atomic write and its digest: the old or the new bytes
+        return True
     return os.path.getsize(path) == entry.get("size") and _digest(path) == entry
 
 
@@ -83,6 +87,17 @@ def note_file(folder: str, name: str) -> None:
     record = read_record(folder)
     record["files"][name] = _digest(os.path.join(folder, name))
     _write_record(folder, record)
+
+
+@contextlib.contextmanager
+def writing_file(folder: str, name: str):
+    """Around the demo's (atomic) write of FOLDER/name: recorded as being written first, then with the
+    new bytes' digest. The name was checked to be free or the demo's own before the run started."""
+    record = read_record(folder)
+    record["files"][name] = {"writing": True}
+    _write_record(folder, record)
+    yield os.path.join(folder, name)
+    note_file(folder, name)
 
 
 def note_set(folder: str, name: str) -> None:
@@ -187,4 +202,4 @@ def _remove_if_empty(path: str) -> None:
         os.rmdir(path)
 
 
-__all__ = ["DemoClearing", "RECORD_NAME", "SETS_DIR", "check_demo_names", "clear_demo", "demo_folders", "note_file", "note_set", "owns", "read_record"]
+__all__ = ["DemoClearing", "RECORD_NAME", "SETS_DIR", "check_demo_names", "clear_demo", "demo_folders", "note_file", "note_set", "owns", "read_record", "writing_file"]
