@@ -165,6 +165,11 @@ class ExportUnetRun:
     def __post_init__(self):
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise IGDSInputError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
+        if self.workspace_gib is not None:
+            if self.engine is None:
+                raise IGDSInputError("--workspace-gib applies to building a TensorRT engine (--engine)")
+            if not self.workspace_gib > 0 or self.workspace_gib == float("inf"):
+                raise IGDSInputError(f"--workspace-gib must be a positive number, got {self.workspace_gib!r}")
 
 
 __all__ = ["EXPORT_DTYPES", "ExportCheckError", "ExportUnetRun", "INPUT_NAMES", "OUTPUT_NAME", "export_unet_onnx",

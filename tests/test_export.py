@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import re
+
 import pytest
 import torch
 
@@ -135,6 +137,20 @@ def test_cli_exports_a_prior_file_and_refuses_an_engine_without_cuda(tmp_path, c
     assert cli_main(["export-unet", "--prior", str(prior), "--preset", "adm1024", "--batch-size", "2",
                      "--out", str(tmp_path / "d.onnx")]) == 2
     assert "unknown ADM preset 'adm1024'" in capsys.readouterr().err
+    # The files it writes: never over the checkpoint or each other, a folder that exists, refused before
+    # the export; --workspace-gib only with --engine.
+    before = prior.read_bytes()
+    for extra, message in (
+        (["--out", str(prior)], "same path"),
+        (["--out", str(tmp_path / "e.onnx"), "--engine", str(prior)], "--engine .* and --prior .* are the same path"),
+        (["--out", str(tmp_path / "f.onnx"), "--engine", str(tmp_path / "f.onnx")], "are the same path"),
+        (["--out", str(tmp_path / "g.onnx"), "--engine", str(tmp_path / "nowhere" / "g.plan")], "does not exist"),
+        (["--out", str(tmp_path / "h.onnx"), "--workspace-gib", "4"], "--workspace-gib applies to building"),
+    ):
+        assert cli_main(["export-unet", "--prior", str(prior), "--batch-size", "2", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.count("\n") == 1, (extra, err)
+    assert prior.read_bytes() == before and not list(tmp_path.glob("[efgh].onnx"))
 
 
 # ---- the TensorRT engine in the compiled step ----------------------------------------------------------

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 
 from igds_fast.errors import IGDSInputError
+from igds_fast.imageio import check_output_file
+from igds_fast.overlap import check_apart
 from igds_fast.export import ExportUnetRun, export_unet_onnx
 from igds_fast.models.priors import describe_prior_file, load_prior_unet
 from igds_fast.sampling.compiled.tensorrt import build_engine
@@ -34,7 +36,11 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     """The `export-unet` subcommand."""
     settings = from_args(ExportUnetRun, args)
+    # Before the export's minutes: the files it writes, apart from each other and from the checkpoint.
+    check_apart([("--out", settings.out), ("--engine", settings.engine)], [("--prior", settings.prior)])
+    check_output_file(settings.out, "--out")
     if settings.engine is not None:
+        check_output_file(settings.engine, "--engine")
         if not torch.cuda.is_available():
             raise IGDSInputError("--engine builds a TensorRT engine for a CUDA GPU; none is available here")
         try:
