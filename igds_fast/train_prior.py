@@ -146,8 +146,8 @@ class PriorTrainRun:
                           help="scikit-learn's digits instead (the train part of the fixed 70/30 split)")
     out: str = option(flag="--out", metavar="PRIOR.safetensors", help="the prior file to write (atomically)")
     image_size: int = option(16, "--image-size", parse=int, help="side the images are resized / centre-cropped to")
-    channels: int = option(3, "--channels", parse=int, choices=(1, 3), default_text="3; digits: 1",
-                           help="1 = grayscale, 3 = RGB")
+    channels: int | None = option(None, "--channels", parse=int, choices=(1, 3), default_text="3 for --data",
+                                  help="1 = grayscale, 3 = RGB (--digits are grayscale)")
     device: str | None = option(None, "--device", default_text="cuda if available, else cpu", help="torch device")
     cpu_threads: int | None = option(None, "--cpu-threads", parse=int, metavar="N", default_text="1, so the bytes "
                                      "do not depend on the machine's core count", help="CPU runs: torch intra-op threads")
@@ -156,6 +156,9 @@ class PriorTrainRun:
     def __post_init__(self):
         if (self.data is None) == (not self.digits):
             raise IGDSInputError("give --data DIR or --digits (one of them)")
+        if self.digits and self.channels not in (None, 1):
+            raise IGDSInputError(f"--channels {self.channels} applies to --data; scikit-learn's digits are grayscale "
+                                 "(1 channel)")
         if not isinstance(self.out, str) or not self.out:
             raise IGDSInputError("give --out PRIOR.safetensors")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 4:

@@ -193,3 +193,6 @@ def test_command_line_trains_and_saves_a_prior_distill_can_read(tmp_path, capsys
     bad = parser.parse_args(["train-prior", "--digits", "--out", str(tmp_path / "missing" / "p.safetensors")])
     with pytest.raises(IGDSInputError, match="does not exist"):
         run_train_prior(bad)
+    rgb_digits = parser.parse_args(["train-prior", "--digits", "--channels", "3", "--out", str(tmp_path / "p.safetensors")])
+    with pytest.raises(IGDSInputError, match="--channels 3 applies to --data"):  # it would train grayscale anyway
+        run_train_prior(rgb_digits)

@@ -44,11 +44,12 @@ def run(args) -> int:
     check_apart([("--out", settings.out)], [("--data", settings.data)])
     check_output_file(settings.out)  # before the training, not after it
     device = resolve_device(settings.device)
+    channels = 3 if settings.channels is None else settings.channels
     if not settings.digits:  # the folder is held in memory as float32 [N, C, S, S]: it must fit
         _, paths = scan_image_folder(settings.data)
         count = sum(len(class_paths) for class_paths in paths)
-        check_fits(4 * count * settings.channels * settings.image_size ** 2, "cpu",
-                   f"holding {count} images of {settings.channels}x{settings.image_size}x{settings.image_size}")
+        check_fits(4 * count * channels * settings.image_size ** 2, "cpu",
+                   f"holding {count} images of {channels}x{settings.image_size}x{settings.image_size}")
     config = settings.training
     with torch_threads(pinned_threads(settings.cpu_threads, device)):
         if settings.digits:
@@ -57,7 +58,7 @@ def run(args) -> int:
             class_names, data = list(DIGIT_CLASSES), {"digits": split}
         else:
             images, labels, class_names, _ = load_image_folder(settings.data, settings.image_size,
-                                                               channels=settings.channels)
+                                                               channels=channels)
             data = {"folder": os.path.abspath(settings.data)}
 
         def progress(step, steps, loss):
