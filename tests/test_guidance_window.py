@@ -24,6 +24,8 @@ def test_the_t_range_is_the_step_window_counted_from_the_other_end():
         assert [by_t.guides(i, steps) for i in range(steps)] == [by_step.guides(i, steps) for i in range(steps)]
         assert [by_t.guides(i, steps) for i in range(steps)] == [low <= i <= high for i in range(steps)]
         assert by_t.step_window(steps) == (first, None if last == steps - 1 else last)
+        assert by_step.step_window(steps) == by_t.step_window(steps)  # one record, either spelling
+        assert GuidanceConfig(guide_from_step=first, guide_until_step=steps + 400).step_window(steps) == (first, None)
     # IGD's 30:45 of its 50-step loop is our steps 4..19.
     assert GuidanceConfig(guide_t_range=(30, 45)).step_window(50) == (4, 19)
     assert not GuidanceConfig(scale=0.0, guide_t_range=(0, 49)).guides(10, 50)

@@ -201,6 +201,7 @@ def test_mismatched_parts_are_rejected(parts):
     [
         (dict(tau=0.0), "tau must be positive"),
         (dict(tau=-1.0), "tau must be positive"),
+        (dict(tau=float("inf")), "tau must be positive and finite"),
         (dict(scale=-1.0), "scale must be >= 0"),
         (dict(beta=float("nan")), "beta must be a finite number"),
         (dict(mode="x1"), "mode"),

@@ -84,8 +84,8 @@ class ModelSettings:
         for name in ("ve", "prior", "diffusers", "vae"):
             _optional_path(getattr(self, name), f"--{name}")
         if self.cfg_scale is not None and (isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float))
-                                           or not self.cfg_scale >= 0):
-            raise IGDSInputError(f"the CFG scale must be a number >= 0, got {self.cfg_scale!r}")
+                                           or not 0 <= self.cfg_scale < float("inf")):
+            raise IGDSInputError(f"the CFG scale must be a finite number >= 0, got {self.cfg_scale!r}")
         if self.cfg_channels is not None:
             check_positive_int(self.cfg_channels, "--cfg-channels")
         if self.prior_class_names is not None:

@@ -83,8 +83,8 @@ class GuidanceConfig:
             # beta weighs KL(P || Q_y) in the objective the guidance ascends: a negative weight would push
             # the images toward the class centroid instead of keeping their contextual information.
             raise IGDSInputError(f"guidance beta must be >= 0 (the weight of the contextual term), got {self.beta:g}")
-        if self.tau is not None and not (isinstance(self.tau, (int, float)) and self.tau > 0):
-            raise IGDSInputError(f"tau must be positive, got {self.tau!r}")
+        if self.tau is not None and not (isinstance(self.tau, (int, float)) and 0 < self.tau < math.inf):
+            raise IGDSInputError(f"tau must be positive and finite, got {self.tau!r}")
         if self.mode not in GRADIENT_MODES:
             raise IGDSInputError(f"guidance mode must be one of {GRADIENT_MODES}, got {self.mode!r}")
         if self.head not in HEADS:
@@ -123,7 +123,8 @@ class GuidanceConfig:
         """(first, last or None = through the end) guided step k of an N-step loop, whichever convention
         the window was given in (so equal windows are recorded equally)."""
         if self.guide_t_range is None:
-            return self.guide_from_step, self.guide_until_step
+            until = self.guide_until_step
+            return self.guide_from_step, None if until is not None and until >= num_steps - 1 else until
         low, high = self.guide_t_range
         first, last = max(0, num_steps - 1 - high), num_steps - 1 - low
         return first, None if last >= num_steps - 1 else last
