@@ -274,8 +274,11 @@ def main(argv=None) -> int:
                 for sampler in samplers:
                     key = point_key(ipc, sampler, n)
                     most = ROWS[sampler][2]
-                    if key in results["points"] or (most is not None and n > most):
+                    if most is not None and n > most:
                         continue
+                    done = results["points"].get(key)
+                    if done is not None and len(done["accuracies"]) == args.seeds:
+                        continue  # made by an earlier invocation with the same seed count
                     results["points"][key] = run_point(args.work_dir, prior_path, ve_path, split, ipc, sampler, n,
                                                        args.seeds, settings, log)
                     write_json_atomic(results_path, results)
