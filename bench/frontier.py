@@ -76,7 +76,8 @@ ADM_SAMPLES_PER_IMAGE = 4  # the ImageNet recipe: 2x2 composites of four 256x256
 
 
 # ---- the DPM-Solver++(2M) trial ------------------------------------------------------------------------
-def dpmpp2m_sample(sampler: Sampler, labels, seeds, stop_after: int | None = None) -> torch.Tensor:
+def dpmpp2m_sample(sampler: Sampler, labels, seeds, stop_after: int | None = None, trace: list | None = None
+                   ) -> torch.Tensor:
     """Images [B, C, H, W] by DPM-Solver++(2M) with IGDS's score shift, on the eager step's operations.
 
     With alpha_i = sqrt(abar_i), sigma_i = sqrt(1 - abar_i), lambda_i = log(alpha_i / sigma_i): D_i is
@@ -84,7 +85,8 @@ def dpmpp2m_sample(sampler: Sampler, labels, seeds, stop_after: int | None = Non
     h = lambda_{i-1} - lambda_i; x_{i-1} = (sigma_{i-1} / sigma_i) x_i - alpha_{i-1} (e^-h - 1) D with D = D_i
     at the first step (first order: DDIM at eta 0) and (1 + 1/(2r)) D_i - 1/(2r) D_{i+1}, r = h_{i+1} / h,
     after it; the last step (sigma_{-1} = 0) returns D_0. `sampler` is a DDIM Sampler (its tables), x0 mode.
-    stop_after: return x after that many steps instead (the tests compare single steps).
+    stop_after: return x after that many steps instead (the tests compare single steps); trace: a list
+    that receives (x_i, D_i) of every step (the tests drive diffusers' solver with the same D_i).
     """
     c = sampler.context
     ops, schedule = StepOps(c), c.schedule
@@ -106,6 +108,8 @@ def dpmpp2m_sample(sampler: Sampler, labels, seeds, stop_after: int | None = Non
                 eps = schedule.predict_eps(x, x0, i) - c.ddim.sqrt_one_minus_alphas_cumprod[i] * (c.guidance_config.scale
                                                                                                   * grad)
                 x0 = schedule.predict_x0(x, eps, i, clip=False)
+        if trace is not None:
+            trace.append((x.clone(), x0.clone()))
         if i == 0:
             return x0.clamp(-1.0, 1.0)
         alpha_s, sigma_s = math.sqrt(abar[i]), math.sqrt(1.0 - abar[i])
