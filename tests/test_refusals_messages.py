@@ -233,6 +233,19 @@ def test_ctrl_c_is_one_line_saying_the_folder_is_resumable_and_exits_130(models,
     assert "resumable: rerun the same command" in line
 
 
+def test_running_out_of_device_memory_is_one_line_naming_the_batch_size(models, capsys, monkeypatch):
+    from igds_fast.sampling import Sampler
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                                 "79.1 GiB\nof which 1.2 GiB is free.")
+    monkeypatch.setattr(Sampler, "sample", lambda *a, **k: (_ for _ in ()).throw(oom))
+    line = one_line(capsys, distill(models), expected_code=2)
+    assert "Tried to allocate 20.00 GiB" in line and "smaller --batch-size" in line
+    monkeypatch.setattr(Sampler, "sample", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError keeps its traceback
+        distill(models, out=models["dir"] / "out2")
+
+
 def test_a_real_sigint_then_the_same_command_finishes_the_folder(models, tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "igds_fast", "distill", "--prior", models["prior"], "--ve", models["ve"], "--ipc",
