@@ -20,6 +20,7 @@ from igds_fast.imageio import check_output_file, write_json_atomic
 from igds_fast.overlap import check_apart
 from igds_fast.progress import Progress
 from igds_fast.settings import add_arguments, from_args, to_dict
+from igds_fast.training_cost import announce_eval
 
 SETTINGS = EvalRun
 
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     build_eval_network(recipe.network, settings.channels, len(class_names), image_size, width=recipe.width)
     # The preset for this problem (refuses minimax on grey images) and the flags that override it.
     training = recipe.keywords(len(class_names), settings.channels)
+    announce_eval(settings, training, train_paths, class_names, image_size)  # networks x epochs x images (issue 28)
 
     train_x, train_y, _, train_report = load_image_folder(
         settings.train, image_size, channels=settings.channels, on_corrupt=settings.on_corrupt, class_names=class_names
