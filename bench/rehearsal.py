@@ -57,8 +57,8 @@ TRAIN_PER_CLASS = 2
 VAL_PER_CLASS = 1
 IPC = 1
 STAGES = ("train-ve", "calibrate-beta", "distill", "distill-s3", "export-npz", "eval-igds", "eval-minimax")
-CI_STAGES = ("train-ve", "calibrate-beta", "distill", "distill-s3")
-CI_SETTINGS = {"steps": 1, "groups": 2}
+CI_STAGES = ("train-ve", "calibrate-beta", "distill", "distill-s3", "eval-igds")
+CI_SETTINGS = {"steps": 2, "groups": 2}
 PREVIEW_MAX_ROWS = 20
 
 
@@ -233,8 +233,8 @@ def check_outputs(root: str, wnids_in_order: list[str], stages) -> list[str]:
             problems.append(f"train-ve left {leftovers}")
     if "calibrate-beta" in stages:
         table = json.load(open(os.path.join(work, "beta_in1k.json"), encoding="utf-8"))
-        if str(IPC) not in {str(k) for k in table["chosen"]}:
-            problems.append(f"the beta table has no IPC {IPC}: {table['chosen']}")
+        if str(IPC) not in {str(k) for k in table["beta_per_ipc"]}:
+            problems.append(f"the beta table has no IPC {IPC}: {table['beta_per_ipc']}")
     for stage, folder in (("distill", "in1k_ipc1"), ("distill-s3", "in1k_ipc1_s3")):
         if stage in stages:
             problems += check_distilled(os.path.join(work, folder), wnids_in_order, IPC)
