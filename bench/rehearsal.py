@@ -195,15 +195,16 @@ def check_distilled(folder: str, wnids_in_order: list[str], ipc: int) -> list[st
     from igds_fast.classes import imagenet_wnids
 
     sorted_index = {wnid: index for index, wnid in enumerate(imagenet_wnids())}
+    label_of = {wnid: index for index, wnid in enumerate(sorted(wnids_in_order))}  # the VE's: sorted wnids
     for entry in manifest["classes"]:
-        if entry["prior_label"] != sorted_index[entry["name"]] or entry["label"] != wnids_in_order.index(entry["name"]):
+        if entry["prior_label"] != sorted_index[entry["name"]] or entry["label"] != label_of[entry["name"]]:
             problems.append(f"{folder}: class {entry['name']} has label {entry['label']}, prior label "
                             f"{entry['prior_label']}")
             break
     if len(manifest["images"]) != len(wnids_in_order) * ipc:
         problems.append(f"{folder}: the manifest lists {len(manifest['images'])} images")
     for image in manifest["images"]:
-        if image["label"] != wnids_in_order.index(image["class"]) or not image["path"].startswith(image["class"] + "/"):
+        if image["label"] != label_of[image["class"]] or not image["path"].startswith(image["class"] + "/"):
             problems.append(f"{folder}: image {image['path']} has label {image['label']}")
             break
     with Image.open(os.path.join(folder, "preview.png")) as preview:
