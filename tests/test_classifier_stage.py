@@ -67,7 +67,7 @@ def _assert_close_to_reference(features, labels, streamed, reference, weight_dec
     (weight, bias), (ref_weight, ref_bias) = streamed, reference
     ours, theirs = _objective(features, labels, weight, bias, weight_decay), _objective(features, labels, ref_weight,
                                                                                         ref_bias, weight_decay)
-    assert ours <= theirs * (1 + PROBE_TOLERANCES["objective_rtol"]), (ours, theirs)
+    assert ours <= theirs * (1 + PROBE_TOLERANCES["objective_rtol"]) + PROBE_TOLERANCES["objective_atol"], (ours, theirs)
     logits, ref_logits = features @ weight.T + bias, features @ ref_weight.T + ref_bias
     error = float((logits - ref_logits).abs().max() / ref_logits.abs().max())
     assert error <= PROBE_TOLERANCES["logits_rtol"], error
@@ -91,12 +91,33 @@ def test_streamed_probe_matches_the_full_batch_reference(rng_seed, optimizer, lr
 
 
 def test_probe_at_the_imagenet_resnet50_shape(rng_seed):
-    """d = 2048 (ResNet-50), C = 1000 classes, a few iterations (CPU time), chunks of 256 rows."""
+    """d = 2048 (ResNet-50), C = 1000 classes, chunks of 256 rows: the streamed objective and its gradient
+    equal the full-batch float64 ones at a random point, and a few L-BFGS iterations from there lower it.
+    Whole fits are compared at the smaller shapes above: at this one, after 3 iterations under the 5/4
+    evaluation budget, the two sums' float32 rounding can flip one strong-Wolfe decision and the paths
+    part (it did in 3 of 4 seeds), so a trajectory comparison here would test rounding, not the probe."""
+    from igds_fast.train_ve.linear_probe import standardisation
+
     features, labels = _problem(1100, 2048, 1000, rng_seed)
-    reference = fit_linear_classifier(features, labels, 1000, iterations=3)
     moments = _moments(features, batch=256)
     probe = StreamedLinearProbe(_chunks(features, labels, 256), 1100, moments.mean, moments.std(), 1000, iterations=3)
-    _assert_close_to_reference(features, labels, probe.fit(), reference)
+    generator = torch.Generator().manual_seed(rng_seed + 1)
+    with torch.no_grad():
+        probe.weight.copy_(torch.randn(1000, 2048, generator=generator) * 0.01)
+        probe.bias.copy_(torch.randn(1000, generator=generator) * 0.1)
+    value = float(probe.objective())
+    grad_weight, grad_bias = probe.weight.grad.double(), probe.bias.grad.double()
+    mean, std = (t.double() for t in standardisation(moments.mean, moments.std()))
+    weight = probe.weight.detach().double().requires_grad_(True)
+    bias = probe.bias.detach().double().requires_grad_(True)
+    reference = F.cross_entropy((features.double() - mean) / std @ weight.T + bias, labels) \
+        + 0.5 * 1e-3 * weight.square().sum()
+    reference.backward()
+    assert value == pytest.approx(float(reference.detach()), rel=1e-5)
+    assert float((grad_weight - weight.grad).abs().max()) <= 1e-4 * float(weight.grad.abs().max())
+    assert float((grad_bias - bias.grad).abs().max()) <= 1e-4 * float(bias.grad.abs().max())
+    fitted = probe.fit()
+    assert _objective(features, labels, *fitted, 1e-3) < value - 0.1
 
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])

@@ -145,3 +145,30 @@ def test_training_volume_of_eval_and_calibrate():
                         f"{igds_epochs(10):,} epochs x 10,000 images = "
                         f"{4 * igds_epochs(1) * 1000 + 4 * igds_epochs(10) * 10_000:,} image-passes of training")
     assert "+ 35.00 kFLOP scoring (5,000 VE forwards)" in lines[1]
+
+
+def test_plan_of_an_s3_run_counts_its_candidates_and_writes_nothing(tmp_path, capsys):
+    from igds_fast.imageio import save_png_atomic
+    from igds_fast.models.flops import resnet_forward_flops
+
+    prior, ve = write_tiny_prior_and_ve(tmp_path)
+    generator = torch.Generator().manual_seed(3)
+    for name in ("cat", "dog"):
+        os.makedirs(tmp_path / "real" / name)
+        for index in range(3):
+            save_png_atomic(tmp_path / "real" / name / f"{index}.png", torch.rand(3, 16, 16, generator=generator) * 2 - 1)
+    before = sorted(os.listdir(tmp_path))
+    argv = ["distill", "--prior", prior, "--ve", ve, "--ipc", "2", "--steps", "3", "--device", "cpu", "--quiet",
+            "--select", "s3", "--groups", "3", "--real", str(tmp_path / "real"), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--plan"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == before
+    assert "S3 candidates (G x IPC per class): 2 classes x 6 images = 12 images = 12 samples x 3 steps" in printed
+    per_sample = float(re.search(r"\((\S+) FLOP, multiply-add", printed).group(1))
+    # total = 12 samples x per-sample work + one VE-trunk forward per candidate and per real image (6).
+    per_image = resnet_forward_flops("resnet18", 3, 16, (3, 16, 16))
+    sample = float(re.search(r"per sample ([\d.]+) (\w)FLOP", printed).group(1))
+    assert per_sample == pytest.approx(12 * sample * {"M": 1e6, "G": 1e9}[re.search(r"per sample [\d.]+ (\w)FLOP",
+                                                                               printed).group(1)]
+                                       + (12 + 6) * per_image, rel=0.01)
+    assert "candidate features" in printed and "output PNGs" in printed

@@ -31,13 +31,13 @@ def test_every_stage_runs_at_1000_classes(rehearsal):
 
 
 def test_each_stage_states_its_cost_first(rehearsal):
-    _, _, run, _ = rehearsal
+    bench, _, run, _ = rehearsal
     stderr = {stage: result["stderr"] for stage, result in run["results"].items()}
     assert "distill: plan: 1,000 classes x 1 images = 1,000 images (4 samples per image: 2x2 composites) = 4,000 " \
            "samples x 2 steps" in stderr["distill"]
     assert "distill: plan: S3 candidates (G x IPC per class): 1,000 classes x 2 images = 2,000 images" in stderr["distill-s3"]
     assert "calibrate-beta: plan: 2 network(s): 2 x 1 epochs x 1,000 images = 2,000 image-passes" in stderr["calibrate-beta"]
-    assert "eval: plan: 1 network(s): 1 x 1 epochs x 1,000 images = 1,000 image-passes" in stderr["eval-igds"]
+    assert "eval: plan: 1 network(s): 1 x 1 epochs x 1,000 images = 1,000 image-passes" in stderr[bench.CI_EVAL_STAGE]
 
 
 def test_the_checks_catch_a_broken_folder(rehearsal, tmp_path):

@@ -53,7 +53,11 @@ def tolerance(dtype: torch.dtype, kind: str = "elementwise") -> dict[str, float]
 # same, on synthetic and digits features).
 PROBE_TOLERANCES = {
     "objective_rtol": 1e-5,  # the streamed solution's objective at most this much above the reference's
-    "logits_rtol": 5e-3,  # max |logits - reference logits| / max |reference logits|
+    "objective_atol": 1e-6,  # ... plus this: a near-separable set's objective is ~3e-4, where float32 rounding
+    #                          of the two CE sums alone is ~6e-8 (2e-4 relative; seen once in ~10 seeds)
+    "logits_rtol": 2e-2,  # max |logits - reference logits| / max |reference logits|: 5e-3 failed 2 seeds in ~40
+    #                       (6.4e-3, 1.16e-2; near-separable sets 25 iterations from their optimum, where the
+    #                       objective is flat along the logits' scale and float32 rounding moves the path)
     "agreement": 0.995,  # fraction of images whose predicted class is the reference's
     "centroids_atol": 1e-6,  # log Q, streamed over batches vs over all features at once (float64, cast)
 }

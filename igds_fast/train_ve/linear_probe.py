@@ -186,22 +186,27 @@ class StreamedLinearProbe:
 
     # ---- state (tensors + a JSON-able header), exact across a save and a load ------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {"probe.weight": self.weight.detach().cpu().clone(), "probe.bias": self.bias.detach().cpu().clone()}
+        """The tensors are the live ones (no copy: the caller serialises them before the next round; L-BFGS's
+        history is 2 x history_size x [C, d], 330 MiB at C = 1000, d = 2048, and each copy was a peak of
+        that size). A finished probe's state is (V, c) and the counts: nothing is left to run."""
+        tensors = {"probe.weight": self.weight.detach().cpu(), "probe.bias": self.bias.detach().cpu()}
         header = {"done": self.done, "evaluations": self.evaluations, "finished": self.finished, "rounds": self.rounds,
                   "optimizer": self.optimizer_name, "entries": {}}
+        if self.finished:
+            return tensors, header
         for index, entries in self.solver.state_dict()["state"].items():
             for name, value in entries.items():
                 if name == "al":  # L-BFGS's scratch buffer, overwritten before it is read
                     continue
                 key = f"solver.{index}.{name}"
                 if isinstance(value, torch.Tensor):
-                    tensors[key] = value.detach().cpu().clone()
+                    tensors[key] = value.detach().cpu()
                     header["entries"][key] = "tensor"
                 elif isinstance(value, list):
                     kinds = []
                     for position, item in enumerate(value):
                         if isinstance(item, torch.Tensor):
-                            tensors[f"{key}.{position}"] = item.detach().cpu().clone()
+                            tensors[f"{key}.{position}"] = item.detach().cpu()
                             kinds.append("tensor")
                         else:
                             kinds.append(item)
