@@ -14,7 +14,7 @@ moco:`), and an ADM prior file (igds-fast train-prior's layout: ADMUNet flags in
 px, PRIOR_WIDTH channels, class-conditional on the 1000 sorted wnids, as guided-diffusion's ImageNet
 ADM is. The VE stays the recipe's ResNet-50 (no width option); at 8 px its guidance (forward and
 input gradient, ~150 MFLOP a sample) costs 4x the prior's forward, so CI runs S³ with --groups 2 and
-one step (`CI_SETTINGS`).
+two steps (`CI_SETTINGS`; one step is refused: a sampling loop needs two).
 
 Stages (`STAGES`; each runs as `igds-fast ...` in its own process: wall time and peak RSS, ru_maxrss,
 of the process and of its largest DataLoader worker):
@@ -26,11 +26,12 @@ of the process and of its largest DataLoader worker):
     export-npz      the distill folder -> one .npz
     eval-igds, eval-minimax   the hard-label protocols on the distill folder, --epochs 1 --width WIDTH
 
-An `eval --protocol rded` stage (issue 27's soft-label protocol) is appended to STAGES once that lands.
+CI_EVAL_STAGE is the last CI stage: eval-igds until issue 27's `eval --protocol rded` (a tiny teacher
+over 1000 outputs) lands, then an eval-rded stage in `stage_argv` and STAGES, named there.
 `check_outputs` checks what a user relies on: one folder per class, exactly IPC PNGs in each, the
 manifest's labels in the sorted-wnid order (its classes and images), a preview that stays readable
 (at most 20 rows whatever the class count), the S³ folder likewise, the npz's labels.
-tests/test_rehearsal_imagenet1k.py runs the stages through distill-s3 at 1000 classes in CI.
+tests/test_rehearsal_imagenet1k.py runs CI_STAGES at 1000 classes in CI (~3.5 min on 2 shared cores).
 """
 from __future__ import annotations
 
