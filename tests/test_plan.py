@@ -70,6 +70,10 @@ def test_plan_of_the_readme_imagenet_command(imagenet_inputs, capsys, monkeypatc
     expected = 40_000 * 250 * (unet + encoder)
     assert _total_flops(printed) == pytest.approx(expected, rel=0.01)
     assert 22.4e18 < _total_flops(printed) < 22.8e18  # the issue's ~22.6 EFLOP
+    # Each part too (the guidance is 0.7% of the total: a plan without it would pass the total's 1%).
+    assert f"adm256-cond: {unet / 1e12:.2f} TFLOP per forward" in printed
+    guidance = float(re.search(r"VE resnet50 at 224 px: ([\d.]+) GFLOP per guided step", printed).group(1)) * 1e9
+    assert guidance == pytest.approx(encoder + 4 * 2048 * 1000, rel=1e-3)
 
     png = 3 * 256 * 256 + 256 + 1024  # the bound of one 256 px PNG
     disk = re.search(r"disk at most ([\d.]+) GiB", printed)
