@@ -110,7 +110,6 @@ def run(args: argparse.Namespace) -> int:
     build_eval_network(recipe.network, settings.channels, len(class_names), image_size, width=recipe.width)
     # The preset for this problem (refuses minimax on grey images) and the flags that override it.
     training = recipe.keywords(len(class_names), settings.channels)
-    announce_eval(settings, training, train_paths, class_names, image_size)  # networks x epochs x images (issue 28)
 
     train_x, train_y, _, train_report = load_image_folder(
         settings.train, image_size, channels=settings.channels, on_corrupt=settings.on_corrupt, class_names=class_names
@@ -120,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     val = FolderImages(settings.val, image_size, channels=settings.channels, on_corrupt=settings.on_corrupt,
                        class_names=class_names, ignore_unlisted=True, progress=settings.progress)
     val_report = val.report
+    announce_eval(settings, training, train_paths, class_names, image_size)  # after the checks (issue 28)
 
     progress = (lambda message: print(message, file=sys.stderr, flush=True)) if settings.progress else None
     bars: dict = {}
