@@ -176,3 +176,46 @@ def test_plan_of_an_s3_run_counts_its_candidates_and_writes_nothing(tmp_path, ca
                                                                                printed).group(1)]
                                        + (12 + 6) * per_image, rel=0.01)
     assert "candidate features" in printed and "output PNGs" in printed
+
+
+def test_plan_of_a_latent_prior_counts_the_cfg_dit_the_decoder_and_the_guidance(tmp_path, capsys):
+    """A DiT under classifier-free guidance + a VAE decoder: the plan's total equals bench/model_stats'
+    latent_step_stats parts (CFG DiT each step; decoder forward + input gradient, encoder forward + input
+    gradient and the head each guided step; one final decode) on the same shapes."""
+    import argparse
+
+    pytest.importorskip("diffusers")
+    from factories import tiny_dit, tiny_vae, tiny_ve
+    from igds_fast.classes import class_list
+
+    woof = class_list("imagewoof")
+    torch.manual_seed(0)
+    dit = tiny_dit(**{name: DIT_FLAGS[name] for name in ("input_size", "depth", "hidden_size", "num_heads",
+                                                         "num_classes")})
+    torch.save({"model": dit.state_dict(), "ema": dit.state_dict(), "opt": {},
+                "args": argparse.Namespace(model="DiT-S/2", image_size=64)}, tmp_path / "dit.pt")
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    ve = tiny_ve(num_classes=len(woof), channels=3, resolution=16)
+    ve.class_names = list(woof)
+    ve.save(tmp_path / "ve.safetensors")
+    argv = ["distill", "--prior", str(tmp_path / "dit.pt"), "--prior-kind", "dit", "--vae", str(tmp_path / "vae"),
+            "--ve", str(tmp_path / "ve.safetensors"), "--classes", ",".join(woof[:2]), "--ipc", "3", "--steps", "4",
+            "--cfg-scale", "3", "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet", "--plan"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 classes x 3 images = 6 images = 6 samples x 4 steps (4 guided)" in printed
+    stats = bench_part("model_stats").latent_step_stats(
+        DIT_FLAGS, dict(vae.config), ve_arch="resnet18",
+        cfg_scale=3.0, ve_resolution=16)
+    parts = {name: part["flops"] for name, part in stats["parts"].items()}
+    per_sample = (4 * parts["cfg_dit"] + 4 * (parts["decoder_forward"] + parts["decoder_backward"]
+                                              + parts["encoder_forward"] + parts["encoder_backward"]
+                                              + 4 * ve.feature_dim * len(woof))
+                  + parts["decoder_forward"])
+    assert _total_flops(printed) == pytest.approx(6 * per_sample, rel=1e-3)
+    assert "decoder (forward + input gradient per guided step, one final decode)" in printed
+
+
+DIT_FLAGS = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 384, "depth": 2, "num_heads": 6,
+             "num_classes": 1000, "learn_sigma": True}  # tiny_dit's architecture
