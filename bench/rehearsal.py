@@ -60,7 +60,8 @@ IPC = 1
 STAGES = ("train-ve", "calibrate-beta", "distill", "distill-s3", "export-npz", "eval-igds", "eval-minimax")
 CI_EVAL_STAGE = "eval-igds"  # the rehearsal's last stage; "eval-rded" (a tiny teacher over 1000 outputs) once issue 27 lands
 CI_STAGES = ("train-ve", "calibrate-beta", "distill", "distill-s3", CI_EVAL_STAGE)
-CI_SETTINGS = {"steps": 2, "groups": 2}
+CLASSIFIER_EPOCHS = 30  # train-ve's L-BFGS iterations (at C = 1000, d = 2048 each costs ~25 GFLOP: ~1 s here)
+CI_SETTINGS = {"steps": 2, "groups": 2, "classifier_epochs": 10}
 PREVIEW_MAX_ROWS = 20
 
 
@@ -124,7 +125,7 @@ def make_models(root: str, side: int, width: int) -> dict:
 
 
 def stage_argv(stage: str, root: str, models: dict, class_spec: str, side: int = SIDE, width: int = WIDTH,
-               steps: int = STEPS, groups: int = GROUPS) -> list[str]:
+               steps: int = STEPS, groups: int = GROUPS, classifier_epochs: int = CLASSIFIER_EPOCHS) -> list[str]:
     """The igds-fast command line of one stage (the README's ImageNet-1K recipe, scaled down)."""
     train, val, work = (os.path.join(root, name) for name in ("train", "val", "work"))
     ve, beta = os.path.join(work, "ve_in1k.safetensors"), os.path.join(work, "beta_in1k.json")
@@ -137,7 +138,7 @@ def stage_argv(stage: str, root: str, models: dict, class_spec: str, side: int =
     return {
         "train-ve": ["train-ve", "--data", train, "--val", val, "--arch", "resnet50", "--resolution", str(side),
                      "--init", f"moco:{models['moco']}", "--lambda", "0.01", "--epochs", "1", "--batch-size", "256",
-                     "--classifier-epochs", "30", "--out", ve, *common],
+                     "--classifier-epochs", str(classifier_epochs), "--out", ve, *common],
         "calibrate-beta": ["calibrate-beta", "--data", train, "--val", val, "--ve", ve, "--ipc", str(IPC), "--betas",
                            "0,1", "--epochs", "1", "--width", str(width), "--out", beta, *common],
         "distill": [*distill, "--out", distilled],
@@ -253,7 +254,7 @@ def check_outputs(root: str, wnids_in_order: list[str], stages) -> list[str]:
 
 
 def rehearse(root: str, classes: int, stages=STAGES, log=print, timeout: float | None = None, steps: int = STEPS,
-             groups: int = GROUPS) -> dict:
+             groups: int = GROUPS, classifier_epochs: int = CLASSIFIER_EPOCHS) -> dict:
     """Build the tree and models under root, run the stages in order; returns {stage: result} and the checks."""
     class_spec, wnids = class_list_for(classes)
     make_tree(root, wnids, TRAIN_PER_CLASS, VAL_PER_CLASS, SIDE)
@@ -261,7 +262,8 @@ def rehearse(root: str, classes: int, stages=STAGES, log=print, timeout: float |
     models = make_models(root, SIDE, PRIOR_WIDTH)
     results = {}
     for stage in stages:
-        result = run_stage(stage_argv(stage, root, models, class_spec, steps=steps, groups=groups), timeout=timeout)
+        result = run_stage(stage_argv(stage, root, models, class_spec, steps=steps, groups=groups,
+                                         classifier_epochs=classifier_epochs), timeout=timeout)
         results[stage] = result
         log(f"rehearsal: {classes} classes: {stage}: " + (f"{result['seconds']:.1f} s, peak RSS {result['peak_mib']:.0f} "
             f"MiB, largest worker {result['worker_peak_mib']:.0f} MiB" if "error" not in result and result["code"] == 0
