@@ -1,5 +1,6 @@
 """Parameter counts and forward FLOPs of the ADM and DiT presets (meta device: no memory, no weights).
 
+The counting itself is the package's (igds_fast/models/flops.py, which `igds-fast distill --plan` uses).
 FLOPs per image (batch 1, one UNet forward) are measured with torch.utils.flop_counter.FlopCounterMode,
 which counts matrix products and convolutions only (a multiply-add counts 2; norms, activations and
 softmax are not counted). FlopCounterMode has formulas for the fused CUDA SDPA kernels; on the meta
@@ -31,17 +32,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import sys
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from igds_fast.models.adm import ADM_PRESETS, AttentionBlock, build_adm
+from igds_fast.models.adm import ADM_PRESETS, build_adm
 from igds_fast.models.cfg import ClassifierFreeGuidance
 from igds_fast.models.dit import DIT_PRESETS, DiT
-from igds_fast.models.dit import Attention as DiTAttention
+from igds_fast.models.flops import backward_formula, counted_flops, formula_flops, input_backward_flops
 from igds_fast.models.resnet import build_resnet
 from igds_fast.models.vae import SD_VAE_SCALING_FACTOR, LatentDecoder
 from igds_fast.preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
@@ -62,46 +61,6 @@ def sd_vae_config(sample_size: int = 256) -> dict:
                 layers_per_block=2, norm_num_groups=32, sample_size=sample_size, scaling_factor=SD_VAE_SCALING_FACTOR)
 
 
-def _diffusers_attention_types() -> tuple:
-    try:
-        from diffusers.models.attention_processor import Attention
-    except ImportError:
-        return ()
-    return (Attention,)
-
-
-def formula_flops(model: nn.Module, run) -> dict[str, int]:
-    """FLOPs by category from the shapes seen by forward hooks while `run()` executes."""
-    totals = {"convolution": 0, "linear": 0, "attention": 0}
-    diffusers_attention = _diffusers_attention_types()
-
-    def count(module, inputs, output):
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-            per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
-            totals["convolution"] += 2 * output.numel() * per_output
-        elif isinstance(module, nn.Linear):
-            totals["linear"] += 2 * output.numel() * module.in_features
-        elif isinstance(module, AttentionBlock):
-            batch, channels = output.shape[:2]
-            tokens = math.prod(output.shape[2:])
-            totals["attention"] += batch * 2 * (2 * tokens * tokens * channels)
-        elif isinstance(module, DiTAttention):  # [B, T, D]
-            batch, tokens, channels = output.shape
-            totals["attention"] += batch * 2 * (2 * tokens * tokens * channels)
-        elif diffusers_attention and isinstance(module, diffusers_attention):  # the VAE's: [B, C, H, W]
-            batch = output.shape[0]
-            tokens = math.prod(output.shape[2:]) if output.dim() == 4 else output.shape[1]
-            totals["attention"] += batch * 2 * (2 * tokens * tokens * module.inner_dim)
-
-    handles = [m.register_forward_hook(count) for m in model.modules()]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return totals
-
-
 def preset_stats(name: str) -> dict:
     """Parameters and forward FLOPs per image of one preset, counted and by formula."""
     with torch.device("meta"):
@@ -115,14 +74,11 @@ def preset_stats(name: str) -> dict:
         with torch.no_grad():
             model(x, t, y)
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        run()
-    by_op = {str(op).split(".")[-1]: n for op, n in counter.get_flop_counts()["Global"].items()}
+    flops, by_op = counted_flops(run)
     return {
         "preset": name,
         "params": sum(p.numel() for p in model.parameters()),
-        "flops": counter.get_total_flops(),
+        "flops": flops,
         "by_op": by_op,
         "formula": formula_flops(model, run),
     }
@@ -155,20 +111,8 @@ NOTE = (
 
 
 # ---- the latent prior: DiT, classifier-free guidance, VAE decoder, VE encoder ------------------------
-def _by_op(counter: FlopCounterMode) -> dict[str, int]:
-    return {str(op).split(".")[-1]: n for op, n in counter.get_flop_counts()["Global"].items()}
-
-
 def _counted(run) -> tuple[int, dict[str, int]]:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        run()
-    return counter.get_total_flops(), _by_op(counter)
-
-
-def backward_formula(forward: dict[str, int]) -> dict[str, int]:
-    """Input-gradient backward FLOPs from the forward's formula (module docstring)."""
-    return {"convolution": forward["convolution"], "linear": forward["linear"], "attention": 2 * forward["attention"]}
+    return counted_flops(run)
 
 
 def build_meta_dit(flags: dict) -> DiT:
@@ -193,13 +137,9 @@ def module_stats(model: nn.Module, run) -> dict:
 
 
 def input_backward_stats(model: nn.Module, forward, example: torch.Tensor) -> dict:
-    """FLOPs of d(output)/d(input) . v (torch.autograd.grad w.r.t. the input; frozen weights), counted
-    and by formula. The forward runs outside the counter (FlopCounterMode's module hooks refuse a
-    grad() w.r.t. a leaf whose forward they saw), then the backward alone is counted."""
-    leaf = example.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        output = forward(leaf)
-        flops, by_op = _counted(lambda: torch.autograd.grad(output, leaf, grad_outputs=torch.ones_like(output)))
+    """FLOPs of d(output)/d(input) . v (frozen weights), counted (igds_fast.models.flops.input_backward_flops)
+    and by formula."""
+    flops, by_op = input_backward_flops(forward, example)
 
     def run():
         with torch.no_grad():

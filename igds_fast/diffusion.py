@@ -281,6 +281,8 @@ class DiffusionSchedule:
 
     @staticmethod
     def _coefficients(betas: np.ndarray, fixed_variance: str) -> dict[str, np.ndarray]:
+        if len(betas) < 2:  # step 0's log variance is clipped to step 1's: a one-step loop has none
+            raise IGDSInputError(f"a sampling loop needs at least 2 steps, got {len(betas)}")
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)
         abar_prev = np.append(1.0, abar[:-1])

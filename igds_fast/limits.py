@@ -221,6 +221,28 @@ def check_fits(nbytes: int, device, what: str, flag: str | None = None) -> None:
                              f"{override_hint(flag)}")
 
 
+def free_disk_bytes(path: str) -> int | None:
+    """Free bytes for this user on the file system holding `path` (or its nearest existing parent)."""
+    import shutil
+
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    try:
+        return int(shutil.disk_usage(existing).free)
+    except OSError:
+        return None
+
+
+def check_disk(nbytes: int, path: str, what: str, flag: str | None = None) -> None:
+    """Refuse, in one line with the numbers, `what` (`nbytes` a command will write under `path`) when the
+    file system holding `path` has less free space, unless the caps are lifted (ALLOW_LARGE_ENV)."""
+    available = free_disk_bytes(path)
+    if available is not None and nbytes > available and not large_allowed():
+        raise IGDSInputError(f"{what} needs {format_bytes(nbytes)} of disk but {path} has {format_bytes(available)} "
+                             f"free; {override_hint(flag)}")
+
+
 __all__ = ["ALLOW_LARGE_ENV", "HEADER_CAPS", "JSON_MAX_BYTES", "JSON_MAX_DEPTH", "MAX_CLASS_NAME_BYTES", "WORK_CAPS",
-           "check_class_name", "check_fits", "check_work_cap", "class_name_problem", "device_memory_bytes", "format_bytes",
+           "check_class_name", "check_disk", "check_fits", "check_work_cap", "class_name_problem", "device_memory_bytes", "format_bytes", "free_disk_bytes",
            "header_int", "json_depth", "large_allowed", "loads_json", "override_hint", "read_json"]

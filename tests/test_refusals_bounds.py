@@ -213,8 +213,9 @@ def test_image_sizes_of_the_folder_commands_are_bounded(tmp_path, capsys):
 
 
 def test_the_folder_commands_refuse_what_cannot_fit_before_training(tmp_path, capsys, monkeypatch):
-    """eval holds the distilled set, train-prior its folder, train-ve the probe's features: each counted
-    from the scan, before any decoding or training; IGDS_ALLOW_LARGE=1 lets them through."""
+    """eval holds the distilled set, train-prior its folder: each counted from the scan, before any
+    decoding or training; IGDS_ALLOW_LARGE=1 lets them through. (train-ve holds no [N, d] features any
+    more: they go to disk, whose check tests/test_classifier_stage.py tests.)"""
     import numpy as np
     from PIL import Image
 
@@ -229,8 +230,6 @@ def test_the_folder_commands_refuse_what_cannot_fit_before_training(tmp_path, ca
     for what, argv in {
         "holding the 6 distilled images of 3x8x8": ["eval", "--train", data, "--val", data, "--device", "cpu",
                                                     "--network", "convnet3"],
-        "the linear probe's features of 6 images (resnet18: 512 each)": ["train-ve", "--data", data, "--out",
-                                                                         str(tmp_path / "ve.safetensors")],
         "holding 6 images of 3x16x16": ["train-prior", "--data", data, "--out", str(tmp_path / "p.safetensors")],
     }.items():
         line = refused_quickly(capsys, argv)
@@ -239,6 +238,7 @@ def test_the_folder_commands_refuse_what_cannot_fit_before_training(tmp_path, ca
     monkeypatch.setenv(ALLOW_LARGE_ENV, "1")
     with pytest.raises(BaseException, match="trained"):
         cli.main(["eval", "--train", data, "--val", data, "--device", "cpu", "--quiet", "--network", "convnet3"])
+    assert "eval: plan: 3 network(s)" in capsys.readouterr().err  # let through: its volume, then the training
     line = refused_quickly(capsys, ["train-prior", "--data", data, "--out", str(tmp_path / "p.safetensors"),
                                     "--image-size", "100000"])
     assert "--image-size 100000 is above 8192 pixels" in line

@@ -218,7 +218,8 @@ def test_train_ve_cli_streamed_equals_in_memory(sets, tmp_path, monkeypatch):
         assert args.handler(args) == 0
         report = json.loads((tmp_path / f"ve_{streamed}.safetensors.report.json").read_text())
         assert report["streamed"] is streamed
-        assert not (tmp_path / f"ve_{streamed}.safetensors.checkpoint").exists()  # removed once done
+        for suffix in ("checkpoint", "checkpoint.features", "checkpoint.classifier"):  # removed once done
+            assert not (tmp_path / f"ve_{streamed}.safetensors.{suffix}").exists()
         results[streamed] = (VariationalEstimator.load(out), report)
     _assert_same_bundle(results[False][0], results[True][0])
     for key in ("train", "val", "mean", "std", "label_entropy"):

@@ -267,7 +267,7 @@ def no_training(monkeypatch):
         raise AssertionError("training started before the input error was raised")
 
     monkeypatch.setattr(pipeline_module, "MoCoTrainer", refuse)
-    monkeypatch.setattr(pipeline_module, "fit_linear_classifier", refuse)
+    monkeypatch.setattr(pipeline_module, "run_classifier_stage", refuse)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from igds_fast.imageio import check_output_file
 from igds_fast.guidance.beta_table import write_beta_table
 from igds_fast.overlap import check_apart
 from igds_fast.settings import add_arguments, from_args, to_dict
+from igds_fast.training_cost import announce_calibration
 from igds_fast.ve import VariationalEstimator
 
 SETTINGS = CalibrateRun
@@ -53,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
                                class_names=class_names, ignore_unlisted=True, progress=settings.progress)
                   for folder in (settings.data, settings.val))
     log = (lambda message: print(message, file=sys.stderr, flush=True)) if settings.progress else (lambda message: None)
+    announce_calibration(settings.calibration, ve, len(train), len(val), image_size,
+                         lambda message: print(message, file=sys.stderr, flush=True))
     result = calibrate_beta(train, None, val, None, ve, log=log, **settings.calibration.keywords())
     result["settings"].update(data_dir=os.path.abspath(settings.data), val_dir=os.path.abspath(settings.val),
                               ve=os.path.abspath(settings.ve), command=to_dict(settings))

@@ -12,6 +12,7 @@ import os
 
 from igds_fast.devices import resolve_device
 from igds_fast.distill import DistillConfig, distill, distill_with_selection
+from igds_fast.distill.dry_run import plan_lines
 from igds_fast.errors import IGDSDiskFullError
 from igds_fast.settings import add_arguments, from_args
 from igds_fast.threads import pinned_threads, torch_threads
@@ -69,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
     """The `distill` subcommand: build the settings tree from the flags given and run it."""
     config = from_args(DistillConfig, args)
     threads = pinned_threads(config.run.cpu_threads, resolve_device(config.run.device))
+    if config.run.plan:  # the cost, nothing else (distill/dry_run.py); under torchrun rank 0 prints it
+        with torch_threads(threads):
+            lines = plan_lines(config)
+        if os.environ.get("RANK", "0") == "0":
+            print("\n".join(lines))
+        return 0
     try:
         with torch_threads(threads):
             # --select s3: the candidates through distill(), then the selection stages (distill/select_stage.py).

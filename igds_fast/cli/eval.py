@@ -20,6 +20,7 @@ from igds_fast.imageio import check_output_file, write_json_atomic
 from igds_fast.overlap import check_apart
 from igds_fast.progress import Progress
 from igds_fast.settings import add_arguments, from_args, to_dict
+from igds_fast.training_cost import announce_eval
 
 SETTINGS = EvalRun
 
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     val = FolderImages(settings.val, image_size, channels=settings.channels, on_corrupt=settings.on_corrupt,
                        class_names=class_names, ignore_unlisted=True, progress=settings.progress)
     val_report = val.report
+    announce_eval(settings, training, train_paths, class_names, image_size)  # after the checks (issue 28)
 
     progress = (lambda message: print(message, file=sys.stderr, flush=True)) if settings.progress else None
     bars: dict = {}

@@ -9,13 +9,12 @@ import os
 import sys
 
 from igds_fast.data import FolderImages, scan_image_folder
-from igds_fast.devices import resolve_device
 from igds_fast.imageio import check_output_file, write_json_atomic
-from igds_fast.limits import check_fits
+from igds_fast.limits import check_disk
 from igds_fast.models.resnet import FEATURE_DIMS
 from igds_fast.overlap import check_apart
 from igds_fast.settings import add_arguments, from_args, to_dict
-from igds_fast.train_ve import VETrainRun, train_ve_from_source
+from igds_fast.train_ve import VETrainRun, stage_files, train_ve_from_source
 
 SETTINGS = VETrainRun
 
@@ -35,7 +34,7 @@ def add_parser(subparsers) -> None:
     )
     add_arguments(parser, VETrainRun)
     parser.set_defaults(handler=run, interrupted="rerun the same command to resume after the last finished epoch "
-                        "(OUT.checkpoint)")
+                        "(OUT.checkpoint) or the classifier stage's last save (OUT.checkpoint.classifier)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,19 +43,25 @@ def run(args: argparse.Namespace) -> int:
     # Its files never inside the image folders it reads (igds_fast/overlap.py), and each checked before any
     # decoding or training (an existing folder, a dangling link, a read-only folder would otherwise fail
     # after the training).
+    features_file, stage_file = stage_files(settings.checkpoint_path)
     check_apart([("--out", settings.out), ("--out", settings.out + ".report.json"),
-                 ("--checkpoint", settings.checkpoint_path)], [("--data", settings.data), ("--val", settings.val)])
+                 ("--checkpoint", settings.checkpoint_path), ("--checkpoint", features_file),
+                 ("--checkpoint", stage_file)], [("--data", settings.data), ("--val", settings.val)])
     check_output_file(settings.out)
     check_output_file(settings.out + ".report.json", "--out")
-    check_output_file(settings.checkpoint_path, "--checkpoint")
+    for path in (settings.checkpoint_path, features_file, stage_file):
+        check_output_file(path, "--checkpoint")
     config, channels, checkpoint = settings.training, settings.training.in_channels, settings.checkpoint_path
     # Structure of both trees first (cheap), then one decoding pass each (corrupt files; the pixel
     # statistics). Large sets are streamed from here on, small ones held (IGDS_IN_MEMORY_MB).
     class_names, train_paths = scan_image_folder(settings.data)
-    # The full-batch linear probe holds every training image's features, float32 [N, d], on the device.
+    # The classifier stage writes every training image's features, float32 [N, d], to CKPT.features
+    # (removed when the report is made); nothing of that size is held in memory.
     count = sum(len(paths) for paths in train_paths)
-    check_fits(4 * count * FEATURE_DIMS[config.arch], resolve_device(config.device),
-               f"the linear probe's features of {count} images ({config.arch}: {FEATURE_DIMS[config.arch]} each)")
+    if not os.path.exists(features_file):
+        check_disk(4 * count * FEATURE_DIMS[config.arch], features_file,
+                   f"the linear probe's features of {count} images ({config.arch}: {FEATURE_DIMS[config.arch]} each, "
+                   f"float32, in {features_file})")
     if settings.val is not None:
         scan_image_folder(settings.val, class_names, ignore_unlisted=True)
     train = FolderImages(settings.data, settings.load_size, channels=channels, on_corrupt=settings.on_corrupt,
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     report["streamed"] = not train.in_memory
     report["settings"] = to_dict(settings)
     write_json_atomic(settings.out + ".report.json", report)
-    if os.path.exists(checkpoint):
-        os.unlink(checkpoint)  # the bundle is written: nothing left to resume
+    for path in (checkpoint, features_file, stage_file):
+        if os.path.exists(path):
+            os.unlink(path)  # the bundle is written: nothing left to resume
     print(f"VE written to {settings.out} (report: {settings.out}.report.json)")
     return 0

@@ -15,6 +15,8 @@ resolved once, by the planner (plan.py), which says so in each field's help.
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 from ..data.folders import ON_CORRUPT
@@ -234,6 +236,12 @@ class RunSettings:
                                        "without CUDA)")
     trace: bool = option(False, "--trace", action="store_true", help="also write OUT/trace.json and OUT/trace.png: "
                          "the guidance terms of every step per class")
+    plan: bool = option(False, "--plan", action="store_true", help="print what the run will cost (samples, steps, "
+                        "FLOPs per sample and in all, disk, an estimated time on this device) and stop: nothing is "
+                        "sampled, written or loaded but the VE")
+    timing_from: str | None = option(None, "--timing-from", metavar="DIR", help="a distill output folder of an earlier "
+                                     "run on this device with the same models and loop: the time estimate uses its "
+                                     "measured rate")
     allow_large: bool = option(False, "--allow-large", action="store_true", help="lift the sane caps on the run's "
                                "work (images per class, samples, prior size) and its memory check, for a run that "
                                "really is that large (also IGDS_ALLOW_LARGE=1)")
@@ -246,6 +254,9 @@ class RunSettings:
         if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
                                              or self.cpu_threads < 1):
             raise IGDSInputError(f"--cpu-threads must be a positive integer, got {self.cpu_threads!r}")
+        _optional_path(self.timing_from, "--timing-from")
+        if self.timing_from is not None and not os.path.isfile(os.path.join(self.timing_from, "manifest.json")):
+            raise IGDSInputError(f"--timing-from {self.timing_from} holds no manifest.json (a finished distill folder)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -52,6 +52,7 @@ from ..profiling.window import PROFILE_STEPS_ENV, resolve_step_window
 from ..progress import Progress
 from ..sampling import Sampler
 from .config import DEFAULT_BATCH_SIZE, DistillConfig
+from .cost import cost_lines, distill_cost
 from .folder import (
     BATCH_NAME,
     MANIFEST_NAME,
@@ -95,17 +96,20 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: Plan | None = None) -> dict:
+def distill(config: DistillConfig, log: Callable[[str], None] = _stderr, plan: Plan | None = None,
+            announce_cost: bool = True) -> dict:
     """Run (or resume) a distillation; returns the manifest dict (also written to OUT/manifest.json).
 
     OUT is locked for the run (igds_fast/locks.py: one writer per folder; rank 0 holds it for every
     rank under torchrun), from before its contents are checked until the manifest is written.
+    announce_cost: log the run's cost (distill/cost.py, what --plan prints) before sampling (rank 0).
     """
     with contextlib.ExitStack() as held:
-        return _distill(config, log, plan, held)
+        return _distill(config, log, plan, held, announce_cost)
 
 
-def _distill(config: DistillConfig, log: Callable[[str], None], plan: Plan | None, held: contextlib.ExitStack) -> dict:
+def _distill(config: DistillConfig, log: Callable[[str], None], plan: Plan | None, held: contextlib.ExitStack,
+             announce_cost: bool = True) -> dict:
     started = time.perf_counter()
     # Under torchrun: rank 0 validates the inputs and prepares the folder first; the other ranks wait,
     # so a bad input fails once with one message. A single process runs the same code unchanged.
@@ -189,6 +193,9 @@ def _distill(config: DistillConfig, log: Callable[[str], None], plan: Plan | Non
         note = _ddim_first_step_note(plan)
         if note is not None:
             log(note)
+        if announce_cost:
+            for line in cost_lines(distill_cost(plan, ctx.world_size, already, config.run.timing_from)):
+                log(line)
         if config.run.progress:
             progress = Progress(total_images, unit="img", label="distill", initial=already)
             progress.start()

@@ -68,6 +68,7 @@ from ..locks import hold_folder
 from ..models.feature_encoder import FeatureEncoder, load_feature_encoder
 from ..select import ClassCentroidAccumulator, S3Config, s3_search_centroids, select_real_indices, subgroup_centroids
 from .config import DistillConfig
+from .cost import cost_lines, selection_cost
 from .folder import MANIFEST_NAME, output_check, prepare_output, write_preview
 from .owned import FEATURES_DIR, STAGE_DIR, STAGE_FILES, temp_of
 from .manifest import build_manifest
@@ -265,7 +266,10 @@ def distill_with_selection(config: DistillConfig, log: Callable[[str], None] = _
                     f"{plan.real.skipped[0]}")
             # OUT's settings file first (the candidates come after), so a crash leaves a folder that knows them.
             prepare_output(config.run.out, plan.out_settings, config.run.force, log)
-        candidates_manifest = distill(plan.candidate_config, log=log, plan=plan.candidate_plan)
+            for line in cost_lines(selection_cost(plan.candidate_plan, config.job.ipc, plan.encoder.description,
+                                                  len(plan.real.chosen), timing_from=config.run.timing_from)):
+                log(line)
+        candidates_manifest = distill(plan.candidate_config, log=log, plan=plan.candidate_plan, announce_cost=False)
         if "images" not in candidates_manifest:
             return candidates_manifest  # a non-zero rank: its share of the candidates is done
         return _select_and_write(plan, candidates_manifest, started, log)

@@ -30,8 +30,11 @@ lambda = 0 is plain MoCo v2. Stages:
 2. Freeze f_theta; recompute its BatchNorm running statistics on the un-augmented training images
    (the VE sees clean images; the statistics gathered during training describe augmented views).
 3. Linear classifier (W, b) on the frozen features: full-batch multinomial logistic regression
-   (L-BFGS by default) on standardised features, folded back so logits = z W^T + b exactly.
-4. log Q over the training images with the frozen encoder (`compute_log_centroids`), then the
+   (L-BFGS by default) on standardised features, folded back so logits = z W^T + b exactly; the
+   features are computed once, in one pass that also accumulates the standardisation and the
+   centroids, stored (a float32 file beside the checkpoint), and every objective evaluation sums
+   over them chunk by chunk (`classifier_stage`, `feature_store`, `linear_probe`).
+4. log Q over the training images with the frozen encoder (streamed `LogCentroidAccumulator`), then the
    `VariationalEstimator` bundle.
 
 Report (nats): prototype information I(X;Y) ~ H(Y) - CE and contextual information
@@ -42,17 +45,23 @@ Data: tensors in memory (`train_ve`) or an ImageFolder streamed batch by batch
 over the permutation drawn from the seeded generator, exactly the batches of the in-memory loop,
 so both give the same bundle bit for bit. Every pass over the whole set (BN statistics, features,
 centroids) is batch by batch; nothing of size N x image is held for a streamed set.
-Memory: the frozen features of the whole training set ([N, d] float32) are held once for the
-full-batch classifier (13k ImageNette images x 2048 = 107 MB; 1.28M ImageNet images x 2048 = 10.5 GB).
+Memory: nothing grows with N but the labels [N] and the image folder's path list. The classifier
+stage keeps one chunk of features, [C, d] accumulators and the probe's state; the features of the
+whole set ([N, d] float32) go to CKPT.features on disk (13k ImageNette images x 2048 = 107 MB;
+1.28 M ImageNet images x 2048 = 10.5 GB), or to memory when the Python API is given no checkpoint.
 
 Resume: with a checkpoint path, the contrastive stage writes its whole state (encoders, heads,
-queue, centroids, optimiser, generator) atomically after every epoch; a rerun with the same config
-and data continues after the last finished epoch and ends with the same bundle as an uninterrupted run.
+queue, centroids, optimiser, generator) atomically after every epoch, and the classifier stage its
+progress (feature rows written, accumulators, the probe's rounds) to CKPT.classifier at most every
+two minutes; a rerun with the same config and data continues after the last save and ends with the
+same bundle as an uninterrupted run.
 
 Layout (one job per module): `config` (VETrainConfig, the choices, parse_init), `views` (the random
 views), `losses` (InfoNCE, the CMI term, the centroid EMA, the information estimates), `moco` (the
 contrastive stage and its checkpoints), `features` (BatchNorm statistics, features, image
-statistics), `linear_probe` (the classifier), `pipeline` (`train_ve`, `train_ve_from_source`: the
+statistics), `feature_store` (the stored features, their moments), `linear_probe` (the classifier:
+the full-batch reference and the streamed probe), `classifier_stage` (features, probe, centroids,
+training report, its resume state), `pipeline` (`train_ve`, `train_ve_from_source`: the
 checks, the stages in order, the bundle and the report).
 """
 from __future__ import annotations
@@ -60,14 +69,17 @@ from __future__ import annotations
 from ..models.resnet import ARCHS, NORMS
 from .config import (CENTROID_UPDATES, CLASSIFIER_OPTIMIZERS, INIT_SCHEMES, OPTIMIZERS, VETrainConfig, VETrainRun,
                      parse_init)
+from .classifier_stage import run_classifier_stage, split_statistics, stage_files
+from .feature_store import FeatureMoments, FeatureRows
 from .features import extract_features, image_statistics, recompute_batchnorm_statistics
-from .linear_probe import fit_linear_classifier
+from .linear_probe import StreamedLinearProbe, fit_linear_classifier
 from .losses import (
     cmi_term,
     feature_log_softmax,
     info_nce_loss,
     label_entropy,
     prototype_information,
+    SplitStatistics,
     update_log_centroids,
 )
 from .moco import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, ProjectionHead
@@ -80,10 +92,14 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CLASSIFIER_OPTIMIZERS",
+    "FeatureMoments",
+    "FeatureRows",
     "INIT_SCHEMES",
     "NORMS",
     "OPTIMIZERS",
     "ProjectionHead",
+    "SplitStatistics",
+    "StreamedLinearProbe",
     "VETrainConfig",
     "VETrainRun",
     "cmi_term",
@@ -97,6 +113,9 @@ __all__ = [
     "prototype_information",
     "random_view",
     "recompute_batchnorm_statistics",
+    "run_classifier_stage",
+    "split_statistics",
+    "stage_files",
     "train_ve",
     "train_ve_from_source",
     "update_log_centroids",

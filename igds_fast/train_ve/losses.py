@@ -93,3 +93,50 @@ def prototype_information(logits: torch.Tensor, labels: torch.Tensor, entropy: f
     """
     cross_entropy = float(F.cross_entropy(logits.to(torch.float64), labels.to(torch.long)))
     return entropy - cross_entropy, cross_entropy
+
+
+class SplitStatistics:
+    """The report's estimates over one split, accumulated chunk by chunk (nothing of size N kept).
+
+    With logits = z W^T + b (float32, as the VE computes them):
+        accuracy  = 100 * #(argmax logits = y) / N
+        CE        = sum_i -log softmax(logits_i)_{y_i} / N          (float64)
+        E KL      = sum_i KL(softmax(z_i / tau) || Q_{y_i}) / N      (float64, contextual_kl)
+    result(H(Y)) gives the report's fields; prototype information = H(Y) - CE.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, log_q: torch.Tensor, tau: float):
+        self.weight, self.bias, self.tau = weight, bias, tau
+        self.log_q = log_q.to(torch.float64)
+        self.count, self.correct, self.cross_entropy_sum, self.kl_sum = 0, 0, 0.0, 0.0
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a chunk: features z [B, d] float32, labels [B] long (same device as the head)."""
+        logits = F.linear(features, self.weight, self.bias)
+        self.count += int(labels.shape[0])
+        self.correct += int((logits.argmax(dim=1) == labels).sum())
+        self.cross_entropy_sum += float(F.cross_entropy(logits.to(torch.float64), labels, reduction="sum"))
+        self.kl_sum += float(contextual_kl(features.to(torch.float64), labels, self.log_q, self.tau).sum())
+
+    def result(self, entropy: float) -> dict:
+        cross_entropy = self.cross_entropy_sum / self.count
+        return {
+            "images": self.count,
+            "accuracy": self.correct / self.count * 100.0,
+            "cross_entropy": cross_entropy,
+            "prototype_information": entropy - cross_entropy,
+            "contextual_information": self.kl_sum / self.count,
+        }
+
+    def state(self) -> dict:
+        """The sums as JSON-able numbers (exact through json)."""
+        return {"count": self.count, "correct": self.correct, "cross_entropy_sum": self.cross_entropy_sum,
+                "kl_sum": self.kl_sum}
+
+    @classmethod
+    def from_state(cls, weight, bias, log_q, tau: float, state: dict) -> "SplitStatistics":
+        statistics = cls(weight, bias, log_q, tau)
+        statistics.count, statistics.correct = int(state["count"]), int(state["correct"])
+        statistics.cross_entropy_sum, statistics.kl_sum = float(state["cross_entropy_sum"]), float(state["kl_sum"])
+        return statistics

@@ -1,9 +1,9 @@
 """A whole VE training run: input checks, the four stages in order, the bundle and the report.
 
 `train_ve` (tensors in memory) and `train_ve_from_source` (a FolderImages or TensorImages): the
-contrastive stage (`moco`), BatchNorm statistics and features of the frozen encoder (`features`),
-the linear probe (`linear_probe`), the centroids, then the `VariationalEstimator` and the report
-of its information estimates (`losses`).
+contrastive stage (`moco`), then the classifier stage (`classifier_stage`: BatchNorm statistics,
+features, the linear probe, the centroids and the training split's estimates, in memory that does
+not grow with the set), then the `VariationalEstimator` and the report of its information estimates.
 """
 from __future__ import annotations
 
@@ -12,20 +12,19 @@ import time
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from ..artifacts import file_fingerprint
 from ..data import FolderImages, TensorImages, check_labelled_images
 from ..devices import resolve_device
 from ..errors import IGDSInputError
-from ..guidance.objective import contextual_kl
 from ..models.resnet import ResNet, build_resnet, load_moco_encoder
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
 from ..threads import cpu_threads, torch_threads
-from ..ve import VariationalEstimator, compute_log_centroids
+from ..ve import VariationalEstimator
+from .classifier_stage import run_classifier_stage, split_statistics
 from .config import VETrainConfig, parse_init
-from .features import extract_features, image_statistics, recompute_batchnorm_statistics
-from .linear_probe import fit_linear_classifier
-from .losses import label_entropy, prototype_information
+from .features import image_statistics
+from .losses import label_entropy
 from .moco import MoCoTrainer
 
 
@@ -41,20 +40,6 @@ def _build_encoder(config: VETrainConfig) -> ResNet:
     return encoder
 
 
-def _split_report(ve_parts, features, labels, entropy) -> dict:
-    weight, bias, log_q, tau = ve_parts
-    logits = F.linear(features, weight, bias)
-    information, cross_entropy = prototype_information(logits, labels, entropy)
-    kl = contextual_kl(features.double(), labels.long(), log_q.double(), tau)
-    return {
-        "images": int(features.shape[0]),
-        "accuracy": float((logits.argmax(dim=1) == labels).double().mean() * 100.0),
-        "cross_entropy": cross_entropy,
-        "prototype_information": information,
-        "contextual_information": float(kl.mean()),
-    }
-
-
 def _train_stages(train, val, class_names, config, encoder, preprocess, mean, std, device, log,
                   checkpoint=None, progress=False) -> tuple[VariationalEstimator, dict]:
     """Contrastive stage, BN statistics, features, classifier, centroids, report (see `train_ve`).
@@ -65,17 +50,17 @@ def _train_stages(train, val, class_names, config, encoder, preprocess, mean, st
     effective = {"batch_size": None, "queue_size": None}
     contrastive_seconds = 0.0
     train_labels = train.labels.to(torch.long)
+    key = None
+    if checkpoint is not None:
+        run_config = config.to_dict()
+        for volatile in ("device", "num_threads"):  # where it runs, not what it computes
+            run_config.pop(volatile)
+        key = {"config": run_config, "device_type": device.type, "data": train.fingerprint(),
+               "classes": list(class_names), "mean": list(mean), "std": list(std)}
     if config.epochs > 0:
         stage = time.perf_counter()
         trainer = MoCoTrainer(encoder, preprocess, config, num_classes, len(train), device, log)
         effective = {"batch_size": trainer.batch_size, "queue_size": trainer.queue_size}
-        key = None
-        if checkpoint is not None:
-            run_config = config.to_dict()
-            for volatile in ("device", "num_threads"):  # where it runs, not what it computes
-                run_config.pop(volatile)
-            key = {"config": run_config, "device_type": device.type, "data": train.fingerprint(),
-                   "classes": list(class_names), "mean": list(mean), "std": list(std)}
         history = trainer.train(train, log, checkpoint=checkpoint, key=key, progress=progress)
         encoder = trainer.encoder_q
         del trainer
@@ -83,20 +68,18 @@ def _train_stages(train, val, class_names, config, encoder, preprocess, mean, st
     encoder = encoder.to(device).eval().requires_grad_(False)
 
     stage = time.perf_counter()
-    if config.recompute_bn_stats and config.epochs > 0:
-        recompute_batchnorm_statistics(encoder, preprocess, train, device)
-    train_features = extract_features(encoder, preprocess, train, device)
-    weight, bias = fit_linear_classifier(
-        train_features, train_labels.to(device), num_classes, config.classifier_epochs, config.classifier_lr,
-        config.classifier_weight_decay, config.classifier_optimizer, config.seed,
-    )
-    log_q = compute_log_centroids(train_features, train_labels.to(device), num_classes, config.tau)
+    stage_key = None
+    if key is not None:
+        scheme, path = parse_init(config.init)
+        # The features come from the init file's weights when there is no contrastive stage.
+        stage_key = {**key, "init_file": file_fingerprint(path) if scheme == "moco" else None}
+    weight, bias, log_q, train_statistics = run_classifier_stage(
+        encoder, preprocess, train, config, num_classes, device, log, checkpoint, stage_key, progress)
     classifier_seconds = time.perf_counter() - stage
 
     ve = VariationalEstimator(encoder.cpu(), weight.cpu(), bias.cpu(), log_q.cpu(), config.tau,
                               EncoderPreprocess(config.resolution, mean, std), class_names)
     entropy = label_entropy(train_labels, num_classes)
-    parts = (weight, bias, log_q, config.tau)
     report = {
         "config": config.to_dict(),
         "class_names": class_names,
@@ -107,14 +90,13 @@ def _train_stages(train, val, class_names, config, encoder, preprocess, mean, st
         "history": history,
         "units": "nats",
         "label_entropy": entropy,
-        "train": _split_report(parts, train_features, train_labels.to(device), entropy),
+        "train": train_statistics.result(entropy),
         "seconds": {"contrastive": round(contrastive_seconds, 3), "classifier_and_centroids": round(classifier_seconds, 3)},
     }
-    del train_features
     if val is not None:
-        val_features = extract_features(ve.encoder.to(device), preprocess, val, device)
+        statistics = split_statistics(ve.encoder.to(device), preprocess, val, device, weight, bias, log_q, config.tau)
         ve.encoder.cpu()
-        report["val"] = _split_report(parts, val_features, val.labels.to(device, torch.long), entropy)
+        report["val"] = statistics.result(entropy)
     return ve, report
 
 
