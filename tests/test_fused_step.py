@@ -169,9 +169,16 @@ def test_ddim_step_and_run_match_eager(rng_seed, monkeypatch, learn_sigma, eta):
         return original(*args, seeds=seeds, noise=noise, **kwargs)
 
     monkeypatch.setattr(fused_step_module, "fused_ddim_update", recording)
-    got = fused.sample(labels, seeds)
+    # The whole loop, each step from the eager run's x_t: free-running, this toy's guided dynamics
+    # compound the steps' 1e-6 rounding past the trajectory row now and then (2e-4 once in CI-like runs).
+    with eager.batch(labels.tolist(), seeds) as by_eager, fused.batch(labels.tolist(), seeds) as by_fused:
+        torch.testing.assert_close(by_fused.x, by_eager.x, rtol=0, atol=0)  # the same initial noise
+        while by_eager.remaining:
+            by_fused.x.copy_(by_eager.x)
+            by_eager.step(), by_fused.step()
+            torch.testing.assert_close(by_fused.x, by_eager.x, **tolerance(torch.float32, "reduction"))
+        got = by_fused.x.clone()
     assert calls == [eta > 0] * 6  # eta 0: no noise read or drawn at any step
-    torch.testing.assert_close(got, eager.sample(labels, seeds), **tolerance(torch.float32, "trajectory"))
     ddpm = make_samplers(unet, ve, gamma=0.3, scale=1.0)[0].sample(labels, seeds)
     assert (ddpm - got).abs().max() > 1e-2  # another update than DDPM's
 
