@@ -60,7 +60,7 @@ def _run(settings: EvalRun, class_names, train_paths, real_paths, ipc: int, cut:
 
     val = FolderImages(settings.val, protocol.image_size, on_corrupt=settings.on_corrupt, class_names=class_names,
                        ignore_unlisted=True, progress=settings.progress and ctx.is_main, resize=protocol.test_resize)
-    teacher = load_teacher(recipe.teacher, recipe.teacher_arch, class_names, device)
+    teacher = load_teacher(recipe.teacher, recipe.teacher_arch, class_names, protocol.image_size, device)
     sets = [("distilled", load(train_paths, settings.train))]
     if real_paths is not None:
         sets.append(("random-real", load(real_paths, settings.real)))

@@ -1,6 +1,6 @@
 """An rded / sre2l evaluation from prepared sets: the teacher and its checks, the relabel stage, seeds, results.
 
-``load_teacher`` loads the teacher (torchvision layout, local file, weights_only) and maps its outputs
+``load_teacher`` loads the teacher (:mod:`.teachers`: local file, weights_only) and maps its outputs
 to the run's classes (:mod:`.class_check`); ``prepare_relabel`` prints the relabel storage and refuses
 a disk that cannot hold it; ``check_teacher`` runs the class-order check on the real validation
 images -- all before any training. ``evaluate_soft`` trains ``seeds`` students on one set (the
@@ -28,7 +28,7 @@ from igds_fast.evaluate.networks import build_eval_network
 from igds_fast.evaluate.protocol import IMAGENET_MEAN, IMAGENET_STD, NormalizedInput
 from igds_fast.evaluate.relabel import RelabelReader, RelabelSpec, pending_epochs, prepare_folder
 from igds_fast.evaluate.soft_protocols import KDProtocol
-from igds_fast.evaluate.torchvision_nets import load_torchvision_teacher
+from igds_fast.evaluate.teachers import load_teacher_network
 from igds_fast.progress import Progress
 
 DEFAULT_TEACHER_ARCH = "torchvision:resnet18"  # RDED scripts/imagenet-*.sh --arch-name resnet18; SRe2L relabel.sh -a resnet18
@@ -42,10 +42,12 @@ class Teacher:
     info: dict
 
 
-def load_teacher(path: str, arch: str | None, class_names: list[str], device) -> Teacher:
-    """Load the teacher and map its outputs to the run's classes (one-line refusals; see the module docstring)."""
+def load_teacher(path: str, arch: str | None, class_names: list[str], image_size: int, device) -> Teacher:
+    """Load the teacher (built for ``image_size`` px inputs) and map its outputs to the run's classes (one-line
+    refusals; see the module docstring). It is fed as the students are: [-1, 1] images normalised to ImageNet's
+    mean / std inside (RDED main.py:111-113; SRe2L generate_soft_label.py normalises the same way)."""
     arch = arch or DEFAULT_TEACHER_ARCH
-    network, teacher_classes = load_torchvision_teacher(path, arch)
+    network, teacher_classes = load_teacher_network(path, arch, image_size)
     class_map, mapping = teacher_class_map(class_names, teacher_classes)
     model = NormalizedInput(network, IMAGENET_MEAN, IMAGENET_STD).to(device).eval()
     info = {"file": path, "arch": arch, "fingerprint": file_fingerprint(path), "outputs": teacher_classes,

@@ -19,7 +19,7 @@ from igds_fast.data import ON_CORRUPT, check_folder_settings, is_image_file
 from igds_fast.errors import IGDSInputError
 from igds_fast.evaluate.protocol import PROTOCOLS, SCHEDULES, protocol_for
 from igds_fast.evaluate.soft_protocols import SOFT_PROTOCOLS, KDProtocol, kd_protocol
-from igds_fast.evaluate.torchvision_nets import is_torchvision_name
+from igds_fast.evaluate.teachers import TEACHER_ARCH_HELP, check_teacher_arch
 from igds_fast.settings import option, require_paths, section
 
 ALL_PROTOCOLS = PROTOCOLS + SOFT_PROTOCOLS
@@ -68,11 +68,11 @@ class EvalSettings:
                                        help="probability a batch is CutMixed")
     device: str | None = option(None, "--device", default_text="cuda if available, else cpu", help="torch device")
     teacher: str | None = option(None, "--teacher", metavar="CKPT", help="rded / sre2l: the teacher's weights, a "
-                                 "local file in torchvision's state-dict layout (read with weights_only=True; never "
+                                 "local state-dict file in its architecture's layout (read with weights_only=True; never "
                                  "downloaded); 1000 outputs map ImageNet subsets by wnid")
-    teacher_arch: str | None = option(None, "--teacher-arch", metavar="torchvision:NAME",
+    teacher_arch: str | None = option(None, "--teacher-arch", metavar="ARCH",
                                       default_text="torchvision:resnet18, as RDED's and SRe2L's scripts",
-                                      help="the teacher's architecture")
+                                      help=f"the teacher's architecture: {TEACHER_ARCH_HELP}")
     temperature: float | None = option(None, "--temperature", parse=float, default_text="20, as both peers' "
                                        "ImageNet scripts", help="rded / sre2l: the KD temperature T")
     rded_factor: int | None = option(None, "--rded-factor", parse=int, default_text="2, as RDED's scripts",
@@ -132,11 +132,10 @@ class EvalSettings:
                 raise IGDSInputError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --protocol igds "
                                      f"or minimax only (--protocol {self.protocol} is its peer's recipe)")
             if self.teacher is None:
-                raise IGDSInputError(f"--protocol {self.protocol} needs --teacher CKPT (a local weights file in "
-                                     "torchvision's layout)")
-            if self.teacher_arch is not None and not is_torchvision_name(self.teacher_arch):
-                raise IGDSInputError(f"--teacher-arch must name a torchvision model (torchvision:NAME), got "
-                                     f"{self.teacher_arch!r}")
+                raise IGDSInputError(f"--protocol {self.protocol} needs --teacher CKPT (a local weights file; "
+                                     "--teacher-arch names its architecture)")
+            if self.teacher_arch is not None:
+                check_teacher_arch(self.teacher_arch)
             if self.temperature is not None and not (_is_real(self.temperature) and self.temperature > 0):
                 raise IGDSInputError(f"--temperature must be > 0, got {self.temperature!r}")
         if self.rded_factor is not None and self.protocol != "rded":
@@ -151,6 +150,7 @@ class EvalSettings:
     def kd_protocol(self, ipc: int, num_classes: int, image_size: int | None) -> KDProtocol:
         """The rded / sre2l preset for this problem with the given overrides (epochs, lr, batch, T, size, factor)."""
         return kd_protocol(self.protocol, self.network, ipc, num_classes, image_size=image_size,
+                           teacher_arch=self.teacher_arch,
                            batch_size=self.batch_size, epochs=self.epochs, lr=self.lr, temperature=self.temperature,
                            patch_factor=self.rded_factor)
 

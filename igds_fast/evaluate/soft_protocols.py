@@ -165,23 +165,27 @@ def rded_batch_size(ipc: int, num_classes: int) -> int:
     return min(batch, ipc * num_classes)
 
 
-def rded_image_size(network: str, num_classes: int) -> int:
-    """RDED argument.py:181-211: 224, but 128 for conv5 / conv6 on the 10- and 100-class subsets."""
-    if _student_key(network) in ("conv5", "conv6") and num_classes in (10, 100):
+def rded_image_size(network: str, num_classes: int, teacher_arch: str | None = None) -> int:
+    """RDED argument.py:181-211: 224, but 128 when the student or the teacher is conv5 / conv6 on the 10- and
+    100-class subsets (its ImageNette, ImageWoof and ImageNet-100; RDED keeps 224 on its other 10-class
+    subsets, which a class count cannot tell apart: give --image-size there)."""
+    names = {_student_key(network)} | ({_student_key(teacher_arch)} if teacher_arch else set())
+    if names & {"conv5", "conv6"} and num_classes in (10, 100):
         return 128
     return 224
 
 
 def kd_protocol(name: str, network: str, ipc: int, num_classes: int, *, image_size: int | None = None,
                 batch_size: int | None = None, epochs: int | None = None, lr: float | None = None,
-                temperature: float | None = None, patch_factor: int | None = None) -> KDProtocol:
+                temperature: float | None = None, patch_factor: int | None = None,
+                teacher_arch: str | None = None) -> KDProtocol:
     """The preset ``name`` ("rded" / "sre2l") for this student, IPC and class count; the given values
     override it (None: the preset's)."""
     if name == "rded":
         factor = 2 if patch_factor is None else patch_factor
         if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
             raise IGDSInputError(f"--rded-factor must be a positive integer, got {factor!r}")
-        size = rded_image_size(network, num_classes) if image_size is None else image_size
+        size = rded_image_size(network, num_classes, teacher_arch) if image_size is None else image_size
         preset_lr, source = rded_lr(network)
         return KDProtocol(
             name="rded", lr=float(preset_lr if lr is None else lr), lr_source=source if lr is None else "--lr",
