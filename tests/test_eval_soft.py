@@ -353,7 +353,7 @@ def tv_folders(folders, tmp_path_factory):
     torchvision_or_skip()
     root = tmp_path_factory.mktemp("soft_tv")
     return {**folders, "tv_teacher": trained_teacher(root / "tv_teacher.pt", folders["val"],
-                                                     arch="torchvision:shufflenet_v2_x0_5", steps=30)}
+                                                     arch="torchvision:shufflenet_v2_x0_5", steps=60)}
 
 
 def test_torchvision_mobilenet_v2_student_and_torchvision_teacher_under_rded(tv_folders, tmp_path, capsys):
