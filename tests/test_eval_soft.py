@@ -7,6 +7,7 @@ be installed beside torch 2.13.0); the tests that build torchvision networks (a 
 --network torchvision:mobilenet_v2, the transforms against torchvision's) skip without the torchvision extra."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -88,6 +89,20 @@ def test_top_k_soft_labels_are_keep_top_k_of_the_softmax(rng_seed):
     top, where = p.topk(k, dim=1)
     expected = ((1 - top.sum(1, keepdim=True)) / (20 - k)).expand(5, 20).clone().scatter_(1, where, top)
     assert torch.allclose(ours, expected, atol=1e-6) and torch.allclose(ours.sum(1), torch.ones(5), atol=1e-6)
+
+
+def test_every_relabel_epoch_file_has_the_size_epoch_bytes_says():
+    from igds_fast.evaluate.relabel import RelabelSpec, _header, epoch_bytes
+
+    spec = RelabelSpec(teacher={"arch": "convnet3", "file": "x"}, images="y", count=100, num_classes=10, class_map=None,
+                       epochs=300, batch_size=20, seed=42, source_side=32, output_side=32, crop_scale=[0.08, 1.0],
+                       crop_ratio=[0.75, 4 / 3], patch_factor=1, flip=True, cutmix_beta=1.0, topk=0, temperature=None)
+    for count in range(100, 108):  # the header's unpadded length at every remainder mod 8
+        other = dataclasses.replace(spec, count=count, images="y" * count)
+        sizes = {len(_header(other, epoch)) for epoch in (0, 9, 10, 99, 100, 299)}  # one, two and three digits
+        assert len(sizes) == 1, count
+    sizes = {len(_header(spec, epoch)) for epoch in (0, 299)}
+    assert epoch_bytes(spec) == sizes.pop() + 100 * 4 * 4 + 100 + 5 * 4 * 4 + 5 * 4 + 100 * 8 * 2 + 100 * 10 * 2
 
 
 # ---- against torchvision ------------------------------------------------------------------------------------
@@ -190,6 +205,39 @@ def test_tiny_sre2l_run_records_relabels_and_replays_them(folders, tmp_path):
     assert len(result["best_accuracies"]) == 1 and result["best_accuracies"][0] >= result["accuracies"][0]
     code, again = _eval(folders, tmp_path, protocol="sre2l")  # a rerun replays the same files
     assert code == 0 and json.loads(again.read_text())["relabel"]["made_epochs"] == 0
+
+
+def test_a_streamed_distilled_set_gives_the_in_memory_accuracies(folders, tmp_path, monkeypatch):
+    (tmp_path / "held").mkdir()
+    (tmp_path / "streamed").mkdir()
+    code, held = _eval(folders, tmp_path / "held", "--seeds", "2")
+    assert code == 0
+    monkeypatch.setenv("IGDS_IN_MEMORY_MB", "0")  # every set decoded batch by batch by the loader
+    code, streamed = _eval(folders, tmp_path / "streamed", "--seeds", "2")
+    assert code == 0
+    held, streamed = json.loads(held.read_text()), json.loads(streamed.read_text())
+    assert streamed["streamed"] and not held["streamed"]
+    assert streamed["accuracies"] == held["accuracies"]
+
+
+def test_random_real_baseline_under_a_hard_label_protocol(folders, tmp_path, capsys):
+    out = tmp_path / "igds.json"
+    code = main(["eval", "--train", folders["distilled"], "--val", folders["val"], "--network", "convnet3",
+                 "--image-size", "16", "--epochs", "2", "--seeds", "1", "--device", "cpu", "--quiet", "--baseline",
+                 "random-real", "--real", folders["real"], "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out.read_text())
+    baseline = result["baseline"]
+    assert baseline["set"] == "random-real" and len(baseline["files"]) == 12 and baseline["train_size"] == 12
+    assert sorted(baseline["files"]) != sorted(os.listdir(folders["distilled"]))
+    assert math.isclose(result["gain_over_random_real"], result["mean"] - baseline["mean"])
+    assert "distilled - random real" in printed and "random-real" in printed
+    # the same seed draws the same files
+    assert main(["eval", "--train", folders["distilled"], "--val", folders["val"], "--network", "convnet3",
+                 "--image-size", "16", "--epochs", "1", "--seeds", "1", "--device", "cpu", "--quiet", "--baseline",
+                 "random-real", "--real", folders["real"], "--out", str(tmp_path / "again.json")]) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["baseline"]["files"] == baseline["files"]
 
 
 @pytest.mark.parametrize("network", ["convnet3", "resnet_ap10", "resnet18_in"])

@@ -48,6 +48,7 @@ from igds_fast.limits import format_bytes, read_json
 FORMAT = "igds-fast-sre2l-relabel"
 VERSION = 1
 SPEC_FILE = "relabel.json"
+EPOCH_DIGITS = 7
 _DTYPES = {torch.int64: ("I64", 8), torch.int32: ("I32", 4), torch.uint8: ("U8", 1), torch.float16: ("F16", 2),
            torch.float32: ("F32", 4)}
 
@@ -104,7 +105,8 @@ def _header(spec: RelabelSpec, epoch: int) -> bytes:
         nbytes = size * math.prod(shape)
         entries[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    entries["__metadata__"] = {"format": FORMAT, "version": str(VERSION), "epoch": str(epoch),
+    # The epoch at a fixed width: every epoch's header, hence file, has the same size (epoch_bytes).
+    entries["__metadata__"] = {"format": FORMAT, "version": str(VERSION), "epoch": f"{epoch:0{EPOCH_DIGITS}d}",
                                "spec": json.dumps(spec.to_dict(), sort_keys=True)}
     text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads its header with spaces to 8 bytes
@@ -112,7 +114,7 @@ def _header(spec: RelabelSpec, epoch: int) -> bytes:
 
 
 def epoch_bytes(spec: RelabelSpec) -> int:
-    """The exact size of one epoch file."""
+    """The exact size of one epoch file (the same for every epoch)."""
     return len(_header(spec, spec.epochs - 1)) + sum(_DTYPES[d][1] * math.prod(s) for _, d, s in _layout(spec))
 
 
