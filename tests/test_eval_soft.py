@@ -276,6 +276,21 @@ def test_a_1000_class_teacher_maps_wnid_folders(tmp_path):
         teacher_class_map(["a", "b", "c"], 5)
 
 
+def test_a_1000_class_teacher_on_wnid_folders_end_to_end(tmp_path):
+    from igds_fast.classes import imagenet_wnids
+
+    wnids = [imagenet_wnids()[i] for i in (3, 500, 998)]
+    write_colour_folder(tmp_path / "distilled", 2, 40, seed=5, names=wnids)
+    write_colour_folder(tmp_path / "val", 3, 36, seed=6, names=wnids)
+    teacher = random_teacher(tmp_path / "in1k.pt", num_classes=1000)
+    folders = {"distilled": str(tmp_path / "distilled"), "val": str(tmp_path / "val"), "random_teacher": teacher}
+    code, out = _eval(folders, tmp_path, "--epochs", "1", "--batch-size", "3")
+    assert code == 0
+    recorded = json.loads(out.read_text())["teacher"]
+    assert recorded["outputs"] == 1000 and recorded["class_map"] == [3, 500, 998] and "by wnid" in recorded["mapping"]
+    assert recorded["class_check"]["images"] == 9 and not recorded["class_check"]["passed"]
+
+
 # ---- refusals -------------------------------------------------------------------------------------------------
 
 def test_bad_inputs_stop_in_one_line_before_training(folders, tmp_path, capsys):
