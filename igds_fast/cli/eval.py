@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if recipe.soft:
         from igds_fast.cli.eval_soft import run_soft  # noqa: PLC0415 - the soft-label path's own module
 
-        return run_soft(settings, class_names, train_paths, real_paths, ipc, cut)
+        return run_soft(settings, class_names, train_paths, real_paths, ipc, cut, format_results_table)
     if launched_by_torchrun():
         message = f"--protocol {recipe.protocol} runs in one process; torchrun shards --protocol rded / sre2l"
         raise IGDSInputError(message) if os.environ.get("RANK", "0") == "0" else QuietRankError(message)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Callable
 
 import torch
 
@@ -29,14 +30,16 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_soft(settings: EvalRun, class_names, train_paths, real_paths, ipc: int, cut: dict) -> int:
+def run_soft(settings: EvalRun, class_names, train_paths, real_paths, ipc: int, cut: dict,
+             format_table: Callable[[list[dict]], str]) -> int:
+    """The soft-label run; ``format_table`` prints the results as the eval command prints every protocol's."""
     ctx = init_distributed(settings.training.device)
     try:
         device = torch.device(rank_device(ctx, settings.training.device))
         protocol = settings.training.kd_protocol(ipc, len(class_names), settings.image_size)
         # One thread for small work on a shared CPU (igds_fast.threads); a step's pixels decide.
         with torch_threads(cpu_threads(device, None, protocol.batch_size * 3 * protocol.image_size ** 2)):
-            return _run(settings, class_names, train_paths, real_paths, ipc, cut, ctx, device, protocol)
+            return _run(settings, class_names, train_paths, real_paths, ipc, cut, ctx, device, protocol, format_table)
     except IGDSInputError as exc:
         if ctx.rank != 0 and not getattr(exc, "quiet", False):
             raise QuietRankError(str(exc)) from None
@@ -45,7 +48,8 @@ def run_soft(settings: EvalRun, class_names, train_paths, real_paths, ipc: int, 
         shutdown(ctx)
 
 
-def _run(settings: EvalRun, class_names, train_paths, real_paths, ipc: int, cut: dict, ctx, device, protocol) -> int:
+def _run(settings: EvalRun, class_names, train_paths, real_paths, ipc: int, cut: dict, ctx, device, protocol,
+         format_table) -> int:
     recipe = settings.training
     build_eval_network(recipe.network, 3, len(class_names), protocol.image_size)  # a bad student fails first
     source_side = settings.stored_size(class_names[0])
@@ -87,8 +91,6 @@ def _run(settings: EvalRun, class_names, train_paths, real_paths, ipc: int, cut:
             runs.append(result)
     if not ctx.is_main:
         return 0
-    from igds_fast.cli.eval import format_results_table  # noqa: PLC0415 - the table is the eval command's
-
     headline = dict(runs[0])
     headline.update({"classes": class_names, "train_dir": os.path.abspath(settings.train),
                      "val_dir": os.path.abspath(settings.val), "train_subset": cut, "teacher": teacher.info,
@@ -108,7 +110,7 @@ def _run(settings: EvalRun, class_names, train_paths, real_paths, ipc: int, cut:
         lines.append(f"distilled - random real ({protocol.name}, soft labels): {gain:+.2f} points (last-epoch means)")
     if settings.out is not None:
         write_json_atomic(settings.out, headline)
-    print(format_results_table(runs))
+    print(format_table(runs))
     for line in lines:
         print(line)
     if settings.out is not None:
