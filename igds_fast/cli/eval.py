@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
 
         def on_epoch(seed: int, done: int, epochs: int) -> None:
             if seed not in bars:
-                bars[seed] = Progress(total=epochs, unit="epoch", label=f"eval {recipe.network} {set_name} seed {seed}",
+                named = "" if set_name == "distilled" else f" {set_name}"  # the distilled set's label as before
+                bars[seed] = Progress(total=epochs, unit="epoch", label=f"eval {recipe.network}{named} seed {seed}",
                                       show_elapsed=True)
             bars[seed].update(1)
             if done == epochs:
