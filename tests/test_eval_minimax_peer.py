@@ -1,4 +1,5 @@
-"""`igds-fast eval --protocol minimax` beside MinimaxDiffusion's own train.py (969fc6f), both run for two epochs.
+"""`igds-fast eval --protocol minimax` beside MinimaxDiffusion's own train.py (969fc6f), both run for two epochs
+(and, without the peer, its 224-px default and --ipc cut seen from the network's stem).
 
 The peer is driven as its README drives it (`python train.py -d imagenet --imagenet_dir DISTILLED REAL -n
 resnet_ap --nclass 10 --norm_type instance --ipc N --slct_type random --spec woof`, here with --batch_size 8),
@@ -185,3 +186,19 @@ def test_minimax_protocol_runs_as_minimax_train_py(woof, recorder, tmp_path, mon
                                                              os.path.basename(peer_val_paths[i])))
     difference = (our_test - peer_test[order]).abs().max().item()
     assert difference <= 1e-5, difference  # ToTensor + Normalize vs our uint8 -> [-1, 1] -> ImageNet normalisation
+
+
+def test_minimax_protocol_trains_a_256_px_set_at_224_and_cuts_to_the_first_ipc_files(tmp_path, recorder):
+    """Without the peer (CI): the protocol's resolution and its subset rule, seen from the network's stem."""
+    classes = ("n01", "n02")
+    _write(tmp_path / "distilled", classes, 3, (STORED, STORED), seed=3)
+    _write(tmp_path / "val", classes, 1, (300, 260), seed=4)
+    out = tmp_path / "minimax.json"
+    assert main(["eval", "--train", str(tmp_path / "distilled"), "--val", str(tmp_path / "val"), "--protocol", "minimax",
+                 "--network", "convnet3", "--ipc", "2", "--epochs", "1", "--seeds", "1", "--device", "cpu", "--quiet",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["image_size"] == 224 and result["train_size"] == 4
+    assert result["train_subset"] == {"ipc": 2, "rule": result["train_subset"]["rule"], "cut_classes": 2}
+    assert {shape[1:] for shape in recorder.train_shapes} == {(3, 224, 224)}
+    assert sum(shape[0] for shape in recorder.train_shapes) == 4 and recorder.tests[-1][0].shape[-2:] == (224, 224)
