@@ -91,3 +91,61 @@ def test_a_bad_input_under_torchrun_is_one_line_from_rank_0(data, tmp_path):
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert result.stderr.count("igds-fast: error: teacher file") == 1, result.stderr[-2000:]
+
+
+def _batch_norm_rank(rank: int, world: int, init: str, queue) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    from igds_fast.distributed import DistContext
+    from igds_fast.evaluate.kd_train import synchronise_batch_norm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+        x = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+        model = synchronise_batch_norm(model, DistContext(rank=rank, world_size=world, backend="gloo")).train()
+        share = x[rank * 10 // world:(rank + 1) * 10 // world]
+        loss = model(share).square().sum() / 10.0  # this rank's part of the full batch's mean
+        loss.backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        dist.all_reduce(grads)
+        bn = model[1]
+        queue.put((rank, None, grads.numpy(), bn.running_mean.numpy(), bn.running_var.numpy()))  # by value
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_batch_norm_equals_batch_norm_on_the_whole_batch(tmp_path):
+    """AllReduceBatchNorm (gloo / CPU) against nn.BatchNorm2d on the full batch: gradients and running statistics."""
+    import torch
+    import torch.multiprocessing as mp
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).train()
+    x = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+    (model(x).square().sum() / 10.0).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    processes = [context.Process(target=_batch_norm_rank, args=(rank, 2, init, queue)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    try:
+        results = [queue.get(timeout=180) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    assert [process.exitcode for process in processes] == [0, 0]
+    for _, _, grads, mean, var in results:
+        grads, mean, var = torch.from_numpy(grads), torch.from_numpy(mean), torch.from_numpy(var)
+        assert torch.allclose(grads, expected, rtol=1e-5, atol=1e-6), (grads - expected).abs().max()
+        assert torch.allclose(mean, model[1].running_mean, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(var, model[1].running_var, rtol=1e-5, atol=1e-6)
