@@ -62,7 +62,9 @@ class Progress:
         log_interval_s: float = 10.0,
         enabled: bool = True,
         clock=time.perf_counter,
+        show_elapsed: bool = False,
     ):
+        self.show_elapsed = show_elapsed
         self.total = max(0, int(total))
         self.unit = unit
         self.label = label
@@ -114,9 +116,10 @@ class Progress:
         percent = 100.0 * progressed / self.total if self.total else 100.0
         prefix = f"{self.label} " if self.label else ""
         count = f"{progressed:.1f}" if self.partial else f"{self.done}"
+        elapsed = f"elapsed {format_duration(self.elapsed)} " if self.show_elapsed else ""
         return (
             f"{prefix}{count}/{self.total} {self.unit} ({percent:.0f}%) "
-            f"{self.rate:.2f} {self.unit}/s ETA {format_duration(self.eta)}"
+            f"{self.rate:.2f} {self.unit}/s {elapsed}ETA {format_duration(self.eta)}"
         )
 
     def bar(self) -> str:

@@ -1,4 +1,4 @@
-"""The peers' own code, as test-only references: DiT, MinimaxDiffusion and IGD's loop, never committed.
+"""The peers' own code, as test-only references: DiT, MinimaxDiffusion, IGD's loop, RDED and SRe2L, never committed.
 
 `bash tests/fetch_peers.sh` (needs network to GitHub) exports each repository at its pinned commit into
 tests/.peers/<name>/ (git-ignored; IGDS_PEERS=DIR points elsewhere). A test that needs a peer calls
@@ -22,6 +22,8 @@ PINS = {
     "dit": ("facebookresearch/DiT", "ed81ce2229091fd4ecc9a223645f95cf379d582b"),
     "minimax": ("vimar-gu/MinimaxDiffusion", "969fc6f0a5e392d22fc2da39d8a130a4c55c6033"),
     "igd": ("Lokshaw-Chau/MinimaxDiffusion", "359d7093dbc698cdc5461a893b6e9fc7b8808567"),  # IGD's loop (master)
+    "rded": ("LINs-lab/RDED", "3f6453d8b18b6a9bcc6c718bc16ecda6bb94d59f"),  # its validation protocol (eval --protocol rded)
+    "sre2l": ("VILA-Lab/SRe2L", "8d00cba364bfa34aa1f5a8107dc041ae1be8ebe6"),  # FKD relabel + train_FKD (--protocol sre2l)
 }
 _LOADED: dict[tuple[str, tuple[str, ...]], dict[str, ModuleType]] = {}
 

@@ -179,8 +179,12 @@ def to_8bit(image: Image.Image) -> Image.Image:
                                "grey); convert the file to RGB")
 
 
-def load_image(path: str, image_size: int, channels: int = 3) -> np.ndarray:
+def load_image(path: str, image_size: int, channels: int = 3, resize: int | None = None) -> np.ndarray:
     """Decode, convert (RGB or L), resize + centre-crop one image: uint8 [C, H, W].
+
+    resize: the shorter side is first resized to this (torchvision's ``Resize(resize)``) and the centre
+    ``image_size`` square cropped (``CenterCrop(image_size)``), as an ImageNet test transform
+    (``Resize(256), CenterCrop(224)``); None = resized to ``image_size`` itself.
 
     16-bit grey and other wide modes are scaled to 8 bits first (:func:`to_8bit`), never clipped.
     Raises PIL's own errors (or UnsupportedImageMode) for unreadable files (the caller decides whether
@@ -189,17 +193,44 @@ def load_image(path: str, image_size: int, channels: int = 3) -> np.ndarray:
     with Image.open(path) as handle:
         handle.load()  # decode fully now, so truncation errors surface here
         image = to_8bit(handle).convert(_PIL_MODES[channels])
-    image = resize_and_center_crop(image, image_size)
+    if resize is not None and resize != image_size:
+        image = _center_crop(_resize_shorter_side(image, resize), image_size)
+    else:
+        image = resize_and_center_crop(image, image_size)
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def try_load_image(args: tuple[str, int, int]):
-    path, image_size, channels = args
+def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's Resize(size) of a PIL image: the shorter side to ``size`` (bilinear), aspect kept."""
+    width, height = image.size
+    if width <= height:
+        new_width, new_height = size, int(size * height / width)
+    else:
+        new_width, new_height = int(size * width / height), size
+    if (new_width, new_height) == (width, height):
+        return image
+    return image.resize((new_width, new_height), Image.BILINEAR)
+
+
+def _center_crop(image: Image.Image, image_size: int) -> Image.Image:
+    """torchvision's CenterCrop(image_size) of an image at least that large on both sides."""
+    width, height = image.size
+    if width < image_size or height < image_size:
+        raise ValueError(f"a {width}x{height} image cannot be centre-cropped to {image_size}")
+    left = int(round((width - image_size) / 2.0))
+    top = int(round((height - image_size) / 2.0))
+    return image.crop((left, top, left + image_size, top + image_size))
+
+
+def try_load_image(args: tuple):
+    """load_image(*args) for (path, image_size, channels[, resize]), or the decode error it raised."""
+    path, image_size, channels = args[:3]
+    resize = args[3] if len(args) > 3 else None
     try:
-        return load_image(path, image_size, channels)
+        return load_image(path, image_size, channels, resize)
     except _DECODE_ERRORS as exc:
         return exc
 
@@ -243,6 +274,7 @@ def load_image_folder(
     as_uint8: bool = False,
     num_workers: int | None = None,
     ignore_unlisted: bool = False,
+    resize: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], LoadReport]:
     """Load a whole ImageFolder tree into memory.
 
@@ -264,7 +296,7 @@ def load_image_folder(
     all_paths = [path for paths in paths_per_class for path in paths]
     all_labels = [label for label, paths in enumerate(paths_per_class) for _ in paths]
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    jobs = [(path, image_size, channels) for path in all_paths]
+    jobs = [(path, image_size, channels, resize) for path in all_paths]
     if workers > 1 and len(jobs) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(try_load_image, jobs))

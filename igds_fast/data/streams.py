@@ -49,7 +49,9 @@ class _DecodeDataset(torch.utils.data.Dataset):
     exact integer pixel sums the training statistics need, so the main process only collates.
     """
 
-    def __init__(self, paths: Sequence[str], image_size: int, channels: int, with_stats: bool = False):
+    def __init__(self, paths: Sequence[str], image_size: int, channels: int, with_stats: bool = False,
+                 resize: int | None = None):
+        self.resize = resize
         self.paths = list(paths)
         self.image_size = image_size
         self.channels = channels
@@ -59,7 +61,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        result = try_load_image((self.paths[index], self.image_size, self.channels))
+        result = try_load_image((self.paths[index], self.image_size, self.channels, self.resize))
         if isinstance(result, BaseException):
             return index, None, " ".join(str(result).split()) or type(result).__name__, None, None
         sums = squares = None
@@ -127,8 +129,10 @@ class FolderImages:
         num_workers: int | None = None,
         in_memory: bool | None = None,
         progress: bool = False,
+        resize: int | None = None,
     ):
         check_load_arguments(image_size, channels, on_corrupt)
+        self.resize = resize
         self.num_workers = self._resolve_num_workers(num_workers)
         self.root = os.fspath(root)
         self.image_size = image_size
@@ -143,7 +147,7 @@ class FolderImages:
         if self.in_memory:
             images, labels, _, report = load_image_folder(
                 root, image_size, channels=channels, on_corrupt=on_corrupt, class_names=names, as_uint8=True,
-                num_workers=max(1, self.num_workers), ignore_unlisted=ignore_unlisted,
+                num_workers=max(1, self.num_workers), ignore_unlisted=ignore_unlisted, resize=resize,
             )
             skipped = set(report.skipped_paths)
             self.paths = [path for path in all_paths if path not in skipped]
@@ -158,6 +162,8 @@ class FolderImages:
 
     # False only for a path list built with from_paths(verify=False): no decoding pass ran.
     verified = True
+    # Resize the shorter side to this before the centre crop to image_size (None: to image_size itself).
+    resize: int | None = None
 
     @staticmethod
     def _resolve_num_workers(num_workers) -> int:
@@ -179,6 +185,7 @@ class FolderImages:
         in_memory: bool | None = None,
         verify: bool = True,
         progress: bool = False,
+        resize: int | None = None,
     ) -> "FolderImages":
         """The images of an explicit path list (e.g. a chosen subset of a folder), in the list's order.
 
@@ -211,6 +218,7 @@ class FolderImages:
         if int(labels.min()) < 0 or int(labels.max()) >= len(names):
             raise IGDSInputError(f"labels must lie in [0, {len(names)}) (positions in class_names)")
         self = cls.__new__(cls)
+        self.resize = resize
         self.num_workers = cls._resolve_num_workers(num_workers)
         self.root = os.fspath(root) if root is not None else os.path.commonpath(
             [os.path.dirname(os.path.abspath(path)) for path in paths])
@@ -230,7 +238,7 @@ class FolderImages:
         """The decoding pass: unreadable files found, pixel sums taken; with `hold` the images kept too."""
         from ..progress import Progress
 
-        dataset = _DecodeDataset(all_paths, self.image_size, self.channels, with_stats=True)
+        dataset = _DecodeDataset(all_paths, self.image_size, self.channels, with_stats=True, resize=self.resize)
         order = [list(range(start, min(start + _SCAN_BATCH, len(all_paths))))
                  for start in range(0, len(all_paths), _SCAN_BATCH)]
         readable = np.ones(len(all_paths), dtype=bool)
@@ -294,7 +302,7 @@ class FolderImages:
                 images = self._images[index_t]
                 yield (images.pin_memory() if pin_memory else images), self.labels[index_t], index_t
             return
-        dataset = _DecodeDataset(self.paths, self.image_size, self.channels)
+        dataset = _DecodeDataset(self.paths, self.image_size, self.channels, resize=self.resize)
         for indices, images, failures, _, _ in self._loader(dataset, lists, pin_memory):
             if failures:
                 index, reason = failures[0]
@@ -341,7 +349,8 @@ class FolderImages:
 
     def fingerprint(self) -> str:
         """sha256 of the image list (paths relative to the root, labels) and the decoding settings."""
-        digest = hashlib.sha256(f"{self.image_size}:{self.channels}:{self.class_names!r}".encode())
+        size = self.image_size if self.resize is None else f"{self.resize}/{self.image_size}"
+        digest = hashlib.sha256(f"{size}:{self.channels}:{self.class_names!r}".encode())
         for path, label in zip(self.paths, self.labels.tolist()):
             # The name's bytes on disk (os.fsencode): a file name in another encoding than UTF-8 is hashed
             # as it is (UTF-8 names give the bytes they always gave).

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from igds_fast.errors import IGDSInputError
+from igds_fast.evaluate.torchvision_nets import build_torchvision_network, is_torchvision_name
 
 NETWORK_NAMES = ("convnet3", "convnet4", "convnet5", "convnet6", "resnet_ap10", "resnet18_in")
 
@@ -227,8 +228,16 @@ def build_eval_network(
 
     ``width`` (ConvNets only) is the channel count of every block, 128 in the protocol; smaller
     widths are a speed option for tiny sets (e.g. 16x16 digits on a CPU). Unknown names and sizes
-    the network cannot take raise IGDSInputError.
+    the network cannot take raise IGDSInputError. ``torchvision:<model>`` builds torchvision's
+    classifier (RGB only; its own stem handles any size it accepts; needs the torchvision extra).
     """
+    if is_torchvision_name(name):
+        if width != 128:
+            raise IGDSInputError(f"width applies to ConvNets only, not {name!r}")
+        if in_channels != 3:
+            raise IGDSInputError(f"{name} takes RGB images; these have {in_channels} channel(s)")
+        _check_common(in_channels, num_classes, image_size)
+        return build_torchvision_network(name, num_classes)
     key = str(name).strip().lower().replace("-", "").replace("_", "")
     if key.startswith("convnet") and key[7:].isdigit():
         depth = int(key[7:])
@@ -241,4 +250,4 @@ def build_eval_network(
         return resnet_ap10(in_channels, num_classes, image_size)
     if key in ("resnet18in", "resnet18"):
         return resnet18_in(in_channels, num_classes, image_size)
-    raise IGDSInputError(f"unknown network {name!r}; choose from {', '.join(NETWORK_NAMES)}")
+    raise IGDSInputError(f"unknown network {name!r}; choose from {', '.join(NETWORK_NAMES)} or torchvision:<name>")
