@@ -24,10 +24,14 @@ of the process and of its largest DataLoader worker):
     distill         --classes LIST --ipc 1 --composite 4 --beta-table --steps STEPS   (preview.png, manifest)
     distill-s3      the same with --select s3 --real ROOT/train (G = 5 candidates per class)
     export-npz      the distill folder -> one .npz
+    eval-rded       RDED's soft-label protocol on the distill folder: a random-weight ConvNet-3 teacher
+                    over the 1000 outputs (--teacher-arch convnet3; the class-order check runs and is
+                    recorded, then overridden with --ignore-class-check: a random teacher is at chance),
+                    --epochs 1 --width WIDTH --image-size SIDE
     eval-igds, eval-minimax   the hard-label protocols on the distill folder, --epochs 1 --width WIDTH
 
-CI_EVAL_STAGE is the last CI stage: eval-igds until issue 27's `eval --protocol rded` (a tiny teacher
-over 1000 outputs) lands, then an eval-rded stage in `stage_argv` and STAGES, named there.
+CI_EVAL_STAGE (eval-rded) is the last CI stage, as in the issue: the recipe ends with the number the
+field reports.
 `check_outputs` checks what a user relies on: one folder per class, exactly IPC PNGs in each, the
 manifest's labels in the sorted-wnid order (its classes and images), a preview that stays readable
 (at most 20 rows whatever the class count), the S³ folder likewise, the npz's labels.
@@ -57,8 +61,8 @@ GROUPS = 5  # S³'s G, its default
 TRAIN_PER_CLASS = 2
 VAL_PER_CLASS = 1
 IPC = 1
-STAGES = ("train-ve", "calibrate-beta", "distill", "distill-s3", "export-npz", "eval-igds", "eval-minimax")
-CI_EVAL_STAGE = "eval-igds"  # the rehearsal's last stage; "eval-rded" (a tiny teacher over 1000 outputs) once issue 27 lands
+STAGES = ("train-ve", "calibrate-beta", "distill", "distill-s3", "export-npz", "eval-rded", "eval-igds", "eval-minimax")
+CI_EVAL_STAGE = "eval-rded"  # the rehearsal's last stage: the soft-label number the ImageNet-1K tables report
 CI_STAGES = ("train-ve", "calibrate-beta", "distill", "distill-s3", CI_EVAL_STAGE)
 CLASSIFIER_EPOCHS = 30  # train-ve's L-BFGS iterations (at C = 1000, d = 2048 each costs ~25 GFLOP: ~1 s here)
 CI_SETTINGS = {"steps": 2, "groups": 2, "classifier_epochs": 10}
@@ -97,7 +101,8 @@ def make_tree(root: str, wnids: list[str], train_per_class: int, val_per_class: 
 
 
 def make_models(root: str, side: int, width: int) -> dict:
-    """A random ResNet-50 MoCo v2 checkpoint and a 1000-class ADM prior file (written once)."""
+    """A random ResNet-50 MoCo v2 checkpoint, a 1000-class ADM prior file and a 1000-output ConvNet-3
+    teacher (random weights, a bare state dict), written once."""
     import torch
 
     from igds_fast.classes import imagenet_wnids
@@ -106,7 +111,8 @@ def make_models(root: str, side: int, width: int) -> dict:
     from igds_fast.models.resnet import resnet50
     from igds_fast.train_prior import PriorTrainConfig
 
-    paths = {"moco": os.path.join(root, "moco_v2_resnet50.pth.tar"), "prior": os.path.join(root, "prior_in1k.safetensors")}
+    paths = {"moco": os.path.join(root, "moco_v2_resnet50.pth.tar"), "prior": os.path.join(root, "prior_in1k.safetensors"),
+             "teacher": os.path.join(root, "teacher_convnet3_in1k.pt")}
     if all(os.path.exists(p) for p in paths.values()):
         return paths
     torch.manual_seed(0)
@@ -121,6 +127,9 @@ def make_models(root: str, side: int, width: int) -> dict:
         for parameter in unet.parameters():
             parameter.normal_(0.0, 0.05)
     save_prior(paths["prior"], unet, flags, arch.schedule_config(), names)
+    from igds_fast.evaluate.teachers import teacher_builder
+
+    torch.save(teacher_builder("convnet3", side)(len(names)).state_dict(), paths["teacher"])
     return paths
 
 
@@ -144,6 +153,8 @@ def stage_argv(stage: str, root: str, models: dict, class_spec: str, side: int =
         "distill": [*distill, "--out", distilled],
         "distill-s3": [*distill, "--select", "s3", "--groups", str(groups), "--real", train, "--out", os.path.join(work, "in1k_ipc1_s3")],
         "export-npz": ["export-npz", distilled, "--out", os.path.join(work, "in1k_ipc1.npz")],
+        "eval-rded": [*evaluation, "--protocol", "rded", "--teacher", models["teacher"], "--teacher-arch", "convnet3",
+                      "--image-size", str(side), "--ignore-class-check", "--out", os.path.join(work, "eval_rded.json")],
         "eval-igds": [*evaluation, "--protocol", "igds", "--out", os.path.join(work, "eval_igds.json")],
         "eval-minimax": [*evaluation, "--protocol", "minimax", "--out", os.path.join(work, "eval_minimax.json")],
     }[stage]

@@ -12,6 +12,11 @@ networks on a GPU reach a small fraction of its peak, so it is a lower bound the
                      reports the best checkpoint, MinimaxDiffusion's).
     calibrate-beta:  one VE forward over the training set (the KL scores), then per IPC
                      len(betas) x seeds networks of IPC x classes images, each tested once.
+    eval rded/sre2l: seeds students per set (distilled, random-real) and label mode (soft, hard), each
+                     `epochs` over its set and tested at the protocol's test points; plus the teacher:
+                     rded runs it on every image-pass of a soft run (online KD), sre2l once per epoch
+                     and image of each set (the relabel, replayed by every seed), and both on the
+                     class-order check's validation images.
 """
 from __future__ import annotations
 
@@ -70,6 +75,47 @@ def eval_volume_lines(recipe, training: dict, class_counts: list[int], channels:
                         val_images, device, recipe.network)
 
 
+def teacher_forward_flops(arch: str, outputs: int, image_size: int) -> int | None:
+    """One forward of the soft-label protocols' teacher on one RGB image (meta device); None when the
+    architecture cannot be built on the meta device."""
+    from .evaluate.teachers import teacher_builder
+
+    try:
+        with torch.device("meta"):
+            model = teacher_builder(arch, image_size)(outputs).eval()
+            image = torch.randn(1, 3, image_size, image_size)
+        return forward_flops(model, image)
+    except Exception:  # a torchvision model that does not build on meta: the line says it was not counted
+        return None
+
+
+def soft_eval_volume_lines(protocol, recipe, set_sizes: list[int], num_classes: int, teacher_outputs: int,
+                           teacher_arch: str, check_images: int, val_images: int, device) -> list[str]:
+    """`eval --protocol rded|sre2l`'s volume. protocol: the KDProtocol (epochs, image_size, test points);
+    recipe: the EvalSettings; set_sizes: images of each set trained on (distilled, then random-real)."""
+    modes = 2 if recipe.also_hard_labels else 1
+    epochs = protocol.epochs
+    groups = [(recipe.seeds, epochs, images) for images in set_sizes for _ in range(modes)]
+    student = network_forward_flops(recipe.network, 3, num_classes, protocol.image_size, recipe.width)
+    # kd_train's test points before the last epoch, then the final test
+    tests = sum(1 for epoch in range(epochs - 1) if protocol.tests_after(epoch)) + 1
+    networks = sum(group[0] for group in groups)
+    teacher = teacher_forward_flops(teacher_arch, teacher_outputs, protocol.image_size)
+    if protocol.name == "rded":
+        teacher_passes = recipe.seeds * epochs * sum(set_sizes)
+        what = f"teacher {teacher_arch}: {teacher_passes:,} online labellings + {check_images:,} check"
+    else:
+        teacher_passes = epochs * sum(set_sizes)
+        what = f"teacher {teacher_arch}: {teacher_passes:,} relabel passes + {check_images:,} check"
+    teacher_passes += check_images
+    if teacher is None:
+        lines = volume_lines("eval: plan:", groups, student, networks * tests, val_images, device, recipe.network)
+        return lines[:2] + [f"eval: plan: {what} forwards (not counted: {teacher_arch} does not build on the meta "
+                            "device)"] + lines[2:]
+    return volume_lines("eval: plan:", groups, student, networks * tests, val_images, device, recipe.network,
+                        extra_flops=teacher_passes * teacher, extra_label=f"{what} forwards")
+
+
 def calibrate_volume_lines(calibration, num_classes: int, channels: int, image_size: int, train_images: int,
                            val_images: int, ve_forward: int, device) -> list[str]:
     """`calibrate-beta`'s volume. calibration: the CalibrationSettings; ve_forward: one VE forward's FLOPs
@@ -107,4 +153,5 @@ def announce_calibration(calibration, ve, train_images: int, val_images: int, im
         log(line)
 
 
-__all__ = ["announce_calibration", "announce_eval", "TRAIN_FACTOR", "calibrate_volume_lines", "eval_volume_lines", "network_forward_flops", "volume_lines"]
+__all__ = ["announce_calibration", "announce_eval", "TRAIN_FACTOR", "calibrate_volume_lines", "eval_volume_lines",
+           "network_forward_flops", "soft_eval_volume_lines", "teacher_forward_flops", "volume_lines"]

@@ -184,8 +184,27 @@ def test_tiny_rded_run_with_baseline_and_hard_labels(folders, tmp_path, capsys):
     assert len(result["baseline"]["files"]) == 12 and result["train_size"] == 12
     assert "distilled - random real" in printed.out and "soft - hard labels" in printed.out
     assert "protocol: rded (AdamW lr 0.001" in printed.out
+    # The volume before the training (issue 28): 2 sets x 2 label modes x 1 seed x 2 epochs x 12 images; the
+    # teacher labels every image-pass of the two soft runs and the check's validation images.
+    assert "eval: plan: 4 network(s): 1 x 2 epochs x 12 images + 1 x 2 epochs x 12 images + 1 x 2 epochs x 12 " \
+           "images + 1 x 2 epochs x 12 images = 96 image-passes of training" in printed.err
+    assert f"teacher convnet3: 48 online labellings + {result['teacher']['class_check']['images']} check forwards" \
+        in printed.err
     for run in [result, *result["runs"]]:
         assert all(0.0 <= a <= 100.0 for a in run["accuracies"]) and run["epochs"] == 2
+
+
+def test_the_student_is_built_at_the_given_width(folders, tmp_path, monkeypatch):
+    """--width (a ConvNet's channels) reaches the soft protocols' student; it was accepted and ignored."""
+    import igds_fast.evaluate.kd_run as kd_run
+
+    widths = []
+    original = kd_run.build_eval_network
+    monkeypatch.setattr(kd_run, "build_eval_network",
+                        lambda name, channels, classes, size, width=128: widths.append(width) or original(
+                            name, channels, classes, size, width))
+    code, _ = _eval(folders, tmp_path, "--width", "16")
+    assert code == 0 and widths and set(widths) == {16}
 
 
 def test_tiny_sre2l_run_records_relabels_and_replays_them(folders, tmp_path):

@@ -38,6 +38,22 @@ def test_each_stage_states_its_cost_first(rehearsal):
     assert "distill: plan: S3 candidates (G x IPC per class): 1,000 classes x 2 images = 2,000 images" in stderr["distill-s3"]
     assert "calibrate-beta: plan: 2 network(s): 2 x 1 epochs x 1,000 images = 2,000 image-passes" in stderr["calibrate-beta"]
     assert "eval: plan: 1 network(s): 1 x 1 epochs x 1,000 images = 1,000 image-passes" in stderr[bench.CI_EVAL_STAGE]
+    assert "teacher convnet3: 1,000 online labellings + 1,000 check forwards" in stderr[bench.CI_EVAL_STAGE]
+
+
+def test_the_soft_label_number_is_made_with_a_1000_output_teacher(rehearsal):
+    """The recipe's last stage is RDED's protocol: soft labels from the teacher over all 1000 outputs, the
+    class-order check run on every class and recorded (a random teacher fails it: overridden, said so)."""
+    import json
+
+    _, root, _, _ = rehearsal
+    with open(os.path.join(root, "work", "eval_rded.json")) as handle:
+        result = json.load(handle)
+    assert result["protocol"]["name"] == "rded" and result["labels"] == "soft"
+    teacher = result["teacher"]
+    assert teacher["arch"] == "convnet3" and teacher["outputs"] == 1000 and teacher["class_map"] is None
+    assert teacher["class_check"]["overridden"] and not teacher["class_check"]["passed"]
+    assert len(result["accuracies"]) == 1 and 0.0 <= result["accuracies"][0] <= 100.0
 
 
 def test_the_checks_catch_a_broken_folder(rehearsal, tmp_path):

@@ -24,6 +24,7 @@ from igds_fast.evaluate.settings import EvalRun
 from igds_fast.imageio import write_json_atomic
 from igds_fast.settings import to_dict
 from igds_fast.threads import cpu_threads, torch_threads
+from igds_fast.training_cost import soft_eval_volume_lines
 
 
 def _log(message: str) -> None:
@@ -51,7 +52,7 @@ def run_soft(settings: EvalRun, class_names, train_paths, real_paths, ipc: int, 
 def _run(settings: EvalRun, class_names, train_paths, real_paths, ipc: int, cut: dict, ctx, device, protocol,
          format_table) -> int:
     recipe = settings.training
-    build_eval_network(recipe.network, 3, len(class_names), protocol.image_size)  # a bad student fails first
+    build_eval_network(recipe.network, 3, len(class_names), protocol.image_size, recipe.width)  # a bad student fails first
     source_side = settings.stored_size(class_names[0])
     streamed_note = {}
 
@@ -79,6 +80,10 @@ def _run(settings: EvalRun, class_names, train_paths, real_paths, ipc: int, cut:
         _log(f"teacher {teacher.info['arch']} ({teacher.info['outputs']} outputs; {teacher.info['mapping']}): "
              f"top-1 {check['accuracy_percent']:.1f}% on {check['images']} real validation images "
              f"(chance {check['chance_percent']:.1f}%)")
+    if ctx.is_main:  # the volume after every input is read and checked, before the training (issue 28)
+        lines = soft_eval_volume_lines(protocol, recipe, [len(source) for _, source in sets], len(class_names),
+                                       teacher.info["outputs"], teacher.info["arch"], check["images"], len(val), device)
+        print("\n".join(lines), file=sys.stderr, flush=True)
     runs = []
     for set_name, source in sets:
         relabel = relabels.get(set_name)
@@ -86,7 +91,8 @@ def _run(settings: EvalRun, class_names, train_paths, real_paths, ipc: int, cut:
         for mode in modes:
             result = evaluate_soft(protocol=protocol, network=recipe.network, set_name=set_name, source=source, ipc=ipc,
                                    val=val, teacher=teacher if mode == "soft" else None, mode=mode, seeds=recipe.seeds,
-                                   device=device, ctx=ctx, relabel=relabel, progress=settings.progress, log=_log)
+                                   device=device, ctx=ctx, relabel=relabel, progress=settings.progress, log=_log,
+                                   width=recipe.width)
             result["streamed"] = streamed_note.get(settings.train if set_name == "distilled" else settings.real, False)
             runs.append(result)
     if not ctx.is_main:

@@ -108,16 +108,18 @@ def run_relabel(folder: str, spec: RelabelSpec, source, teacher: Teacher, protoc
 
 def evaluate_soft(*, protocol: KDProtocol, network: str, set_name: str, source, ipc: int, val, teacher: Teacher | None,
                   mode: str, seeds: int, device, ctx: DistContext, relabel: tuple[str, RelabelSpec] | None = None,
-                  progress: bool = True, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+                  progress: bool = True, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                  width: int = 128) -> dict:
     """Train ``seeds`` students on ``source`` (FolderImages at its stored side) by ``protocol`` and test on ``val``.
 
-    mode: "soft" (the teacher's labels: online for rded, replayed from ``relabel`` for sre2l) or "hard"."""
+    mode: "soft" (the teacher's labels: online for rded, replayed from ``relabel`` for sre2l) or "hard";
+    width: a ConvNet student's channels (--width; 128, RDED's net_width)."""
     num_classes = len(source.class_names)
     size = protocol.image_size
-    build_eval_network(network, 3, num_classes, size)  # a bad name or size fails before any training
+    build_eval_network(network, 3, num_classes, size, width)  # a bad name, size or width fails before any training
 
     def build_student():
-        return NormalizedInput(build_eval_network(network, 3, num_classes, size), IMAGENET_MEAN, IMAGENET_STD)
+        return NormalizedInput(build_eval_network(network, 3, num_classes, size, width), IMAGENET_MEAN, IMAGENET_STD)
 
     relabel_record, reader, label_mode = None, None, "hard"
     if mode == "soft" and protocol.name == "sre2l":
