@@ -203,6 +203,35 @@ def test_evaluate_distilled_minibatch_and_schedules(rng_seed):
         assert 0.0 <= result["mean"] <= 100.0
 
 
+@pytest.mark.parametrize("batch_size", [12, 5])  # full batch (converted whole each step) and minibatches
+def test_a_uint8_set_trains_and_tests_as_its_float_form(rng_seed, batch_size):
+    """A set held as uint8 (4x smaller; each batch converted as x / 127.5 - 1) trains the same weights,
+    bit for bit, as its float form under the minimax recipe's augmentations (crop, flip, jitter,
+    lighting, CutMix), and tests the same."""
+    from igds_fast.data import uint8_to_unit_range
+    from igds_fast.evaluate import measure_accuracy
+    from igds_fast.evaluate.protocol import protocol_for
+    from igds_fast.evaluate.train import train_one_seed
+
+    generator = torch.Generator().manual_seed(rng_seed)
+    train_u8 = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    train_y = torch.arange(12) % 3
+    recipe = protocol_for("minimax", 3, 3)
+
+    def trained(images):
+        return train_one_seed(lambda: build_eval_network("convnet3", 3, 3, 16, width=8), images, train_y, 2, rng_seed,
+                              0.01, batch_size, "cosine", recipe.augment, 5e-4, torch.device("cpu"), optimizer="sgd",
+                              momentum=0.9)
+
+    from_u8, from_float = trained(train_u8), trained(uint8_to_unit_range(train_u8))
+    for (name, a), (_, b) in zip(from_u8.state_dict().items(), from_float.state_dict().items()):
+        assert torch.equal(a, b), name
+    test_u8 = torch.randint(0, 256, (9, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    test_y = torch.arange(9) % 3
+    assert measure_accuracy(from_u8, test_u8, test_y, batch_size=4) == measure_accuracy(
+        from_u8, uint8_to_unit_range(test_u8), test_y, batch_size=4)
+
+
 def test_evaluate_distilled_input_errors(rng_seed):
     train_x, train_y = torch.rand(6, 1, 8, 8), torch.tensor([0, 0, 1, 1, 2, 2])
     test_x, test_y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])

@@ -106,11 +106,12 @@ def format_results_table(results: Sequence[dict]) -> str:
 
 
 def _load_hard_set(settings: EvalRun, paths_per_class, class_names, image_size: int, root: str):
-    """(images float [N, C, S, S] in [-1, 1], labels, load report) of the given files, held in memory."""
+    """(images uint8 [N, C, S, S], labels, load report) of the given files, held in memory (evaluate_distilled
+    converts each batch to [-1, 1])."""
     paths, labels = flatten(paths_per_class)
     images = FolderImages.from_paths(paths, labels, class_names, image_size, channels=settings.channels,
                                      on_corrupt=settings.on_corrupt, root=root, in_memory=True)
-    return images.as_float_tensor(), images.labels, images.report
+    return images.as_uint8_tensor(), images.labels, images.report
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
         raise IGDSInputError(message) if os.environ.get("RANK", "0") == "0" else QuietRankError(message)
 
     image_size = settings.load_size(class_names[0])
-    # The distilled set is held on the device as float32 [N, C, S, S] for the whole training: it must fit.
+    # The distilled set is held on the device as uint8 [N, C, S, S] for the whole training: it must fit.
     count = sum(len(paths) for paths in train_paths)
-    check_fits(4 * count * settings.channels * image_size ** 2, resolve_device(recipe.device),
+    check_fits(count * settings.channels * image_size ** 2, resolve_device(recipe.device),
                f"holding the {count} distilled images of {settings.channels}x{image_size}x{image_size}")
     build_eval_network(recipe.network, settings.channels, len(class_names), image_size, width=recipe.width)
     # The preset for this problem (refuses minimax on grey images) and the flags that override it.

@@ -326,6 +326,12 @@ class FolderImages:
         (images, _, _), = list(self.uint8_batches([index]))
         return uint8_to_unit_range(images)
 
+    def as_uint8_tensor(self) -> torch.Tensor:
+        """The whole set as held: uint8 [N, C, S, S] in [0, 255]; only for a set held in memory."""
+        if self._images is None:
+            raise IGDSInputError(f"{self.root!r} is streamed, not held in memory (raise {IN_MEMORY_ENV} to hold it)")
+        return self._images
+
     def as_float_tensor(self) -> torch.Tensor:
         """The whole set as float32 [N, C, S, S] in [-1, 1]; only for a set held in memory."""
         if self._images is None:

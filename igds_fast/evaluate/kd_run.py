@@ -94,7 +94,11 @@ def relabel_spec(protocol: KDProtocol, teacher: Teacher, source, topk: int) -> R
 def run_relabel(folder: str, spec: RelabelSpec, source, teacher: Teacher, protocol: KDProtocol, device,
                 ctx: DistContext, log: Callable[[str], None], progress: bool) -> dict:
     """The relabel stage (resumable; after :func:`prepare_relabel`): the ranks share the pending epochs."""
+    # Every rank reads the same pending list: all read it before any writes (a rank that read it after
+    # another had written an epoch would shard a shorter list, and one epoch would be made by nobody).
+    barrier(ctx)
     pending = pending_epochs(folder, spec)
+    barrier(ctx)
     started = time.perf_counter()
     bar = Progress(total=len(pending), unit="epoch", label="sre2l relabel", enabled=progress and ctx.is_main,
                    show_elapsed=True)

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from igds_fast.data import FolderImages
+from igds_fast.data import FolderImages, uint8_to_unit_range
 from igds_fast.devices import resolve_device
 from igds_fast.errors import IGDSInputError
 from igds_fast.evaluate.augment import AugmentConfig, augment_batch
@@ -147,6 +147,12 @@ def _optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, mome
     raise IGDSInputError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
+def _unit_range(images: torch.Tensor) -> torch.Tensor:
+    """A batch of a held set in [-1, 1]: a uint8 set (4x smaller to hold) is converted per batch, with
+    the same elementwise x / 127.5 - 1 as converting it whole (the same values, bit for bit)."""
+    return uint8_to_unit_range(images) if images.dtype == torch.uint8 else images
+
+
 def train_one_seed(
     network_factory: Callable[[], nn.Module],
     train_x: torch.Tensor,
@@ -191,7 +197,7 @@ def train_one_seed(
             order = torch.randperm(count, generator=generator, device=device)
             batches = order.split(batch_size)
         for batch_index in batches:
-            images = train_x if batch_index is None else train_x[batch_index]
+            images = _unit_range(train_x if batch_index is None else train_x[batch_index])
             labels = train_y if batch_index is None else train_y[batch_index]
             images, labels_a, labels_b, kept = augment_batch(images, labels, generator, augment)
             logits = model(images)
@@ -232,7 +238,7 @@ def measure_accuracy(model: nn.Module, test_x, test_y: torch.Tensor | None, batc
         return 100.0 * float(correct) / len(test_x)
     correct = torch.zeros((), dtype=torch.int64, device=test_y.device)
     for start in range(0, test_x.shape[0], batch_size):
-        logits = model(test_x[start : start + batch_size])
+        logits = model(_unit_range(test_x[start : start + batch_size]))
         correct += (logits.argmax(dim=1) == test_y[start : start + batch_size]).sum()
     return 100.0 * float(correct) / test_x.shape[0]
 
@@ -278,7 +284,8 @@ def evaluate_distilled(
 ) -> dict:
     """Train ``seeds`` networks on the distilled set and report their real-test accuracy.
 
-    ``train_x/test_x``: float [N, C, S, S] in [-1, 1]; ``train_y/test_y``: int labels in
+    ``train_x/test_x``: float [N, C, S, S] in [-1, 1], or uint8 [0, 255] (held 4x smaller and converted
+    per batch, x / 127.5 - 1: the same values), or test_x a FolderImages; ``train_y/test_y``: int labels in
     0..num_classes-1 (inferred from the labels if not given; every class needs distilled images).
     ``network``: a name for :func:`build_eval_network` (``width`` is passed to ConvNets) or a
     zero-argument factory returning a fresh module (wrapped in :class:`NormalizedInput` when the
@@ -310,7 +317,7 @@ def evaluate_distilled(
     if isinstance(test_x, FolderImages):
         test_y = test_x.labels
         if test_x.in_memory:  # small enough to hold: the fast path, same batches and results
-            test_x = test_x.as_float_tensor()
+            test_x = test_x.as_uint8_tensor()
     num_classes = _check_inputs(train_x, train_y, test_x, test_y, num_classes)
     channels, image_size = train_x.shape[1], train_x.shape[-1]
     protocol = resolve_protocol(protocol, num_classes, channels)
@@ -367,12 +374,15 @@ def evaluate_distilled(
     else:
         network_factory = build_network
 
-    train_x_d = train_x.to(device=device, dtype=torch.float32)
+    # A uint8 set stays uint8 on the device (converted per batch); a float one is held as float32.
+    held = (lambda images: images.to(device=device) if images.dtype == torch.uint8
+            else images.to(device=device, dtype=torch.float32))
+    train_x_d = held(train_x)
     train_y_d = train_y.to(device=device, dtype=torch.int64)
     if isinstance(test_x, FolderImages):
         test_x_d, test_y_d = test_x, None  # streamed per measurement
     else:
-        test_x_d = test_x.to(device=device, dtype=torch.float32)
+        test_x_d = held(test_x)
         test_y_d = test_y.to(device=device, dtype=torch.int64)
 
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
