@@ -11,6 +11,7 @@ disk (ENOSPC, or an exhausted quota) is raised as a one-line `IGDSDiskFullError`
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -144,11 +145,13 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> None:
     _writable_folder(existing, flag, path)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, os.replace.
-
-    The parent folder must exist. On any error the temporary file is removed and the previous
-    content of ``path`` (if any) is untouched.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """A binary handle whose bytes appear at ``path`` atomically when the block ends without an error:
+    a hidden temporary file in the same folder (mode from the umask), fsync, os.replace, the folder
+    fsynced. On any error (or a kill) the temporary file is removed or left hidden and ``path`` keeps
+    its previous content; a full disk or quota is IGDSDiskFullError naming the folder. The parent
+    folder must exist.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -166,7 +169,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         # mkstemp creates 0600; outputs are ordinary files, readable as the user's umask allows.
         os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_path, path)
@@ -179,6 +182,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
             raise IGDSDiskFullError(folder) from exc
         raise
     _fsync_folder(folder)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (`atomic_file`): the previous content of ``path`` (if any)
+    is untouched on any error."""
+    with atomic_file(path) as handle:
+        handle.write(data)
 
 
 def _fsync_folder(folder: str) -> None:

@@ -33,16 +33,15 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from igds_fast.errors import IGDSDiskFullError, IGDSInputError
+from igds_fast.errors import IGDSInputError
 from igds_fast.evaluate.kd_augment import EpochDraws
-from igds_fast.imageio import _fsync_folder, file_mode, write_json_atomic
+from igds_fast.imageio import atomic_file, write_json_atomic
 from igds_fast.limits import format_bytes, read_json
 
 FORMAT = "igds-fast-sre2l-relabel"
@@ -202,47 +201,31 @@ def write_epoch(folder: str, spec: RelabelSpec, epoch: int, draws: EpochDraws,
     small = draws_tensors(draws)
     layout = _layout(spec)
     streamed = [name for name, _, _ in layout if name not in small]
-    path = epoch_file(folder, epoch)
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(_header(spec, epoch))
-            for name, dtype, shape in layout:
-                if name in small:
-                    tensor = small[name].to(dtype).contiguous()
-                    if tuple(tensor.shape) != shape:
-                        raise AssertionError(f"{name}: {tuple(tensor.shape)} != {shape}")
-                    handle.write(tensor.numpy().tobytes())
-            if len(streamed) == 1:  # full logits: straight to the file, batch by batch
-                rows = 0
-                for batch in batches:
-                    handle.write(batch[streamed[0]].contiguous().numpy().tobytes())
-                    handle.flush()  # on disk batch by batch (a killed run leaves a partial temporary, never a final name)
-                    rows += batch[streamed[0]].shape[0]
-                if rows != spec.count:
-                    raise AssertionError(f"{rows} soft-label rows for {spec.count} images")
-            else:  # top-k: a few bytes per image, gathered then written per tensor
-                parts = {name: [] for name in streamed}
-                for batch in batches:
-                    for name in streamed:
-                        parts[name].append(batch[name])
+    with atomic_file(epoch_file(folder, epoch)) as handle:  # a killed run leaves no partial epoch file
+        handle.write(_header(spec, epoch))
+        for name, dtype, shape in layout:
+            if name in small:
+                tensor = small[name].to(dtype).contiguous()
+                if tuple(tensor.shape) != shape:
+                    raise AssertionError(f"{name}: {tuple(tensor.shape)} != {shape}")
+                handle.write(tensor.numpy().tobytes())
+        if len(streamed) == 1:  # full logits: straight to the file, batch by batch
+            rows = 0
+            for batch in batches:
+                handle.write(batch[streamed[0]].contiguous().numpy().tobytes())
+                handle.flush()  # on disk batch by batch (the temporary file; never the final name)
+                rows += batch[streamed[0]].shape[0]
+            if rows != spec.count:
+                raise AssertionError(f"{rows} soft-label rows for {spec.count} images")
+        else:  # top-k: a few bytes per image, gathered then written per tensor
+            parts = {name: [] for name in streamed}
+            for batch in batches:
                 for name in streamed:
-                    handle.write(torch.cat(parts[name]).contiguous().numpy().tobytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        if os.path.getsize(temp) != epoch_bytes(spec):
-            raise AssertionError(f"epoch file of {os.path.getsize(temp)} bytes, expected {epoch_bytes(spec)}")
-        os.replace(temp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError) and exc.errno in (28, 122):  # ENOSPC, EDQUOT
-            raise IGDSDiskFullError(folder) from exc
-        raise
-    _fsync_folder(folder)
+                    parts[name].append(batch[name])
+            for name in streamed:
+                handle.write(torch.cat(parts[name]).contiguous().numpy().tobytes())
+        if handle.tell() != epoch_bytes(spec):
+            raise AssertionError(f"epoch file of {handle.tell()} bytes, expected {epoch_bytes(spec)}")
 
 
 class RelabelReader:
