@@ -175,8 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if type(exc).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (not imported before MKL's mode)
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
-        print(f"{PROG}: error: {first.rstrip('.')}; rerun with a smaller --batch-size (what was written is kept: "
-              "the run resumes)", file=sys.stderr)
+        print(f"{PROG}: error: {first.rstrip('.')}; rerun with a smaller --batch-size (distill and train-ve keep "
+              "what they wrote and resume)", file=sys.stderr)
         return 2
     except (SyntaxError, EOFError) as exc:
         if not _raised_by_pil(exc):  # a SyntaxError of our own code is a bug: its traceback is wanted
