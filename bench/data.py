@@ -33,6 +33,11 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from bench.cli_child import child  # noqa: E402
+
 CLASSES = 10
 SIDE = 224
 
@@ -56,18 +61,6 @@ def make_folder(root: str, per_class: int, seed: int) -> None:
             pixels = (np.asarray(image, dtype=np.float32) * 0.5 + base * 0.5).astype(np.uint8)
             Image.fromarray(pixels).save(os.path.join(folder, f"{index:05d}.jpg"), quality=90)
     open(done, "w").close()
-
-
-def child(argv: list[str]) -> None:
-    """Run one CLI command in this process; print its peak memory and time as one JSON line."""
-    from igds_fast.cli import main
-
-    started = time.perf_counter()
-    code = main(argv)
-    seconds = time.perf_counter() - started
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print("BENCH " + json.dumps({"code": code, "seconds": seconds, "peak_mib": own, "worker_peak_mib": workers}))
 
 
 def loader_child(root: str, workers: int) -> None:

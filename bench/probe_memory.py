@@ -21,13 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from bench.cli_child import child  # noqa: E402
+
 CLASSES = 10
 SIDE = 16
 FLAT_WITHIN_MB = 150
@@ -58,18 +61,6 @@ def make_folder(root: str, images: int, seed: int) -> None:
 def command(data: str, out: str) -> list[str]:
     return ["train-ve", "--data", data, "--arch", "resnet50", "--resolution", str(SIDE), "--epochs", "0",
             "--classifier-epochs", "1", "--device", "cpu", "--quiet", "--out", os.path.join(out, "ve.safetensors")]
-
-
-def child(argv: list[str]) -> None:
-    """Run one CLI command in this process; print its peak memory and time as one JSON line."""
-    from igds_fast.cli import main
-
-    started = time.perf_counter()
-    code = main(argv)
-    seconds = time.perf_counter() - started
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print("BENCH " + json.dumps({"code": code, "seconds": seconds, "peak_mib": own, "worker_peak_mib": workers}))
 
 
 def run_child(argv: list[str], pythonpath: str, stream: bool = False) -> dict:

@@ -44,14 +44,14 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+from bench.cli_child import child  # noqa: E402
 
 SIDE = 8
 WIDTH = 8  # the evaluation networks' (ConvNet) channels
@@ -158,19 +158,6 @@ def stage_argv(stage: str, root: str, models: dict, class_spec: str, side: int =
         "eval-igds": [*evaluation, "--protocol", "igds", "--out", os.path.join(work, "eval_igds.json")],
         "eval-minimax": [*evaluation, "--protocol", "minimax", "--out", os.path.join(work, "eval_minimax.json")],
     }[stage]
-
-
-def child(argv: list[str]) -> None:
-    """Run one CLI command in this process; print its exit code, wall time and peak memory as one JSON line."""
-    from igds_fast.cli import main
-
-    started = time.perf_counter()
-    code = main(argv)
-    print("BENCH " + json.dumps({
-        "code": code, "seconds": time.perf_counter() - started,
-        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "worker_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-    }))
 
 
 def run_stage(argv: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
