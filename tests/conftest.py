@@ -39,5 +39,30 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+# CI's second environment (.ci/run) sets this: there the torchvision tests must run, so a torchvision
+# that does not import is an error, not a skip.
+REQUIRE_TORCHVISION = os.environ.get("IGDS_REQUIRE_TORCHVISION", "0") == "1"
+TORCHVISION_SKIP = "the torchvision extra is not installed"  # the reason tests/soft_data.torchvision_or_skip gives
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with IGDS_TEST_GPU=1 on a GPU machine)")
+    config.addinivalue_line("markers", "torchvision: builds torchvision networks (needs the torchvision extra; CI runs "
+                            "them in a second environment, .ci/run)")
+    if REQUIRE_TORCHVISION:
+        try:
+            import torchvision  # noqa: F401
+        except Exception as error:  # ImportError, or torchvision's operator registration failing beside this torch
+            raise pytest.UsageError(f"IGDS_REQUIRE_TORCHVISION=1 but torchvision does not import: {error}") from error
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that skips for want of torchvision must carry the `torchvision` marker: CI's main environment
+    skips it and its second one selects it by the marker, so an unmarked one would run nowhere."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and "torchvision" not in item.keywords and TORCHVISION_SKIP in str(report.longrepr):
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} skips for want of torchvision but is not marked @pytest.mark.torchvision: "
+                           "no CI environment would run it")

@@ -107,6 +107,7 @@ def test_every_relabel_epoch_file_has_the_size_epoch_bytes_says():
 
 # ---- against torchvision ------------------------------------------------------------------------------------
 
+@pytest.mark.torchvision
 def test_crop_and_resize_is_torchvision_resized_crop(rng_seed):
     torchvision_or_skip()
     from torchvision.transforms import functional as TF
@@ -122,6 +123,7 @@ def test_crop_and_resize_is_torchvision_resized_crop(rng_seed):
         assert torch.equal(ours[k], theirs), k
 
 
+@pytest.mark.torchvision
 def test_test_images_are_resize_then_centre_crop_as_torchvision(tmp_path):
     torchvision_or_skip()
     from PIL import Image
@@ -438,6 +440,7 @@ def tv_folders(folders, tmp_path_factory):
                                                      arch="torchvision:shufflenet_v2_x0_5", steps=60)}
 
 
+@pytest.mark.torchvision
 def test_torchvision_mobilenet_v2_student_and_torchvision_teacher_under_rded(tv_folders, tmp_path, capsys):
     code, out = _eval(tv_folders, tmp_path, teacher="tv_teacher", teacher_arch="torchvision:shufflenet_v2_x0_5",
                       student="torchvision:mobilenet_v2")
@@ -450,6 +453,7 @@ def test_torchvision_mobilenet_v2_student_and_torchvision_teacher_under_rded(tv_
     assert "protocol: rded (AdamW lr 0.0025" in printed.out
 
 
+@pytest.mark.torchvision
 def test_torchvision_student_under_sre2l(tv_folders, tmp_path):
     code, out = _eval(tv_folders, tmp_path, "--epochs", "1", protocol="sre2l", teacher="tv_teacher",
                       teacher_arch="torchvision:shufflenet_v2_x0_5", student="torchvision:shufflenet_v2_x0_5")
@@ -457,6 +461,7 @@ def test_torchvision_student_under_sre2l(tv_folders, tmp_path):
     assert json.loads(out.read_text())["relabel"]["spec"]["teacher"]["arch"] == "torchvision:shufflenet_v2_x0_5"
 
 
+@pytest.mark.torchvision
 def test_torchvision_bad_inputs_stop_in_one_line(tv_folders, tmp_path, capsys):
     resnet = random_teacher(tmp_path / "resnet.pt", arch="torchvision:resnet18")
     for changes, arch, extra, expected in (

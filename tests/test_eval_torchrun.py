@@ -32,7 +32,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-NETWORKS = ("convnet3", "torchvision:shufflenet_v2_x0_5")
+NETWORKS = ("convnet3", pytest.param("torchvision:shufflenet_v2_x0_5", marks=pytest.mark.torchvision))
 
 
 @pytest.fixture(scope="module")
