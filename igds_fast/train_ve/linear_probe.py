@@ -99,7 +99,8 @@ class StreamedLinearProbe:
     one call of `iterations` iterations exactly: each round's evaluation budget is what the single
     call would have left (`iterations` * 5 // 4 evaluations in all, torch's default), and a round that
     stops early for any other reason (a converged objective) ends the fit. The first evaluation of each
-    later round repeats the point the previous round ended at (one extra pass per round, not counted).
+    later round repeats the point the previous round ended at (one extra pass per round, not counted) and
+    makes there the stopping checks the single call makes after that iteration (`_resumed_objective`).
     Adam: `iterations` steps, rounds of PROBE_ROUND.
     """
 
@@ -156,7 +157,7 @@ class StreamedLinearProbe:
             group = self.solver.param_groups[0]
             group["max_iter"] = count
             group["max_eval"] = self.budget - self.evaluations + repeated
-            self.solver.step(self.objective)
+            self.solver.step(self._resumed_objective(state) if self.rounds else self.objective)
             state = self.solver.state[self.weight]
             ran = state.get("n_iter", 0) - iterations_before
             self.evaluations += state.get("func_evals", 0) - evals_before - repeated
@@ -169,6 +170,27 @@ class StreamedLinearProbe:
         if self.done >= self.iterations:
             self.finished = True
         return not self.finished
+
+    def _resumed_objective(self, state: dict) -> Callable[[], torch.Tensor]:
+        """A later round's closure. Its first call re-evaluates the point the previous round ended at, where
+        torch's single call, after that iteration, would also have stopped on a step (|t d|) or a loss change
+        below tolerance_change: checks that a round's own iteration cap pre-empts. Where one holds, that call
+        reports a zero gradient, so `step` returns before iterating (and the fit ends there, as one call's)."""
+        tolerance = self.solver.param_groups[0]["tolerance_change"]
+        first = True
+
+        def closure() -> torch.Tensor:
+            nonlocal first
+            loss = self.objective()
+            if first:
+                first = False
+                small_step = float(state["d"].mul(state["t"]).abs().max()) <= tolerance
+                if small_step or abs(float(loss) - state["prev_loss"]) < tolerance:
+                    self.weight.grad.zero_()
+                    self.bias.grad.zero_()
+            return loss
+
+        return closure
 
     def fit(self, after_round: Callable[["StreamedLinearProbe"], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the remaining rounds (after_round(self) after each, e.g. to save the state); returns (W, b)."""
