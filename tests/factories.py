@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, TypeVar
 
 import torch
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from igds_fast.models.resnet import resnet18
 from igds_fast.preprocess import EncoderPreprocess
@@ -16,6 +19,49 @@ def randomize_(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
         for param in module.parameters():
             param.normal_(0.0, scale)
     return module
+
+
+def max_pool_gap(module: torch.nn.Module, run: Callable[[], object]) -> float:
+    """The smallest gap between the two largest inputs of any window of `module`'s MaxPool2d layers while
+    run() runs (no autograd). Where it is within a few roundings, float32 and float64 may pick different
+    elements and route the gradient differently."""
+    gaps = []
+
+    def record(pool, inputs, output):
+        x = inputs[0].detach()
+        pad_h, pad_w = _pair(pool.padding)
+        windows = F.unfold(F.pad(x, (pad_w, pad_w, pad_h, pad_h), value=-math.inf), _pair(pool.kernel_size),
+                           dilation=_pair(pool.dilation), stride=_pair(pool.stride or pool.kernel_size))
+        kernel = math.prod(_pair(pool.kernel_size))
+        top = windows.view(x.shape[0], x.shape[1], kernel, -1).topk(2, dim=2).values
+        gaps.append(float((top[:, :, 0] - top[:, :, 1]).min()))
+
+    pools = [m for m in module.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    if not pools:
+        raise ValueError("the module has no MaxPool2d")
+    handles = [pool.register_forward_hook(record) for pool in pools]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return min(gaps)
+
+
+Drawn = TypeVar("Drawn")
+
+
+def away_from_max_pool_ties(draw: Callable[[], Drawn], module: torch.nn.Module, forward: Callable[[Drawn], object],
+                            margin: float, tries: int = 50) -> Drawn:
+    """draw() again until forward(drawn) meets every max-pool window of `module` with its two largest inputs
+    more than `margin` apart (tests/tolerances.py MAX_POOL_TIE_MARGIN says why). Each draw is fresh from
+    the seeded generator, so a run is still one seed's."""
+    for _ in range(tries):
+        drawn = draw()
+        if max_pool_gap(module, lambda: forward(drawn)) > margin:
+            return drawn
+    raise AssertionError(f"{tries} draws all put two max-pool inputs within {margin}")
 
 
 def tiny_adm(image_size=16, channels=3, class_cond=True, learn_sigma=True, new_order=False, **overrides):

@@ -29,8 +29,8 @@ import os
 
 import pytest
 import torch
-from factories import tiny_adm, tiny_dit, tiny_vae, tiny_ve
-from tolerances import tolerance
+from factories import away_from_max_pool_ties, max_pool_gap, tiny_adm, tiny_dit, tiny_vae, tiny_ve
+from tolerances import MAX_POOL_TIE_MARGIN, tolerance
 
 from igds_fast.diffusion import DiffusionSchedule, ScheduleConfig
 from igds_fast.errors import IGDSInputError, IGDSNumericsError
@@ -274,16 +274,26 @@ def float64_objective(vae64, ve64, latents, labels, beta, tau, gamma=0.0, scalin
     return igds_objective(features, labels, ve64.weight, ve64.bias, ve64.log_centroids, beta, tau, gamma)
 
 
+def test_max_pool_gap_is_the_smallest_top_two_gap_of_any_window():
+    pool = torch.nn.Sequential(torch.nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+    x = torch.arange(64, dtype=torch.float64).reshape(1, 1, 8, 8) * 0.1  # neighbours 0.1 apart at least
+    assert max_pool_gap(pool, lambda: pool(x)) == pytest.approx(0.1)
+    x[0, 0, 4, 5] = x[0, 0, 5, 5] - 3e-7  # both in the window at rows 3-5, columns 3-5
+    assert max_pool_gap(pool, lambda: pool(x)) == pytest.approx(3e-7, rel=1e-6)
+
+
 @pytest.mark.parametrize("head, gamma", [("autograd", 0.0), ("analytic", 0.3)])
 def test_x0_gradient_through_the_decoder_equals_float64_autograd(rng_seed, head, gamma):
     decoder, ve = LatentDecoder(tiny_vae()), tiny_ve(num_classes=VE_CLASSES, resolution=16)
     beta, tau = 0.7, 0.8
     guidance = IGDSGuidance(ve, beta, tau, gamma, head=head, decoder=decoder)
-    z = torch.randn(3, *LATENT)
+    vae64, ve64 = float64_copies(decoder.vae, ve)
+    z = away_from_max_pool_ties(lambda: torch.randn(3, *LATENT), ve64,
+                                lambda z: ve64.features(vae64.decode(z.double() / SD_VAE_SCALING_FACTOR).sample),
+                                MAX_POOL_TIE_MARGIN)
     labels = torch.tensor([0, 3, 0])
     objective, grad, features = guidance(z, labels, return_features=True)
 
-    vae64, ve64 = float64_copies(decoder.vae, ve)
     leaf = z.double().requires_grad_(True)
     expected_objective = float64_objective(vae64, ve64, leaf, labels, beta, tau, gamma)
     (expected,) = torch.autograd.grad(expected_objective.sum(), leaf)
@@ -306,21 +316,27 @@ def test_guided_step_through_cfg_and_decoder_equals_float64_chain(rng_seed, mode
     prior = ClassifierFreeGuidance(dit, CFG_SCALE)
     sampler = latent_sampler(prior, decoder, ve, class_map, steps=steps, scale=scale, beta=beta, tau=tau, mode=mode)
     unguided = latent_sampler(prior, decoder, ve, class_map, steps=steps, scale=0.0)
-    x = torch.randn(2, *LATENT)
     labels = torch.tensor([1, 3])
-    noise = torch.randn_like(x)
-    ours = sampler.step(x, i, labels, noise)
-    plain = unguided.step(x, i, labels, noise)
-
     tables = DiffusionSchedule(ScheduleConfig(sampling_steps=steps), dtype=torch.float64)
     dit64, vae64, ve64 = float64_copies(dit, decoder.vae, ve)
     y = torch.tensor(class_map)[labels]
     t = tables.timestep_map[i].expand(2)
-    x_leaf = x.double().requires_grad_(True)
-    out = dit_forward_with_cfg(dit64, *dit_cfg_batch(x_leaf, t, y, DIT_CLASSES), CFG_SCALE)[:2]
-    eps, v = out[:, :4], out[:, 4:]
     abar = tables.alphas_cumprod[i]
-    x0 = (1 / abar).sqrt() * x_leaf - (1 / abar - 1).sqrt() * eps
+
+    def float64_x0(x):
+        out = dit_forward_with_cfg(dit64, *dit_cfg_batch(x, t, y, DIT_CLASSES), CFG_SCALE)[:2]
+        return (1 / abar).sqrt() * x - (1 / abar - 1).sqrt() * out[:, :4], out[:, 4:]
+
+    def float64_features(x):
+        return ve64.features(vae64.decode(float64_x0(x.double())[0] / SD_VAE_SCALING_FACTOR).sample)
+
+    x = away_from_max_pool_ties(lambda: torch.randn(2, *LATENT), ve64, float64_features, MAX_POOL_TIE_MARGIN)
+    noise = torch.randn_like(x)
+    ours = sampler.step(x, i, labels, noise)
+    plain = unguided.step(x, i, labels, noise)
+
+    x_leaf = x.double().requires_grad_(True)
+    x0, v = float64_x0(x_leaf)
     wrt = x_leaf if mode == "xt" else x0.detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(float64_objective(vae64, ve64, x0 if mode == "xt" else wrt, labels, beta, tau).sum(),
                                   wrt)
