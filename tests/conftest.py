@@ -42,7 +42,7 @@ def one_thread():
 # CI's second environment (.ci/run) sets this: there the torchvision tests must run, so a torchvision
 # that does not import is an error, not a skip.
 REQUIRE_TORCHVISION = os.environ.get("IGDS_REQUIRE_TORCHVISION", "0") == "1"
-TORCHVISION_SKIP = "the torchvision extra is not installed"  # the reason tests/soft_data.torchvision_or_skip gives
+TORCHVISION_SKIP = "the torchvision extra is not installed"  # tests/soft_data.torchvision_or_skip's skip reason
 
 
 def pytest_configure(config):

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import REQUIRE_TORCHVISION, TORCHVISION_SKIP
 from PIL import Image
 
 COLOURS = ((210, 40, 40), (40, 200, 50), (40, 60, 210), (220, 210, 40))
@@ -43,12 +44,12 @@ def write_colour_folder(root, per_class: int, side: int, classes=("a", "b", "c")
 def torchvision_or_skip():
     """torchvision, or a skip saying how to install it (a failure where IGDS_REQUIRE_TORCHVISION=1: CI's second
     environment must run these tests, not skip them)."""
-    if os.environ.get("IGDS_REQUIRE_TORCHVISION", "0") == "1":
+    if REQUIRE_TORCHVISION:
         import torchvision
 
         return torchvision
-    return pytest.importorskip("torchvision", reason="the torchvision extra is not installed (pip install "
-                               "'igds_fast[torchvision]')", exc_type=ImportError)
+    return pytest.importorskip("torchvision", reason=f"{TORCHVISION_SKIP} (pip install 'igds_fast[torchvision]')",
+                               exc_type=ImportError)
 
 
 def _build(arch: str, num_classes: int, image_size: int):
