@@ -88,8 +88,9 @@ def test_dependencies_triton_on_linux_only_no_nvtx_extra_and_the_ci_extras_exist
     assert "nvtx" not in extras
     with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as handle:
         ci = handle.read()
-    (requested,) = re.findall(r'pip install -q -e "\.\[([a-z,]+)\]"', ci)
-    assert set(requested.split(",")) <= set(extras) and "test" in requested.split(",")
+    main, second = (set(found.split(",")) for found in re.findall(r'pip install -q -e "\.\[([a-z,]+)\]"', ci))
+    assert main <= set(extras) and "test" in main  # the main environment
+    assert second <= set(extras) and {"test", "torchvision"} <= second  # the torchvision one (tests marked so)
 
 
 def test_setup_py_is_a_shim_over_pyproject():
