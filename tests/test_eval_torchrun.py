@@ -115,6 +115,7 @@ def _batch_norm_rank(rank: int, world: int, init: str, queue) -> None:
         dist.all_reduce(grads)
         bn = model[1]
         queue.put((rank, None, grads.numpy(), bn.running_mean.numpy(), bn.running_var.numpy()))  # by value
+        dist.barrier()  # leave together: a rank tearing down while its peer finishes the all-reduce aborted it (-6)
     finally:
         dist.destroy_process_group()
 
@@ -149,3 +150,26 @@ def test_all_reduce_batch_norm_equals_batch_norm_on_the_whole_batch(tmp_path):
         assert torch.allclose(grads, expected, rtol=1e-5, atol=1e-6), (grads - expected).abs().max()
         assert torch.allclose(mean, model[1].running_mean, rtol=1e-5, atol=1e-6)
         assert torch.allclose(var, model[1].running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_every_rank_passes_a_barrier_before_leaving_the_process_group(monkeypatch):
+    """Rank 0 writes the results after the last collective; a rank that tears the group down alone meanwhile
+    can abort gloo (distill/run.py met it; the BatchNorm test above saw a rank end in SIGABRT before its own
+    barrier). run_soft passes a barrier between the run and the teardown, on every rank."""
+    from types import SimpleNamespace
+
+    from igds_fast.cli import eval_soft
+    from igds_fast.distributed import DistContext
+
+    calls = []
+    protocol = SimpleNamespace(batch_size=2, image_size=8)
+    settings = SimpleNamespace(training=SimpleNamespace(device="cpu", kd_protocol=lambda *args: protocol), image_size=None)
+    for rank in (0, 1):
+        ctx = DistContext(rank=rank, world_size=2, backend="gloo")
+        monkeypatch.setattr(eval_soft, "init_distributed", lambda device, ctx=ctx: ctx)
+        monkeypatch.setattr(eval_soft, "_run", lambda *args: calls.append("run") or 0)
+        monkeypatch.setattr(eval_soft, "barrier", lambda ctx: calls.append("barrier"))
+        monkeypatch.setattr(eval_soft, "shutdown", lambda ctx: calls.append("shutdown"))
+        assert eval_soft.run_soft(settings, ["a", "b"], None, None, 1, {}, str) == 0
+        assert calls == ["run", "barrier", "shutdown"], (rank, calls)
+        calls.clear()

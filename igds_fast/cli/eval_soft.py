@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from igds_fast.data import FolderImages
-from igds_fast.distributed import QuietRankError, init_distributed, rank_device, shutdown
+from igds_fast.distributed import QuietRankError, barrier, init_distributed, rank_device, shutdown
 from igds_fast.errors import IGDSInputError
 from igds_fast.evaluate.networks import build_eval_network
 from igds_fast.evaluate.kd_run import check_teacher, evaluate_soft, load_teacher, prepare_relabel, relabel_spec
@@ -40,7 +40,9 @@ def run_soft(settings: EvalRun, class_names, train_paths, real_paths, ipc: int, 
         protocol = settings.training.kd_protocol(ipc, len(class_names), settings.image_size)
         # One thread for small work on a shared CPU (igds_fast.threads); a step's pixels decide.
         with torch_threads(cpu_threads(device, None, protocol.batch_size * 3 * protocol.image_size ** 2)):
-            return _run(settings, class_names, train_paths, real_paths, ipc, cut, ctx, device, protocol, format_table)
+            code = _run(settings, class_names, train_paths, real_paths, ipc, cut, ctx, device, protocol, format_table)
+        barrier(ctx)  # leave the process group together (rank 0 writes the results after the last collective): a lone
+        return code  # teardown can abort gloo, as distill/run.py found
     except IGDSInputError as exc:
         if ctx.rank != 0 and not getattr(exc, "quiet", False):
             raise QuietRankError(str(exc)) from None
