@@ -15,7 +15,8 @@ os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# At most 2 intra-op threads (a shared 2-core machine), split between pytest-xdist's workers.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture
