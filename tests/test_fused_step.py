@@ -22,7 +22,7 @@ from igds_fast.sampling.fused import FusedStep, KernelOps
 from igds_fast.kernels import philox_normal
 from igds_fast.preprocess import IMAGENET_MEAN, IMAGENET_STD, EncoderPreprocess
 from igds_fast.errors import IGDSInputError
-from igds_fast.sampling import BACKENDS, EagerStep, Sampler, StepOps, Stepper, fp32_reference_math
+from igds_fast.sampling import BACKENDS, EagerStep, Sampler, Stepper, fp32_reference_math
 
 from tolerances import tolerance
 
@@ -207,17 +207,25 @@ def test_the_fused_backend_is_named_and_use_kernels_is_its_deprecated_spelling()
 
 @pytest.mark.parametrize("sampler, eta", [("ddpm", None), ("ddim", 0.5)])
 def test_xt_mode_runs_the_kernels_and_matches_eager(rng_seed, sampler, eta):
-    eager, fused = make_samplers(TinyUNet(), TinyVE(), mode="xt", sampler=sampler, eta=eta)
+    """In xt mode the tiny random networks give guidance terms s sigma^2 dJ/dx_t of up to ~1e3 that cancel
+    the mean in some elements: the float32 rounding of that term (measured <= 3e-7 of its largest element,
+    6 seeds x both samplers x 3 steps) is relative to the term, not to the element it lands in, so the
+    reduction tolerance is taken against the guidance term's size. (Elementwise it failed: 2.4e-5 on an
+    element of 0.14 beside a term of ~40, seed 897471898.)"""
+    unet, ve = TinyUNet(), TinyVE()
+    eager, fused = make_samplers(unet, ve, mode="xt", sampler=sampler, eta=eta)
+    plain = make_samplers(unet, ve, mode="xt", sampler=sampler, eta=eta, scale=0.0)[0]
     assert type(fused.stepper.ops) is KernelOps  # the Triton head and fused update, autograd through the UNet
     labels = torch.tensor([2, 0])
     seeds = random_seeds(2)
     x = torch.randn(2, 3, 8, 8)
+    reduction = tolerance(torch.float32, "reduction")
+    rtol, atol = reduction["rtol"], reduction["atol"]
     for i in (5, 3, 0):
-        torch.testing.assert_close(
-            fused.step(x, i, labels, None, None, seeds),
-            eager.step(x, i, labels, None, None, seeds),
-            **tolerance(torch.float32, "reduction"),
-        )
+        expected = eager.step(x, i, labels, None, None, seeds)
+        guidance_term = float((expected - plain.step(x, i, labels, None, None, seeds)).abs().max())
+        torch.testing.assert_close(fused.step(x, i, labels, None, None, seeds), expected, rtol=rtol,
+                                   atol=atol + rtol * guidance_term)
 
 
 def test_seed_tensor_built_once_per_batch(monkeypatch):

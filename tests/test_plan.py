@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from factories import write_tiny_prior_and_ve
+from igds_fast import throughput
 from igds_fast.classes import imagenet_wnids
 from igds_fast.cli import main
 from igds_fast.models.resnet import resnet50
@@ -57,6 +58,16 @@ def test_plan_of_the_readme_imagenet_command(imagenet_inputs, capsys, monkeypatc
     argv = _readme_imagenet_distill()
     assert "--ipc" in argv and argv[argv.index("--ipc") + 1] == "10" and argv[argv.index("--composite") + 1] == "4"
     before = sorted(os.listdir(imagenet_inputs))
+    # One timed CPU matmul for both plans below (the whole run and per rank): two timings differed by 1.7x
+    # beside a parallel test worker, and the per-rank time is the whole run's / 8 at one rate.
+    timed, real_peak = {}, throughput.device_peak
+
+    def timed_once(device, dtype="fp32"):
+        if (str(device), dtype) not in timed:
+            timed[str(device), dtype] = real_peak(device, dtype)
+        return timed[str(device), dtype]
+
+    monkeypatch.setattr(throughput, "device_peak", timed_once)
     assert main(["distill", *argv, "--plan"]) == 0
     printed = capsys.readouterr().out
     assert sorted(os.listdir(imagenet_inputs)) == before  # no output folder, no lock, no temp file
@@ -87,7 +98,7 @@ def test_plan_of_the_readme_imagenet_command(imagenet_inputs, capsys, monkeypatc
     per_rank = capsys.readouterr().out
     assert "per rank (8 ranks: ~5,000 samples" in per_rank
     seconds = [re.search(r"time on cpu: ~([\d,.]+) days", text).group(1).replace(",", "") for text in (printed, per_rank)]
-    assert float(seconds[1]) == pytest.approx(float(seconds[0]) / 8, rel=0.3)  # timed matmul: noisy
+    assert float(seconds[1]) == pytest.approx(float(seconds[0]) / 8, rel=0.01) and len(timed) == 1
     monkeypatch.setenv("RANK", "3")
     assert main(["distill", *argv, "--plan"]) == 0
     assert capsys.readouterr().out == ""  # one rank prints
