@@ -37,6 +37,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bench.cli_child import child  # noqa: E402
+from bench.synthetic_folder import write_smooth_class_folder  # noqa: E402
 
 CLASSES = 10
 SIDE = 224
@@ -44,23 +45,7 @@ SIDE = 224
 
 def make_folder(root: str, per_class: int, seed: int) -> None:
     """root/class_k/NNNNN.jpg, per_class smooth random 224 x 224 images per class (written once)."""
-    import numpy as np
-    from PIL import Image
-
-    done = os.path.join(root, ".complete")
-    if os.path.exists(done):
-        return
-    rng = np.random.default_rng(seed)
-    for label in range(CLASSES):
-        folder = os.path.join(root, f"class_{label:02d}")
-        os.makedirs(folder, exist_ok=True)
-        base = rng.integers(0, 256, size=3)
-        for index in range(per_class):
-            coarse = rng.integers(0, 256, size=(8, 8, 3)).astype(np.float32)
-            image = Image.fromarray(coarse.astype(np.uint8)).resize((SIDE, SIDE), Image.BILINEAR)
-            pixels = (np.asarray(image, dtype=np.float32) * 0.5 + base * 0.5).astype(np.uint8)
-            Image.fromarray(pixels).save(os.path.join(folder, f"{index:05d}.jpg"), quality=90)
-    open(done, "w").close()
+    write_smooth_class_folder(root, CLASSES, per_class, SIDE, seed, coarse=8, suffix="jpg", quality=90)
 
 
 def loader_child(root: str, workers: int) -> None:

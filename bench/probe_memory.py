@@ -30,6 +30,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bench.cli_child import child  # noqa: E402
+from bench.synthetic_folder import write_smooth_class_folder  # noqa: E402
 
 CLASSES = 10
 SIDE = 16
@@ -38,24 +39,7 @@ FLAT_WITHIN_MB = 150
 
 def make_folder(root: str, images: int, seed: int) -> None:
     """root/class_k/NNNNN.png: `images` smooth random SIDE x SIDE RGB images over CLASSES classes (written once)."""
-    import numpy as np
-    from PIL import Image
-
-    done = os.path.join(root, ".complete")
-    if os.path.exists(done):
-        return
-    rng = np.random.default_rng(seed)
-    per_class = images // CLASSES
-    for label in range(CLASSES):
-        folder = os.path.join(root, f"class_{label:02d}")
-        os.makedirs(folder, exist_ok=True)
-        base = rng.integers(0, 256, size=3)
-        for index in range(per_class):
-            coarse = rng.integers(0, 256, size=(4, 4, 3)).astype(np.uint8)
-            image = Image.fromarray(coarse).resize((SIDE, SIDE), Image.BILINEAR)
-            pixels = (np.asarray(image, dtype=np.float32) * 0.5 + base * 0.5).astype(np.uint8)
-            Image.fromarray(pixels).save(os.path.join(folder, f"{index:05d}.png"))
-    open(done, "w").close()
+    write_smooth_class_folder(root, CLASSES, images // CLASSES, SIDE, seed, coarse=4, suffix="png")
 
 
 def command(data: str, out: str) -> list[str]:
